@@ -1,0 +1,15 @@
+"""amgfx: structured pruning of transformers as torch.fx graph passes (SNP + AMG).
+
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    >>> print(amgfx.analyze(m, torch.randn(1, 3, 32, 32)).counts()["qk"])
+    {'groups': 2, 'units': 384}
+"""
+from .analyze import analyze
+from .capture import capture
+from .coupling import CouplingGraph, Group, Member
+from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError
+
+__version__ = "0.1.0"
+__all__ = ["analyze", "capture", "CouplingGraph", "Group", "Member",
+           "AmgfxError", "CaptureError", "ModelSpecError", "PlanError"]

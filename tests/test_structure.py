@@ -1,0 +1,180 @@
+"""Discovered structure vs. each model's own configuration (never constants typed here)."""
+import pytest
+import torch
+
+
+def supported(cg):
+    return [s for s in cg.sites if s.supported]
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_matmul", "deit_distilled"])
+def test_timm_vit_family(analysed_model, name):
+    m, _, _, cg = analysed_model(name)
+    sites = supported(cg)
+    assert [s.name for s in sites] == [f"blocks.{i}.attn" for i in range(len(m.blocks))]
+    for s, blk in zip(sites, m.blocks):
+        assert s.kind == ("matmul" if name == "vit_matmul" else "sdpa")
+        assert (s.num_heads, s.num_kv_heads) == (blk.attn.num_heads, blk.attn.num_heads)
+        assert s.head_dim_qk == s.head_dim_v == blk.attn.head_dim
+        assert s.scale == pytest.approx(blk.attn.scale)
+        assert s.rope is None and not s.disabled
+        assert s.proj.weight == f"{s.name}.proj.weight"
+    assert [mm.hidden for mm in cg.mlps] == [b.mlp.fc1.out_features for b in m.blocks]
+    assert not any(mm.gated for mm in cg.mlps)
+    (stream,) = cg.residual
+    assert stream.width == m.embed_dim and stream.prunable
+    members = {p for p, _ in stream.members}
+    tokens = {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight", "head.weight"}
+    if name == "deit_distilled":
+        tokens |= {"dist_token", "head_dist.weight"}
+    assert tokens <= members
+
+
+def test_eva02_rope_and_swiglu(analysed_model):
+    m, _, _, cg = analysed_model("eva02")
+    sites = supported(cg)
+    assert len(sites) == len(m.blocks)
+    for s, blk in zip(sites, m.blocks):
+        assert s.num_heads == blk.attn.num_heads and s.head_dim_qk == blk.attn.head_dim
+        assert s.rope in ("interleaved", "rotate_half")
+        # RoPE couples dims in pairs: every qk unit holds two q rows and two k rows
+        assert s.qk_q.shape == (s.num_kv_heads, s.head_dim_qk // 2, 2)
+        assert s.qk_k.shape == (s.num_kv_heads, s.head_dim_qk // 2, 2)
+    for mm, blk in zip(cg.mlps, m.blocks):
+        assert mm.gated and "silu" in mm.activation
+        assert mm.hidden == blk.mlp.fc2.in_features
+    # EVA's qkv bias is cat(q_bias, k_bias buffer, v_bias): each piece is sliced on its own
+    qk = cg.group(f"qk:{sites[0].name}")
+    assert {mb.param for mb in qk.members} >= {f"{sites[0].name}.q_bias", f"{sites[0].name}.k_bias"}
+
+
+def test_eva02_rope_pairs_match_the_rotation(analysed_model):
+    """The pairing found in the graph is the one the RoPE rotation applies (checked numerically)."""
+    m, args, _, cg = analysed_model("eva02")
+    s = supported(cg)[0]
+    d = s.head_dim_qk
+    for unit in s.qk_q[0]:
+        a, b = sorted(int(r) for r in unit)
+        assert (b - a) == (1 if s.rope == "interleaved" else d // 2)
+
+
+def test_swin_explicit_attention_with_relative_bias(analysed_model):
+    m, _, _, cg = analysed_model("swin")
+    sites = supported(cg)
+    blocks = [b for layer in m.layers for b in layer.blocks]
+    assert len(sites) == len(blocks)
+    for s, blk in zip(sites, blocks):
+        assert s.kind == "matmul"
+        assert s.num_heads == blk.attn.num_heads
+        assert s.head_dim_qk == s.head_dim_v == blk.attn.qkv.out_features // 3 // blk.attn.num_heads
+        assert s.scale == pytest.approx(blk.attn.scale)
+        table = blk.attn.relative_position_bias_table
+        assert [tuple(p) for p in s.per_head] == [(f"{s.name}.relative_position_bias_table", 1)]
+        assert table.shape[1] == s.num_heads
+    assert [mm.hidden for mm in cg.mlps] == [b.mlp.fc1.out_features for b in blocks]
+    assert [r.width for r in cg.residual] == [layer.blocks[0].norm1.normalized_shape[0] for layer in m.layers]
+    # patch merging folds 2x2 neighbours into the channel dim: those streams are reported, not pruned
+    assert not cg.residual[0].prunable and "merged" in cg.residual[0].reason
+    assert cg.residual[-1].prunable
+
+
+def test_cait_talking_heads_reported_and_class_attention_found(analysed_model):
+    m, _, _, cg = analysed_model("cait")
+    bad = [s for s in cg.sites if not s.supported]
+    assert len(bad) == len(m.blocks) and all("talking heads" in s.reason for s in bad)
+    good = supported(cg)
+    assert [s.name for s in good] == [f"blocks_token_only.{i}.attn" for i in range(len(m.blocks_token_only))]
+    for s, blk in zip(good, m.blocks_token_only):
+        assert s.num_heads == blk.attn.num_heads
+    assert not any(g.where.startswith("blocks.") and g.kind in ("qk", "v", "head") for g in cg.groups)
+
+
+def test_xcit_cross_covariance_reported_and_class_attention_found(analysed_model):
+    m, _, _, cg = analysed_model("xcit")
+    bad = [s for s in cg.sites if not s.supported]
+    assert len(bad) == len(m.blocks) and all("cross-covariance" in s.reason for s in bad)
+    good = supported(cg)
+    assert len(good) == len(m.cls_attn_blocks)
+    for s, blk in zip(good, m.cls_attn_blocks):
+        assert s.num_heads == blk.attn.num_heads
+
+
+def test_bert_minilm(analysed_model):
+    m, _, _, cg = analysed_model("bert_minilm")
+    c = m.config
+    sites = supported(cg)
+    assert len(sites) == c.num_hidden_layers
+    for s in sites:
+        assert (s.num_heads, s.num_kv_heads) == (c.num_attention_heads, c.num_attention_heads)
+        assert s.head_dim_qk == s.head_dim_v == c.hidden_size // c.num_attention_heads
+        assert s.scale_explicit and s.scale == pytest.approx((c.hidden_size // c.num_attention_heads) ** -0.5)
+        assert s.per_head == []      # the padding mask is the same for every head
+    assert [mm.hidden for mm in cg.mlps] == [c.intermediate_size] * c.num_hidden_layers
+    (stream,) = cg.residual
+    assert stream.width == c.hidden_size
+    assert ("embeddings.word_embeddings.weight", 1) in stream.members
+
+
+def test_gpt2_conv1d(analysed_model):
+    m, _, _, cg = analysed_model("gpt2")
+    c = m.config
+    sites = supported(cg)
+    assert len(sites) == c.n_layer
+    for s in sites:
+        assert s.num_heads == c.n_head and s.head_dim_qk == c.n_embd // c.n_head
+        assert s.q.weight == s.k.weight == s.v.weight == f"{s.name}.c_attn.weight"
+        assert s.q.out_dim == 1      # Conv1D stores W as [in, out]
+    assert [mm.hidden for mm in cg.mlps] == [c.n_inner or 4 * c.n_embd] * c.n_layer
+    assert [r.width for r in cg.residual] == [c.n_embd]
+
+
+def test_llama_gqa_rope_swiglu(analysed_model):
+    m, _, _, cg = analysed_model("llama_gqa")
+    c = m.config
+    sites = supported(cg)
+    assert len(sites) == c.num_hidden_layers
+    for s in sites:
+        assert s.num_heads == c.num_attention_heads
+        assert s.num_kv_heads == c.num_key_value_heads < c.num_attention_heads
+        assert s.head_dim_qk == c.hidden_size // c.num_attention_heads
+        assert s.rope == "rotate_half"
+        rep = c.num_attention_heads // c.num_key_value_heads
+        # a qk unit: the RoPE pair, in every query head of the kv group, and the shared key pair
+        assert s.qk_q.shape == (c.num_key_value_heads, s.head_dim_qk // 2, 2 * rep)
+        assert s.qk_k.shape == (c.num_key_value_heads, s.head_dim_qk // 2, 2)
+        assert s.v_o.shape == (c.num_key_value_heads, s.head_dim_v, rep)
+    for mm in cg.mlps:
+        assert mm.gated and mm.hidden == c.intermediate_size and len(mm.fc1) == 2
+    assert [r.width for r in cg.residual] == [c.hidden_size]
+
+
+def test_hf_vit(analysed_model):
+    m, _, _, cg = analysed_model("hf_vit")
+    c = m.config
+    sites = supported(cg)
+    assert len(sites) == c.num_hidden_layers
+    assert all(s.num_heads == c.num_attention_heads and s.head_dim_qk == c.hidden_size // c.num_attention_heads
+               for s in sites)
+    assert [mm.hidden for mm in cg.mlps] == [c.intermediate_size] * c.num_hidden_layers
+    assert [r.width for r in cg.residual] == [c.hidden_size]
+
+
+def test_no_module_names_needed(analysed_model):
+    """Renaming every module leaves the discovered numbers unchanged (detection is graph-only)."""
+    import amgfx
+    import models
+    m, args, _ = models.vit()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.zz = inner
+
+        def forward(self, x):
+            return self.zz(x)
+
+    ref = analysed_model("vit")[3]
+    cg = amgfx.analyze(Wrapped(m), args)
+    assert [(s.num_heads, s.head_dim_qk, s.head_dim_v) for s in cg.sites] == \
+        [(s.num_heads, s.head_dim_qk, s.head_dim_v) for s in ref.sites]
+    assert cg.counts() == ref.counts()
