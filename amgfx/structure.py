@@ -200,6 +200,17 @@ def _heads(sets):
     return sets[rep].numpy(), head_of                                     # [H, d, S], [P]
 
 
+def _columns(lanes) -> np.ndarray | None:
+    """Neuron ids reaching each column of a layer input: [C, S] (-1 padded).
+
+    None when the ids differ between positions (tokens), which a per-channel map cannot express.
+    """
+    sets = _sets([l.unsqueeze(-2) for l in lanes], tuple(lanes[0].shape[:-1]) + (1, lanes[0].shape[-1]))
+    if not bool((sets == sets[:1]).all()):
+        return None
+    return sets[0].numpy()
+
+
 def _rows(s) -> list[int]:
     return sorted(int(x) for x in np.unique(s) if x >= 0)
 
@@ -466,14 +477,12 @@ def _attention_site(ctx, node: fx.Node) -> AttentionSite | None:
         return site
     site.proj = _layer(gm, proj)
     site.name = _common_prefix([site.name, module_path(proj)]) or site.name
-    col_sets = _sets([l.unsqueeze(-2) for l in env[pin]], tuple(env[pin][0].shape[:-1]) + (1, env[pin][0].shape[-1]))
-    cols = {}
-    for c in range(col_sets.shape[1]):
-        ids = [int(x) for x in np.unique(col_sets[:, c].numpy()) if x >= 0]
-        if len(ids) != 1:
-            site.disabled["v"] = site.disabled["head"] = "projection columns mix attention outputs"
-            return site
-        cols[divmod(ids[0], oshape[-1])] = c
+    ids = _columns(env[pin])
+    if ids is None or ((ids >= 0).sum(1) != 1).any():
+        site.disabled["v"] = site.disabled["head"] = "projection columns mix attention outputs"
+        return site
+    ids = ids.max(1)
+    cols = {divmod(int(i), oshape[-1]): c for c, i in enumerate(ids.tolist())}
     # v units: v row j of a value head, with proj column j of every query head reading it
     v_units = []
     for hv in range(Hv):
@@ -517,17 +526,14 @@ def _mlp(ctx, node: fx.Node, taken: set) -> MLP | None:
     env, failed = propagate(ctx.gm, seeds, path.nodes | {x})
     if x not in env:
         return None
-    lanes = env[x]
-    cols = _sets([l.unsqueeze(-2) for l in lanes], tuple(lanes[0].shape[:-1]) + (1, lanes[0].shape[-1]))
-    cols = cols.reshape(-1, cols.shape[1], cols.shape[2])
-    units = []
-    for c in range(cols.shape[1]):
-        ids = sorted(int(v) for v in np.unique(cols[:, c].numpy()) if v >= 0)
-        rows = []
-        for i in ids:
-            li = next(li for li, (o, n) in enumerate(offs) if o <= i < o + n)
-            rows.append((li, i - offs[li][0]))
-        units.append(rows)
+    ids = _columns(env[x])
+    if ids is None:
+        return None
+    starts = np.array([o for o, _ in offs])
+    valid = ids >= 0
+    li = np.searchsorted(starts, ids, side="right") - 1
+    row = ids - starts[li]
+    units = [list(zip(li[c][valid[c]].tolist(), row[c][valid[c]].tolist())) for c in range(ids.shape[0])]
     if not units or any(not u for u in units) or len({len(u) for u in units}) != 1:
         return None
     used = [(li, r) for u in units for li, r in u]
