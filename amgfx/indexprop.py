@@ -8,12 +8,17 @@ a rule per op. Element-wise ops keep positions, and when two traced operands mee
 ``x*cos + rotate(x)*sin`` of RoPE, the ``act(gate)*up`` of a GLU) their lanes are
 concatenated: a position then lists every source neuron that reaches it.
 
-Example:
-    >>> import torch, torch.fx as fx
-    >>> from amgfx.indexprop import propagate
-    >>> gm = fx.symbolic_trace(lambda x: x.view(2, 3).t())
-    >>> x, out = list(gm.graph.nodes)[0], list(gm.graph.nodes)[-2]
-    >>> x.meta["val"] = torch.empty(6); out.meta["val"] = torch.empty(3, 2)
+Example (the fused qkv of a timm ViT: which qkv rows reach the query of head 1?):
+    >>> import torch, timm, amgfx
+    >>> from amgfx.indexprop import activation_taint, propagate, seed, trace_back
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    >>> gm = amgfx.capture(m, torch.randn(1, 3, 32, 32))
+    >>> sdpa = next(n for n in gm.graph.nodes if "scaled_dot" in str(n.target))
+    >>> path = trace_back(sdpa.args[0], activation_taint(gm.graph))
+    >>> qkv = path.producers[0]
+    >>> env, _ = propagate(gm, {qkv: seed(qkv, torch.arange(576))}, path.nodes)
+    >>> env[sdpa.args[0]][0][0, 1, 0, :3].tolist()    # [batch, head, token, dim]
+    [64, 65, 66]
 """
 from __future__ import annotations
 
@@ -128,9 +133,9 @@ def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budge
     """Walk back from ``start`` through transparent ops to the layers producing it."""
     path = Path()
     seen: set = set()
-    todo = deque([(start, None)])
+    todo = deque([start])
     while todo:
-        n, child = todo.popleft()
+        n = todo.popleft()
         if n in seen:
             continue
         seen.add(n)
@@ -149,11 +154,11 @@ def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budge
             srcs = [a for a in tensor_args(n) if a in tainted or is_layer(a)]
             if len(srcs) == 1:
                 path.scale *= _scalar_factor(n, srcs[0])
-            todo.extend((a, n) for a in srcs)
+            todo.extend(srcs)
         elif n.op == "call_function" and t in NORMS and allow_norms and not path.norms:
             path.nodes.add(n)
             path.norms.append(n)
-            todo.append((n.args[NORMS[t][0]], n))
+            todo.append(n.args[NORMS[t][0]])
         else:
             path.blockers.append(n)
     return path
@@ -269,7 +274,7 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
                 rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
                 if t is torch.ops.aten.index.Tensor:
                     rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
-                if any(r is None for r in rest) or any(isinstance(r, list) and any(x is None for x in r) for r in rest[:0]):
+                if any(r is None or (isinstance(r, list) and any(x is None for x in r)) for r in rest):
                     failed.append(n)
                     continue
                 env[n] = [t(lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
@@ -282,7 +287,11 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
             elif t in POINTWISE or t in NORMS:
                 out_shape = shape(n)
                 srcs = [a for a in ([n.args[NORMS[t][0]]] if t in NORMS else n.all_input_nodes) if a in env]
-                env[n] = _dedupe([lane.broadcast_to(out_shape) for a in srcs for lane in env[a]])
+                if t is torch.ops.aten.expand_as.default:      # arg 1 only lends its shape
+                    srcs = [a for a in srcs if a is n.args[0]]
+                lanes = [lane.broadcast_to(out_shape) for a in srcs for lane in env[a]]
+                if lanes:
+                    env[n] = _dedupe(lanes)
             else:
                 failed.append(n)
         except Exception:

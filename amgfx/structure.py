@@ -454,7 +454,6 @@ def _attention_site(ctx, node: fx.Node) -> AttentionSite | None:
         order = sorted(units)
         site.qk_q = np.array([[a for a, _ in sorted(units[kh], key=lambda t: t[1][0])] for kh in order])
         site.qk_k = np.array([[b for _, b in sorted(units[kh], key=lambda t: t[1][0])] for kh in order])
-    width = max(len(x) for x in (qsets[0, 0],))
     partners = [(r, s) for h in range(H) for j in range(site.head_dim_qk)
                 for r in [x for x in qsets[h, j] if x >= 0] for s in [x for x in qsets[h, j] if x >= 0] if r < s]
     if partners:
