@@ -6,7 +6,6 @@ import io
 import logging
 import traceback
 import warnings
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -102,7 +101,7 @@ def _describe_failure(model: nn.Module, exc: BaseException, stack: list[str]) ->
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     where = ""
     if stack:
-        mod = model.get_submodule(stack[-1]) if stack[-1] in dict(model.named_modules()) else None
+        mod = dict(model.named_modules()).get(stack[-1])
         where = f" in module '{stack[-1]}'" + (f" ({type(mod).__name__})" if mod is not None else "")
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages/torch" not in f.filename]
     line = f" at {frames[-1].filename}:{frames[-1].lineno} `{(frames[-1].line or '').strip()}`" if frames else ""

@@ -10,7 +10,7 @@ so the connected components of one kind's edges are exactly that kind's units.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import networkx as nx
 import numpy as np
@@ -155,8 +155,6 @@ class CouplingGraph:
                         g.add_node(n, param=m.param, dim=m.dim, role=m.role, index=int(i))
                         neurons.append(n)
                 g.add_edges_from(((neurons[0], n) for n in neurons[1:]), kind=grp.kind, group=grp.name, unit=u)
-                if len(neurons) == 1:
-                    g.add_node(neurons[0])
         return g
 
     # ----------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def draw_block(cg, path, block: int = 0) -> str:
         krows = sorted(int(r) for r in s.head_k.reshape(-1))
         rank = lambda rows: {r: i for i, r in enumerate(rows)}
         rq, rk = rank(qrows), rank(krows)
-        qcol = [cmap(next(h for h in range(H) if r in set(_qhead_rows(s, h))) % 20) for r in qrows]
+        head_of_row = {r: h for h in range(H) for r in _qhead_rows(s, h)}
+        qcol = [cmap(head_of_row[r] % 20) for r in qrows]
         kcol = [cmap(next(g for g in range(G) if r in set(s.head_k[g].tolist())) * max(H // G, 1) % 20) for r in krows]
         for g in range(G):
             for u in range(U):
@@ -49,7 +50,7 @@ def draw_block(cg, path, block: int = 0) -> str:
         _column(ax, 0, len(qrows), f"q rows ({s.q.weight.split('.')[-2]})", qcol)
         _column(ax, 1, len(krows), "k rows", kcol)
         _column(ax, 2, len(vrows), "v rows", "k")
-        _column(ax, 3, len(ocols), f"proj cols", "k")
+        _column(ax, 3, len(ocols), "proj cols", "k")
         ax.set_xlim(-0.5, 3.5)
     rope = f", RoPE {s.rope}" if s.rope else ""
     ax.set_title(f"{s.name}: {s.num_heads} heads / {s.num_kv_heads} kv, qk {s.head_dim_qk}, v {s.head_dim_v}{rope}\n"

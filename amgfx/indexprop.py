@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .ops import CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, MOVE, NORMS, POINTWISE, POINTWISE_NONLINEAR
+from .ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, MOVE, NORMS, POINTWISE,
+                  POINTWISE_NONLINEAR, TRANSPARENT)
 
 Lanes = list  # list[Tensor] or, for multi-output ops, list[list[Tensor]]
 
@@ -61,9 +62,7 @@ def layer_weight(node: fx.Node) -> fx.Node | None:
     spec = LAYERS.get(node.target) if node.op == "call_function" else None
     if spec is None or len(node.args) <= spec[1]:
         return None
-    w = node.args[spec[1]]
-    w = param_source(w)
-    return w
+    return param_source(node.args[spec[1]])
 
 
 def param_source(node) -> fx.Node | None:
@@ -148,7 +147,7 @@ def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budge
         if n not in tainted:
             continue
         t = n.target
-        if n.op == "call_function" and (t in MOVE or t in IDENTITY or t in CONCAT or t in POINTWISE or t is GETITEM):
+        if n.op == "call_function" and t in TRANSPARENT:
             path.nodes.add(n)
             path.nonlinear |= t in POINTWISE_NONLINEAR
             srcs = [a for a in tensor_args(n) if a in tainted or is_layer(a)]
@@ -176,7 +175,7 @@ def forward_region(start: fx.Node, tainted: set, budget: int = 200) -> tuple[set
             if is_layer(u) and layer_input(u) is n:
                 if u not in consumers:
                     consumers.append(u)
-            elif u.target in MOVE or u.target in IDENTITY or u.target in POINTWISE or u.target is GETITEM or u.target in CONCAT:
+            elif u.target in TRANSPARENT:
                 region.add(u)
                 todo.append(u)
             else:

@@ -8,6 +8,7 @@ import operator
 import torch
 
 aten = torch.ops.aten
+GETITEM = operator.getitem
 
 # Ops that only move, copy or re-view data. Index propagation executes them as they are on
 # integer tensors of channel ids, which is what lets us follow a neuron through any reshape.
@@ -51,9 +52,12 @@ NORMS = {
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 SDPA = {aten.scaled_dot_product_attention.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
+# Ops that move data without computing: a neuron keeps its identity through them.
+DATA_MOVEMENT = MOVE | IDENTITY | CONCAT | {GETITEM}
+# Ops a neuron can be followed through: data movement plus element-wise maths.
+TRANSPARENT = DATA_MOVEMENT | POINTWISE
 # Side-effect-only nodes that read a tensor but produce nothing a pass must care about.
 IGNORED_USERS = {aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default}
-GETITEM = operator.getitem
 
 # Parameterised layers, with where their activation input and weight sit, and which weight
 # dim is the output (row) dim and which the input (column) dim.

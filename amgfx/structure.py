@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .indexprop import (activation_taint, forward_region, is_layer, layer_input, layer_weight, param_source,
-                        propagate, seed, shape, tensor_args, trace_back)
-from .ops import CONCAT, GETITEM, IDENTITY, LAYERS, LINEAR_LAYERS, MATMUL, MOVE, NORMS, POINTWISE, POINTWISE_AFFINE, SDPA, SOFTMAX, opname
+from .indexprop import (_scalar_factor, activation_taint, forward_region, is_layer, layer_input, layer_weight,
+                        param_source, propagate, seed, shape, tensor_args, trace_back)
+from .ops import (CONCAT, DATA_MOVEMENT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LINEAR_LAYERS, MATMUL, MOVE, NORMS,
+                  POINTWISE, POINTWISE_AFFINE, SDPA, SOFTMAX, opname)
 
 __all__ = ["Layer", "AttentionSite", "MLP", "ResidualStream", "Structure", "find_structure"]
 
@@ -223,7 +224,8 @@ class _Ctx:
         self.gm = gm
         self.graph = gm.graph
         self.tainted = activation_taint(gm.graph)
-        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
 
 
 def _logits_back(ctx, start: fx.Node):
@@ -244,11 +246,7 @@ def _logits_back(ctx, start: fx.Node):
             if len(nxt) != 1:
                 return None, terms, scale, None
             terms += [a for a in tensor_args(n) if a not in ctx.tainted]
-            consts = [a for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            if n.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar) and consts:
-                scale *= float(consts[0])
-            if n.target in (torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar) and consts and n.args[0] is nxt[0]:
-                scale /= float(consts[0])
+            scale *= _scalar_factor(n, nxt[0])
             n = nxt[0]
             continue
         return None, terms, scale, None
@@ -259,7 +257,7 @@ def _probs_forward(ctx, start: fx.Node):
     """From the softmax output forward to the AV matmul: (av, error)."""
     n = start
     for _ in range(32):
-        users = [u for u in n.users if u.op == "call_function" and u.target not in (torch.ops.aten._assert_tensor_metadata.default,)]
+        users = [u for u in n.users if u.op == "call_function" and u.target not in IGNORED_USERS]
         if len(users) != 1:
             return None, None
         u = users[0]
@@ -314,7 +312,7 @@ def _per_head_tensors(ctx, terms, logit_shape, head_of_lead, num_heads):
             region.add(n)
             if n.op == "get_attr":
                 params.append(n)
-            elif n.op == "call_function" and (n.target in MOVE or n.target in IDENTITY or n.target in CONCAT or n.target is GETITEM):
+            elif n.op == "call_function" and n.target in DATA_MOVEMENT:
                 todo.extend(n.all_input_nodes)
         want = torch.as_tensor(head_of_lead).reshape(lead)
         hit = None
@@ -729,9 +727,10 @@ def _residual(ctx) -> list[ResidualStream]:
         node, dim = key
         if isinstance(node, fx.Node) and node.op == "get_attr":
             by_class.setdefault(dsu.find(key), []).append((node, dim))
-    for cls in sorted(add_classes & in_classes, key=lambda c: min(list(ctx.graph.nodes).index(m[0]) for m in by_class.get(c, [(c[0], 0)]))):
+    first_use = lambda c: min(ctx.order[m] for m, _ in by_class.get(c, [(c[0], 0)]))
+    for cls in sorted(add_classes & in_classes, key=first_use):
         members = sorted({(m.target, d) for m, d in by_class.get(cls, [])})
-        widths = {shape(ctx.nodes_by_target[f])[d] for f, d in members}
+        widths = {shape(ctx.attrs[f])[d] for f, d in members}
         s = ResidualStream(name=f"stream{len(streams)}", width=max(widths), members=members)
         merged = [(k, n) for k, n in leaks if dsu.find(k) == cls]
         if merged:
@@ -746,7 +745,6 @@ def _residual(ctx) -> list[ResidualStream]:
 def find_structure(gm: fx.GraphModule) -> Structure:
     """Find every attention site, MLP and residual stream of a captured graph."""
     ctx = _Ctx(gm)
-    ctx.nodes_by_target = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
     sites = []
     for n in gm.graph.nodes:
         if n.op == "call_function" and (n.target in SDPA or n.target in SOFTMAX):
