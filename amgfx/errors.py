@@ -15,3 +15,7 @@ class PlanError(AmgfxError):
 
 class ModelSpecError(AmgfxError):
     """A model given on the command line could not be found or loaded."""
+
+
+class RewriteError(AmgfxError):
+    """A pass met a graph it cannot rewrite exactly (the message names the node and op)."""

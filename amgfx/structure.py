@@ -81,6 +81,7 @@ class AttentionSite:
     head_v: np.ndarray | None = None
     head_o: np.ndarray | None = None
     head_qheads: np.ndarray | None = None  # [G, q heads per kv head]
+    operands: tuple = ()             # node names of the q, k, v operands of the attention op
 
     @property
     def q_per_kv(self) -> int:
@@ -369,6 +370,7 @@ def _attention_site(ctx, node: fx.Node) -> AttentionSite | None:
 
     lanes = {}
     paths = {}
+    site.operands = (q.name, k.name, v.name)
     for what, t in (("q", q), ("k", k), ("v", v)):
         l, path, err = _operand_lanes(ctx, t, what)
         if err:

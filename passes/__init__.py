@@ -1,0 +1,15 @@
+"""Rewrite passes, one per file. Each is ``(GraphModule, plan) -> GraphModule``.
+
+``plan`` is a :class:`amgfx.plan.Resolved` (from ``Plan.resolve``): plain data saying which
+indices every parameter keeps and which attention sites change. Passes never score and
+never look at the original ``nn.Module`` classes; they read and edit the graph only.
+"""
+from .cleanup import cleanup
+from .fix_shapes import fix_shapes
+from .shrink_params import shrink_params
+from .softmax_scale import softmax_scale
+from .split_qkv import split_qkv
+
+PIPELINE = [split_qkv, shrink_params, fix_shapes, softmax_scale, cleanup]
+
+__all__ = ["PIPELINE", "cleanup", "fix_shapes", "shrink_params", "softmax_scale", "split_qkv"]

@@ -1,0 +1,218 @@
+"""The Plan: which units every coupling group keeps. Plain data, saved as JSON, replayable.
+
+A plan names groups exactly as :class:`amgfx.CouplingGraph` does (``"qk:blocks.0.attn"``) and
+lists the *unit* ids each one keeps. A unit is one prunable neuron set (a q/k pair, a value
+neuron, a kv head, an MLP neuron, a residual channel); which parameter rows a unit owns is the
+coupling graph's business, so a plan stays short and readable and survives hand edits.
+
+:meth:`Plan.resolve` turns the units into what the passes consume: for every parameter, the
+indices kept along each pruned dim, plus the original softmax scale of every attention site
+whose head dims change.
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+    >>> plan = amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(0, 768, 2))})
+    >>> r = plan.resolve(cg)
+    >>> len(r.params["blocks.0.mlp.fc1.weight"][0]), len(r.params["blocks.0.mlp.fc2.weight"][1])
+    (384, 384)
+    >>> amgfx.Plan(keep={"mlp:blocks.7.mlp": [0]}).validate(cg)
+    Traceback (most recent call last):
+    ...
+    amgfx.errors.PlanError: group 'mlp:blocks.7.mlp' is not in this model (it has 1 mlp group(s), e.g. 'mlp:blocks.0.mlp'); was the plan made for another model?
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import PlanError
+
+__all__ = ["Plan", "Resolved"]
+
+FORMAT = "amgfx.plan/1"
+
+
+@dataclass
+class Resolved:
+    """What the passes read: plain data derived from a plan and a coupling graph.
+
+    ``params``: FQN -> {dim: sorted kept indices} for every parameter that shrinks.
+    ``attention``: softmax/SDPA node name -> {"site", "scale", "qk_dim", "v_dim", "heads", ...}
+    for every site whose shapes change. ``options``: the plan's rewrite options.
+    """
+    params: dict
+    attention: dict
+    options: dict
+    exact: bool
+
+
+@dataclass
+class Plan:
+    """Kept units per coupling group (plus, later, kept token positions per site).
+
+    Attributes:
+        keep: group name -> sorted unit ids to keep. Groups not listed keep everything.
+        units: group name -> number of units the group had (checked on replay).
+        tokens: site name -> kept key positions (static token pruning; empty for now).
+        options: rewrite options: ``lowering`` ("auto" | "pad" | "none") for attention whose
+            q/k dim differs from its v dim, ``split_qkv`` ("auto" | "always" | "never").
+        meta: provenance (method, ratios, model), for people reading the file.
+    """
+    keep: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    options: dict = field(default_factory=lambda: {"lowering": "auto", "split_qkv": "auto"})
+    meta: dict = field(default_factory=dict)
+
+    # ----------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "meta": self.meta, "options": self.options, "units": self.units,
+                "keep": {k: [int(i) for i in v] for k, v in self.keep.items()}, "tokens": self.tokens}
+
+    def to_json(self) -> str:
+        # one group per line: a plan is meant to be read and edited by hand
+        d = self.to_dict()
+        keep = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in d.pop("keep").items())
+        head = json.dumps(d, indent=2)[:-2]
+        return head + ',\n  "keep": {\n' + keep + "\n  }\n}\n"
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise PlanError(f"not an amgfx plan (expected \"format\": \"{FORMAT}\")")
+        try:
+            keep = {str(k): [int(i) for i in v] for k, v in d.get("keep", {}).items()}
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"plan 'keep' must map group names to lists of integers ({e})") from None
+        opts = {"lowering": "auto", "split_qkv": "auto", **d.get("options", {})}
+        return cls(keep=keep, units={str(k): int(v) for k, v in d.get("units", {}).items()},
+                   tokens=d.get("tokens", {}), options=opts, meta=d.get("meta", {}))
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e})") from None
+
+    # ----------------------------------------------------------------------------- checks
+    def removed(self, group) -> np.ndarray:
+        kept = self.keep.get(group.name)
+        if kept is None:
+            return np.zeros(0, dtype=int)
+        return np.setdiff1d(np.arange(group.units), np.asarray(kept, dtype=int))
+
+    def validate(self, cg) -> None:
+        """Raise :class:`amgfx.PlanError` when the plan does not fit the model of ``cg``."""
+        by_name = {g.name: g for g in cg.groups}
+        for name, kept in self.keep.items():
+            g = by_name.get(name)
+            if g is None:
+                kind = name.split(":", 1)[0]
+                same = [x.name for x in cg.groups if x.kind == kind]
+                hint = f"it has {len(same)} {kind} group(s), e.g. {same[0]!r}" if same else f"it has no {kind} groups"
+                raise PlanError(f"group {name!r} is not in this model ({hint}); was the plan made for another model?")
+            if name in self.units and self.units[name] != g.units:
+                raise PlanError(f"group {name!r} has {g.units} units in this model but the plan was made for "
+                                f"{self.units[name]}; was the plan made for another model?")
+            k = np.asarray(kept, dtype=int)
+            if k.size and (k.min() < 0 or k.max() >= g.units):
+                bad = int(k[(k < 0) | (k >= g.units)][0])
+                raise PlanError(f"group {name!r}: unit {bad} is out of range (the group has units 0..{g.units - 1})")
+            if len(set(k.tolist())) != k.size:
+                raise PlanError(f"group {name!r}: a unit is listed twice")
+            if k.size == 0:
+                raise PlanError(f"group {name!r}: the plan keeps no unit; keep at least one")
+        for s in cg.sites:
+            self._check_site(s, by_name)
+
+    def _check_site(self, s, by_name) -> None:
+        """Inside one site every kept head keeps the same number of q/k and of v units."""
+        head = by_name.get(f"head:{s.name}")
+        kept_heads = None
+        if head is not None and head.name in self.keep:
+            kept_heads = set(self.keep[head.name])
+        for kind in ("qk", "v"):
+            g = by_name.get(f"{kind}:{s.name}")
+            if g is None or g.name not in self.keep:
+                continue
+            kept = np.zeros(g.units, dtype=bool)
+            kept[self.keep[g.name]] = True
+            counts = {int(h): int(kept[g.heads == h].sum()) for h in np.unique(g.heads)
+                      if kept_heads is None or int(h) in kept_heads}
+            if len(set(counts.values())) > 1:
+                raise PlanError(f"group {g.name!r}: kept units per head differ {counts}; every head of a site "
+                                "must keep the same number (which ones may differ)")
+            if 0 in counts.values():
+                raise PlanError(f"group {g.name!r}: a head keeps no unit; remove the head instead")
+
+    # ----------------------------------------------------------------------------- resolve
+    def resolve(self, cg) -> Resolved:
+        """Validate against ``cg`` and compute the kept indices of every parameter."""
+        self.validate(cg)
+        removed: dict = {}
+        exact = True
+        for g in cg.groups:
+            r = self.removed(g)
+            if r.size == 0:
+                continue
+            exact &= g.exact
+            for m in g.members:
+                removed.setdefault(m.param, {}).setdefault(m.dim, set()).update(m.index[r].ravel().tolist())
+        params = {}
+        for fqn, dims in removed.items():
+            t = _fetch(cg.gm, fqn)
+            params[fqn] = {d: sorted(set(range(t.shape[d])) - rm) for d, rm in dims.items()}
+        attention = {}
+        for s in cg.sites:
+            if not s.supported or s.q is None:
+                continue
+            q_kept = params.get(s.q.weight, {}).get(s.q.out_dim)
+            v_kept = params.get(s.v.weight, {}).get(s.v.out_dim)
+            if q_kept is None and v_kept is None:
+                continue
+            hk = len(kept_heads(self, cg, s))
+            nq = len(q_kept) if q_kept is not None else s.q.out_features
+            attention[s.node] = {
+                "site": s.name, "kind": s.kind, "scale": s.scale, "scale_explicit": s.scale_explicit,
+                "heads": hk * s.q_per_kv, "kv_heads": hk,
+                "qk_dim": _per_head(self, cg, s, "qk", s.head_dim_qk),
+                "v_dim": _per_head(self, cg, s, "v", s.head_dim_v),
+                "q_rows": nq,
+                "fused": len({s.q.node, s.k.node, s.v.node}) < 3,
+                "operands": list(s.operands),
+            }
+        return Resolved(params=params, attention=attention, options=dict(self.options), exact=exact)
+
+
+def kept_heads(plan: Plan, cg, s) -> list[int]:
+    """The kv heads of site ``s`` that the plan keeps."""
+    g = next((x for x in cg.groups if x.name == f"head:{s.name}"), None)
+    return sorted(plan.keep[g.name]) if g is not None and g.name in plan.keep else list(range(s.num_kv_heads))
+
+
+def _per_head(plan: Plan, cg, s, kind: str, full: int) -> int:
+    """Head dim of ``kind`` ("qk" or "v") after pruning: kept units of a kept head x rows per unit."""
+    g = next((x for x in cg.groups if x.name == f"{kind}:{s.name}"), None)
+    if g is None or g.name not in plan.keep:
+        return full
+    per_unit = full // (g.units // s.num_kv_heads)
+    kept = np.zeros(g.units, dtype=bool)
+    kept[plan.keep[g.name]] = True
+    return int(kept[g.heads == kept_heads(plan, cg, s)[0]].sum()) * per_unit
+
+
+def _fetch(gm, fqn: str):
+    obj = gm
+    for p in fqn.split("."):
+        obj = getattr(obj, p)
+    return obj

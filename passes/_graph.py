@@ -1,0 +1,69 @@
+"""Small graph-editing helpers shared by the passes (attributes, constants, new nodes)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+
+def get_attr(gm: fx.GraphModule, fqn: str):
+    obj = gm
+    for p in fqn.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
+    """Replace (or add) the parameter/buffer ``fqn``; a Parameter stays a Parameter."""
+    path, _, name = fqn.rpartition(".")
+    owner = gm
+    for p in path.split(".") if path else []:
+        if not hasattr(owner, p):
+            owner.add_module(p, nn.Module())
+        owner = getattr(owner, p)
+    if isinstance(value, nn.Parameter):
+        owner._buffers.pop(name, None)
+        owner._parameters[name] = value
+    else:
+        owner._parameters.pop(name, None)
+        owner._buffers[name] = value
+
+
+def del_attr(gm: fx.GraphModule, fqn: str) -> None:
+    path, _, name = fqn.rpartition(".")
+    owner = gm.get_submodule(path) if path else gm
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)
+
+
+def constant(gm: fx.GraphModule, before: fx.Node, value: torch.Tensor, hint: str = "idx") -> fx.Node:
+    """A ``get_attr`` node for a new constant buffer (an index table the rewrite needs)."""
+    i = 0
+    while hasattr(gm, f"_amgfx_{hint}_{i}"):
+        i += 1
+    name = f"_amgfx_{hint}_{i}"
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return node
+
+
+def _meta(a):
+    v = a.meta.get("val") if isinstance(a, fx.Node) else a
+    if isinstance(a, fx.Node) and isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_meta(x) for x in a)
+    return v
+
+
+def call(gm: fx.GraphModule, before: fx.Node, target, args, kwargs=None) -> fx.Node:
+    """Insert ``target(*args)`` before ``before`` and record its output shape in ``meta['val']``."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, tuple(args), kwargs or {})
+    try:
+        node.meta["val"] = target(*[_meta(a) for a in args], **(kwargs or {}))
+    except Exception:        # shape is refreshed by cleanup anyway
+        pass
+    return node

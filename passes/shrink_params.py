@@ -1,0 +1,34 @@
+"""Pass: slice every parameter the plan shrinks (weights, biases, norms, embeddings, tokens, tables).
+
+The plan says, per parameter FQN, which indices survive along each pruned dim. The sliced
+tensor replaces the old one under the same name; a Parameter stays a trainable Parameter so
+the pruned model can be fine-tuned. Nothing else changes: shapes in the graph are fixed by
+``fix_shapes``.
+
+Example:
+    >>> import torch, torch.fx as fx
+    >>> from amgfx.plan import Resolved
+    >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    >>> gm = shrink_params(gm, Resolved(params={"0.weight": {0: [0, 2]}, "0.bias": {0: [0, 2]}},
+    ...                                 attention={}, options={}, exact=True))
+    >>> tuple(gm.get_parameter("0.weight").shape)
+    (2, 4)
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ._graph import get_attr, set_attr
+
+
+def shrink_params(gm: fx.GraphModule, plan) -> fx.GraphModule:
+    for fqn, dims in plan.params.items():
+        old = get_attr(gm, fqn)
+        new = old.detach()
+        for d, kept in sorted(dims.items(), key=lambda kv: int(kv[0])):
+            new = new.index_select(int(d), torch.as_tensor(kept, dtype=torch.long, device=old.device))
+        new = new.contiguous()
+        set_attr(gm, fqn, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)
+    return gm

@@ -1,0 +1,32 @@
+"""Pass: keep the original softmax scale when the q/k head dim shrinks.
+
+``scaled_dot_product_attention`` without ``scale=`` uses 1/sqrt(q.size(-1)), which after
+pruning would silently become 1/sqrt(new dim) and change every attention map (timm calls it
+this way). Sites whose q/k dim changes get their original scale passed explicitly; explicit
+matmul attention already multiplies by a constant and needs nothing.
+
+Example:
+    >>> import torch, torch.fx as fx
+    >>> from amgfx.plan import Resolved
+    >>> g = fx.Graph(); q = g.placeholder("q")
+    >>> a = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, q)); _ = g.output(a)
+    >>> gm = softmax_scale(fx.GraphModule({}, g), Resolved({}, {a.name: {"scale": 0.125, "kind": "sdpa"}}, {}, True))
+    >>> a.kwargs
+    {'scale': 0.125}
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from amgfx.ops import SDPA
+
+
+def softmax_scale(gm: fx.GraphModule, plan) -> fx.GraphModule:
+    for n in gm.graph.nodes:
+        site = plan.attention.get(n.name)
+        if site is None or n.target not in SDPA:
+            continue
+        if len(n.args) > 6:
+            n.args = n.args[:6]                      # scale as a keyword, after dropout_p/is_causal
+        n.kwargs = {**n.kwargs, "scale": float(site["scale"])}
+    return gm
