@@ -6,10 +6,14 @@
     {'groups': 2, 'units': 384}
 """
 from .analyze import analyze
+from .api import apply, plan_for, prune
 from .capture import capture
 from .coupling import CouplingGraph, Group, Member
-from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError
+from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError, RewriteError
+from .plan import Plan
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "capture", "CouplingGraph", "Group", "Member",
-           "AmgfxError", "CaptureError", "ModelSpecError", "PlanError"]
+__all__ = ["analyze", "apply", "capture", "plan_for", "prune", "verify", "Plan", "VerifyReport",
+           "CouplingGraph", "Group", "Member",
+           "AmgfxError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]

@@ -261,6 +261,17 @@ def _reduce(n, ms, gm, cache):
     return m.any(dim=dims, keepdim=keep) if dims else m
 
 
+def _pad(n, ms, gm, cache):
+    m = ms.get(n.args[0])
+    pads = list(n.args[1])
+    new = ms.new_shape(n.args[0])
+    for i in range(len(pads) // 2):                  # pads run from the last dim backwards
+        d = m.ndim - 1 - i
+        if (pads[2 * i] or pads[2 * i + 1]) and new[d] != m.shape[d]:
+            _fail(n, f"it pads dim {d}, which is pruned")
+    return torch.nn.functional.pad(m, pads, value=True)   # padding exists in the output: kept
+
+
 def _like(n, ms, gm, cache):
     return ms.get(n.args[0])
 
@@ -275,6 +286,7 @@ RULES.update({t: _softmax for t in SOFTMAX})
 RULES.update({t: _sdpa for t in SDPA})
 RULES.update({t: _reduce for t in REDUCTIONS})
 RULES.update({t: _like for t in LIKE})
+RULES.update({aten.pad.default: _pad, aten.constant_pad_nd.default: _pad})
 
 
 def param_masks(gm: fx.GraphModule, params: dict) -> dict:

@@ -6,10 +6,11 @@ never look at the original ``nn.Module`` classes; they read and edit the graph o
 """
 from .cleanup import cleanup
 from .fix_shapes import fix_shapes
+from .lower_attention import lower_attention
 from .shrink_params import shrink_params
 from .softmax_scale import softmax_scale
 from .split_qkv import split_qkv
 
-PIPELINE = [split_qkv, shrink_params, fix_shapes, softmax_scale, cleanup]
+PIPELINE = [split_qkv, shrink_params, fix_shapes, softmax_scale, lower_attention, cleanup]
 
-__all__ = ["PIPELINE", "cleanup", "fix_shapes", "shrink_params", "softmax_scale", "split_qkv"]
+__all__ = ["PIPELINE", "cleanup", "fix_shapes", "lower_attention", "shrink_params", "softmax_scale", "split_qkv"]

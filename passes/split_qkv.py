@@ -116,7 +116,8 @@ def _split_operand(gm, prod, operand, part, tainted):
     wn.meta.update(amgfx_fold=True, amgfx_name=_name(w, part, "weight"))
     args[spec[1]] = wn
     if isinstance(b, fx.Node):
-        bn = call(gm, cut, aten.index_select.default, [b, 0, idx])
+        b, bidx = _bias_piece(gm, b, rows, cut, idx)
+        bn = call(gm, cut, aten.index_select.default, [b, 0, bidx])
         bn.meta.update(amgfx_fold=True, amgfx_name=_name(w, part, "bias"))
         args[spec[2]] = bn
     y = call(gm, cut, prod.target, args, dict(prod.kwargs))
@@ -126,6 +127,20 @@ def _split_operand(gm, prod, operand, part, tainted):
     z = call(gm, cut, aten.reshape.default, [z, list(shape(cut))])
     _check(rows, lead_shape, lead, fsizes, order, shape(cut), R[0])
     cut.replace_all_uses_with(z)
+
+
+def _bias_piece(gm, b, rows, before, idx):
+    """A bias built by ``cat`` (EVA: q_bias, a zero k_bias buffer, v_bias): slice the one piece
+    the rows fall in, so a buffer stays a buffer and a parameter a parameter."""
+    if b.target is not aten.cat.default or (len(b.args) > 1 and b.args[1] not in (0, -1)):
+        return b, idx
+    off = 0
+    for piece in b.args[0]:
+        n = shape(piece)[0]
+        if int(rows.min()) >= off and int(rows.max()) < off + n:
+            return piece, constant(gm, before, (rows - off).clone(), "rows")
+        off += n
+    return b, idx
 
 
 def _check(rows, lead_shape, lead, fsizes, order, out_shape, R):

@@ -1,0 +1,59 @@
+"""Pass: choose how pruned attention runs when its q/k head dim differs from its v head dim.
+
+PyTorch's CPU flash kernel needs ``q.size(-1) == v.size(-1)``; otherwise SDPA silently falls
+back to the math kernel. Measured on 2 cores (benchmarks/results/attention_lowering.md):
+DeiT-S shaped attention with q/k 32 and v 64 is about 3x slower than the dense 64/64 it
+replaced. Zero-padding the smaller side restores the flash kernel at the cost of a cheap
+copy, and is exact: zero q/k columns add nothing to q.k, and zero v columns are sliced off.
+
+``options["lowering"]``: ``"auto"`` and ``"pad"`` pad; ``"none"`` leaves unequal dims.
+Explicit matmul attention (no SDPA) is left alone: it has no such kernel constraint.
+
+Example:
+    >>> import torch, torch.fx as fx
+    >>> from amgfx.plan import Resolved
+    >>> g = fx.Graph(); q, v = g.placeholder("q"), g.placeholder("v")
+    >>> a = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, v), {"scale": .1})
+    >>> _ = g.output(a)
+    >>> gm = lower_attention(fx.GraphModule({}, g), Resolved({}, {a.name: {"qk_dim": 2, "v_dim": 4}}, {}, True))
+    >>> gm(torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 4)).shape
+    torch.Size([1, 1, 3, 4])
+    >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
+    ['constant_pad_nd.default', 'constant_pad_nd.default', 'scaled_dot_product_attention.default']
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.fx as fx
+
+from amgfx.ops import SDPA
+
+from ._graph import call
+
+aten = torch.ops.aten
+
+
+def lower_attention(gm: fx.GraphModule, plan) -> fx.GraphModule:
+    if plan.options.get("lowering", "auto") == "none":
+        return gm
+    for n in list(gm.graph.nodes):
+        site = plan.attention.get(n.name)
+        if site is None or n.target not in SDPA or site["qk_dim"] == site["v_dim"]:
+            continue
+        dq, dv = site["qk_dim"], site["v_dim"]
+        args = list(n.args)
+        if dq < dv:
+            for i in (0, 1):
+                args[i] = call(gm, n, aten.constant_pad_nd.default, [args[i], [0, dv - dq], 0.0])
+            n.args = tuple(args)
+        else:
+            args[2] = call(gm, n, aten.constant_pad_nd.default, [args[2], [0, dq - dv], 0.0])
+            n.args = tuple(args)
+            users = list(n.users)
+            with gm.graph.inserting_after(n):
+                out = gm.graph.call_function(aten.slice.Tensor, (n, -1, 0, dv))
+            for u in users:
+                u.replace_input_with(n, out)
+    gm.recompile()
+    return gm
