@@ -126,6 +126,7 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> 
     for p in PIPELINE:
         out = p(out, resolved)
     _unshare(out, cg.gm)
+    out.eval()                                   # captured in eval mode; the flag follows
     out.meta["amgfx_plan"] = plan
     out.meta["amgfx_exact"] = resolved.exact
     return out
