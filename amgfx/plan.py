@@ -24,6 +24,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -61,16 +62,20 @@ class Plan:
         options: rewrite options: ``lowering`` ("auto" | "pad" | "none") for attention whose
             q/k dim differs from its v dim, ``split_qkv`` ("auto" | "always" | "never").
         meta: provenance (method, ratios, model), for people reading the file.
+        model: ``{"fingerprint": ...}`` of the parameters (names and shapes) the plan was made
+            for; replaying on a model with another fingerprint is refused. Hand-written plans
+            may leave it empty.
     """
     keep: dict = field(default_factory=dict)
     units: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
     options: dict = field(default_factory=lambda: {"lowering": "auto", "split_qkv": "auto"})
     meta: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
 
     # ----------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "meta": self.meta, "options": self.options, "units": self.units,
+        return {"format": FORMAT, "model": self.model, "meta": self.meta, "options": self.options, "units": self.units,
                 "keep": {k: [int(i) for i in v] for k, v in self.keep.items()}, "tokens": self.tokens}
 
     def to_json(self) -> str:
@@ -94,7 +99,7 @@ class Plan:
             raise PlanError(f"plan 'keep' must map group names to lists of integers ({e})") from None
         opts = {"lowering": "auto", "split_qkv": "auto", **d.get("options", {})}
         return cls(keep=keep, units={str(k): int(v) for k, v in d.get("units", {}).items()},
-                   tokens=d.get("tokens", {}), options=opts, meta=d.get("meta", {}))
+                   tokens=d.get("tokens", {}), options=opts, meta=d.get("meta", {}), model=d.get("model", {}))
 
     @classmethod
     def load(cls, path) -> "Plan":
@@ -134,6 +139,11 @@ class Plan:
                 raise PlanError(f"group {name!r}: the plan keeps no unit; keep at least one")
         for s in cg.sites:
             self._check_site(s, by_name)
+        want = self.model.get("fingerprint")
+        if want and want != fingerprint(cg.gm):
+            first = next(iter(self.keep), None)
+            raise PlanError(f"plan was made for another model: group {first!r} exists here, but the parameters differ "
+                            f"(fingerprint {want} != {fingerprint(cg.gm)}); make a plan for this model")
 
     def _check_site(self, s, by_name) -> None:
         """Inside one site every kept head keeps the same number of q/k and of v units."""
@@ -192,6 +202,12 @@ class Plan:
                 "operands": list(s.operands),
             }
         return Resolved(params=params, attention=attention, options=dict(self.options), exact=exact)
+
+
+def fingerprint(gm) -> str:
+    """A short hash of every parameter's name and shape: what a plan is tied to."""
+    items = sorted((n, tuple(t.shape)) for n, t in list(gm.named_parameters()) + list(gm.named_buffers()))
+    return hashlib.sha1(repr(items).encode()).hexdigest()[:12]
 
 
 def kept_heads(plan: Plan, cg, s) -> list[int]:

@@ -84,3 +84,27 @@ def test_untraceable_model_exits_nonzero(tmp_path, capsys):
     code = main(["inspect", f"{f}:bad"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("amgfx: error: cannot capture") and len(err.splitlines()) == 1
+
+
+def test_verify_passes_saves_and_replays_a_plan(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    argv = ["verify", "vit_tiny_patch16_224", "--img-size", "32"]
+    assert main(argv + ["--ratios", "qk=0.5,v=0.25,head=0.34,mlp=0.5", "--save-plan", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "verify: PASS" in out and "FLOPs" in out and plan.exists()
+    assert main(argv + ["--plan", str(plan), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["verify"]["passed"] and rep["flops"]["pruned"] < rep["flops"]["dense"]
+
+
+def test_verify_residual_is_approximate_exit_3(capsys):
+    assert main(["verify", "vit_tiny_patch16_224", "--img-size", "32", "--ratios", "residual=0.25"]) == 3
+    assert "APPROXIMATE" in capsys.readouterr().out
+
+
+def test_verify_plan_for_another_model_is_one_line(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["verify", "vit_tiny_patch16_224", "--img-size", "32", "--save-plan", str(plan), "-q"]) == 0
+    assert main(["verify", "deit_tiny_distilled_patch16_224", "--img-size", "32", "--plan", str(plan)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another model" in err

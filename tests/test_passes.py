@@ -135,10 +135,12 @@ def test_plan_from_another_model_names_the_group():
         amgfx.apply(vit, plan)
     plan = amgfx.plan_for(vit, ratios={"mlp": 0.5})
     deit_units = {g.name: g.units for g in deit.groups}
-    assert all(n in deit_units for n in plan.keep)     # same names: the unit counts give it away
+    assert all(deit_units.get(n) == u for n, u in plan.units.items())   # same groups, same sizes...
+    with pytest.raises(amgfx.PlanError, match=r"another model: group 'mlp:blocks\.0\.mlp'"):
+        amgfx.apply(deit, plan)                                         # ...but not the same parameters
     plan.units["mlp:blocks.0.mlp"] = 999
     with pytest.raises(amgfx.PlanError, match=r"mlp:blocks\.0\.mlp.*999"):
-        amgfx.apply(deit, plan)
+        amgfx.apply(vit, plan)
 
 
 @pytest.mark.parametrize("edit,match", [
