@@ -19,6 +19,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.analysis_scaling
+	$(PY) -m benchmarks.attention_lowering
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -11,7 +11,7 @@ Example:
     >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
     >>> p = predict(cg, amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(384))}))
     >>> p["flops"]["dense"], p["flops"]["pruned"]
-    (10449408, 8679936)
+    (10449408, 8974848)
 """
 from __future__ import annotations
 

@@ -8,16 +8,11 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-import torch
+
+from .indexprop import fetch_attr
 
 __all__ = ["magnitude", "random", "CRITERIA"]
 
-
-def _fetch(gm, fqn):
-    obj = gm
-    for p in fqn.split("."):
-        obj = getattr(obj, p)
-    return obj
 
 
 def magnitude(cg, group, **_) -> np.ndarray:
@@ -32,7 +27,7 @@ def magnitude(cg, group, **_) -> np.ndarray:
     """
     total = np.zeros(group.units)
     for m in group.members:
-        t = _fetch(cg.gm, m.param).detach().float()
+        t = fetch_attr(cg.gm, m.param).detach().float()
         sq = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1).pow(2).sum(1).numpy()
         total += sq[m.index].sum(1)
     return np.sqrt(total)

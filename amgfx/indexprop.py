@@ -201,7 +201,7 @@ def _const(node, gm: fx.GraphModule, cache: dict):
         return cache[node]
     out = None
     if node.op == "get_attr":
-        out = _fetch_attr(gm, node.target)
+        out = fetch_attr(gm, node.target)
     elif node.op == "call_function" and (node.target in MOVE or node.target in IDENTITY):
         args = [_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in node.args]
         if all(not isinstance(a, fx.Node) for a in node.args) or all(x is not None for x in args):
@@ -215,7 +215,8 @@ def _const(node, gm: fx.GraphModule, cache: dict):
     return out
 
 
-def _fetch_attr(gm, target: str):
+def fetch_attr(gm, target: str):
+    """The parameter/buffer/submodule at dotted path ``target``."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

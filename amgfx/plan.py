@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import PlanError
+from .indexprop import fetch_attr
 
 __all__ = ["Plan", "Resolved"]
 
@@ -180,7 +181,7 @@ class Plan:
                 removed.setdefault(m.param, {}).setdefault(m.dim, set()).update(m.index[r].ravel().tolist())
         params = {}
         for fqn, dims in removed.items():
-            t = _fetch(cg.gm, fqn)
+            t = fetch_attr(cg.gm, fqn)
             params[fqn] = {d: sorted(set(range(t.shape[d])) - rm) for d, rm in dims.items()}
         attention = {}
         for s in cg.sites:
@@ -226,9 +227,3 @@ def _per_head(plan: Plan, cg, s, kind: str, full: int) -> int:
     kept[plan.keep[g.name]] = True
     return int(kept[g.heads == kept_heads(plan, cg, s)[0]].sum()) * per_unit
 
-
-def _fetch(gm, fqn: str):
-    obj = gm
-    for p in fqn.split("."):
-        obj = getattr(obj, p)
-    return obj

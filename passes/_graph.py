@@ -5,12 +5,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from amgfx.indexprop import fetch_attr as get_attr
 
-def get_attr(gm: fx.GraphModule, fqn: str):
-    obj = gm
-    for p in fqn.split("."):
-        obj = getattr(obj, p)
-    return obj
+__all__ = ["get_attr", "set_attr", "del_attr", "constant", "call"]
 
 
 def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
