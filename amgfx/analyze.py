@@ -9,6 +9,20 @@ from .coupling import CouplingGraph
 from .structure import find_structure
 
 
+def _unlowered(gm: fx.GraphModule) -> fx.GraphModule:
+    """A module pruned by amgfx may carry kernel padding (``lower_attention``): analyse it without."""
+    from passes.cleanup import refresh_meta
+    from passes.lower_attention import is_lowered, unlower
+    if not is_lowered(gm):
+        return gm
+    import copy
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    out.meta = dict(gm.meta)
+    unlower(out)
+    refresh_meta(out)
+    return out
+
+
 def analyze(model_or_gm: nn.Module | fx.GraphModule, example_inputs=None, example_kwargs: dict | None = None) -> CouplingGraph:
     """Find attention sites, MLPs and residual streams, and link coupled neurons into groups.
 
@@ -25,7 +39,7 @@ def analyze(model_or_gm: nn.Module | fx.GraphModule, example_inputs=None, exampl
         ['head', 'mlp', 'qk', 'residual', 'v']
     """
     if isinstance(model_or_gm, fx.GraphModule) and model_or_gm.meta.get("amgfx_captured"):
-        gm = model_or_gm
+        gm = _unlowered(model_or_gm)
     else:
         if example_inputs is None and not example_kwargs:
             raise TypeError("analyze(model) needs example_inputs (or pass a GraphModule from amgfx.capture)")

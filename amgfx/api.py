@@ -7,12 +7,11 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import capture
+from .analyze import analyze
 from .coupling import CouplingGraph
 from .criteria import CRITERIA
 from .errors import AmgfxError
 from .plan import Plan, fingerprint
-from .structure import find_structure
 
 __all__ = ["plan_for", "apply", "prune", "DEFAULT_RATIOS"]
 
@@ -22,14 +21,7 @@ DEFAULT_RATIOS = {"qk": 0.25, "v": 0.25, "head": 0.0, "mlp": 0.5, "residual": 0.
 def _coupling(model_or_gm, example_inputs, example_kwargs) -> CouplingGraph:
     if isinstance(model_or_gm, CouplingGraph):
         return model_or_gm
-    if isinstance(model_or_gm, fx.GraphModule) and model_or_gm.meta.get("amgfx_captured"):
-        gm = model_or_gm
-    else:
-        if example_inputs is None and not example_kwargs:
-            raise TypeError("amgfx needs example_inputs to capture an nn.Module "
-                            "(or pass a GraphModule from amgfx.capture)")
-        gm = capture(model_or_gm, example_inputs, example_kwargs)
-    return CouplingGraph(gm, find_structure(gm))
+    return analyze(model_or_gm, example_inputs, example_kwargs)
 
 
 def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:

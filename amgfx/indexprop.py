@@ -117,6 +117,13 @@ class Path:
         return self.producers[0] if len(self.producers) == 1 and not self.blockers else None
 
 
+def _data_args(n: fx.Node) -> list:
+    """Inputs whose *values* reach the output: ``type_as(x, y)``, ``to``, ``expand_as(x, y)`` only read x's."""
+    if n.target in IDENTITY or n.target is torch.ops.aten.expand_as.default:
+        return [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+    return tensor_args(n)
+
+
 def _scalar_factor(n: fx.Node, on_path) -> float:
     aten = torch.ops.aten
     if n.target in (aten.mul.Tensor, aten.mul.Scalar):
@@ -150,7 +157,7 @@ def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budge
         if n.op == "call_function" and t in TRANSPARENT:
             path.nodes.add(n)
             path.nonlinear |= t in POINTWISE_NONLINEAR
-            srcs = [a for a in tensor_args(n) if a in tainted or is_layer(a)]
+            srcs = [a for a in _data_args(n) if a in tainted or is_layer(a)]
             if len(srcs) == 1:
                 path.scale *= _scalar_factor(n, srcs[0])
             todo.extend(srcs)

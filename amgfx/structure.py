@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .indexprop import (_scalar_factor, activation_taint, forward_region, is_layer, layer_input, layer_weight,
+from .indexprop import (_data_args, _scalar_factor, activation_taint, forward_region, is_layer, layer_input, layer_weight,
                         param_source, propagate, seed, shape, tensor_args, trace_back)
 from .ops import (CONCAT, DATA_MOVEMENT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LINEAR_LAYERS, MATMUL, MOVE, NORMS,
                   POINTWISE, POINTWISE_AFFINE, SDPA, SOFTMAX, opname)
@@ -636,7 +636,7 @@ def _residual(ctx) -> list[ResidualStream]:
         elif t in POINTWISE or t in IDENTITY or t in SOFTMAX:
             if out is None:
                 continue
-            for a in tensor_args(n):
+            for a in _data_args(n):
                 s = shape(a)
                 if s is None:
                     continue

@@ -32,6 +32,7 @@ from amgfx.ops import SDPA
 from ._graph import call
 
 aten = torch.ops.aten
+LOWERED = "amgfx_lowered"          # meta key on the nodes this pass inserts
 
 
 def lower_attention(gm: fx.GraphModule, plan) -> fx.GraphModule:
@@ -46,14 +47,35 @@ def lower_attention(gm: fx.GraphModule, plan) -> fx.GraphModule:
         if dq < dv:
             for i in (0, 1):
                 args[i] = call(gm, n, aten.constant_pad_nd.default, [args[i], [0, dv - dq], 0.0])
+                args[i].meta[LOWERED] = True
             n.args = tuple(args)
         else:
             args[2] = call(gm, n, aten.constant_pad_nd.default, [args[2], [0, dq - dv], 0.0])
+            args[2].meta[LOWERED] = True
             n.args = tuple(args)
             users = list(n.users)
             with gm.graph.inserting_after(n):
                 out = gm.graph.call_function(aten.slice.Tensor, (n, -1, 0, dv))
+            out.meta[LOWERED] = True
             for u in users:
                 u.replace_input_with(n, out)
+    gm.recompile()
+    return gm
+
+
+def is_lowered(gm: fx.GraphModule) -> bool:
+    return any(n.meta.get(LOWERED) for n in gm.graph.nodes)
+
+
+def unlower(gm: fx.GraphModule) -> fx.GraphModule:
+    """Undo ``lower_attention`` in place (exact: the padding only served the kernel choice).
+
+    Analysis of an already pruned module runs on the unlowered graph, so its head dims are the
+    real ones; the next ``apply`` lowers again for the new dims.
+    """
+    for n in list(gm.graph.nodes):
+        if n.meta.get(LOWERED):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
     gm.recompile()
     return gm

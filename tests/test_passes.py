@@ -40,7 +40,7 @@ def random_plan(cg, rng, kinds=EXACT_KINDS) -> amgfx.Plan:
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_random_plans_match_the_zeroing_oracle(name, seed):
     m, args, kwargs, cg = analysed(name)
@@ -177,3 +177,15 @@ def test_the_users_model_is_never_modified():
     assert m.training and all(x.training for x in m.modules())
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["vit", "eva02", "swin", "bert_minilm", "gpt2", "llama_gqa"])
+def test_a_pruned_module_can_be_analysed_and_pruned_again(name):
+    m, args, kwargs, cg = analysed(name)
+    first = amgfx.apply(cg, amgfx.plan_for(cg, ratios={"qk": 0.5, "v": 0.25, "head": 0.5, "mlp": 0.5}))
+    again = amgfx.analyze(first)
+    r = first.meta["amgfx_plan"].resolve(cg).attention
+    want = sorted((a["heads"], a["qk_dim"], a["v_dim"]) for a in r.values())
+    assert sorted((s.num_heads, s.head_dim_qk, s.head_dim_v) for s in again.sites if s.supported) == want
+    second = amgfx.plan_for(again, ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5})
+    assert amgfx.verify(again, second).passed
