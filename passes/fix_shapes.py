@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from amgfx.errors import RewriteError
 from amgfx.indexprop import _const, shape
-from amgfx.masks import Masks, kept_coords, propagate_masks
+from amgfx.masks import Masks, compact_shape, kept_coords, propagate_masks
 from amgfx.ops import GETITEM, IGNORED_USERS, NORMS, opname
 
 from ._graph import call, constant
@@ -140,7 +140,6 @@ def _split(gm, ms, n):
 
 
 def _packed(ms, n, i, d):
-    from amgfx.masks import compact_shape
     s = compact_shape(ms.get(n)[i])
     if s is None:
         raise RewriteError(f"{n.name}: piece {i} does not pack densely")

@@ -156,8 +156,7 @@ def _name(w: fx.Node, part: str, leaf: str) -> str:
     return f"{base}.{part}_{leaf}" if base else f"{part}_{leaf}"
 
 
-def _irregular(gm, plan, prod, operands) -> bool:
-    ms = propagate_masks(gm, plan.params)
+def _irregular(gm, ms, prod, operands) -> bool:
     region = set()
     tainted = activation_taint(gm.graph)
     for o in operands:
@@ -169,6 +168,8 @@ def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
     mode = plan.options.get("split_qkv", "auto")
     nodes = {n.name: n for n in gm.graph.nodes}
     tainted = activation_taint(gm.graph)
+    # masks of the graph as captured: a split only adds nodes, so other sites' masks stay valid
+    ms = propagate_masks(gm, plan.params) if mode == "auto" and any(a.get("fused") for a in plan.attention.values()) else None
     for site in plan.attention.values():
         if not site.get("fused") or mode == "never" and site["qk_dim"] == site["v_dim"]:
             continue
@@ -182,7 +183,7 @@ def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
         for prod, parts in by_prod.items():
             if len(parts) < 2:
                 continue
-            if mode == "auto" and not _irregular(gm, plan, prod, [o for _, o in parts]):
+            if mode == "auto" and not _irregular(gm, ms, prod, [o for _, o in parts]):
                 continue
             if mode == "never":
                 raise RewriteError(f"{site['site']}: q/k and v keep different head dims in the fused projection "
