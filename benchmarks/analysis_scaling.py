@@ -15,6 +15,8 @@ import time
 import torch
 
 import amgfx
+
+from ._report import RESULTS, write_md
 from amgfx.coupling import CouplingGraph
 from amgfx.structure import find_structure
 
@@ -56,7 +58,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="fewer configurations, no 7B")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "analysis_scaling.md"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "analysis_scaling.md"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
     cases = [(f"ViT depth {d}, width 768", lambda d=d: vit(d, 768, 12)) for d in ((3, 12) if a.quick else (3, 6, 12, 24))]
@@ -92,10 +94,7 @@ def main(argv=None):
     if vitb:
         lines += ["", f"ViT-B (depth 12, width 768): analysis {vitb[0][4]:.2f} s, capture + analysis "
                       f"{vitb[0][3] + vitb[0][4]:.2f} s; target: well under 5 s."]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {a.out}")
+    write_md(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 
 import amgfx
 
+from ._report import RESULTS, write_md
+
 
 def block():
     from timm.models.vision_transformer import Attention
@@ -61,7 +63,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attention_lowering.md"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "attention_lowering.md"))
     a = ap.parse_args(argv)
     lines = ["# Dense vs pruned attention blocks (eager, CPU)", "",
              f"`python -m benchmarks.attention_lowering --runs {a.runs} --batches {' '.join(map(str, a.batches))}` "
@@ -76,10 +78,7 @@ def main(argv=None):
             lines.append(f"| {b} | {k} | {ms:.3f} | {ms / dense:.2f}x |")
             print(f"batch {b}  {k:<52} {ms:8.3f} ms  {ms / dense:.2f}x dense")
     lines += ["", "`vs dense` below 1.00x means the pruned block is faster than the dense block it replaced."]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {a.out}")
+    write_md(a.out, lines)
 
 
 if __name__ == "__main__":
