@@ -192,13 +192,11 @@ class Plan:
             if q_kept is None and v_kept is None:
                 continue
             hk = len(kept_heads(self, cg, s))
-            nq = len(q_kept) if q_kept is not None else s.q.out_features
             attention[s.node] = {
                 "site": s.name, "kind": s.kind, "scale": s.scale, "scale_explicit": s.scale_explicit,
                 "heads": hk * s.q_per_kv, "kv_heads": hk,
                 "qk_dim": _per_head(self, cg, s, "qk", s.head_dim_qk),
                 "v_dim": _per_head(self, cg, s, "v", s.head_dim_v),
-                "q_rows": nq,
                 "fused": len({s.q.node, s.k.node, s.v.node}) < 3,
                 "operands": list(s.operands),
             }

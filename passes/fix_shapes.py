@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from amgfx.errors import RewriteError
 from amgfx.indexprop import _const, shape
-from amgfx.masks import Masks, compact_shape, kept_coords, propagate_masks
+from amgfx.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
 from amgfx.ops import GETITEM, IGNORED_USERS, NORMS, opname
 
 from ._graph import call, constant
@@ -151,14 +151,12 @@ def _index_select(gm, ms, n):
     if not _dim_pruned(ms, x, d):
         return
     old = _const(idx, gm, {})
-    m = ms.get(x).movedim(d % ms.get(x).ndim, -1).reshape(-1, shape(x)[d])
-    m = m[m.any(-1)]
-    if old is None or not bool((m == m[:1]).all()):
+    rank = dim_ranks(ms.get(x), d)
+    if old is None or rank is None:
         raise RewriteError(f"{n.name}: index_select over a pruned dim needs a constant index and the same kept "
                            "indices in every row")
-    rank = torch.cumsum(m[0].long(), 0) - 1
-    keep = m[0][old]
-    _set_arg(n, 2, constant(gm, n, rank[old[keep]].to(old.dtype), "index"))
+    new = rank[old]
+    _set_arg(n, 2, constant(gm, n, new[new >= 0].to(old.dtype), "index"))
 
 
 def _squeeze(gm, ms, n):
