@@ -11,13 +11,12 @@ from .structure import find_structure
 
 def _unlowered(gm: fx.GraphModule) -> fx.GraphModule:
     """A module pruned by amgfx may carry kernel padding (``lower_attention``): analyse it without."""
+    from passes._graph import copy_module
     from passes.cleanup import refresh_meta
     from passes.lower_attention import is_lowered, unlower
     if not is_lowered(gm):
         return gm
-    import copy
-    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    out.meta = dict(gm.meta)
+    out = copy_module(gm)
     unlower(out)
     refresh_meta(out)
     return out

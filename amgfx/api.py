@@ -1,11 +1,10 @@
 """The user-facing verbs: ``plan_for`` (decide), ``apply`` (rewrite), ``prune`` (both)."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch.fx as fx
-import torch.nn as nn
+
+from passes._graph import copy_module, replace_attr
 
 from .analyze import analyze
 from .coupling import CouplingGraph
@@ -81,21 +80,12 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method: s
     return plan
 
 
-def _detached_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule with its own graph; attributes are still shared until the passes run."""
-    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    out.meta = dict(gm.meta)
-    return out
-
-
 def _unshare(out: fx.GraphModule, original: fx.GraphModule) -> None:
     """Clone every tensor still shared with the user's model, so training the result cannot touch it."""
     theirs = {t.data_ptr() for t in list(original.parameters()) + list(original.buffers()) if t.numel()}
-    from passes._graph import set_attr
     for fqn, t in list(out.named_parameters()) + list(out.named_buffers()):
         if t.numel() and t.data_ptr() in theirs:
-            c = t.detach().clone()
-            set_attr(out, fqn, nn.Parameter(c, t.requires_grad) if isinstance(t, nn.Parameter) else c)
+            replace_attr(out, fqn, t.detach().clone(), t)
 
 
 def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> fx.GraphModule:
@@ -114,7 +104,7 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> 
     from passes import PIPELINE
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
     resolved = plan.resolve(cg)
-    out = _detached_copy(cg.gm)
+    out = copy_module(cg.gm)
     for p in PIPELINE:
         out = p(out, resolved)
     _unshare(out, cg.gm)

@@ -46,8 +46,12 @@ def node_flops(n: fx.Node, shp) -> int:
         return 2 * math.prod(out) * math.prod(w[1:])
     if t in SDPA:
         q, k, v = (shp(a) for a in n.args[:3])
-        return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+        return _sdpa(q, k, q[-1], v[-1])
     return 0
+
+
+def _sdpa(q, k, e_qk, e_v):
+    return 2 * math.prod(q[:-1]) * k[-2] * (e_qk + e_v)
 
 
 def graph_flops(gm: fx.GraphModule, shp=shape) -> int:
@@ -64,20 +68,16 @@ def predict(cg, plan) -> dict:
     ms = propagate_masks(cg.gm, r.params)
     lowering = r.options.get("lowering", "auto")
 
-    def planned(a):
-        s = ms.new_shape(a)
-        return list(s)
-
     pruned = 0
     for n in cg.gm.graph.nodes:
         if n.op != "call_function":
             continue
         if n.target in SDPA and n.name in r.attention and lowering != "none":
-            q, k, v = (planned(a) for a in n.args[:3])
+            q, k, v = (ms.new_shape(a) for a in n.args[:3])
             e = max(q[-1], v[-1])                # padded to equal dims by lower_attention
-            pruned += 2 * math.prod(q[:-1]) * k[-2] * 2 * e
+            pruned += _sdpa(q, k, e, e)
         else:
-            pruned += node_flops(n, planned)
+            pruned += node_flops(n, ms.new_shape)
     dense_p = 0
     pruned_p = 0
     for fqn, p in cg.gm.named_parameters():

@@ -9,7 +9,7 @@ dense shape that is, and refuses masks that do not pack (say q/k and v rows of o
 reshape kept in different numbers).
 
 This is analysis only: ``passes/fix_shapes.py`` reads the masks to rewrite constants, and
-:func:`amgfx.plan.predict` reads them to predict FLOPs.
+:func:`amgfx.cost.predict` reads them to predict FLOPs.
 
 Example (a head dim shrunk differently per head still packs densely):
     >>> import torch
@@ -292,9 +292,9 @@ RULES.update({aten.pad.default: _pad, aten.constant_pad_nd.default: _pad})
 def param_masks(gm: fx.GraphModule, params: dict) -> dict:
     """FQN -> keep mask of every parameter the plan shrinks (``params``: FQN -> {dim: kept})."""
     out = {}
+    attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
     for fqn, dims in params.items():
-        attr = next((n for n in gm.graph.nodes if n.op == "get_attr" and n.target == fqn), None)
-        shp = shape(attr) if attr is not None else None
+        shp = shape(attrs[fqn]) if fqn in attrs else None
         if shp is None:
             continue
         m = torch.ones(shp, dtype=torch.bool)

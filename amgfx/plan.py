@@ -148,23 +148,28 @@ class Plan:
 
     def _check_site(self, s, by_name) -> None:
         """Inside one site every kept head keeps the same number of q/k and of v units."""
-        head = by_name.get(f"head:{s.name}")
-        kept_heads = None
-        if head is not None and head.name in self.keep:
-            kept_heads = set(self.keep[head.name])
+        heads = self.kept_heads(s, by_name)
         for kind in ("qk", "v"):
             g = by_name.get(f"{kind}:{s.name}")
             if g is None or g.name not in self.keep:
                 continue
-            kept = np.zeros(g.units, dtype=bool)
-            kept[self.keep[g.name]] = True
-            counts = {int(h): int(kept[g.heads == h].sum()) for h in np.unique(g.heads)
-                      if kept_heads is None or int(h) in kept_heads}
+            counts = self.per_head_counts(g, heads)
             if len(set(counts.values())) > 1:
                 raise PlanError(f"group {g.name!r}: kept units per head differ {counts}; every head of a site "
                                 "must keep the same number (which ones may differ)")
             if 0 in counts.values():
                 raise PlanError(f"group {g.name!r}: a head keeps no unit; remove the head instead")
+
+    def kept_heads(self, s, by_name) -> list[int]:
+        """The kv heads of site ``s`` that the plan keeps."""
+        g = by_name.get(f"head:{s.name}")
+        return sorted(self.keep[g.name]) if g is not None and g.name in self.keep else list(range(s.num_kv_heads))
+
+    def per_head_counts(self, g, heads) -> dict:
+        """Kept units of a qk/v group in each of the kept ``heads``."""
+        kept = np.zeros(g.units, dtype=bool)
+        kept[self.keep.get(g.name, list(range(g.units)))] = True
+        return {int(h): int(kept[g.heads == h].sum()) for h in heads}
 
     # ----------------------------------------------------------------------------- resolve
     def resolve(self, cg) -> Resolved:
@@ -184,6 +189,7 @@ class Plan:
             t = fetch_attr(cg.gm, fqn)
             params[fqn] = {d: sorted(set(range(t.shape[d])) - rm) for d, rm in dims.items()}
         attention = {}
+        by_name = {g.name: g for g in cg.groups}
         for s in cg.sites:
             if not s.supported or s.q is None:
                 continue
@@ -191,12 +197,19 @@ class Plan:
             v_kept = params.get(s.v.weight, {}).get(s.v.out_dim)
             if q_kept is None and v_kept is None:
                 continue
-            hk = len(kept_heads(self, cg, s))
+            heads = self.kept_heads(s, by_name)
+
+            def head_dim(kind, full):
+                # kept units of one kept head x rows per unit
+                g = by_name.get(f"{kind}:{s.name}")
+                if g is None or g.name not in self.keep:
+                    return full
+                return self.per_head_counts(g, heads[:1])[heads[0]] * (full // (g.units // s.num_kv_heads))
+
             attention[s.node] = {
                 "site": s.name, "kind": s.kind, "scale": s.scale, "scale_explicit": s.scale_explicit,
-                "heads": hk * s.q_per_kv, "kv_heads": hk,
-                "qk_dim": _per_head(self, cg, s, "qk", s.head_dim_qk),
-                "v_dim": _per_head(self, cg, s, "v", s.head_dim_v),
+                "heads": len(heads) * s.q_per_kv, "kv_heads": len(heads),
+                "qk_dim": head_dim("qk", s.head_dim_qk), "v_dim": head_dim("v", s.head_dim_v),
                 "fused": len({s.q.node, s.k.node, s.v.node}) < 3,
                 "operands": list(s.operands),
             }
@@ -207,21 +220,3 @@ def fingerprint(gm) -> str:
     """A short hash of every parameter's name and shape: what a plan is tied to."""
     items = sorted((n, tuple(t.shape)) for n, t in list(gm.named_parameters()) + list(gm.named_buffers()))
     return hashlib.sha1(repr(items).encode()).hexdigest()[:12]
-
-
-def kept_heads(plan: Plan, cg, s) -> list[int]:
-    """The kv heads of site ``s`` that the plan keeps."""
-    g = next((x for x in cg.groups if x.name == f"head:{s.name}"), None)
-    return sorted(plan.keep[g.name]) if g is not None and g.name in plan.keep else list(range(s.num_kv_heads))
-
-
-def _per_head(plan: Plan, cg, s, kind: str, full: int) -> int:
-    """Head dim of ``kind`` ("qk" or "v") after pruning: kept units of a kept head x rows per unit."""
-    g = next((x for x in cg.groups if x.name == f"{kind}:{s.name}"), None)
-    if g is None or g.name not in plan.keep:
-        return full
-    per_unit = full // (g.units // s.num_kv_heads)
-    kept = np.zeros(g.units, dtype=bool)
-    kept[plan.keep[g.name]] = True
-    return int(kept[g.heads == kept_heads(plan, cg, s)[0]].sum()) * per_unit
-

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
-from .api import _coupling, _detached_copy, apply
+from passes._graph import copy_module, get_attr, replace_attr
+
+from .api import _coupling, apply
 from .plan import Plan
 
 __all__ = ["verify", "VerifyReport", "zeroed"]
@@ -53,8 +55,7 @@ class VerifyReport:
 
 def zeroed(cg, plan: Plan):
     """A copy of the captured model with every removed unit's members zeroed (the reference)."""
-    ref = _detached_copy(cg.gm)
-    from passes._graph import get_attr, set_attr
+    ref = copy_module(cg.gm)
     plan.validate(cg)
     done = {}
     for g in cg.groups:
@@ -64,9 +65,8 @@ def zeroed(cg, plan: Plan):
         for m in g.members:
             if m.param not in done:
                 t = get_attr(ref, m.param)
-                c = t.detach().clone()
-                set_attr(ref, m.param, torch.nn.Parameter(c, t.requires_grad) if isinstance(t, torch.nn.Parameter) else c)
-                done[m.param] = c
+                done[m.param] = t.detach().clone()
+                replace_attr(ref, m.param, done[m.param], t)
             idx = torch.as_tensor(m.index[r].ravel(), dtype=torch.long)
             done[m.param].index_fill_(m.dim, idx, 0.0)
     return ref

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from amgfx.indexprop import fetch_attr as get_attr
 
-__all__ = ["get_attr", "set_attr", "del_attr", "constant", "call"]
+__all__ = ["get_attr", "set_attr", "replace_attr", "copy_module", "del_attr", "constant", "call"]
 
 
 def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
@@ -24,6 +24,19 @@ def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
     else:
         owner._parameters.pop(name, None)
         owner._buffers[name] = value
+
+
+def replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    """Put ``value`` at ``fqn`` as the same kind of attribute ``old`` was (trainable Parameter or buffer)."""
+    set_attr(gm, fqn, nn.Parameter(value, old.requires_grad) if isinstance(old, nn.Parameter) else value)
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph and meta; attributes stay shared until a pass replaces them."""
+    import copy
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    out.meta = dict(gm.meta)
+    return out
 
 
 def del_attr(gm: fx.GraphModule, fqn: str) -> None:

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
-from ._graph import get_attr, set_attr
+from ._graph import get_attr, replace_attr
 
 
 def shrink_params(gm: fx.GraphModule, plan) -> fx.GraphModule:
@@ -30,5 +29,5 @@ def shrink_params(gm: fx.GraphModule, plan) -> fx.GraphModule:
         for d, kept in sorted(dims.items(), key=lambda kv: int(kv[0])):
             new = new.index_select(int(d), torch.as_tensor(kept, dtype=torch.long, device=old.device))
         new = new.contiguous()
-        set_attr(gm, fqn, nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new)
+        replace_attr(gm, fqn, new, old)
     return gm

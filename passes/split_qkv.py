@@ -98,9 +98,9 @@ def _layout(R, T):
 
 
 def _split_operand(gm, prod, operand, part, tainted):
-    cut, _ = _cut(gm, prod, operand, tainted)
+    cut, rows_env = _cut(gm, prod, operand, tainted)
     lead_shape = shape(prod)[:-1]
-    R = _lanes(gm, prod, cut, tainted, (-1, torch.arange(shape(prod)[-1])))
+    R = rows_env.get(cut)
     T = [_lanes(gm, prod, cut, tainted, (i, torch.arange(s))) for i, s in enumerate(lead_shape)]
     if R is None or len(R) != 1 or any(t is None or len(t) != 1 for t in T):
         raise RewriteError(f"{cut.name}: cannot read the layout of the fused projection {prod.name}")
