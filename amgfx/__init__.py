@@ -6,14 +6,17 @@
     {'groups': 2, 'units': 384}
 """
 from .analyze import analyze
-from .api import apply, plan_for, prune
+from . import cost
+from .api import Scores, apply, plan_for, prune, score
+from .calibrate import CalibrationError
 from .capture import capture
+from .criteria import AMG, SNP, Magnitude, Random, Taylor
 from .coupling import CouplingGraph, Group, Member
 from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError, RewriteError
 from .plan import Plan
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "apply", "capture", "plan_for", "prune", "verify", "Plan", "VerifyReport",
-           "CouplingGraph", "Group", "Member",
-           "AmgfxError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]
+__all__ = ["analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
+           "CouplingGraph", "Group", "Member", "SNP", "AMG", "Taylor", "Magnitude", "Random",
+           "AmgfxError", "CalibrationError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]

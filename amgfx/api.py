@@ -1,5 +1,11 @@
-"""The user-facing verbs: ``plan_for`` (decide), ``apply`` (rewrite), ``prune`` (both)."""
+"""The user-facing verbs: ``score`` (measure), ``plan_for`` (decide), ``apply`` (rewrite), ``prune`` (all).
+
+The flow runs one way: model -> graph -> coupling groups -> scores -> plan -> passes.
+"""
 from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch.fx as fx
@@ -8,13 +14,15 @@ from passes._graph import copy_module, replace_attr
 
 from .analyze import analyze
 from .coupling import CouplingGraph
-from .criteria import CRITERIA
+from .criteria import resolve_method, token_scores
 from .errors import AmgfxError
 from .plan import Plan, fingerprint
 
-__all__ = ["plan_for", "apply", "prune", "DEFAULT_RATIOS"]
+__all__ = ["score", "plan_for", "apply", "prune", "Scores", "DEFAULT_RATIOS", "DEFAULT_KINDS"]
 
 DEFAULT_RATIOS = {"qk": 0.25, "v": 0.25, "head": 0.0, "mlp": 0.5, "residual": 0.0}
+DEFAULT_KINDS = ("qk", "v", "head", "mlp")   # residual channels are opt-in: pruning them is never exact
+KINDS = ("qk", "v", "head", "mlp", "residual")
 
 
 def _coupling(model_or_gm, example_inputs, example_kwargs) -> CouplingGraph:
@@ -23,13 +31,68 @@ def _coupling(model_or_gm, example_inputs, example_kwargs) -> CouplingGraph:
     return analyze(model_or_gm, example_inputs, example_kwargs)
 
 
+@dataclass
+class Scores:
+    """Per-unit scores of every scored group (higher = keep), AMG token scores, and provenance."""
+    units: dict = field(default_factory=dict)       # group name -> np.ndarray [units]
+    tokens: dict = field(default_factory=dict)      # site name -> np.ndarray [N_k], sums to 1
+    criteria: dict = field(default_factory=dict)    # kind -> criterion config (repr)
+    samples: int = 0
+
+
+def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, loss_fn=None, seed: int = 0,
+          progress: bool = True) -> Scores:
+    """Score every group of ``kinds`` with ``method`` (calibrating on ``calib`` when it needs data).
+
+    ``kinds`` may include ``"tokens"`` for AMG's key-position scores. Without ``calib``, a
+    data-driven method calibrates on the example inputs alone, with a warning.
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> s = amgfx.score(cg, "snp+amg", [torch.randn(4, 3, 32, 32)], progress=False)
+        >>> sorted(s.units), s.criteria["head"]
+        (['head:blocks.0.attn', 'mlp:blocks.0.mlp', 'qk:blocks.0.attn', 'v:blocks.0.attn'], 'AMG(depth_factor=0.02)')
+    """
+    from .calibrate import calibrate
+    by_kind = resolve_method(method)
+    unknown = set(kinds) - set(KINDS) - {"tokens"}
+    if unknown:
+        raise AmgfxError(f"unknown kind(s) {sorted(unknown)}; use {', '.join(KINDS)} or tokens")
+    if "tokens" in kinds:
+        by_kind.setdefault("tokens", resolve_method("amg")["head"])
+    groups = [g for g in cg.groups if g.kind in kinds and g.kind in by_kind]
+    needs = set().union(*(by_kind[g.kind].needs(g.kind) for g in groups), by_kind["tokens"].needs("tokens")
+                        if "tokens" in kinds else set())
+    taylor = [g for g in groups if "taylor" in by_kind[g.kind].needs(g.kind)]
+    stats = None
+    if needs:
+        if calib is None:
+            warnings.warn(f"method {method!r} scores on calibration data, but no calib= was given; calibrating "
+                          "on the example inputs alone", stacklevel=2)
+            args, kwargs = cg.gm.meta["amgfx_example"]
+            calib = [kwargs if kwargs and not args else args]
+        stats = calibrate(cg, calib, needs=needs, loss_fn=loss_fn, seed=seed, gamma=getattr(by_kind.get("qk"), "gamma", 0.9),
+                          taylor_groups=taylor, progress=progress)
+    out = Scores(criteria={k: repr(c) for k, c in by_kind.items() if k in kinds}, samples=stats.samples if stats else 0)
+    for g in groups:
+        try:
+            out.units[g.name] = np.asarray(by_kind[g.kind].score(cg, g, stats, seed=seed), dtype=np.float64)
+        except ValueError as e:
+            raise AmgfxError(str(e)) from None
+    if "tokens" in kinds and stats is not None:
+        out.tokens = token_scores(cg, stats)
+    return out
+
+
 def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
     """Keep the best-scored units of every group, removing ``ratios[kind]`` of each.
 
     Counts are rounded per head for ``qk``/``v`` so every head keeps the same number, and at
     least one unit (one per head) always stays.
     """
-    unknown = set(ratios) - {"qk", "v", "head", "mlp", "residual"}
+    unknown = set(ratios) - set(KINDS)
     if unknown:
         raise AmgfxError(f"unknown kind(s) {sorted(unknown)} in ratios; use qk, v, head, mlp, residual")
     plan = Plan(meta={"ratios": dict(ratios)}, model={"fingerprint": fingerprint(cg.gm)})
@@ -37,7 +100,7 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
         r = float(ratios.get(g.kind, 0.0))
         if not 0.0 <= r < 1.0:
             raise AmgfxError(f"ratio for {g.kind!r} must be in [0, 1), got {r}")
-        if r == 0.0:
+        if r == 0.0 or g.name not in scores:
             continue
         s = np.asarray(scores[g.name])
         if g.kind in ("qk", "v"):
@@ -55,28 +118,44 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
     return plan
 
 
-def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method: str = "magnitude",
-             ratios: dict | None = None, seed: int = 0) -> Plan:
-    """Score every coupling group with ``method`` and return the Plan, without applying it.
+def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
+             ratios: dict | None = None, calib=None, loss_fn=None, kinds=None, round_to: int = 1,
+             min_keep: float = 0.1, protect=(), seed: int = 0, progress: bool = True) -> Plan:
+    """Score the model's coupling groups and decide what to keep; nothing is rewritten.
 
     ``model_or_gm`` may be an nn.Module (captured with ``example_inputs``), a captured
-    GraphModule or a :class:`amgfx.CouplingGraph`.
+    GraphModule or a :class:`amgfx.CouplingGraph`. Give either ``target_flops`` (a fraction of
+    the dense FLOPs; per-site amounts are derived from the scores, see :mod:`amgfx.budget`) or
+    ``ratios`` (the fraction removed per kind in every site). ``kinds`` limits what is
+    pruned (default qk, v, head, mlp: residual channels are opt-in).
 
     Example:
         >>> import torch, timm, amgfx
-        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
-        >>> plan = amgfx.plan_for(m, torch.randn(1, 3, 32, 32), ratios={"mlp": 0.5})
-        >>> {k: len(v) for k, v in plan.keep.items()}
-        {'mlp:blocks.0.mlp': 384}
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> plan = amgfx.plan_for(m, x, method="snp+amg", target_flops=0.6, calib=[torch.randn(4, 3, 32, 32)],
+        ...                       round_to=8, progress=False)
+        >>> plan.meta["flops"]["planned"] <= 0.6 * plan.meta["flops"]["dense"]
+        True
     """
-    if method not in CRITERIA:
-        raise AmgfxError(f"unknown method {method!r}; choose one of {sorted(CRITERIA)}")
+    from .budget import allocate
+    if target_flops is not None and ratios is not None:
+        raise AmgfxError("give target_flops or ratios, not both")
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
-    ratios = DEFAULT_RATIOS if ratios is None else ratios
-    crit = CRITERIA[method]
-    scores = {g.name: crit(cg, g, seed=seed) for g in cg.groups if ratios.get(g.kind, 0)}
-    plan = select(cg, scores, ratios)
-    plan.meta.update({"method": method, "seed": seed})
+    if target_flops is None:
+        ratios = DEFAULT_RATIOS if ratios is None else ratios
+        kinds = tuple(k for k in KINDS if ratios.get(k, 0) and (kinds is None or k in kinds))
+    else:
+        if not isinstance(target_flops, (int, float)) or not 0.0 < float(target_flops) <= 1.0:
+            raise AmgfxError(f"target_flops must be a fraction in (0, 1], got {target_flops!r}")
+        kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
+    s = score(cg, method, calib, kinds=kinds, loss_fn=loss_fn, seed=seed, progress=progress)
+    if target_flops is None:
+        plan = select(cg, s.units, ratios)
+    else:
+        plan = allocate(cg, s.units, float(target_flops), round_to=round_to, min_keep=min_keep, protect=protect)
+    plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
+                      "seed": seed, "calibration_samples": s.samples})
     return plan
 
 
@@ -114,22 +193,25 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> 
     return out
 
 
-def prune(model, example_inputs=None, example_kwargs=None, *, method: str = "magnitude",
-          ratios: dict | None = None, seed: int = 0) -> fx.GraphModule:
+def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
+          ratios: dict | None = None, calib=None, loss_fn=None, plan: Plan | None = None, **options) -> fx.GraphModule:
     """Score, plan and rewrite in one call; the Plan is in ``result.meta["amgfx_plan"]``.
 
-    ``ratios[kind]`` is the fraction of units of that kind removed in every site (rounded
-    per head). Kinds: ``qk``, ``v``, ``head``, ``mlp``, ``residual``.
+    Give ``target_flops`` (fraction of dense FLOPs kept) or ``ratios`` (``{kind: fraction
+    removed}`` per site), or a ready ``plan`` to replay. ``options`` go to :func:`plan_for`
+    (``kinds``, ``round_to``, ``min_keep``, ``protect``, ``seed``, ``progress``).
 
     Example:
         >>> import torch, timm, amgfx
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
         >>> x = torch.randn(1, 3, 32, 32)
-        >>> small = amgfx.prune(m, x, ratios={"qk": 0.5, "v": 0.25, "mlp": 0.5})
+        >>> small = amgfx.prune(m, x, method="magnitude", ratios={"qk": 0.5, "v": 0.25, "mlp": 0.5})
         >>> n = lambda mod: sum(p.numel() for p in mod.parameters())
         >>> round(n(small) / n(m), 2), tuple(small(x).shape)
         (0.67, (1, 1000))
     """
     cg = _coupling(model, example_inputs, example_kwargs)
-    plan = plan_for(cg, method=method, ratios=ratios, seed=seed)
+    if plan is None:
+        plan = plan_for(cg, method=method, target_flops=target_flops, ratios=ratios, calib=calib, loss_fn=loss_fn,
+                        **options)
     return apply(cg, plan)

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--plan", help="a plan JSON to replay (default: make one with --method/--ratios)")
     src.add_argument("--ratios", type=_ratios, default={"qk": 0.25, "v": 0.25, "mlp": 0.5},
                      help="fraction removed per kind, e.g. qk=0.5,v=0.25,head=0.25,mlp=0.5 (default qk=.25,v=.25,mlp=.5)")
-    v.add_argument("--method", default="magnitude", choices=["magnitude", "random"], help="criterion for --ratios")
+    v.add_argument("--method", default="magnitude", choices=["magnitude", "random", "snp", "taylor", "snp+amg"], help="criterion for --ratios")
     v.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     v.add_argument("--save-plan", metavar="JSON", help="write the plan used to this file")
     v.add_argument("--tol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")

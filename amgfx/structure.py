@@ -82,6 +82,11 @@ class AttentionSite:
     head_o: np.ndarray | None = None
     head_qheads: np.ndarray | None = None  # [G, q heads per kv head]
     operands: tuple = ()             # node names of the q, k, v operands of the attention op
+    # calibration maps (None when heads do not sit on the operands' last lead axis)
+    lead_heads: np.ndarray | None = None   # [Lq] query head at each index of q's last lead axis
+    lead_k: np.ndarray | None = None       # [Lq] index of k's last lead axis each of them meets
+    kv_group: np.ndarray | None = None     # [H] key/value group (head-group unit) of each query head
+    qk_cols: np.ndarray | None = None      # [H, d] qk unit of column j of query head h
 
     @property
     def q_per_kv(self) -> int:
@@ -211,6 +216,16 @@ def _columns(lanes) -> np.ndarray | None:
     if not bool((sets == sets[:1]).all()):
         return None
     return sets[0].numpy()
+
+
+def _last_axis(per_position, lead) -> np.ndarray | None:
+    """``per_position`` over all lead positions, as a function of the last lead axis alone (else None).
+
+    Calibration reshapes operands to ``[-1, lead[-1], N, d]`` whatever the batch, which is
+    only right when heads sit on the last lead axis (true of every layout seen so far).
+    """
+    a = np.asarray(per_position).reshape(lead).reshape(-1, lead[-1])
+    return a[0].copy() if (a == a[:1]).all() else None
 
 
 def _rows(s) -> list[int]:
@@ -417,6 +432,10 @@ def _attention_site(ctx, node: fx.Node) -> AttentionSite | None:
     if any(len(s) != 1 for s in q_to_k.values()) or any(len(s) != 1 for s in q_to_v.values()):
         return fail("a query head meets more than one key/value head")
     q_to_k = {h: s.pop() for h, s in q_to_k.items()}
+    if len(lead) and len(kshape) > 2:
+        site.lead_heads = _last_axis(q_head_of, lead)
+        site.lead_k = _last_axis(pair_with(np.arange(int(np.prod(kshape[:-2]))), kshape[:-2]) % kshape[-3], lead)
+    site.kv_group = np.array([q_to_k[h] for h in range(H)])
     q_to_v = {h: s.pop() for h, s in q_to_v.items()}
     site.num_heads, site.num_kv_heads = H, Hk
     site.head_dim_qk, site.head_dim_v = qshape[-1], vshape[-1]
@@ -454,6 +473,10 @@ def _attention_site(ctx, node: fx.Node) -> AttentionSite | None:
         order = sorted(units)
         site.qk_q = np.array([[a for a, _ in sorted(units[kh], key=lambda t: t[1][0])] for kh in order])
         site.qk_k = np.array([[b for _, b in sorted(units[kh], key=lambda t: t[1][0])] for kh in order])
+        U = site.qk_q.shape[1]
+        unit_of_row = {int(r): gi * U + u for gi in range(len(order)) for u in range(U) for r in site.qk_q[gi, u]}
+        site.qk_cols = np.array([[unit_of_row[int(next(x for x in qsets[h, j] if x >= 0))]
+                                  for j in range(site.head_dim_qk)] for h in range(H)])
     partners = [(r, s) for h in range(H) for j in range(site.head_dim_qk)
                 for r in [x for x in qsets[h, j] if x >= 0] for s in [x for x in qsets[h, j] if x >= 0] if r < s]
     if partners:

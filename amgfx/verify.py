@@ -89,7 +89,7 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
         >>> import torch, timm, amgfx
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
         >>> x = torch.randn(1, 3, 32, 32)
-        >>> plan = amgfx.plan_for(m, x, ratios={"qk": 0.5, "v": 0.25, "head": 0.34, "mlp": 0.5})
+        >>> plan = amgfx.plan_for(m, x, method="magnitude", ratios={"qk": 0.5, "v": 0.25, "head": 0.34, "mlp": 0.5})
         >>> amgfx.verify(m, plan, x).passed
         True
     """

@@ -33,8 +33,8 @@ def block():
 def variants(batch):
     m, x = block(), torch.randn(batch, 197, 384)
     cg = amgfx.analyze(m, x)
-    half = amgfx.plan_for(cg, ratios={"qk": 0.5}).keep
-    both = amgfx.plan_for(cg, ratios={"qk": 0.5, "v": 0.5}).keep
+    half = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5}).keep
+    both = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.5}).keep
     plan = lambda keep, **o: amgfx.Plan(keep=keep, options={"lowering": "auto", "split_qkv": "auto", **o})
     return x, {
         "dense (qk 64, v 64)": cg.gm,

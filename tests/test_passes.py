@@ -73,7 +73,7 @@ def test_params_and_flops_fall_as_predicted(name):
 
 def test_pruning_changes_the_function_and_the_oracle_can_fail():
     m, args, kwargs, cg = analysed("vit")
-    plan = amgfx.plan_for(cg, ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5})
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5})
     pruned = amgfx.apply(cg, plan)
     assert not torch.allclose(_run(pruned, args, kwargs)[0], _run(m, args, kwargs)[0], rtol=1e-3)
     broken = copy.deepcopy(pruned)
@@ -85,14 +85,14 @@ def test_pruning_changes_the_function_and_the_oracle_can_fail():
 @pytest.mark.parametrize("name", ["vit", "gpt2"])
 def test_residual_pruning_is_reported_approximate(name):
     m, args, kwargs, cg = analysed(name)
-    report = amgfx.verify(cg, amgfx.plan_for(cg, ratios={"residual": 0.25}))
+    report = amgfx.verify(cg, amgfx.plan_for(cg, method="magnitude", ratios={"residual": 0.25}))
     assert not report.exact and not report.passed
     assert "APPROXIMATE" in report.status and report.max_rel > 0
 
 
 def test_qk_smaller_than_v_splits_fused_qkv_and_pads_for_the_flash_kernel():
     m, args, kwargs, cg = analysed("vit")
-    plan = amgfx.plan_for(cg, ratios={"qk": 0.5, "v": 0.25})
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.25})
     pruned = amgfx.apply(cg, plan)
     names = {n for n, _ in pruned.named_parameters()}
     assert "blocks.0.attn.qkv.q_weight" in names and "blocks.0.attn.qkv.weight" not in names
@@ -107,7 +107,7 @@ def test_qk_smaller_than_v_splits_fused_qkv_and_pads_for_the_flash_kernel():
 
 def test_equal_head_dims_keep_the_fused_projection_unless_asked():
     m, args, kwargs, cg = analysed("vit")
-    keep = amgfx.plan_for(cg, ratios={"qk": 0.5, "v": 0.5}).keep
+    keep = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.5}).keep
     fused = amgfx.apply(cg, amgfx.Plan(keep=keep))
     split = amgfx.apply(cg, amgfx.Plan(keep=keep, options={"split_qkv": "always", "lowering": "auto"}))
     assert tuple(fused.get_parameter("blocks.0.attn.qkv.weight").shape) == (3 * 3 * 32, 192)
@@ -130,10 +130,10 @@ def test_plan_from_another_model_names_the_group():
     _, _, _, vit = analysed("vit")
     _, _, _, deit = analysed("deit_distilled")
     _, _, _, gpt2 = analysed("gpt2")
-    plan = amgfx.plan_for(gpt2, ratios={"mlp": 0.5})
+    plan = amgfx.plan_for(gpt2, method="magnitude", ratios={"mlp": 0.5})
     with pytest.raises(amgfx.PlanError, match=r"mlp:h\.0\.mlp.*another model"):
         amgfx.apply(vit, plan)
-    plan = amgfx.plan_for(vit, ratios={"mlp": 0.5})
+    plan = amgfx.plan_for(vit, method="magnitude", ratios={"mlp": 0.5})
     deit_units = {g.name: g.units for g in deit.groups}
     assert all(deit_units.get(n) == u for n, u in plan.units.items())   # same groups, same sizes...
     with pytest.raises(amgfx.PlanError, match=r"another model: group 'mlp:blocks\.0\.mlp'"):
@@ -151,7 +151,7 @@ def test_plan_from_another_model_names_the_group():
 ])
 def test_hand_edited_plan_errors_name_the_group(edit, match):
     _, _, _, cg = analysed("vit")
-    plan = amgfx.plan_for(cg, ratios={"qk": 0.5, "mlp": 0.5})
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "mlp": 0.5})
     edit(plan.keep)
     with pytest.raises(amgfx.PlanError, match=match):
         plan.validate(cg)
@@ -169,7 +169,7 @@ def test_the_users_model_is_never_modified():
     m, args, kwargs = llama_gqa()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     m.train()
-    pruned = amgfx.prune(m, args, kwargs, ratios={"qk": 0.5, "v": 0.5, "head": 0.5, "mlp": 0.5, "residual": 0.25})
+    pruned = amgfx.prune(m, args, kwargs, method="magnitude", ratios={"qk": 0.5, "v": 0.5, "head": 0.5, "mlp": 0.5, "residual": 0.25})
     amgfx.verify(m, pruned.meta["amgfx_plan"], args, kwargs)
     with torch.no_grad():                            # training the result must not reach the original
         for p in pruned.parameters():
@@ -182,10 +182,10 @@ def test_the_users_model_is_never_modified():
 @pytest.mark.parametrize("name", ["vit", "eva02", "swin", "bert_minilm", "gpt2", "llama_gqa"])
 def test_a_pruned_module_can_be_analysed_and_pruned_again(name):
     m, args, kwargs, cg = analysed(name)
-    first = amgfx.apply(cg, amgfx.plan_for(cg, ratios={"qk": 0.5, "v": 0.25, "head": 0.5, "mlp": 0.5}))
+    first = amgfx.apply(cg, amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.25, "head": 0.5, "mlp": 0.5}))
     again = amgfx.analyze(first)
     r = first.meta["amgfx_plan"].resolve(cg).attention
     want = sorted((a["heads"], a["qk_dim"], a["v_dim"]) for a in r.values())
     assert sorted((s.num_heads, s.head_dim_qk, s.head_dim_v) for s in again.sites if s.supported) == want
-    second = amgfx.plan_for(again, ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5})
+    second = amgfx.plan_for(again, method="magnitude", ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5})
     assert amgfx.verify(again, second).passed

@@ -13,7 +13,7 @@ RATIOS = {"qk": 0.5, "v": 0.25, "head": 0.34, "mlp": 0.5}
 @pytest.fixture(scope="module", params=["vit", "bert_minilm", "llama_gqa"])
 def pruned(request):
     m, args, kwargs, cg = analysed(request.param)
-    g = amgfx.apply(cg, amgfx.plan_for(cg, ratios=RATIOS))
+    g = amgfx.apply(cg, amgfx.plan_for(cg, method="magnitude", ratios=RATIOS))
     with torch.no_grad():
         ref = [t for t in pytree.tree_leaves(g(*args, **kwargs)) if isinstance(t, torch.Tensor)]
     return request.param, g, args, kwargs, ref

@@ -1,0 +1,150 @@
+"""Budgeting: turn per-unit scores into a Plan that meets a FLOPs target.
+
+The papers hand-write per-layer ratios; we derive them. Every group becomes a *ladder* of
+removal steps in score order (for ``qk``/``v`` one step removes the weakest remaining unit of
+*every* head, so heads stay equal; for ``head`` a step is one key/value head). A step's
+importance is the removed units' scores normalised by their group's mean, so ``1`` means "an
+average unit of its group" whatever the criterion's scale (``head`` scores are normalised by
+the mean over all head groups instead, so AMG's cross-layer depth factor keeps its meaning).
+
+Steps are ranked globally by that importance, and the shortest prefix of the ranking whose
+plan meets the target is found by bisection on exactly predicted FLOPs (FLOPs only fall as
+steps are added, so bisection finds it). Weighting importance by the FLOPs a step saves was
+tried and rejected: one whole head outweighs hundreds of neurons, so heads went first and
+attention was cut to its floor before any MLP neuron. Options: ``round_to`` keeps widths
+multiples of 8 (say) by rounding kept counts *up*; ``min_keep`` is the least fraction any
+group keeps; ``protect`` lists glob patterns of places never touched.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost import predict
+from .errors import AmgfxError
+from .plan import Plan, fingerprint
+
+__all__ = ["allocate", "Ladder"]
+
+
+@dataclass
+class Ladder:
+    """One group's removal order: ``order[h]`` lists the units of head ``h`` weakest first."""
+    group: object
+    order: list            # per head (one "head" for non-qk/v kinds): unit ids, weakest first
+    importance: np.ndarray  # [steps] normalised importance of each step
+    max_steps: int
+    cost: float = 0.0      # FLOPs saved per step
+
+    def keep(self, steps: int, round_to: int) -> list[int]:
+        """Unit ids kept after ``steps`` steps, kept counts rounded up to ``round_to``."""
+        kept = []
+        for units in self.order:
+            n = len(units) - steps
+            if round_to > 1 and self.group.kind != "head":
+                n = min(len(units), math.ceil(n / round_to) * round_to)
+            kept += units[len(units) - n:]
+        return sorted(int(u) for u in kept)
+
+
+def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int) -> Ladder | None:
+    s = np.asarray(s, dtype=np.float64)
+    if not np.isfinite(s).all():
+        raise AmgfxError(f"{g.name}: scores are not finite")
+    heads = [np.nonzero(g.heads == h)[0] for h in np.unique(g.heads)] if g.kind in ("qk", "v") else [np.arange(g.units)]
+    order = [list(u[np.argsort(s[u], kind="stable")]) for u in heads]
+    per = len(order[0])
+    floor = max(1, math.ceil(min_keep * per), min(round_to, per) if g.kind != "head" else 1)
+    steps = per - floor
+    if steps <= 0:
+        return None
+    sn = s / norm if norm > 0 else np.ones_like(s)
+    imp = np.array([np.mean([sn[o[k]] for o in order]) for k in range(steps)])
+    return Ladder(g, order, imp, steps)
+
+
+def _plan(ladders, steps: dict, round_to: int, base: Plan) -> Plan:
+    plan = Plan(keep=dict(base.keep), units=dict(base.units), options=dict(base.options),
+                meta=dict(base.meta), model=dict(base.model))
+    for lad in ladders:
+        n = steps.get(lad.group.name, 0)
+        if n:
+            keep = lad.keep(n, round_to)
+            if len(keep) < lad.group.units:
+                plan.keep[lad.group.name] = keep
+                plan.units[lad.group.name] = lad.group.units
+    return plan
+
+
+def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_keep: float = 0.1,
+             protect=()) -> Plan:
+    """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense.
+
+    Args:
+        cg: the :class:`amgfx.CouplingGraph`.
+        scores: group name -> per-unit scores (higher = keep); groups absent are not pruned.
+        target_flops: fraction of the dense FLOPs (``FlopCounterMode`` count on the example
+            inputs) the pruned model may keep, in (0, 1].
+        round_to: kept widths (per head for qk/v) are rounded up to a multiple of this.
+        min_keep: every group keeps at least this fraction of its units (and at least one).
+        protect: glob patterns matched against group names and places (``"blocks.0.*"``).
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> from amgfx.criteria import Magnitude
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> scores = {g.name: Magnitude().score(cg, g, None) for g in cg.groups if g.kind in ("qk", "mlp")}
+        >>> plan = allocate(cg, scores, 0.7, round_to=8)
+        >>> c = amgfx.cost.predict(cg, plan)["flops"]
+        >>> c["pruned"] <= 0.7 * c["dense"], all(len(v) % 8 == 0 for v in plan.keep.values())
+        (True, True)
+    """
+    if not 0.0 < float(target_flops) <= 1.0:
+        raise AmgfxError(f"target_flops must be in (0, 1], got {target_flops}")
+    base = Plan(meta={}, model={"fingerprint": fingerprint(cg.gm)})
+    dense = predict(cg, base)["flops"]["dense"]
+    goal = float(target_flops) * dense
+    protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))
+    groups = [g for g in cg.groups if g.name in scores and not protected(g)]
+    head_scores = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == "head"]
+    head_norm = float(np.mean(np.concatenate(head_scores))) if head_scores else 1.0
+    ladders = []
+    for g in groups:
+        s = np.asarray(scores[g.name], dtype=float)
+        lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, round_to)
+        if lad is not None:
+            ladders.append(lad)
+    if not ladders:
+        raise AmgfxError("nothing to prune: every group is protected, unscored or at its minimum")
+
+    steps = [(lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps)]
+    steps.sort()
+
+    def plan_at(m: int) -> Plan:
+        counts: dict = {}
+        for _, name, _ in steps[:m]:
+            counts[name] = counts.get(name, 0) + 1
+        return _plan(ladders, counts, round_to, base)
+
+    flops = lambda m: predict(cg, plan_at(m))["flops"]["pruned"]
+    lo, hi = 0, len(steps)
+    if flops(hi) > goal:
+        best = flops(hi) / dense
+        raise AmgfxError(f"target_flops={target_flops} cannot be reached: with min_keep={min_keep}, "
+                         f"round_to={round_to} and the protected places, the smallest plan keeps {best:.1%} "
+                         "of the FLOPs; lower min_keep, protect less, or allow more kinds")
+    while lo < hi:                              # smallest m with flops(m) <= goal
+        mid = (lo + hi) // 2
+        if flops(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    plan = plan_at(lo)
+    c = predict(cg, plan)["flops"]
+    plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
+                      "protect": list(protect), "flops": {"dense": c["dense"], "planned": c["pruned"]}})
+    return plan

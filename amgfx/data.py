@@ -1,0 +1,86 @@
+"""Real calibration and evaluation data that needs no download.
+
+* ``digits``: scikit-learn's ``load_digits`` (1797 8x8 grey images, 10 classes), with one
+  fixed, stratified 75/25 train/test split (seed 0) that every benchmark shares.
+* ``text``: English prose from the docstrings of standard-library modules. Calibration and
+  evaluation draw from *different* modules, so evaluation text is never seen in calibration.
+* ``image_folder``: every image under a directory, resized to the model's input.
+
+Example:
+    >>> x, y = digits("test")
+    >>> tuple(x.shape), tuple(y.shape)
+    ((450, 1, 8, 8), (450,))
+    >>> len(text("calib", 8)), text("calib", 1) != text("eval", 1)
+    (8, True)
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+
+import torch
+
+__all__ = ["digits", "text", "image_folder", "CALIB_MODULES", "EVAL_MODULES"]
+
+CALIB_MODULES = ("collections", "functools", "itertools", "pathlib", "argparse", "json", "subprocess",
+                 "threading", "logging", "unittest", "typing", "dataclasses", "string", "textwrap", "shutil")
+EVAL_MODULES = ("os", "re", "datetime", "decimal", "fractions", "statistics", "random", "heapq", "bisect",
+                "contextlib", "inspect", "tempfile", "zipfile", "csv", "calendar")
+
+
+def digits(split: str = "train"):
+    """``(images [N, 1, 8, 8] float32, standardised; labels [N] int64)`` for ``split`` in train/test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    idx = torch.arange(len(y)).numpy()
+    tr, te = train_test_split(idx, test_size=0.25, random_state=0, stratify=d.target)
+    mean, std = x[tr].mean(), x[tr].std()
+    pick = tr if split == "train" else te
+    return (x[pick] - mean) / std, y[pick]
+
+
+def _paragraphs(module_name: str) -> list[str]:
+    mod = importlib.import_module(module_name)
+    docs = [inspect.getdoc(mod) or ""]
+    for _, obj in sorted(vars(mod).items()):
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == module_name:
+            docs.append(inspect.getdoc(obj) or "")
+    out = []
+    for d in docs:
+        for p in re.split(r"\n\s*\n", d):
+            p = " ".join(p.split())
+            # prose only: long enough, mostly letters, not a code example or a table
+            if len(p) >= 60 and not p.startswith((">>>", "..", "-", "*", "+", "|")) and \
+                    sum(c.isalpha() or c == " " for c in p) / len(p) > 0.85:
+                out.append(p)
+    return out
+
+
+def text(split: str = "calib", n: int | None = None) -> list[str]:
+    """Deterministic English paragraphs: ``calib`` and ``eval`` come from disjoint modules."""
+    mods = CALIB_MODULES if split == "calib" else EVAL_MODULES
+    out = [p for m in mods for p in _paragraphs(m)]
+    return out[:n] if n else out
+
+
+def image_folder(path: str, size: int, channels: int = 3, n: int | None = None) -> torch.Tensor:
+    """Every image under ``path`` (sorted), resized to ``size`` x ``size``, ImageNet-normalised."""
+    from PIL import Image
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(exts))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(exts)}) under {path}")
+    files = files[:n] if n else files
+    mean = torch.tensor([0.485, 0.456, 0.406][:channels] or [0.5]).view(-1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225][:channels] or [0.25]).view(-1, 1, 1)
+    out = []
+    for f in files:
+        im = Image.open(f).convert("RGB" if channels == 3 else "L").resize((size, size))
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).float() / 255.0
+        out.append((t.view(size, size, channels).permute(2, 0, 1) - mean) / std)
+    return torch.stack(out)
