@@ -380,7 +380,7 @@ def _run_chunk(cg, st, sites, mlp_inputs, params, needs, gamma, args, kwargs, ra
     flat = tree_flatten_spec((tuple(args), kwargs), info.in_spec) if info and info.in_spec else list(args)
     grad = _needs_grad(needs)
     with torch.set_grad_enabled(grad):
-        out = codegen.process_outputs(rec.run(*flat)) if info else rec.run(*flat)
+        out = rec.run(*flat)              # Interpreter.run rebuilds the output pytree itself
         for s in sites.values():
             if s.node in rec.seen:
                 _site_stats(st, s, rec.seen[s.node], needs, gamma)

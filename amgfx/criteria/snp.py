@@ -12,7 +12,8 @@
   magnitude"; calibration data is at hand, and a weight-only score cannot tell a neuron
   that never fires from a busy one.
 * **residual**: every member's per-channel magnitudes are normalised by their sum, then
-  averaged over the group's members (the paper's normalise-then-average).
+  averaged over the group's members (the paper's normalise-then-average); all-zero members
+  (biases at init) carry no information and are skipped.
 """
 from __future__ import annotations
 
@@ -75,5 +76,5 @@ class SNP(Criterion):
         return np.sqrt(act) * unit_norms(cg, fc2)
 
     def _residual(self, cg, group, stats):
-        per = [unit_norms(cg, m) for m in group.members]
-        return np.mean([p / max(p.sum(), 1e-12) for p in per], 0)
+        per = [p for p in (unit_norms(cg, m) for m in group.members) if p.sum() > 0]   # all-zero biases say nothing
+        return np.mean([p / p.sum() for p in per], 0)

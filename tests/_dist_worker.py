@@ -1,0 +1,31 @@
+"""One rank of the distributed-calibration test (spawned by tests/test_criteria.py)."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def calib_batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 3, 32, 32, generator=g) for _ in range(4)]
+
+
+def make_plan(calib):
+    import models
+    import amgfx
+    torch.manual_seed(0)
+    m, args, kwargs = models.vit()
+    return amgfx.plan_for(m, args, kwargs, method="snp+amg", target_flops=0.6, calib=calib, kinds=("qk", "v", "head", "mlp"),
+                          progress=False)
+
+
+def rank_main(rank, world, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        plan = make_plan(calib_batches()[rank::world])
+        plan.save(os.path.join(out, f"rank{rank}.json"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,185 @@
+"""Criteria, calibration and budgeting: exact formulas against brute force, errors, determinism."""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import amgfx
+from amgfx.budget import allocate
+from amgfx.calibrate import CalibrationError, Stats, calibrate, qk_scores
+from amgfx.cost import measure_flops, predict
+from amgfx.criteria import SNP, Magnitude, Taylor
+from amgfx.criteria.amg import head_entropy
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _dist_worker  # noqa: E402
+
+
+@pytest.mark.parametrize("gamma", [2, 0.9])
+def test_snp_qk_score_equals_brute_force(gamma):
+    """The QR/SVD closed form equals the paper's cosine over flattened N x N matrices."""
+    torch.manual_seed(0)
+    P, H, N, d = 2, 2, 7, 4
+    q, k = torch.randn(P, H, N, d, dtype=torch.float64), torch.randn(P, H, N, d, dtype=torch.float64)
+    cols = torch.tensor([[0, 1, 0, 1], [2, 3, 2, 3]])          # RoPE-like: two columns per unit
+    want = torch.zeros(4, dtype=torch.float64)
+    for p in range(P):
+        for h in range(H):
+            u, s, vh = torch.linalg.svd(q[p, h] @ k[p, h].T)
+            e = (s ** 2).cumsum(0) / (s ** 2).sum()
+            top = gamma if isinstance(gamma, int) else int((e < gamma).sum()) + 1
+            for unit in range(4):
+                j = (cols[h] == unit).nonzero().flatten()
+                if len(j) == 0:
+                    continue
+                m = q[p, h][:, j] @ k[p, h][:, j].T
+                for c in range(top):
+                    r = torch.outer(u[:, c], vh[c])
+                    want[unit] += abs((r * m).sum() / (r.norm() * m.norm()))
+    torch.testing.assert_close(qk_scores(q, k, cols, 4, gamma), want)
+
+
+def test_head_entropy_uniform_is_one_and_peaked_is_zero():
+    st = Stats()
+    a = torch.zeros(2, 3, 5, dtype=torch.float64)
+    a[0] = 1 / 5                          # head 0: uniform -> normalised entropy 1
+    a[1, :, 2] = 1                        # head 1: one-hot -> 0
+    st.add("attn:s", a)
+    site = types.SimpleNamespace(name="s", num_heads=2, lead_heads=np.array([0, 1]))
+    np.testing.assert_allclose(head_entropy(site, st), [1.0, 0.0], atol=1e-12)
+
+
+def test_calibration_runs_the_graph_faithfully(analysed_model):
+    """Explicit attention (q, k, scale, mask -> A) reproduces fused SDPA: the recorded run equals gm()."""
+    from amgfx.calibrate import _Recorder
+    for name in ("vit", "bert_minilm", "llama_gqa"):
+        _, args, kwargs, cg = analysed_model(name)
+        from torch.fx._pytree import tree_flatten_spec
+        flat = tree_flatten_spec((tuple(args), kwargs), cg.gm.graph._codegen.pytree_info.in_spec)
+        rec = _Recorder(cg, {}, {s.node: s for s in cg.sites if s.supported}, {})
+        with torch.no_grad():
+            got = rec.run(*flat)
+            want = cg.gm(*args, **kwargs)
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            if "attention_mask" in kwargs and g.dim() == 3:   # padded queries' outputs are don't-care
+                g, w = g[kwargs["attention_mask"].bool()], w[kwargs["attention_mask"].bool()]
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        assert all("A" in rec.seen[s.node] for s in cg.sites if s.supported), name
+
+
+def test_taylor_equals_autograd(analysed_model):
+    """taylor^2 = (sum over a unit of w * dL/dw)^2, checked against autograd on the captured module."""
+    m, args, kwargs, cg = analysed_model("vit")
+    g = cg.group("mlp:blocks.0.mlp")
+    x = torch.randn(2, 3, 32, 32)
+    loss_fn = lambda out, batch: (out ** 2).sum()
+    st = calibrate(cg, [x], needs={"taylor"}, taylor_groups=[g], loss_fn=loss_fn, progress=False)
+    params = dict(cg.gm.named_parameters())
+    want = torch.zeros(g.units, dtype=torch.float64)
+    for i in range(2):                     # the graph runs at its captured batch size, 1
+        loss = (cg.gm(x[i:i + 1]) ** 2).sum()
+        grads = torch.autograd.grad(loss, [params[mm.param] for mm in g.members])
+        for mm, gr in zip(g.members, grads):
+            wg = (params[mm.param].detach() * gr).double().movedim(mm.dim, 0)
+            want += wg.reshape(wg.shape[0], -1).sum(1)[torch.as_tensor(mm.index)].sum(1)
+    np.testing.assert_allclose(Taylor().score(cg, g, st), want.abs().numpy(), rtol=1e-3, atol=1e-5)  # fp32 grads
+
+
+def test_snp_v_and_residual_scores(analysed_model):
+    _, _, _, cg = analysed_model("vit")
+    v = SNP().score(cg, cg.group("v:blocks.0.attn"), None)
+    assert v.shape == (192,) and (v > 0).all()
+    r = SNP().score(cg, cg.group(next(g.name for g in cg.groups if g.kind == "residual")), None)
+    assert r.sum() == pytest.approx(1.0)          # every member normalised to sum 1, then averaged
+
+
+def test_same_seed_gives_byte_identical_plan(analysed_model):
+    calib = _dist_worker.calib_batches()
+    one = _dist_worker.make_plan(calib).to_json()
+    two = _dist_worker.make_plan(calib).to_json()
+    assert one == two
+    _, _, _, cg = analysed_model("vit")
+    t1 = amgfx.plan_for(cg, method="taylor", target_flops=0.7, calib=calib, seed=5, progress=False).to_json()
+    t2 = amgfx.plan_for(cg, method="taylor", target_flops=0.7, calib=calib, seed=5, progress=False).to_json()
+    t3 = amgfx.plan_for(cg, method="taylor", target_flops=0.7, calib=calib, seed=6, progress=False).to_json()
+    assert t1 == t2 and t1 != t3           # the seed matters (it draws the default loss's targets)
+
+
+@pytest.mark.parametrize("name", ["vit", "bert_minilm", "llama_gqa", "swin"])
+def test_target_flops_is_met_as_measured(analysed_model, name):
+    m, args, kwargs, cg = analysed_model(name)
+    ex = cg.gm.meta["amgfx_example"]
+    calib = [ex[1] if ex[1] else ex[0]]
+    plan = amgfx.plan_for(cg, method="snp+amg", target_flops=0.6, calib=calib, round_to=4, progress=False)
+    pruned = amgfx.apply(cg, plan)
+    dense = measure_flops(cg.gm)
+    assert measure_flops(pruned) <= 0.6 * dense
+    assert measure_flops(pruned) == plan.meta["flops"]["planned"]
+    for g in cg.groups:                     # per-head widths rounded to multiples of 4 (or left whole)
+        if g.name in plan.keep and g.kind in ("qk", "v"):
+            per_head = len(plan.keep[g.name]) // len(np.unique(g.heads))
+            assert per_head % 4 == 0 or per_head == g.units // len(np.unique(g.heads))
+
+
+def test_budget_options(analysed_model):
+    _, _, _, cg = analysed_model("vit")
+    scores = {g.name: Magnitude().score(cg, g, None) for g in cg.groups if g.kind in ("qk", "v", "mlp", "head")}
+    plan = allocate(cg, scores, 0.75, protect=["blocks.0.*"], min_keep=0.25)
+    assert not any(k.endswith("blocks.0.attn") or k.endswith("blocks.0.mlp") for k in plan.keep)
+    for name, kept in plan.keep.items():
+        assert len(kept) >= 0.25 * cg.group(name).units
+    assert predict(cg, plan)["flops"]["pruned"] <= 0.75 * predict(cg, plan)["flops"]["dense"]
+    with pytest.raises(amgfx.AmgfxError, match="cannot be reached"):
+        allocate(cg, scores, 0.05, min_keep=0.5)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(amgfx.AmgfxError, match=r"target_flops must be .* \(0, 1\]"):
+            amgfx.plan_for(cg, method="magnitude", target_flops=bad)
+
+
+def test_scores_beat_random_at_preserving_the_output(analysed_model):
+    """On the real MiniLM, SNP keeps the embedding closer to dense than random does at equal FLOPs."""
+    m, args, kwargs, cg = analysed_model("bert_minilm")
+    calib = [kwargs]
+    out = {}
+    for method in ("snp", "random"):
+        plan = amgfx.plan_for(cg, method=method, target_flops=0.7, calib=calib, progress=False)
+        pruned = amgfx.apply(cg, plan)
+        a = cg.gm(**kwargs)["last_hidden_state"].mean(1)
+        b = pruned(**kwargs)["last_hidden_state"].mean(1)
+        out[method] = torch.nn.functional.cosine_similarity(a, b).mean().item()
+    assert out["snp"] > out["random"], out
+
+
+def test_bad_calibration_data_fails_before_any_work(analysed_model, monkeypatch):
+    from amgfx import calibrate as cal
+    _, args, kwargs, cg = analysed_model("vit")
+    monkeypatch.setattr(cal._Recorder, "run", lambda *a, **k: pytest.fail("ran the model on bad data"))
+    good = torch.randn(2, 3, 32, 32)
+    nan = good.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    cases = [([good, nan], "batch 1: input 0 contains NaN or Inf"),
+             ([good, torch.full((1, 3, 32, 32), float("inf"))], "NaN or Inf"),
+             ([torch.randn(2, 3, 64, 64)], r"shape \[2, 3, 64, 64\], but the example inputs have \[1, 3, 32, 32\]"),
+             ([], "empty"),
+             ([{"x": good}], "dicts but the model takes positional inputs")]
+    for data, msg in cases:
+        with pytest.raises(CalibrationError, match=msg):
+            calibrate(cg, data, needs={"qk"}, progress=False)
+    _, _, kw, bert = analysed_model("bert_minilm")
+    with pytest.raises(CalibrationError, match="'attention_mask' is missing"):
+        calibrate(bert, [{"input_ids": kw["input_ids"]}], needs={"qk"}, progress=False)
+    with pytest.raises(CalibrationError, match="not a multiple of the example inputs' batch size 2"):
+        calibrate(bert, [{k: v[:1] for k, v in kw.items()}], needs={"qk"}, progress=False)
+
+
+@pytest.mark.slow
+def test_distributed_calibration_equals_single_process(tmp_path):
+    """2 gloo ranks, each on half the batches, end with the plan of one process on all of them."""
+    import torch.multiprocessing as mp
+    mp.spawn(_dist_worker.rank_main, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    single = _dist_worker.make_plan(_dist_worker.calib_batches()).to_json()
+    ranks = [(tmp_path / f"rank{r}.json").read_text() for r in range(2)]
+    assert ranks[0] == ranks[1] == single
