@@ -20,6 +20,9 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.analysis_scaling
 	$(PY) -m benchmarks.attention_lowering
+	$(PY) -m benchmarks.criteria_digits
+	$(PY) -m benchmarks.criteria_minilm
+	$(PY) -m benchmarks.calibration_cost
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -17,6 +17,6 @@ from .plan import Plan
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
+__all__ = ["cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
            "CouplingGraph", "Group", "Member", "SNP", "AMG", "Taylor", "Magnitude", "Random",
            "AmgfxError", "CalibrationError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]

@@ -41,7 +41,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import AmgfxError
-from .indexprop import fetch_attr
+from .indexprop import fetch_attr, layer_input
 from .ops import SDPA
 
 __all__ = ["Stats", "calibrate", "as_batches", "CalibrationError"]
@@ -298,7 +298,7 @@ def _site_stats(st: Stats, s, seen: dict, needs: set, gamma) -> None:
         if s.kind == "matmul":
             k = k.transpose(-1, -2)
         k = _lead(k, k.shape[-3] if k.dim() > 2 else 1)
-        k = k[:, torch.as_tensor(s.lead_k) % k.shape[1]] if k.shape[1] != L else k
+        k = k[:, torch.as_tensor(s.lead_k) % k.shape[1]]        # the key head each query head meets
         k = k.expand(q.shape[0], L, *k.shape[-2:]) if k.shape[0] != q.shape[0] else k
         cols = torch.as_tensor(s.qk_cols)[torch.as_tensor(s.lead_heads)]
         units = int(s.qk_q.shape[0] * s.qk_q.shape[1])
@@ -332,8 +332,7 @@ def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: floa
     if "act" in needs:
         nodes = {n.name: n for n in cg.gm.graph.nodes}
         for m in cg.mlps:
-            mlp_inputs[nodes[m.fc2.node].args[0].name] = m.name
-    grad = _needs_grad(needs)
+            mlp_inputs[layer_input(nodes[m.fc2.node]).name] = m.name
     params = {}
     if "taylor" in needs:
         for g in taylor_groups:

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import os
 import re
+import warnings
 
 import torch
 
@@ -47,9 +48,11 @@ def digits(split: str = "train"):
 def _paragraphs(module_name: str) -> list[str]:
     mod = importlib.import_module(module_name)
     docs = [inspect.getdoc(mod) or ""]
-    for _, obj in sorted(vars(mod).items()):
-        if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == module_name:
-            docs.append(inspect.getdoc(obj) or "")
+    with warnings.catch_warnings():          # deprecated aliases (typing.io, typing.re) warn when touched
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for _, obj in sorted(vars(mod).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == module_name:
+                docs.append(inspect.getdoc(obj) or "")
     out = []
     for d in docs:
         for p in re.split(r"\n\s*\n", d):

@@ -108,3 +108,53 @@ def test_verify_plan_for_another_model_is_one_line(tmp_path, capsys):
     assert main(["verify", "deit_tiny_distilled_patch16_224", "--img-size", "32", "--plan", str(plan)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "another model" in err
+
+
+def test_prune_writes_plan_pt2_and_report(tmp_path, capsys):
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    out = tmp_path / "out"
+    code = main(["prune", f"{f}:build", "--target-flops", "0.6", "--calib", "digits", "--calib-samples", "8",
+                 "--batch-size", "4", "--round-to", "8", "--out", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["flops"]["measured"] == rep["flops"]["predicted"] <= 0.6 * rep["flops"]["dense"]
+    assert rep["calibration"] == "8 load_digits training images"
+    import amgfx
+    plan = amgfx.Plan.load(out / "plan.json")
+    assert plan.meta["target_flops"] == 0.6 and plan.meta["calibration_samples"] == 8
+    ep = torch.export.load(out / "model.pt2")
+    assert ep.module()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--target-flops", "1.5"], "must be in (0, 1]"),
+    (["--calib", "text"], "--calib text needs a Hugging Face text model"),
+    (["--calib", "/no/such/dir"], "use text, digits, example, or an image directory"),
+    (["--method", "bogus"], "unknown method 'bogus'"),
+])
+def test_prune_bad_inputs(tmp_path, capsys, argv, words):
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    try:
+        code = main(["prune", f"{f}:build", *argv])
+    except SystemExit as e:          # argparse rejects bad values itself
+        code = e.code
+    assert code != 0 and words in capsys.readouterr().err
+
+
+def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    imgs = tmp_path / "imgs" / "sub"
+    imgs.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        px = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(imgs / f"{i}.png")
+    code = main(["prune", f"{f}:build", "--target-flops", "0.8", "--calib", str(tmp_path / "imgs"),
+                 "--batch-size", "1", "--json"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["calibration"].startswith("3 images from") and rep["flops"]["measured"] <= 0.8 * rep["flops"]["dense"]
