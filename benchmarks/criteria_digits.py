@@ -23,9 +23,9 @@ import copy
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import amgfx
+from amgfx.cost import measure_flops
 from amgfx.data import digits
 
 from ._report import RESULTS, write_md
@@ -35,9 +35,7 @@ METHODS = ["snp", "snp+amg", "taylor", "magnitude", "random"]
 
 
 def flops(model, x) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(x)
-    return fc.get_total_flops()
+    return measure_flops(model, ((x,), {}))
 
 
 def tp_prune(dense, ratio: float, kind: str, calib_x, example):
