@@ -63,8 +63,9 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
     if "tokens" in kinds:
         by_kind.setdefault("tokens", resolve_method("amg")["head"])
     groups = [g for g in cg.groups if g.kind in kinds and g.kind in by_kind]
-    needs = set().union(*(by_kind[g.kind].needs(g.kind) for g in groups), by_kind["tokens"].needs("tokens")
-                        if "tokens" in kinds else set())
+    needs = set().union(*(by_kind[g.kind].needs(g.kind) for g in groups))
+    if "tokens" in kinds:
+        needs |= by_kind["tokens"].needs("tokens")
     taylor = [g for g in groups if "taylor" in by_kind[g.kind].needs(g.kind)]
     stats = None
     if needs:

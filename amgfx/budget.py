@@ -18,6 +18,7 @@ group keeps; ``protect`` lists glob patterns of places never touched.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from dataclasses import dataclass
 
@@ -37,7 +38,6 @@ class Ladder:
     order: list            # per head (one "head" for non-qk/v kinds): unit ids, weakest first
     importance: np.ndarray  # [steps] normalised importance of each step
     max_steps: int
-    cost: float = 0.0      # FLOPs saved per step
 
     def keep(self, steps: int, round_to: int) -> list[int]:
         """Unit ids kept after ``steps`` steps, kept counts rounded up to ``round_to``."""
@@ -130,7 +130,7 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
             counts[name] = counts.get(name, 0) + 1
         return _plan(ladders, counts, round_to, base)
 
-    flops = lambda m: predict(cg, plan_at(m))["flops"]["pruned"]
+    flops = functools.lru_cache(None)(lambda m: predict(cg, plan_at(m))["flops"]["pruned"])
     lo, hi = 0, len(steps)
     if flops(hi) > goal:
         best = flops(hi) / dense
@@ -144,7 +144,6 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
         else:
             lo = mid + 1
     plan = plan_at(lo)
-    c = predict(cg, plan)["flops"]
     plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
-                      "protect": list(protect), "flops": {"dense": c["dense"], "planned": c["pruned"]}})
+                      "protect": list(protect), "flops": {"dense": dense, "planned": flops(lo)}})
     return plan

@@ -57,7 +57,6 @@ class Stats:
     sums: dict = field(default_factory=dict)
     batches: int = 0
     samples: int = 0
-    gamma: float = 0.9
 
     def add(self, key: str, value: torch.Tensor, n: int = 1) -> None:
         v = value.detach().to(torch.float64)
@@ -133,7 +132,7 @@ def _check(i: int, args, kwargs, ex_args, ex_kwargs) -> int:
 def as_batches(calib, ex_args, ex_kwargs) -> list:
     """Validate calibration data up front when it is a sized sequence (lists, tuples, Datasets).
 
-    Returns ``[(args, kwargs, raw)]`` for sequences; other iterables (DataLoaders) are checked
+    Returns ``[(args, kwargs, raw, batch size)]`` for sequences; other iterables (DataLoaders) are checked
     batch by batch as they are read, each before any work is done on it.
     """
     if calib is None:
@@ -146,8 +145,7 @@ def as_batches(calib, ex_args, ex_kwargs) -> list:
         out = []
         for i, b in enumerate(calib):
             a, k = _split(b, len(ex_args), list(ex_kwargs))
-            _check(i, a, k, ex_args, ex_kwargs)
-            out.append((a, k, b))
+            out.append((a, k, b, _check(i, a, k, ex_args, ex_kwargs)))
         return out
     return None
 
@@ -159,8 +157,7 @@ def _batches(calib, ex_args, ex_kwargs):
         return
     for i, b in enumerate(calib):
         a, k = _split(b, len(ex_args), list(ex_kwargs))
-        _check(i, a, k, ex_args, ex_kwargs)
-        yield a, k, b
+        yield a, k, b, _check(i, a, k, ex_args, ex_kwargs)
 
 
 def _content_seed(seed: int, args, kwargs) -> int:
@@ -339,13 +336,13 @@ def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: floa
             for m in g.members:
                 if m.param not in params:
                     params[m.param] = fetch_attr(cg.gm, m.param).detach().requires_grad_(True)
-    st = Stats(gamma=gamma)
+    st = Stats()
+    run = _Run(cg, st, sites, mlp_inputs, params, needs, gamma, loss_fn, seed, tuple(taylor_groups))
     b0 = _check(0, ex_args, ex_kwargs, ex_args, ex_kwargs)
     total = len(calib) if hasattr(calib, "__len__") else None
     bar = tqdm(_batches(calib, ex_args, ex_kwargs), total=total, desc="calibrating", unit="batch",
                disable=not progress, leave=False)
-    for i, (args, kwargs, raw) in enumerate(bar):
-        bsz = _check(i, args, kwargs, ex_args, ex_kwargs)
+    for i, (args, kwargs, raw, bsz) in enumerate(bar):
         if bsz % b0:
             raise CalibrationError(f"calibration batch {i} has {bsz} samples, not a multiple of the example "
                                    f"inputs' batch size {b0} (the captured graph's shapes are static)")
@@ -353,8 +350,7 @@ def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: floa
         for c in range(0, bsz, b0):      # the graph runs at the batch size it was captured with
             cut = lambda t: t[c:c + b0] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == bsz else t
             a_c, k_c, raw_c = pytree.tree_map(cut, (args, kwargs, raw))
-            _run_chunk(cg, st, sites, mlp_inputs, params, needs, gamma, a_c, k_c, raw_c, loss_fn, seed,
-                       tokens, taylor, taylor_groups)
+            _run_chunk(run, a_c, k_c, raw_c, tokens, taylor)
         for name, v in tokens.items():   # AMG: |sum over the batch, heads and queries|
             st.add(f"tokens:{name}", v.abs())
         for name, v in taylor.items():   # squared first-order term per batch (see module doc)
@@ -370,21 +366,38 @@ def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: floa
     return st
 
 
-def _run_chunk(cg, st, sites, mlp_inputs, params, needs, gamma, args, kwargs, raw, loss_fn, seed,
-               tokens, taylor, taylor_groups) -> None:
+@dataclass
+class _Run:
+    """What one calibration run holds fixed across its chunks."""
+    cg: object
+    st: Stats
+    sites: dict             # attention node name -> site
+    mlp_inputs: dict        # fc2 input node name -> mlp name
+    params: dict            # fqn -> leaf requiring grad (taylor)
+    needs: set
+    gamma: float
+    loss_fn: object
+    seed: int
+    taylor_groups: tuple
+
+
+def _run_chunk(run: _Run, args, kwargs, raw, tokens: dict, taylor: dict) -> None:
+    """One forward (and backward, if needed) at the captured batch size; adds to ``run.st``,
+    and sums per-batch terms into ``tokens``/``taylor`` (their abs/square is taken per batch)."""
     from torch.fx._pytree import tree_flatten_spec
-    rec = _Recorder(cg, params, sites, mlp_inputs)
-    codegen = cg.gm.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
+    cg, st, sites, params, needs = run.cg, run.st, run.sites, run.params, run.needs
+    rec = _Recorder(cg, params, sites, run.mlp_inputs)
+    info = getattr(cg.gm.graph._codegen, "pytree_info", None)
     flat = tree_flatten_spec((tuple(args), kwargs), info.in_spec) if info and info.in_spec else list(args)
     grad = _needs_grad(needs)
     with torch.set_grad_enabled(grad):
         out = rec.run(*flat)              # Interpreter.run rebuilds the output pytree itself
         for s in sites.values():
             if s.node in rec.seen:
-                _site_stats(st, s, rec.seen[s.node], needs, gamma)
+                _site_stats(st, s, rec.seen[s.node], needs, run.gamma)
         if grad:
-            loss = loss_fn(out, raw) if loss_fn is not None else default_loss(out, _content_seed(seed, args, kwargs))
+            loss = (run.loss_fn(out, raw) if run.loss_fn is not None
+                    else default_loss(out, _content_seed(run.seed, args, kwargs)))
             if not torch.is_tensor(loss) or loss.dim() != 0:
                 raise CalibrationError("loss_fn must return a scalar tensor")
             a_nodes = [n for n in sites if "A" in rec.seen.get(n, {})] if "tokens" in needs else []
@@ -397,10 +410,10 @@ def _run_chunk(cg, st, sites, mlp_inputs, params, needs, gamma, args, kwargs, ra
                     key = sites[n].name
                     tokens[key] = tokens[key] + v if key in tokens else v
             pg = dict(zip(params, grads[len(a_nodes):]))
-            for grp in taylor_groups:
+            for grp in run.taylor_groups:
                 v = _unit_taylor(grp, params, pg)
                 taylor[grp.name] = taylor[grp.name] + v if grp.name in taylor else v
-    for name in mlp_inputs.values():
+    for name in run.mlp_inputs.values():
         h = rec.seen.get(f"mlp:{name}")
         if h is not None:
             h = h.double().reshape(-1, h.shape[-1])
