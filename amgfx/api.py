@@ -181,13 +181,19 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> 
         >>> tuple(small.get_parameter("blocks.0.mlp.fc1.weight").shape), tuple(small(x).shape)
         ((100, 192), (1, 1000))
     """
-    from passes import PIPELINE
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
+    out = _rewrite(cg, plan)
+    _unshare(out, cg.gm)
+    return out
+
+
+def _rewrite(cg: CouplingGraph, plan: Plan) -> fx.GraphModule:
+    """Run the passes; unpruned weights stay shared with ``cg.gm`` (the compile backend wants that)."""
+    from passes import PIPELINE
     resolved = plan.resolve(cg)
     out = copy_module(cg.gm)
     for p in PIPELINE:
         out = p(out, resolved)
-    _unshare(out, cg.gm)
     out.eval()                                   # captured in eval mode; the flag follows
     out.meta["amgfx_plan"] = plan
     out.meta["amgfx_exact"] = resolved.exact

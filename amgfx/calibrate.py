@@ -343,6 +343,8 @@ def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: floa
     bar = tqdm(_batches(calib, ex_args, ex_kwargs), total=total, desc="calibrating", unit="batch",
                disable=not progress, leave=False)
     for i, (args, kwargs, raw, bsz) in enumerate(bar):
+        if cg.gm.meta.get("amgfx_dynamic_batch"):
+            b0 = bsz
         if bsz % b0:
             raise CalibrationError(f"calibration batch {i} has {bsz} samples, not a multiple of the example "
                                    f"inputs' batch size {b0} (the captured graph's shapes are static)")

@@ -10,6 +10,7 @@ import warnings
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .errors import CaptureError
 
@@ -110,12 +111,62 @@ def _describe_failure(model: nn.Module, exc: BaseException, stack: list[str]) ->
             "Python control flow on tensor values; or capture a submodule (e.g. the encoder) instead.")
 
 
-def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None = None) -> fx.GraphModule:
+def _batch_spec(model: nn.Module, args: tuple, kwargs: dict):
+    """Example inputs of batch >= 2 and a ``dynamic_shapes`` spec marking dim 0 of every tensor input
+    as one shared ``batch`` dim, or None when the inputs disagree on their leading size.
+
+    A batch of 1 is repeated to 2 for tracing only: export specialises sizes 0 and 1.
+    """
+    import inspect
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    sizes = {t.shape[0] for t in leaves if t.dim()}
+    if len(sizes) != 1 or any(t.dim() == 0 for t in leaves):
+        return None
+    # new tensor objects either way: export marks its inputs dynamic, and those must not be the user's
+    grow = (lambda t: t.repeat(2, *[1] * (t.dim() - 1))) if sizes == {1} else (lambda t: t.detach())
+    args, kwargs = pytree.tree_map_only(torch.Tensor, grow, (args, kwargs))
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    spec = {name: pytree.tree_map_only(torch.Tensor, lambda t: {0: batch}, v) for name, v in bound.arguments.items()}
+    return args, kwargs, spec
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
+    """``torch.export`` with a dynamic batch dim when it can be had, else with static shapes."""
+    spec = _batch_spec(model, args, kwargs) if dynamic_batch else None
+    if spec is not None:
+        try:
+            return torch.export.export(model, spec[0], spec[1], dynamic_shapes=spec[2], strict=False), True
+        except Exception:  # the model fixes its batch somewhere: capture it static instead
+            pass
+    return torch.export.export(model, args, kwargs, strict=False), False
+
+
+def _record_dims(gm: fx.GraphModule) -> None:
+    """Note which output dims of every node are symbolic (see ``passes._graph.dims_of``)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            dims = tuple(None if isinstance(s, int) or s.node.expr.is_number else str(s.node.expr) for s in v.shape)
+            if any(dims):
+                n.meta["amgfx_dims"] = dims
+
+
+def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None = None, *,
+            dynamic_batch: bool = True) -> fx.GraphModule:
     """Capture ``model`` into an ATen-level GraphModule via non-strict ``torch.export``.
 
     Parameters and buffers appear as ``get_attr`` nodes named by their FQN, and every node
     carries its shape in ``node.meta["val"]``. The user's model is left untouched: its
     parameters, buffers and ``training`` flags are bitwise the same afterwards.
+
+    With ``dynamic_batch`` (the default) dim 0 of every input is captured symbolic, so the
+    pruned graph runs, exports and lowers to ONNX at any batch size;
+    ``gm.meta["amgfx_dynamic_batch"]`` says whether that worked (a model that fixes its batch
+    is captured static instead).
 
     Example:
         >>> import torch, timm, amgfx
@@ -134,7 +185,7 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            ep, dynamic = _export(model, args, kwargs, dynamic_batch)
         except Exception as exc:  # export raises many types; all become one clear error
             raise CaptureError(_describe_failure(model, exc, stack)) from exc
     gm = ep.module()
@@ -142,6 +193,12 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and "val" not in n.meta]
     if missing:
         raise CaptureError(f"captured graph lacks shapes on nodes {missing[:5]}; this torch version is unsupported")
+    gm.meta["amgfx_example"] = (args, kwargs)
+    if dynamic:
+        from passes.cleanup import refresh_meta
+        _record_dims(gm)
+        refresh_meta(gm)      # shapes at the user's own example (export may have traced a batch of 2)
     gm.meta["amgfx_captured"] = True
     gm.meta["amgfx_example"] = (args, kwargs)
+    gm.meta["amgfx_dynamic_batch"] = dynamic
     return gm

@@ -276,6 +276,14 @@ def _like(n, ms, gm, cache):
     return ms.get(n.args[0])
 
 
+def _size(n, ms, gm, cache):
+    # a dynamic size (the batch) read at run time: fine unless that dim shrinks
+    d = n.args[1]
+    if ms.new_shape(n.args[0])[d] != shape(n.args[0])[d]:
+        _fail(n, f"it reads the size of dim {d} at run time, and that dim is pruned")
+    return None
+
+
 RULES = {}
 RULES.update({t: _move for t in MOVE})
 RULES.update({t: _identity for t in IDENTITY})
@@ -286,7 +294,7 @@ RULES.update({t: _softmax for t in SOFTMAX})
 RULES.update({t: _sdpa for t in SDPA})
 RULES.update({t: _reduce for t in REDUCTIONS})
 RULES.update({t: _like for t in LIKE})
-RULES.update({aten.pad.default: _pad, aten.constant_pad_nd.default: _pad})
+RULES.update({aten.pad.default: _pad, aten.constant_pad_nd.default: _pad, aten.sym_size.int: _size})
 
 
 def param_masks(gm: fx.GraphModule, params: dict) -> dict:

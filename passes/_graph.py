@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from amgfx.indexprop import fetch_attr as get_attr
 
-__all__ = ["get_attr", "set_attr", "replace_attr", "copy_module", "del_attr", "constant", "call"]
+__all__ = ["get_attr", "set_attr", "replace_attr", "copy_module", "del_attr", "constant", "call", "size_args", "keep_symbolic", "dims_of"]
 
 
 def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
@@ -77,3 +77,38 @@ def call(gm: fx.GraphModule, before: fx.Node, target, args, kwargs=None) -> fx.N
     except Exception:        # shape is refreshed by cleanup anyway
         pass
     return node
+
+
+def dims_of(node: fx.Node) -> tuple:
+    """Per dim of ``node``'s output: the name of its symbol where the capture left it dynamic, else None.
+
+    Recorded by :func:`amgfx.capture` before analysis reads sizes with ``int()``, which guards
+    (and so specialises) the symbols in the shared shape environment.
+    """
+    return node.meta.get("amgfx_dims", ())
+
+
+def size_args(gm: fx.GraphModule, before: fx.Node, sizes, dims, inputs) -> list:
+    """``sizes`` as a view/reshape argument: ints, except where ``dims`` names a symbol (a dynamic
+    batch): there a ``sym_size`` node reads it off one of ``inputs``, so the new view stays dynamic."""
+    where = {}
+    for x in inputs:
+        for i, sym in enumerate(dims_of(x)):
+            if sym is not None:
+                where.setdefault(sym, (x, i))
+    out = []
+    for s, sym in zip(sizes, list(dims) + [None] * (len(sizes) - len(dims))):
+        if sym is None:
+            out.append(int(s))
+        elif sym in where:
+            out.append(call(gm, before, torch.ops.aten.sym_size.int, list(where[sym])))
+        else:
+            from amgfx.errors import RewriteError
+            raise RewriteError(f"{before.name}: the dynamic size {sym} cannot be read off {[x.name for x in inputs]}; "
+                               "capture with dynamic_batch=False")
+    return out
+
+
+def keep_symbolic(old_args, old_sizes, new_sizes) -> list:
+    """New size arguments that keep each old entry (a ``sym_size`` node, a -1) whose size did not change."""
+    return [o if c == s else c for o, s, c in zip(old_args, old_sizes, new_sizes)]

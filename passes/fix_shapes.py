@@ -25,7 +25,7 @@ from amgfx.indexprop import _const, shape
 from amgfx.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
 from amgfx.ops import GETITEM, IGNORED_USERS, NORMS, opname
 
-from ._graph import call, constant
+from ._graph import call, constant, dims_of, keep_symbolic, size_args
 
 aten = torch.ops.aten
 
@@ -62,19 +62,20 @@ def _set_arg(n: fx.Node, i: int, v) -> None:
 def _reshape(gm, ms, n):
     new = ms.new_shape(n)
     if new != shape(n):
-        _set_arg(n, 1, list(new))
+        _set_arg(n, 1, keep_symbolic(n.args[1], shape(n), new))
 
 
 def _expand(gm, ms, n):
     new = ms.new_shape(n)
     if new != shape(n):
-        _set_arg(n, 1, [o if o == -1 else c for o, c in zip(n.args[1], new)])
+        _set_arg(n, 1, keep_symbolic(n.args[1], shape(n), new))
 
 
 def _unflatten(gm, ms, n):
     d = n.args[1] % len(shape(n.args[0]))
     new = ms.new_shape(n)
-    _set_arg(n, 2, list(new[d:d + len(n.args[2])]))
+    k = len(n.args[2])
+    _set_arg(n, 2, keep_symbolic(n.args[2], shape(n)[d:d + k], new[d:d + k]))
 
 
 def _slice(gm, ms, n):
@@ -237,7 +238,7 @@ def _scatter_outputs(gm, ms, out_node):
         idx = coords[..., k].movedim(k, -1).reshape(-1, new[k])
         if not bool((idx == idx[:1]).all()):
             raise RewriteError(f"output {a.name}: kept channels differ between positions")
-        z = call(gm, out_node, aten.new_zeros.default, [a, list(m.shape)])
+        z = call(gm, out_node, aten.new_zeros.default, [a, size_args(gm, out_node, list(m.shape), dims_of(a), [a])])
         return call(gm, out_node, aten.index_copy.default, [z, k, constant(gm, out_node, idx[0].clone(), "out"), a])
     out_node.args = fx.node.map_aggregate(out_node.args, fix)
 
@@ -253,8 +254,8 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
         >>> half = list(range(0, 192, 2))
         >>> r = amgfx.Plan(keep={"qk:blocks.0.attn": half, "v:blocks.0.attn": half}).resolve(cg)
         >>> gm = fix_shapes(shrink_params(amgfx.capture(m, torch.randn(1, 3, 32, 32)), r), r)
-        >>> [n.args[1] for n in gm.graph.nodes if n.name == "reshape"]
-        [[1, 5, 3, 3, 32]]
+        >>> [n.args[1] for n in gm.graph.nodes if n.name == "reshape"]    # the batch stays dynamic
+        [[sym_size_int_1, 5, 3, 3, 32]]
     """
     ms = propagate_masks(gm, plan.params)
     for n in list(gm.graph.nodes):

@@ -21,7 +21,7 @@ from amgfx.indexprop import activation_taint, propagate, seed, shape, trace_back
 from amgfx.masks import compact_shape, propagate_masks
 from amgfx.ops import LAYERS, opname
 
-from ._graph import call, constant
+from ._graph import call, constant, dims_of, size_args
 
 aten = torch.ops.aten
 
@@ -121,10 +121,13 @@ def _split_operand(gm, prod, operand, part, tainted):
         bn.meta.update(amgfx_fold=True, amgfx_name=_name(w, part, "bias"))
         args[spec[2]] = bn
     y = call(gm, cut, prod.target, args, dict(prod.kwargs))
-    z = call(gm, cut, aten.view.default, [y, [lead_shape[i] for i in lead] + fsizes])
+    x = prod.args[0]                                 # lead dims of prod = those of its input
+    lead_dims = dims_of(prod)[:-1] or [None] * len(lead_shape)
+    z = call(gm, cut, aten.view.default,
+             [y, size_args(gm, cut, [lead_shape[i] for i in lead], [lead_dims[i] for i in lead], [x]) + fsizes])
     if order != sorted(order):
         z = call(gm, cut, aten.permute.default, [z, order])
-    z = call(gm, cut, aten.reshape.default, [z, list(shape(cut))])
+    z = call(gm, cut, aten.reshape.default, [z, size_args(gm, cut, shape(cut), dims_of(cut), [x])])
     _check(rows, lead_shape, lead, fsizes, order, shape(cut), R[0])
     cut.replace_all_uses_with(z)
 

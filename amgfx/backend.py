@@ -1,0 +1,216 @@
+"""``torch.compile(model, backend="amgfx", options={...})``: prune inside the compiler, then compile.
+
+Registered through the ``torch_dynamo_backends`` entry point (see pyproject.toml), so
+installing amgfx is enough: nothing calls ``register_backend``, which would collide with it.
+
+Dynamo hands the backend a torch-level graph whose parameters are placeholders. The backend
+turns each parameter placeholder back into a ``get_attr`` at its FQN (so plan group names are
+the ones ``amgfx.prune`` uses), captures that to ATen, applies the plan's passes and hands the
+pruned graph to the inner compiler. Unpruned weights are shared with the model, not copied; the
+compiled function ignores the dense parameters dynamo passes in.
+
+Options:
+    plan:         a :class:`amgfx.Plan` or a path to its JSON: deterministic, no calibration.
+    target_flops: fraction of dense FLOPs to keep (with ``method``, ``calib`` and any other
+                  :func:`amgfx.plan_for` option such as ``round_to``); the plan is made once
+                  and replayed on recompiles.
+    inner:        ``"inductor"`` (default) or ``"eager"``: what compiles the pruned graph.
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> plan = amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(384))})
+    >>> fast = torch.compile(m, backend="amgfx", options={"plan": plan, "inner": "eager"}, fullgraph=True)
+    >>> bool(torch.allclose(fast(x), amgfx.prune(m, x, plan=plan)(x), atol=1e-5))
+    True
+"""
+from __future__ import annotations
+
+import re
+import weakref
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import AmgfxError
+
+__all__ = ["amgfx_backend", "BackendError"]
+
+PLANNING = ("target_flops", "ratios", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep", "protect", "seed",
+            "progress")
+KNOWN = {"plan", "inner"} | set(PLANNING)
+_ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
+
+# pruned weights by (source storage, FQN, kept shape): a recompile (new shapes) reuses them
+_PRUNED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+# plans made from target_flops, by the options' identity and the model's fingerprint
+_PLANS: dict = {}
+
+
+class BackendError(AmgfxError):
+    """torch.compile handed amgfx something it cannot prune (a graph break, unknown options)."""
+
+
+def _fqn(node: fx.Node) -> str | None:
+    """``L['self']._modules['blocks']._modules['0']._parameters['weight']`` -> ``blocks.0.weight``."""
+    ga = node.meta.get("grapharg")
+    name = getattr(ga, "source", None) and ga.source.name
+    name = name() if callable(name) else name or ""
+    rest = name[len("L['self']"):] if name.startswith("L['self']") else ""
+    parts = _ATTR.findall(rest)
+    return ".".join(parts) if parts and _ATTR.sub("", rest) == "" else None
+
+
+def _size_source(node: fx.Node, inputs: dict):
+    """A SymInt placeholder that is ``x.size()[i]`` of a graph input: (input node, i), else None."""
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    base, idx = getattr(src, "base", None), getattr(src, "idx", None)
+    prop = getattr(src, "prop", None)
+    if base is None or idx is None or "SIZE" not in str(prop):
+        return None
+    name = base.name() if callable(base.name) else base.name
+    return (inputs[name], idx) if name in inputs else None
+
+
+def lift_params(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, list[int]]:
+    """A GraphModule whose parameter placeholders are ``get_attr`` nodes at their FQNs (sharing the
+    tensors), and the positions of the inputs it still takes.
+
+    SymInt inputs that are sizes of tensor inputs are recomputed inside, so the graph takes
+    tensors only and can be captured with a dynamic batch.
+    """
+    root = nn.Module()
+    graph = fx.Graph()
+    env: dict = {}
+    keep: list[int] = []
+    names: dict = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+        fqn = _fqn(n) if isinstance(ex, torch.Tensor) else None
+        if fqn is None:
+            continue
+        from passes._graph import set_attr
+        set_attr(root, fqn, ex if isinstance(ex, nn.Parameter) else ex)
+        env[n] = graph.get_attr(fqn)
+    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+        if n in env or not isinstance(ex, torch.Tensor):
+            continue
+        env[n] = graph.placeholder(n.name)
+        env[n].meta.update(n.meta)
+        ga = n.meta.get("grapharg")
+        if ga is not None:
+            nm = ga.source.name() if callable(ga.source.name) else ga.source.name
+            names[nm] = env[n]
+        keep.append(i)
+    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+        if n in env:
+            continue
+        where = _size_source(n, names)
+        if where is None:
+            raise BackendError(f"graph input {n.name} ({type(ex).__name__}) is neither a parameter nor a tensor size; "
+                               "amgfx cannot prune this graph")
+        with graph.inserting_after(where[0]):
+            env[n] = graph.call_function(torch.ops.aten.sym_size.int, (where[0], where[1]))
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    out = fx.GraphModule(root, graph)
+    return out, keep
+
+
+def _options(options: dict | None) -> dict:
+    opts = dict(options or {})
+    unknown = set(opts) - KNOWN
+    if unknown:
+        raise BackendError(f"unknown amgfx option(s) {sorted(unknown)}; use {', '.join(sorted(KNOWN))}")
+    if "plan" in opts and "target_flops" in opts:
+        raise BackendError("give options plan= or target_flops=, not both")
+    if "plan" not in opts and "target_flops" not in opts and "ratios" not in opts:
+        raise BackendError("say what to prune: options={'plan': plan_or_json_path} or {'target_flops': 0.5, ...}")
+    if opts.get("inner", "inductor") not in ("inductor", "eager"):
+        raise BackendError(f"inner must be 'inductor' or 'eager', got {opts['inner']!r}")
+    return opts
+
+
+def _check_whole(gm: fx.GraphModule) -> None:
+    """A graph break would prune each fragment on its own: refuse, and say where it broke."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    stack = getattr(reason, "user_stack", None) or []
+    resumed = any(f.name.startswith("torch_dynamo_resume_in_") for f in stack)
+    if (reason is not None and reason.graph_break) or resumed:
+        where = f" at {stack[-1].filename}:{stack[-1].lineno}" if stack else ""
+        why = f" ({str(reason.reason).splitlines()[0][:160]})" if reason is not None and reason.graph_break else ""
+        raise BackendError(f"torch.compile split the model at a graph break{where}{why}; amgfx must see the whole "
+                           "model to prune it: compile with fullgraph=True and remove the break, or prune first with "
+                           "amgfx.prune() and compile the result")
+
+
+def _plan(cg, opts: dict):
+    from .api import plan_for
+    from .plan import Plan, fingerprint
+    p = opts.get("plan")
+    if p is not None:
+        return Plan.load(p) if isinstance(p, (str, bytes)) or hasattr(p, "__fspath__") else p
+    key = (fingerprint(cg.gm), repr(sorted((k, repr(v)) for k, v in opts.items() if k != "calib")), id(opts.get("calib")))
+    if key not in _PLANS:
+        _PLANS.clear()           # one model at a time: calibration data is not kept alive
+        _PLANS[key] = plan_for(cg, **{k: v for k, v in opts.items() if k in PLANNING})
+    return _PLANS[key]
+
+
+def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
+    """Reuse the pruned weights an earlier compile of the same model made (recompiles on new shapes)."""
+    from passes._graph import replace_attr
+    ptr = {n: t.untyped_storage().data_ptr() for n, t in list(dense.named_parameters()) + list(dense.named_buffers())}
+    for fqn, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
+        if fqn not in ptr or t.untyped_storage().data_ptr() == ptr[fqn]:
+            continue
+        key = (ptr[fqn], fqn, tuple(t.shape))
+        old = _PRUNED.get(key)
+        if old is not None and old.dtype == t.dtype and torch.equal(old, t):
+            replace_attr(pruned, fqn, old.data if isinstance(old, nn.Parameter) else old, t)
+        else:
+            _PRUNED[key] = t
+
+
+def _drop_export_guards(gm: fx.GraphModule) -> None:
+    """torch.export's input check (``_guards_fn``): dynamo guards the inputs already, and inductor
+    cannot put the check's closure in its cache key."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
+            gm.graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
+
+
+def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
+    """The torch.compile backend (see the module docstring)."""
+    from .analyze import analyze
+    from .api import _rewrite
+    from .capture import capture
+    opts = _options(options)
+    _check_whole(gm)
+    lifted, keep = lift_params(gm, example_inputs)
+    user = [example_inputs[i] for i in keep]
+    dynamic = any(isinstance(x, torch.SymInt) or (not isinstance(x, torch.Tensor)) for x in example_inputs)
+    with torch._guards.tracing(None):    # export in its own fake mode, not in dynamo's shape env
+        captured = capture(lifted, tuple(user), dynamic_batch=dynamic)
+    cg = analyze(captured)
+    plan = _plan(cg, opts)
+    pruned = _rewrite(cg, plan)
+    _share_pruned(pruned, captured)
+    _drop_export_guards(pruned)
+    if opts.get("inner", "inductor") == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+        inner = compile_fx(pruned, list(user))
+    else:
+        inner = pruned
+
+    def run(*args):
+        return inner(*[args[i] for i in keep])
+
+    return run
