@@ -165,12 +165,13 @@ def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
     """Reuse the pruned weights an earlier compile of the same model made (recompiles on new shapes)."""
     from passes._graph import replace_attr
     ptr = {n: t.untyped_storage().data_ptr() for n, t in list(dense.named_parameters()) + list(dense.named_buffers())}
+    model = hash(tuple(sorted(ptr.items())))     # the dense weights identify the model
     for fqn, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
-        if fqn not in ptr or t.untyped_storage().data_ptr() == ptr[fqn]:
-            continue
-        key = (ptr[fqn], fqn, tuple(t.shape))
+        if fqn in ptr and t.untyped_storage().data_ptr() == ptr[fqn]:
+            continue                             # shared with the model already
+        key = (model, fqn, tuple(t.shape), t.dtype)
         old = _PRUNED.get(key)
-        if old is not None and old.dtype == t.dtype and torch.equal(old, t):
+        if old is not None and torch.equal(old, t):
             replace_attr(pruned, fqn, old.data if isinstance(old, nn.Parameter) else old, t)
         else:
             _PRUNED[key] = t
@@ -213,4 +214,5 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     def run(*args):
         return inner(*[args[i] for i in keep])
 
+    run.pruned = pruned            # for inspection: the GraphModule that was compiled
     return run

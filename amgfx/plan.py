@@ -217,6 +217,11 @@ class Plan:
 
 
 def fingerprint(gm) -> str:
-    """A short hash of every parameter's name and shape: what a plan is tied to."""
-    items = sorted((n, tuple(t.shape)) for n, t in list(gm.named_parameters()) + list(gm.named_buffers()))
+    """A short hash of the name and shape of every parameter/buffer the graph reads: what a plan is tied to.
+
+    Only tensors the graph uses count, so a graph torch.compile hands over (which lifts just
+    those) has the fingerprint of the same model captured whole.
+    """
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    items = sorted((n, tuple(t.shape)) for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if n in used)
     return hashlib.sha1(repr(items).encode()).hexdigest()[:12]

@@ -63,15 +63,17 @@ def _feeds(n, target, budget=64):
     return False
 
 
-def _layout(R, T):
+def _layout(R, T, forced=None):
     """From row ids ``R`` and token ids ``T[i]`` (one per producer lead dim) at the cut: the rebuild.
 
+    ``forced`` maps cut axes to producer lead dims that must be kept even at size 1 (a dynamic
+    batch that the example happens to give as 1).
     Returns (rows in packed order, feature sizes, permutation of [lead>1 dims, feature dims]).
     """
     shp = R.shape
-    feat, tok, order = [], {}, []
+    feat, tok, order = [], dict(forced or {}), []
     for a in range(len(shp)):
-        if shp[a] == 1:
+        if shp[a] == 1 or a in tok:
             continue
         varies = lambda t: not bool((t == t.narrow(a, 0, 1)).all())
         ti = [i for i, t in enumerate(T) if varies(t)]
@@ -104,7 +106,9 @@ def _split_operand(gm, prod, operand, part, tainted):
     T = [_lanes(gm, prod, cut, tainted, (i, torch.arange(s))) for i, s in enumerate(lead_shape)]
     if R is None or len(R) != 1 or any(t is None or len(t) != 1 for t in T):
         raise RewriteError(f"{cut.name}: cannot read the layout of the fused projection {prod.name}")
-    lay = _layout(R[0], [t[0] for t in T])
+    sym = dims_of(prod)[:-1]
+    forced = {a: sym.index(d) for a, d in enumerate(dims_of(cut)) if d is not None and d in sym}
+    lay = _layout(R[0], [t[0] for t in T], forced)
     if lay is None:
         raise RewriteError(f"{cut.name}: the fused projection {prod.name} is laid out in a way the split cannot rebuild")
     rows, fsizes, order, lead = lay
