@@ -1,0 +1,226 @@
+"""Files a pruned model ships as: ``.pt2`` + plan + manifest (``save``/``load``), and ONNX.
+
+A saved directory holds:
+
+* ``model.pt2``: ``torch.export.save`` of the pruned GraphModule, batch dim dynamic;
+* ``plan.json``: the plan it was pruned by (replayable on the dense model);
+* ``manifest.json``: amgfx and torch versions and the input/output spec.
+
+``load`` never unpickles: it refuses an archive whose payload configs ask for pickled
+tensors or objects before ``torch.export.load`` reads a byte of them.
+
+Example:
+    >>> import tempfile, torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> small = amgfx.prune(m, x, method="magnitude", ratios={"mlp": 0.5})
+    >>> d = tempfile.mkdtemp()
+    >>> _ = amgfx.save(small, d)
+    >>> back = amgfx.load(d)
+    >>> bool(torch.allclose(back(torch.ones(3, 3, 32, 32)), small(torch.ones(3, 3, 32, 32)), atol=1e-5))
+    True
+    >>> back.meta["amgfx_manifest"]["inputs"][0]["shape"]
+    ['batch', 3, 32, 32]
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .errors import AmgfxError
+
+__all__ = ["save", "load", "export_onnx", "ort_session", "onnx_parity", "example_inputs", "LoadError"]
+
+MANIFEST = "amgfx.saved/1"
+
+
+class LoadError(AmgfxError):
+    """A saved directory or .pt2 archive that cannot (or must not) be loaded."""
+
+
+def _export(gm: fx.GraphModule):
+    """torch.export of a pruned GraphModule at its example inputs, batch dynamic when captured so."""
+    from .capture import _batch_spec
+    args, kwargs = gm.meta["amgfx_example"]
+    spec = _batch_spec(gm, args, kwargs) if gm.meta.get("amgfx_dynamic_batch") else None
+    if spec is not None:
+        return torch.export.export(gm, spec[0], spec[1], dynamic_shapes=spec[2], strict=False)
+    return torch.export.export(gm, args, kwargs, strict=False)
+
+
+def _spec(ep) -> dict:
+    """Names, shapes (``"batch"`` where dynamic) and dtypes of the program's inputs and outputs."""
+    def one(node):
+        v = node.meta.get("val")
+        shape = [s if isinstance(s, int) else "batch" for s in v.shape]
+        return {"name": node.name, "shape": shape, "dtype": str(v.dtype).replace("torch.", "")}
+    nodes = {n.name: n for n in ep.graph.nodes}
+    outs = [a for a in pytree.tree_leaves(next(n for n in ep.graph.nodes if n.op == "output").args)
+            if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    return {"inputs": [one(nodes[n]) for n in ep.graph_signature.user_inputs if isinstance(nodes[n].meta.get("val"), torch.Tensor)],
+            "outputs": [one(a) for a in outs]}
+
+
+def save(pruned: fx.GraphModule, directory) -> dict:
+    """Write ``model.pt2``, ``plan.json`` and ``manifest.json`` to ``directory``; returns the manifest."""
+    from . import __version__
+    if not isinstance(pruned, fx.GraphModule) or "amgfx_example" not in pruned.meta:
+        raise AmgfxError("amgfx.save takes the GraphModule amgfx.prune/apply returned")
+    os.makedirs(directory, exist_ok=True)
+    ep = _export(pruned)
+    torch.export.save(ep, os.path.join(directory, "model.pt2"))
+    plan = pruned.meta.get("amgfx_plan")
+    if plan is not None:
+        plan.save(os.path.join(directory, "plan.json"))
+    manifest = {"format": MANIFEST, "amgfx": __version__, "torch": torch.__version__,
+                "dynamic_batch": bool(pruned.meta.get("amgfx_dynamic_batch")), **_spec(ep),
+                "files": ["model.pt2"] + (["plan.json"] if plan is not None else [])}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def _refuse_pickles(path: str) -> None:
+    """Read the archive's payload configs and refuse anything ``torch.export.load`` would unpickle."""
+    from torch.export.pt2_archive import constants as c
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise LoadError(f"{path}: not a .pt2 archive ({e}); save it again with amgfx.save") from None
+    with z:
+        names = z.namelist()
+        configs = [n for n in names if n.endswith(".json") and ("weights_config" in n or "constants_config" in n)]
+        if not configs or any(n.endswith((".pt", ".pkl")) for n in names if c.WEIGHTS_DIR in n or c.CONSTANTS_DIR in n):
+            raise LoadError(f"{path}: not an archive amgfx can load without unpickling (legacy or foreign layout)")
+        for name in configs:
+            try:
+                entries = json.loads(z.read(name)).get("config", {})
+            except (ValueError, KeyError, zipfile.BadZipFile) as e:
+                raise LoadError(f"{path}: corrupt payload config {name} ({e})") from None
+            for fqn, meta in entries.items():
+                p = str(meta.get("path_name", ""))
+                if meta.get("use_pickle") or p.startswith((c.CUSTOM_OBJ_FILENAME_PREFIX, c.OPAQUE_OBJ_FILENAME_PREFIX)):
+                    raise LoadError(f"{path}: {fqn!r} is stored as a pickle; amgfx never unpickles (it could run code)")
+
+
+def load(path) -> fx.GraphModule:
+    """Load what :func:`save` wrote (a directory, or its ``model.pt2``) as a GraphModule.
+
+    ``result.meta`` holds ``amgfx_plan`` (a :class:`amgfx.Plan`, when saved) and ``amgfx_manifest``.
+    """
+    from .plan import Plan
+    path = os.fspath(path)
+    directory, pt2 = (path, os.path.join(path, "model.pt2")) if os.path.isdir(path) else (os.path.dirname(path), path)
+    if not os.path.isfile(pt2):
+        raise LoadError(f"{pt2} not found; give a directory written by amgfx.save or amgfx prune --out")
+    _refuse_pickles(pt2)
+    try:
+        ep = torch.export.load(pt2)
+    except Exception as e:  # a truncated or edited archive fails in many ways; one line says so
+        raise LoadError(f"{pt2}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    gm = ep.module()
+    manifest_path = os.path.join(directory, "manifest.json")
+    manifest = {}
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    plan_path = os.path.join(directory, "plan.json")
+    if os.path.isfile(plan_path):
+        gm.meta["amgfx_plan"] = Plan.load(plan_path)
+    gm.meta["amgfx_manifest"] = manifest
+    gm.meta["amgfx_program"] = ep
+    return gm
+
+
+def example_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, vocab: int = 100):
+    """Random ``(args, kwargs)`` fitting a loaded model's manifest: floats ~ N(0, 1), integer ids in
+    ``[0, vocab)``, masks of ones."""
+    ep, manifest = gm.meta["amgfx_program"], gm.meta["amgfx_manifest"]
+    g = torch.Generator().manual_seed(seed)
+    leaves = []
+    for i in manifest["inputs"]:
+        shape = [batch if s == "batch" else s for s in i["shape"]]
+        dtype = getattr(torch, i["dtype"])
+        if dtype.is_floating_point:
+            leaves.append(torch.randn(shape, generator=g, dtype=dtype))
+        elif "mask" in i["name"]:
+            leaves.append(torch.ones(shape, dtype=dtype))
+        else:
+            leaves.append(torch.randint(0, vocab, shape, generator=g, dtype=dtype))
+    return pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
+
+
+def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
+    """Export a pruned GraphModule (or an ExportedProgram) to ONNX at ``opset``, batch dynamic.
+
+    The directory of ``path`` must exist (nothing is created behind the user's back).
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise AmgfxError(f"cannot write {path}: directory {parent} does not exist")
+    ep = program_or_gm if isinstance(program_or_gm, torch.export.ExportedProgram) else \
+        program_or_gm.meta.get("amgfx_program") or _export(program_or_gm)
+    import contextlib
+    import io
+    import warnings
+
+    from .capture import _quiet_torch_logs
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
+        warnings.simplefilter("ignore")       # the exporter reports every optimisation step it tries
+        try:
+            torch.onnx.export(ep, (), path, dynamo=True, opset_version=opset, external_data=False, verbose=False)
+        except Exception as e:
+            raise AmgfxError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}") from e
+    return path
+
+
+def ort_session(path, *, threads: int | None = None, profile: bool = False):
+    """An onnxruntime session tuned for inference: all graph optimisations, one intra-op thread per
+    available core, sequential execution, CUDA when present.
+
+    Example:
+        >>> import tempfile, os, torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+        >>> small = amgfx.prune(m, torch.randn(1, 3, 32, 32), method="magnitude", ratios={"mlp": 0.5})
+        >>> p = amgfx.export_onnx(small, os.path.join(tempfile.mkdtemp(), "m.onnx"))
+        >>> s = amgfx.ort_session(p)
+        >>> s.run(None, {s.get_inputs()[0].name: torch.randn(4, 3, 32, 32).numpy()})[0].shape
+        (4, 1000)
+    """
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (threads or os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.enable_profiling = profile
+    so.log_severity_level = 3
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(os.fspath(path), so, providers=providers)
+
+
+def onnx_parity(onnx_path, gm, args=(), kwargs=None) -> float:
+    """Largest error of onnxruntime against ``gm(*args, **kwargs)``, relative to the largest output magnitude."""
+    sess = ort_session(onnx_path)
+    leaves = [t for t in pytree.tree_leaves((tuple(args), dict(kwargs or {}))) if isinstance(t, torch.Tensor)]
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(leaves):
+        raise AmgfxError(f"the ONNX model takes {len(names)} inputs, the torch model {len(leaves)}")
+    got = sess.run(None, {n: t.numpy() for n, t in zip(names, leaves)})
+    with torch.no_grad():
+        want = [t for t in pytree.tree_leaves(gm(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
+    if len(got) != len(want):
+        raise AmgfxError(f"onnxruntime gave {len(got)} outputs, torch {len(want)}")
+    err = 0.0
+    for a, b in zip(got, want):
+        b = b.numpy()
+        err = max(err, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
+    return err
