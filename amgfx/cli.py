@@ -375,8 +375,8 @@ def cmd_prune(a) -> int:
         print(json.dumps({**report, "files": deployed["files"]}))
         return code
     if not a.quiet:
-        desc = "" if loaded.description == a.model else f": {loaded.description}"
-        print(f"{a.model}{desc}; {a.method} on {calib['note']}")
+        desc = loaded.description if loaded.description.startswith(a.model) else f"{a.model}: {loaded.description}"
+        print(f"{desc}; {a.method} on {calib['note']}")
         print("\n".join(_table(report)))
         print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
         print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))

