@@ -53,11 +53,16 @@ class BackendError(AmgfxError):
     """torch.compile handed amgfx something it cannot prune (a graph break, unknown options)."""
 
 
+def _source(node: fx.Node) -> str:
+    """Where dynamo read a placeholder from, e.g. ``L['x']`` or ``L['self']._modules['head']...``."""
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(src, "name", "") if src is not None else ""
+    return name() if callable(name) else name
+
+
 def _fqn(node: fx.Node) -> str | None:
     """``L['self']._modules['blocks']._modules['0']._parameters['weight']`` -> ``blocks.0.weight``."""
-    ga = node.meta.get("grapharg")
-    name = getattr(ga, "source", None) and ga.source.name
-    name = name() if callable(name) else name or ""
+    name = _source(node)
     rest = name[len("L['self']"):] if name.startswith("L['self']") else ""
     parts = _ATTR.findall(rest)
     return ".".join(parts) if parts and _ATTR.sub("", rest) == "" else None
@@ -65,11 +70,9 @@ def _fqn(node: fx.Node) -> str | None:
 
 def _size_source(node: fx.Node, inputs: dict):
     """A SymInt placeholder that is ``x.size()[i]`` of a graph input: (input node, i), else None."""
-    ga = node.meta.get("grapharg")
-    src = getattr(ga, "source", None)
+    src = getattr(node.meta.get("grapharg"), "source", None)
     base, idx = getattr(src, "base", None), getattr(src, "idx", None)
-    prop = getattr(src, "prop", None)
-    if base is None or idx is None or "SIZE" not in str(prop):
+    if base is None or idx is None or "SIZE" not in str(getattr(src, "prop", None)):
         return None
     name = base.name() if callable(base.name) else base.name
     return (inputs[name], idx) if name in inputs else None
@@ -82,28 +85,24 @@ def lift_params(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, lis
     SymInt inputs that are sizes of tensor inputs are recomputed inside, so the graph takes
     tensors only and can be captured with a dynamic batch.
     """
+    from passes._graph import set_attr
     root = nn.Module()
     graph = fx.Graph()
     env: dict = {}
     keep: list[int] = []
     names: dict = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+    for n, ex in zip(placeholders, example_inputs):          # parameters and buffers first: get_attr
         fqn = _fqn(n) if isinstance(ex, torch.Tensor) else None
-        if fqn is None:
-            continue
-        from passes._graph import set_attr
-        set_attr(root, fqn, ex if isinstance(ex, nn.Parameter) else ex)
-        env[n] = graph.get_attr(fqn)
-    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+        if fqn is not None:
+            set_attr(root, fqn, ex)
+            env[n] = graph.get_attr(fqn)
+    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):   # then the user's tensors
         if n in env or not isinstance(ex, torch.Tensor):
             continue
         env[n] = graph.placeholder(n.name)
         env[n].meta.update(n.meta)
-        ga = n.meta.get("grapharg")
-        if ga is not None:
-            nm = ga.source.name() if callable(ga.source.name) else ga.source.name
-            names[nm] = env[n]
+        names[_source(n)] = env[n]
         keep.append(i)
     for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
         if n in env:

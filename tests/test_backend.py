@@ -1,6 +1,4 @@
 """torch.compile(backend="amgfx"): discovery, equality with amgfx.prune, recompiles, weights, errors."""
-import json
-import os
 import subprocess
 import sys
 

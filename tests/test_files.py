@@ -1,6 +1,5 @@
 """amgfx.save / load (.pt2 + plan + manifest), ONNX export at opset 23 with a dynamic batch, ORT parity."""
 import json
-import os
 import zipfile
 
 import onnx
