@@ -229,6 +229,24 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _graph_of(loaded):
+    """The GraphModule to export: a saved program as it is, anything else captured."""
+    from .capture import capture
+    m = loaded.model
+    return m if "amgfx_program" in getattr(m, "meta", {}) else capture(m, loaded.args, loaded.kwargs)
+
+
+def _ort_runner(path, args, kwargs):
+    """A zero-argument call of an onnxruntime session on the torch inputs (flattened in order)."""
+    import torch.utils._pytree as pytree
+
+    from .files import ort_session
+    sess = ort_session(path, spinning=False)       # idle ORT threads must not spin during torch's turn
+    feed = dict(zip([i.name for i in sess.get_inputs()],
+                    [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]))
+    return lambda: sess.run(None, feed)
+
+
 def _heldout(a, loaded, n: int = 32):
     """Data the calibration never saw, as (args, kwargs) batches of 8, or None (then: the example)."""
     import torch
@@ -249,25 +267,20 @@ def _heldout(a, loaded, n: int = 32):
 
 def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
     """Latency at the example inputs (eager, and onnxruntime when exported) and cosine to dense."""
-    import numpy as np
     import torch.utils._pytree as pytree
 
     from .bench import embedding_cosine, latency
-    from .files import ort_session
     args, kwargs = cg.gm.meta["amgfx_example"]
     say("measuring latency (median of 20, interleaved) and agreement with the dense model ...")
     fns = {"eager dense": lambda: cg.gm(*args, **kwargs), "eager pruned": lambda: pruned(*args, **kwargs)}
-    feed = [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]
     for k, path in onnx_paths.items():
-        sess = ort_session(path, spinning=False)       # idle ORT threads must not spin during torch's turn
-        names = [i.name for i in sess.get_inputs()]
-        fns[f"ort {k}"] = (lambda s, f: lambda: s.run(None, f))(sess, dict(zip(names, feed)))
+        fns[f"ort {k}"] = _ort_runner(path, args, kwargs)
     ms = latency(fns, runs=20)
     batches, note = _heldout(a, loaded)
     cos = embedding_cosine(cg.gm, pruned, batches or [(args, kwargs)])
-    out = {"latency_ms": {k: round(v, 3) for k, v in ms.items()}, "cosine_to_dense": round(cos, 4),
-           "cosine_on": note, "latency_batch": int(np.shape(feed[0])[0]) if feed else 1}
-    return out
+    first = next(t for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "shape"))
+    return {"latency_ms": {k: round(v, 3) for k, v in ms.items()}, "cosine_to_dense": round(cos, 4),
+            "cosine_on": note, "latency_batch": int(first.shape[0])}
 
 
 def _deploy(a, cg, pruned, say) -> dict:
@@ -403,13 +416,7 @@ def cmd_export(a) -> int:
         return got
     loaded, cg = (got[0], got[1]) if a.plan else (got, None)
     try:
-        if a.plan:
-            gm = apply(cg, Plan.load(a.plan))
-        elif hasattr(loaded.model, "meta") and "amgfx_program" in loaded.model.meta:
-            gm = loaded.model
-        else:
-            from .capture import capture
-            gm = capture(loaded.model, loaded.args, loaded.kwargs)
+        gm = apply(cg, Plan.load(a.plan)) if a.plan else _graph_of(loaded)
         out = {"model": a.model, "files": []}
         if a.out:
             save(gm, a.out)
@@ -437,38 +444,30 @@ def cmd_export(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    import torch.utils._pytree as pytree
+    import os
+    import tempfile
 
     from .bench import latency
     from .errors import AmgfxError
-    from .files import export_onnx, ort_session
-    rows = {}
+    from .files import export_onnx
     fns = {}
-    import tempfile
-    for spec in a.models:
+    tmp = tempfile.mkdtemp(prefix="amgfx_bench_")
+    for i, spec in enumerate(a.models):
         a.model = spec
         got = _loaded(a)
         if isinstance(got, int):
             return got
-        m, args, kwargs = got.model, got.args, got.kwargs
-        fns[f"{spec} eager"] = (lambda m, x, k: lambda: m(*x, **k))(m, args, kwargs)
+        fns[f"{spec} eager"] = (lambda g: lambda: g.model(*g.args, **g.kwargs))(got)
         if a.ort:
             try:
-                from .capture import capture
-                gm = m if hasattr(m, "meta") and "amgfx_program" in m.meta else capture(m, args, kwargs)
-                path = export_onnx(gm, tempfile.mktemp(suffix=".onnx"))
+                path = export_onnx(_graph_of(got), os.path.join(tmp, f"{i}.onnx"))
             except AmgfxError as e:
                 return _err(str(e).splitlines()[0])
-            sess = ort_session(path, spinning=False)
-            feed = dict(zip([i.name for i in sess.get_inputs()],
-                            [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]))
-            fns[f"{spec} ort"] = (lambda s, f: lambda: s.run(None, f))(sess, feed)
-        rows[spec] = got.description
+            fns[f"{spec} ort"] = _ort_runner(path, got.args, got.kwargs)
     ms = latency(fns, runs=a.runs)
     if a.json:
         print(json.dumps({"latency_ms": ms, "runs": a.runs}))
-        return 0
-    if not a.quiet:
+    elif not a.quiet:
         w = max(len(k) for k in ms)
         print(f"median of {a.runs} interleaved runs, batch 1 (the example inputs)")
         for k, v in ms.items():

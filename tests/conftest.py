@@ -20,3 +20,14 @@ def analysed(name):
 @pytest.fixture
 def analysed_model():
     return analysed
+
+
+@pytest.fixture(scope="session")
+def saved_vit(tmp_path_factory):
+    """A directory written by amgfx.save: a one-block timm ViT with half its MLP pruned."""
+    import timm
+    import torch
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    d = tmp_path_factory.mktemp("saved")
+    amgfx.save(amgfx.prune(m, torch.randn(1, 3, 32, 32), method="magnitude", ratios={"mlp": 0.5}), d)
+    return d

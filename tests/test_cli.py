@@ -169,18 +169,8 @@ def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
     assert rep["calibration"].startswith("3 images from") and rep["flops"]["measured"] <= 0.8 * rep["flops"]["dense"]
 
 
-@pytest.fixture(scope="module")
-def saved_dir(tmp_path_factory):
-    import amgfx
-    import timm
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
-    d = tmp_path_factory.mktemp("saved")
-    amgfx.save(amgfx.prune(m, torch.randn(1, 3, 32, 32), method="magnitude", ratios={"mlp": 0.5}), d)
-    return d
-
-
-def test_export_a_saved_dir_to_onnx_checks_parity(saved_dir, tmp_path, capsys):
-    assert main(["export", str(saved_dir), "--onnx", str(tmp_path / "m.onnx"), "--json"]) == 0
+def test_export_a_saved_dir_to_onnx_checks_parity(saved_vit, tmp_path, capsys):
+    assert main(["export", str(saved_vit), "--onnx", str(tmp_path / "m.onnx"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["opset"] == 23 and out["parity"] < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
 
@@ -200,11 +190,11 @@ def _one_line_error(capsys, argv, words):
     assert code == 2 and words in err and len(err.splitlines()) == 1, err
 
 
-def test_export_bad_inputs_are_one_line(saved_dir, tmp_path, capsys):
-    _one_line_error(capsys, ["export", str(saved_dir), "--onnx", str(tmp_path / "no" / "m.onnx")], "does not exist")
+def test_export_bad_inputs_are_one_line(saved_vit, tmp_path, capsys):
+    _one_line_error(capsys, ["export", str(saved_vit), "--onnx", str(tmp_path / "no" / "m.onnx")], "does not exist")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    (corrupt / "model.pt2").write_bytes((saved_dir / "model.pt2").read_bytes()[:1000])
+    (corrupt / "model.pt2").write_bytes((saved_vit / "model.pt2").read_bytes()[:1000])
     _one_line_error(capsys, ["export", str(corrupt), "--onnx", str(tmp_path / "m.onnx")], "not a .pt2 archive")
     plan = tmp_path / "plan.json"
     assert main(["verify", "vit_tiny_patch16_224", "--img-size", "32", "--save-plan", str(plan), "-q"]) == 0
@@ -213,10 +203,10 @@ def test_export_bad_inputs_are_one_line(saved_dir, tmp_path, capsys):
     _one_line_error(capsys, ["export", "no_such_model_xyz", "--onnx", str(tmp_path / "m.onnx")], "unknown model")
 
 
-def test_bench_times_models_side_by_side(saved_dir, tmp_path, capsys):
+def test_bench_times_models_side_by_side(saved_vit, tmp_path, capsys):
     f = tmp_path / "m.py"
     f.write_text(FACTORY)
-    assert main(["bench", f"{f}:build", str(saved_dir), "--ort", "--runs", "2", "--json"]) == 0
+    assert main(["bench", f"{f}:build", str(saved_vit), "--ort", "--runs", "2", "--json"]) == 0
     ms = json.loads(capsys.readouterr().out)["latency_ms"]
     assert len(ms) == 4 and all(v > 0 for v in ms.values())
 

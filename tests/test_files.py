@@ -36,18 +36,9 @@ def test_save_load_round_trip_and_onnx_parity(analysed_model, tmp_path, name):
         assert amgfx.onnx_parity(onnx_path, back, args, kwargs) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    import timm
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
-    d = tmp_path_factory.mktemp("saved")
-    amgfx.save(amgfx.prune(m, torch.randn(1, 3, 32, 32), method="magnitude", ratios={"mlp": 0.5}), d)
-    return d
-
-
-def test_a_corrupt_pt2_is_one_clear_error(saved, tmp_path):
+def test_a_corrupt_pt2_is_one_clear_error(saved_vit, tmp_path):
     bad = tmp_path / "model.pt2"
-    data = (saved / "model.pt2").read_bytes()
+    data = (saved_vit / "model.pt2").read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(LoadError, match="not a .pt2 archive"):
         amgfx.load(bad)
@@ -55,11 +46,11 @@ def test_a_corrupt_pt2_is_one_clear_error(saved, tmp_path):
         amgfx.load(tmp_path / "nothing_here")
 
 
-def test_a_pickled_payload_is_refused_before_it_is_read(saved, tmp_path):
+def test_a_pickled_payload_is_refused_before_it_is_read(saved_vit, tmp_path):
     # one weight entry now claims a pickle, and its file holds one that would run `touch marker`
     marker = tmp_path / "pwned"
     payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
-    src = zipfile.ZipFile(saved / "model.pt2")
+    src = zipfile.ZipFile(saved_vit / "model.pt2")
     (cfg_name,) = [n for n in src.namelist() if n.endswith(".json") and "weights_config" in n]
     cfg = json.loads(src.read(cfg_name))
     fqn = next(iter(cfg["config"]))
@@ -83,6 +74,6 @@ def test_a_pickled_payload_is_refused_before_it_is_read(saved, tmp_path):
     assert marker.exists()
 
 
-def test_onnx_into_a_missing_directory_is_refused(saved, tmp_path):
+def test_onnx_into_a_missing_directory_is_refused(saved_vit, tmp_path):
     with pytest.raises(amgfx.AmgfxError, match="does not exist"):
-        amgfx.export_onnx(amgfx.load(saved), tmp_path / "no" / "such" / "m.onnx")
+        amgfx.export_onnx(amgfx.load(saved_vit), tmp_path / "no" / "such" / "m.onnx")
