@@ -15,9 +15,10 @@ from .coupling import CouplingGraph, Group, Member
 from .files import LoadError, export_onnx, load, onnx_parity, ort_session, save
 from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError, RewriteError
 from .plan import Plan
+from .recover import Iterative, distill_loss, recover
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
+__all__ = ["recover", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
            "CouplingGraph", "Group", "Member", "SNP", "AMG", "Taylor", "Magnitude", "Random",
            "AmgfxError", "CalibrationError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]

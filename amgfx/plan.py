@@ -171,6 +171,32 @@ class Plan:
         kept[self.keep.get(g.name, list(range(g.units)))] = True
         return {int(h): int(kept[g.heads == h].sum()) for h in heads}
 
+    def survivors(self, cg) -> dict:
+        """group name -> the unit ids of every group of ``cg`` that outlive the rewrite, in order.
+
+        More than ``keep`` says: a removed head takes its q/k and v units with it. A unit survives
+        while any parameter row it owns is kept (a head whose q/k pairs were thinned lives on). This is how plans of successive prune steps
+        compose into one plan for the original model (see :class:`amgfx.Iterative`).
+
+        Example:
+            >>> import torch, timm, amgfx
+            >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+            >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+            >>> s = amgfx.Plan(keep={"head:blocks.0.attn": [0, 2]}).survivors(cg)
+            >>> s["head:blocks.0.attn"].tolist(), len(s["qk:blocks.0.attn"]), len(s["mlp:blocks.0.mlp"])
+            ([0, 2], 128, 768)
+        """
+        params = self.resolve(cg).params
+        out = {}
+        for g in cg.groups:
+            alive = np.ones(g.units, dtype=bool)
+            for m in g.members:
+                kept = params.get(m.param, {}).get(m.dim)
+                if kept is not None:
+                    alive &= np.isin(m.index, kept).reshape(g.units, -1).any(1)
+            out[g.name] = np.nonzero(alive)[0]
+        return out
+
     # ----------------------------------------------------------------------------- resolve
     def resolve(self, cg) -> Resolved:
         """Validate against ``cg`` and compute the kept indices of every parameter."""

@@ -140,6 +140,9 @@ def test_prune_writes_plan_pt2_and_report(tmp_path, capsys):
     (["--calib", "text"], "--calib text needs a Hugging Face text model"),
     (["--calib", "/no/such/dir"], "use text, digits, example, or an image directory"),
     (["--method", "bogus"], "unknown method 'bogus'"),
+    (["--recover-steps", "3"], "--recover-steps needs data"),
+    (["--iterative", "2", "--ratios", "mlp=0.5"], "cannot be used with --ratios"),
+    (["--recover-steps", "3", "--recover-data", "text"], "--recover-data text needs a Hugging Face text model"),
 ])
 def test_prune_bad_inputs(tmp_path, capsys, argv, words):
     f = tmp_path / "m.py"
@@ -150,6 +153,24 @@ def test_prune_bad_inputs(tmp_path, capsys, argv, words):
         code = e.code
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("amgfx: error:")]   # not progress
     assert code != 0 and len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.parametrize("extra", [[], ["--iterative", "2"]])
+def test_prune_recovers_and_reports_cosine_before_and_after(tmp_path, capsys, extra):
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    code = main(["prune", f"{f}:build", "--target-flops", "0.6", "--calib", "digits", "--calib-samples", "8",
+                 "--batch-size", "4", "--recover-steps", "3", "--recover-samples", "16", "--recover-batch", "8",
+                 *extra, "--json"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads(capsys.readouterr().out)
+    rec = rep["recovery"]
+    assert rec["steps"] == 3 and rec["loss"] == "kd" and rec["data"] == "16 load_digits training images"
+    assert rec["schedule_steps"] == (2 if extra else 1) and rep["verify"].startswith("PASS")
+    assert rep["flops"]["measured"] <= 0.6 * 1.02 * rep["flops"]["dense"]
+    if not extra:                    # one shot: the cosine before recovery is measured on the same held-out data
+        assert 0 < rec["cosine_before"] <= 1 and rec["seconds"] > 0
+    assert 0 < rep["cosine_to_dense"] <= 1
 
 
 def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
