@@ -266,7 +266,8 @@ def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.
     composed = Plan(keep={g.name: ids[g.name].tolist() for g in cg0.groups if len(ids[g.name]) < g.units},
                     units={g.name: g.units for g in cg0.groups if len(ids[g.name]) < g.units},
                     options=dict(plan.options), model={"fingerprint": fingerprint(cg0.gm)},
-                    meta={**plan.meta, "flops": {"dense": dense, "planned": history[-1]["flops"] * dense},
+                    meta={**plan.meta, "target_flops": float(target),
+                          "flops": {"dense": dense, "planned": history[-1]["flops"] * dense},
                           "schedule": {**iterative_config(schedule), "steps_taken": history}})
     pruned.meta["amgfx_plan"] = composed
     return pruned

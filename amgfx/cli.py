@@ -349,11 +349,27 @@ def _recovery(a, cg, loaded):
     return opts, batches, note
 
 
+def _recover_after(a, cg, loaded, pruned, recovery, say):
+    """Recover a one-shot ``pruned`` model (None: the schedule already did); (model or None, report)."""
+    from . import recover
+    from .bench import embedding_cosine
+    opts, data, note = recovery
+    report = {"data": note, "steps": a.recover_steps, "schedule_steps": a.iterative, "loss": opts["loss"],
+              "lr": a.recover_lr}
+    if pruned is None:
+        return None, report
+    held, _ = _heldout(a, loaded)
+    report["cosine_before"] = round(embedding_cosine(cg.gm, pruned, held or [cg.gm.meta["amgfx_example"]]), 4)
+    say(f"recovering: {a.recover_steps} steps of {opts['loss']} distillation on {note} ...")
+    out = recover(pruned, cg.gm, data, steps=a.recover_steps, **opts)
+    report["seconds"] = out.meta["amgfx_recovery"]["seconds"]
+    return out, report
+
+
 def cmd_prune(a) -> int:
     import os
 
-    from . import Iterative, apply, plan_for, prune, recover, verify
-    from .bench import embedding_cosine
+    from . import Iterative, apply, plan_for, prune, verify
     from .cost import count_params, measure_flops, predict
     from .errors import AmgfxError
     calib = {}
@@ -413,16 +429,8 @@ def cmd_prune(a) -> int:
         if a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
         if recovery:
-            r_opts, r_data, r_note = recovery
-            held, _ = _heldout(a, loaded)
-            report["recovery"] = {"data": r_note, "steps": a.recover_steps, "schedule_steps": a.iterative,
-                                  "loss": r_opts["loss"], "lr": a.recover_lr}
-            if recovered is not None:
-                report["recovery"]["cosine_before"] = round(embedding_cosine(cg.gm, pruned, held or [
-                    cg.gm.meta["amgfx_example"]]), 4)
-                say(f"recovering: {a.recover_steps} steps of {r_opts['loss']} distillation on {r_note} ...")
-                pruned = recover(pruned, cg.gm, r_data, steps=a.recover_steps, **r_opts)
-                report["recovery"]["seconds"] = pruned.meta["amgfx_recovery"]["seconds"]
+            tuned, report["recovery"] = _recover_after(a, cg, loaded, recovered, recovery, say)
+            pruned = pruned if tuned is None else tuned
         t2 = time.perf_counter()
         deployed = _deploy(a, cg, pruned, say) if a.out else {"files": [], "onnx": {}}
         report.update(_measure(a, cg, pruned, loaded, deployed["onnx"], say))
