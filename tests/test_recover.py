@@ -62,6 +62,11 @@ def test_recovery_lowers_the_heldout_distillation_loss(vit10, recovered):
     assert after < 0.5 * before, (before, after)
     rec = recovered.meta["amgfx_recovery"]
     assert rec["steps"] == 40 and rec["loss_last"] < rec["loss_first"]
+    # every weight the passes produced is still a trainable Parameter, and every one of them moved
+    assert not [k for k, b in pruned.named_buffers() if b.is_floating_point()]
+    before = dict(pruned.named_parameters())
+    moved = {k: not torch.equal(p, before[k]) for k, p in recovered.named_parameters()}
+    assert all(p.requires_grad for p in before.values()) and all(moved.values()), moved
 
 
 def test_recovery_trains_a_copy_and_leaves_both_models_alone(vit10):
