@@ -50,7 +50,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     dense = load()
-    xtr, ytr = digits("train")
+    xtr, _ = digits("train")
     xte, yte = digits("test")
     calib = [xtr[i:i + 16] for i in range(0, 64, 16)]
     data = [xtr[i:i + 64] for i in range(0, len(xtr), 64)]
