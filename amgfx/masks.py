@@ -212,7 +212,10 @@ def _layer(n, ms, gm, cache):
             _fail(n, f"its input keeps channels its weight {w.name} does not (or the reverse)")
     view = [1] * len(out)
     view[chan] = -1
-    return wo.reshape(view).expand(out)
+    kept = wo.reshape(view).expand(out)
+    if xm is not None and not conv:                  # rows (tokens) the input dropped stay dropped
+        kept = kept & xm.any(-1, keepdim=True)
+    return kept
 
 
 def _outer(wo, wi, out_dim, in_dim, full):
@@ -232,6 +235,8 @@ def _sdpa(n, ms, gm, cache):
     qf, kf = torch.broadcast_tensors(qf, kf)
     if not torch.equal(qf & heads, kf & heads):
         _fail(n, "queries and keys keep different head dims")
+    if not torch.equal(*torch.broadcast_tensors(k.any(-1), v.any(-1))):
+        _fail(n, "keys and values keep different token positions")
     mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
     if ms.get(mask) is not None:
         _fail(n, "the attention mask is pruned")
@@ -327,6 +332,14 @@ def propagate_masks(gm: fx.GraphModule, params: dict) -> Masks:
                 ms.env[n] = pm[n.target]
             continue
         if n.op == "output":
+            continue
+        if "amgfx_token_rows" in n.meta:                # a static token gather: keeps these rows of its input
+            d, kept = n.meta["amgfx_token_rows"]
+            rows = torch.zeros(shape(n)[d], dtype=torch.bool)
+            rows[kept] = True
+            view = [1] * len(shape(n))
+            view[d] = -1
+            ms.env[n] = _m(ms, n.args[0]) & rows.reshape(view)
             continue
         masked = [a for a in n.all_input_nodes if ms.get(a) is not None]
         if not masked:

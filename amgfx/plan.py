@@ -50,6 +50,7 @@ class Resolved:
     attention: dict
     options: dict
     exact: bool
+    tokens: dict = field(default_factory=dict)   # attention node -> {"site", "kept", "operands", "fused"}
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Plan:
     Attributes:
         keep: group name -> sorted unit ids to keep. Groups not listed keep everything.
         units: group name -> number of units the group had (checked on replay).
-        tokens: site name -> kept key positions (static token pruning; empty for now).
+        tokens: site name -> kept key positions (static AMG token pruning: the keys and values of
+            that site see only these positions; queries keep all).
         options: rewrite options: ``lowering`` ("auto" | "pad" | "none") for attention whose
             q/k dim differs from its v dim, ``split_qkv`` ("auto" | "always" | "never").
         meta: provenance (method, ratios, model), for people reading the file.
@@ -239,7 +241,30 @@ class Plan:
                 "fused": len({s.q.node, s.k.node, s.v.node}) < 3,
                 "operands": list(s.operands),
             }
-        return Resolved(params=params, attention=attention, options=dict(self.options), exact=exact)
+        return Resolved(params=params, attention=attention, options=dict(self.options), exact=exact,
+                        tokens=self._resolve_tokens(cg))
+
+    def _resolve_tokens(self, cg) -> dict:
+        """Kept key positions per attention node, checked against each site's key length."""
+        from .indexprop import shape
+        sites = {s.name: s for s in cg.sites}
+        nodes = {n.name: n for n in cg.gm.graph.nodes}
+        out = {}
+        for name, kept in self.tokens.items():
+            s = sites.get(name)
+            if s is None:
+                raise PlanError(f"tokens: site {name!r} is not in this model; was the plan made for another model?")
+            if not s.supported or s.kind != "sdpa" or not s.operands:
+                raise PlanError(f"tokens: site {name!r} cannot drop key positions ({s.reason or s.kind + ' attention'}"
+                                "; static token pruning needs an SDPA site for now)")
+            n_keys = shape(nodes[s.operands[1]])[-2]
+            k = sorted({int(i) for i in kept})
+            if not k or k[0] < 0 or k[-1] >= n_keys or len(k) != len(kept):
+                raise PlanError(f"tokens: site {name!r} keeps {list(kept)[:8]}...; give distinct positions in "
+                                f"0..{n_keys - 1}, at least one")
+            out[s.node] = {"site": name, "kept": k, "keys": n_keys, "operands": list(s.operands),
+                           "fused": len({s.q.node, s.k.node, s.v.node}) < 3}
+        return out
 
 
 def fingerprint(gm) -> str:

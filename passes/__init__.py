@@ -10,7 +10,8 @@ from .lower_attention import lower_attention
 from .shrink_params import shrink_params
 from .softmax_scale import softmax_scale
 from .split_qkv import split_qkv
+from .token_gather import token_gather
 
-PIPELINE = [split_qkv, shrink_params, fix_shapes, softmax_scale, lower_attention, cleanup]
+PIPELINE = [split_qkv, token_gather, shrink_params, fix_shapes, softmax_scale, lower_attention, cleanup]
 
-__all__ = ["PIPELINE", "cleanup", "fix_shapes", "lower_attention", "shrink_params", "softmax_scale", "split_qkv"]
+__all__ = ["PIPELINE", "cleanup", "fix_shapes", "lower_attention", "shrink_params", "softmax_scale", "split_qkv", "token_gather"]

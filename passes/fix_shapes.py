@@ -262,7 +262,8 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
         if n.op == "output":
             _scatter_outputs(gm, ms, n)
             continue
-        if n.op != "call_function" or not any(ms.get(a) is not None for a in n.all_input_nodes):
+        if n.op != "call_function" or "amgfx_token_rows" in n.meta or \
+                not any(ms.get(a) is not None for a in n.all_input_nodes):
             continue
         if n.target in IGNORED_USERS:
             gm.graph.erase_node(n)                   # shape asserts about the old sizes

@@ -177,8 +177,12 @@ def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
     tainted = activation_taint(gm.graph)
     # masks of the graph as captured: a split only adds nodes, so other sites' masks stay valid
     ms = propagate_masks(gm, plan.params) if mode == "auto" and any(a.get("fused") for a in plan.attention.values()) else None
-    for site in plan.attention.values():
-        if not site.get("fused") or mode == "never" and site["qk_dim"] == site["v_dim"]:
+    tokens = getattr(plan, "tokens", {})
+    sites = dict(plan.attention)
+    sites.update({k: v for k, v in tokens.items() if k not in sites})
+    for node, site in sites.items():
+        gather = node in tokens                          # keys lose positions, queries do not: q must stand alone
+        if not site.get("fused") or not gather and mode == "never" and site["qk_dim"] == site["v_dim"]:
             continue
         ops = [nodes[o] for o in site["operands"]]
         prods = [trace_back(o, tainted).producers for o in ops]
@@ -190,9 +194,9 @@ def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
         for prod, parts in by_prod.items():
             if len(parts) < 2:
                 continue
-            if mode == "auto" and not _irregular(gm, ms, prod, [o for _, o in parts]):
+            if not gather and mode == "auto" and not _irregular(gm, ms, prod, [o for _, o in parts]):
                 continue
-            if mode == "never":
+            if mode == "never" and not gather:
                 raise RewriteError(f"{site['site']}: q/k and v keep different head dims in the fused projection "
                                    f"{prod.name} ({opname(prod.target)}); allow options['split_qkv']='auto'")
             for part, o in parts:
