@@ -177,7 +177,7 @@ def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
     tainted = activation_taint(gm.graph)
     # masks of the graph as captured: a split only adds nodes, so other sites' masks stay valid
     ms = propagate_masks(gm, plan.params) if mode == "auto" and any(a.get("fused") for a in plan.attention.values()) else None
-    tokens = getattr(plan, "tokens", {})
+    tokens = plan.tokens
     sites = dict(plan.attention)
     sites.update({k: v for k, v in tokens.items() if k not in sites})
     for node, site in sites.items():

@@ -68,7 +68,7 @@ def _gather(gm, proj: fx.Node, kept: list, keys: int, site: str) -> None:
 def token_gather(gm: fx.GraphModule, plan) -> fx.GraphModule:
     """Gather kept key positions before the K and V projections of every site in ``plan.tokens``."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    for node, t in getattr(plan, "tokens", {}).items():
+    for node, t in plan.tokens.items():
         attn = nodes[node]
         mask = attn.args[3] if len(attn.args) > 3 else attn.kwargs.get("attn_mask")
         if mask is not None or attn.kwargs.get("is_causal") or (len(attn.args) > 5 and attn.args[5]):
