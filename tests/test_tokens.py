@@ -5,7 +5,6 @@ import torch
 import amgfx
 from passes._graph import constant, copy_module
 
-import models
 
 
 def oracle(gm, kept: dict):
