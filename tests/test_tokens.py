@@ -6,7 +6,6 @@ import amgfx
 from passes._graph import constant, copy_module
 
 
-
 def oracle(gm, kept: dict):
     """The captured model with -inf added to the logits of every key not kept (per attention node)."""
     ref = copy_module(gm)
