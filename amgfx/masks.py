@@ -238,8 +238,11 @@ def _sdpa(n, ms, gm, cache):
     if not torch.equal(*torch.broadcast_tensors(k.any(-1), v.any(-1))):
         _fail(n, "keys and values keep different token positions")
     mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
-    if ms.get(mask) is not None:
-        _fail(n, "the attention mask is pruned")
+    mm = ms.get(mask)
+    if mm is not None:                                # static token pruning: the mask lost the same keys
+        keys = k.any(-1).flatten(0, -2).any(0)
+        if not torch.equal(mm.flatten(0, -2).all(0), keys) or not torch.equal(mm.flatten(0, -2).any(0), keys):
+            _fail(n, "the attention mask is pruned other than along the keys the keys keep")
     if isinstance(mask, fx.Node) and len(shape(mask)) >= 3 and shape(mask)[-3] > 1 and not bool(heads.all()):
         _fail(n, "a per-head attention mask would need slicing by head")
     return (q.any(-1)[..., None] & vf[..., None, :]).broadcast_to(shape(n))

@@ -245,24 +245,26 @@ class Plan:
                         tokens=self._resolve_tokens(cg))
 
     def _resolve_tokens(self, cg) -> dict:
-        """Kept key positions per attention node, checked against each site's key length."""
-        from .indexprop import shape
+        """Kept key positions per attention node, checked against what each site allows."""
+        from .tokens import token_sites
         sites = {s.name: s for s in cg.sites}
-        nodes = {n.name: n for n in cg.gm.graph.nodes}
         out = {}
         for name, kept in self.tokens.items():
             s = sites.get(name)
             if s is None:
                 raise PlanError(f"tokens: site {name!r} is not in this model; was the plan made for another model?")
-            if not s.supported or s.kind != "sdpa" or not s.operands:
-                raise PlanError(f"tokens: site {name!r} cannot drop key positions ({s.reason or s.kind + ' attention'}"
-                                "; static token pruning needs an SDPA site for now)")
-            n_keys = shape(nodes[s.operands[1]])[-2]
+            t = token_sites(cg)[name]
+            if not t.prunable:
+                raise PlanError(f"tokens: site {name!r} cannot drop key positions: {t.reason}")
             k = sorted({int(i) for i in kept})
-            if not k or k[0] < 0 or k[-1] >= n_keys or len(k) != len(kept):
+            if not k or k[0] < 0 or k[-1] >= t.keys or len(k) != len(kept):
                 raise PlanError(f"tokens: site {name!r} keeps {list(kept)[:8]}...; give distinct positions in "
-                                f"0..{n_keys - 1}, at least one")
-            out[s.node] = {"site": name, "kept": k, "keys": n_keys, "operands": list(s.operands),
+                                f"0..{t.keys - 1}, at least one")
+            lost = sorted(set(t.special) - set(k))
+            if lost:
+                raise PlanError(f"tokens: site {name!r} drops position(s) {lost}, which hold special tokens (class, "
+                                f"distillation or register tokens: {t.special}); they are always kept")
+            out[s.node] = {"site": name, "kept": k, "keys": t.keys, "operands": list(s.operands),
                            "fused": len({s.q.node, s.k.node, s.v.node}) < 3}
         return out
 

@@ -1,8 +1,10 @@
-"""The zeroing oracle: a pruned model must equal the original with the removed neurons zeroed.
+"""The oracles: a pruned model must equal the original with the removed neurons zeroed and
+the dropped key positions masked.
 
 Removing a q/k pair, a value neuron, a head or an MLP neuron is exact in real arithmetic: the
-original model with exactly those neurons zeroed computes the same function. ``verify`` runs
-both and compares every output. Residual channels are different: norms then average over
+original model with exactly those neurons zeroed computes the same function. Dropping key
+positions (AMG's static token pruning) equals adding ``-inf`` to the logits of those keys.
+``verify`` runs both and compares every output. Residual channels are different: norms then average over
 fewer channels, so a plan that prunes them is reported as *approximate*, with its measured
 error, and never passes as exact.
 """
@@ -13,12 +15,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
-from passes._graph import copy_module, get_attr, replace_attr
+from passes._graph import constant, copy_module, get_attr, replace_attr
 
 from .api import _coupling, apply
 from .plan import Plan
+from .tokens import attention_mask
 
-__all__ = ["verify", "VerifyReport", "zeroed"]
+__all__ = ["verify", "VerifyReport", "zeroed", "masked_keys"]
+
+aten = torch.ops.aten
 
 
 @dataclass
@@ -72,6 +77,39 @@ def zeroed(cg, plan: Plan):
     return ref
 
 
+def masked_keys(gm, kept: dict):
+    """A copy of ``gm`` whose attention nodes (by name) attend only to the ``kept`` key positions.
+
+    The other keys get ``-inf`` logits, combined with any mask the node already has. This is the
+    reference static token pruning must equal.
+    """
+    ref = copy_module(gm)
+    for node in list(ref.graph.nodes):
+        if node.name not in kept:
+            continue
+        n = node.args[1].meta["val"].shape[-2]
+        keep = torch.zeros(1, n, dtype=torch.bool)         # SDPA wants a mask of 2 dims at least
+        keep[0, list(kept[node.name])] = True
+        bias = torch.zeros(1, n).masked_fill(~keep, float("-inf"))
+        mask = attention_mask(node)
+        if mask is None:
+            new = constant(ref, node, bias, "oracle")
+        elif mask.meta["val"].dtype == torch.bool:
+            k = constant(ref, node, keep, "oracle")
+            with ref.graph.inserting_before(node):
+                new = ref.graph.call_function(aten.logical_and.default, (mask, k))
+        else:
+            b = constant(ref, node, bias, "oracle")
+            with ref.graph.inserting_before(node):
+                new = ref.graph.call_function(aten.add.Tensor, (mask, b))
+        if len(node.args) > 3:
+            node.update_arg(3, new)
+        else:
+            node.update_kwarg("attn_mask", new)
+    ref.recompile()
+    return ref
+
+
 def _run(gm, example):
     args, kwargs = example
     with torch.no_grad():
@@ -80,7 +118,8 @@ def _run(gm, example):
 
 def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *, pruned=None,
            tol: float = 1e-5) -> VerifyReport:
-    """Compare the pruned model with the original whose removed neurons are zeroed.
+    """Compare the pruned model with the original whose removed neurons are zeroed and whose
+    dropped key positions are masked with ``-inf`` (:func:`masked_keys`).
 
     ``pruned`` defaults to ``amgfx.apply(model, plan)``. The error of an output is
     ``max|pruned - reference| / max|reference|``.
@@ -97,7 +136,8 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
     example = cg.gm.meta["amgfx_example"]
     if pruned is None:
         pruned = apply(cg, plan)
-    ref = pytree.tree_leaves(_run(zeroed(cg, plan), example))
+    tokens = {node: t["kept"] for node, t in plan.resolve(cg).tokens.items()}
+    ref = pytree.tree_leaves(_run(masked_keys(zeroed(cg, plan), tokens), example))
     got = pytree.tree_leaves(_run(pruned, example))
     report = VerifyReport(tol=tol, exact=bool(pruned.meta.get("amgfx_exact", True)),
                           approximate_ops=list(pruned.meta.get("amgfx_approximate", [])))

@@ -3,20 +3,13 @@ import pytest
 import torch
 
 import amgfx
-from passes._graph import constant, copy_module
+from amgfx.tokens import token_sites
+from amgfx.verify import masked_keys
 
 
 def oracle(gm, kept: dict):
     """The captured model with -inf added to the logits of every key not kept (per attention node)."""
-    ref = copy_module(gm)
-    for node in list(ref.graph.nodes):
-        if node.name in kept:
-            n = node.args[1].meta["val"].shape[-2]
-            bias = torch.full((1, n), float("-inf"))
-            bias[0, kept[node.name]] = 0.0
-            node.kwargs = {**node.kwargs, "attn_mask": constant(ref, node, bias, "oracle")}
-    ref.recompile()
-    return ref
+    return masked_keys(gm, kept)
 
 
 def _rel(a, b):
@@ -89,8 +82,60 @@ def test_bad_token_plans_are_refused(analysed_model, tokens, words):
         amgfx.apply(cg, amgfx.Plan(tokens=tokens))
 
 
-def test_sites_with_an_attention_mask_are_refused_for_now(analysed_model):
-    *_, cg = analysed_model("bert_minilm")
-    s = next(s for s in cg.sites if s.supported)
-    with pytest.raises(amgfx.RewriteError, match="attention mask"):
-        amgfx.apply(cg, amgfx.Plan(tokens={s.name: [0, 1]}))
+def test_bert_padding_mask_is_gathered_with_the_keys(analysed_model):
+    """Padded BERT: the pruned model equals the oracle, and a padded row equals the same text run unpadded."""
+    m, args, kwargs, cg = analysed_model("bert_minilm")
+    sites = [s for s in cg.sites if s.supported]
+    kept = [0, 1, 2, 4, 6, 9, 12]                    # the second text has 5 real tokens: keeps 0, 1, 2, 4
+    small = amgfx.apply(cg, amgfx.Plan(tokens={s.name: kept for s in sites}))
+    got = small(**kwargs)["last_hidden_state"]
+    want = oracle(cg.gm, {s.node: kept for s in sites})(**kwargs)["last_hidden_state"]
+    assert _rel(got, want) < 1e-5
+    assert _rel(cg.gm(**kwargs)["last_hidden_state"], want) > 1e-3
+    n = int(kwargs["attention_mask"][1].sum())
+    alone = {k: v[1:, :n] for k, v in kwargs.items()}
+    cg1 = amgfx.analyze(m, (), alone)
+    ref1 = oracle(cg1.gm, {s.node: [i for i in kept if i < n] for s in cg1.sites if s.supported})
+    assert _rel(got[1, :n], ref1(**alone)["last_hidden_state"][0]) < 1e-5
+
+
+def test_token_sites_know_special_tokens_and_refuse_what_is_not_static(analysed_model):
+    """Special tokens come from the graph (parameter-only pieces of the token cat); refusals say why."""
+    special = {name: {t.special == [] and "none" or tuple(t.special) for t in token_sites(analysed_model(name)[-1]).values()
+                      if t.prunable}
+               for name in ("vit", "deit_distilled", "hf_vit", "bert_minilm")}
+    assert special == {"vit": {(0,)}, "deit_distilled": {(0, 1)}, "hf_vit": {(0,)}, "bert_minilm": {"none"}}
+    reasons = {name: {t.reason for t in token_sites(analysed_model(name)[-1]).values()}
+               for name in ("gpt2", "llama_gqa", "swin")}
+    assert reasons["gpt2"] == reasons["llama_gqa"] == {"its attention mask differs between queries (causal or "
+                                                       "per-query masking)"}
+    assert all("SDPA" in r for r in reasons["swin"])
+
+
+def test_windowed_attention_is_refused():
+    import timm
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(1, 1, 2, 1)).eval()
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = True                    # SDPA sites, windows still built by reshape
+    cg = amgfx.analyze(m, torch.randn(1, 3, 56, 56))
+    t = token_sites(cg)["layers.0.blocks.0.attn"]
+    assert "windowed" in t.reason
+    with pytest.raises(amgfx.PlanError, match="windowed"):
+        amgfx.apply(cg, amgfx.Plan(tokens={t.site: [0, 1]}))
+
+
+@pytest.mark.parametrize("name, tokens, words", [
+    ("deit_distilled", {"blocks.0.attn": [0, 2, 3]}, r"drops position\(s\) \[1\], which hold special tokens"),
+    ("gpt2", {"h.0.attn": [0, 1]}, "differs between queries"),
+])
+def test_special_tokens_and_causal_sites_are_refused(analysed_model, name, tokens, words):
+    *_, cg = analysed_model(name)
+    with pytest.raises(amgfx.PlanError, match=words):
+        amgfx.apply(cg, amgfx.Plan(tokens=tokens))
+
+
+def test_verify_uses_the_token_oracle(analysed_model):
+    m, args, kwargs, cg = analysed_model("deit_distilled")
+    plan = amgfx.Plan(tokens={s.name: [0, 1, 3] for s in cg.sites})
+    assert amgfx.verify(cg, plan).passed
