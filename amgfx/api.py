@@ -120,8 +120,8 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
 
 
 def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
-             ratios: dict | None = None, calib=None, loss_fn=None, kinds=None, round_to: int = 1,
-             min_keep: float = 0.1, protect=(), seed: int = 0, progress: bool = True) -> Plan:
+             ratios: dict | None = None, tokens: float | None = None, calib=None, loss_fn=None, kinds=None,
+             round_to: int = 1, min_keep: float = 0.1, protect=(), seed: int = 0, progress: bool = True) -> Plan:
     """Score the model's coupling groups and decide what to keep; nothing is rewritten.
 
     ``model_or_gm`` may be an nn.Module (captured with ``example_inputs``), a captured
@@ -139,22 +139,29 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         >>> plan.meta["flops"]["planned"] <= 0.6 * plan.meta["flops"]["dense"]
         True
     """
-    from .budget import allocate
+    from .budget import allocate, select_tokens
     if target_flops is not None and ratios is not None:
         raise AmgfxError("give target_flops or ratios, not both")
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
     if target_flops is None:
-        ratios = DEFAULT_RATIOS if ratios is None else ratios
+        ratios = (DEFAULT_RATIOS if tokens is None else {}) if ratios is None else ratios
         kinds = tuple(k for k in KINDS if ratios.get(k, 0) and (kinds is None or k in kinds))
     else:
         if not isinstance(target_flops, (int, float)) or not 0.0 < float(target_flops) <= 1.0:
             raise AmgfxError(f"target_flops must be a fraction in (0, 1], got {target_flops!r}")
         kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
-    s = score(cg, method, calib, kinds=kinds, loss_fn=loss_fn, seed=seed, progress=progress)
+    s = score(cg, method, calib, kinds=kinds + (("tokens",) if tokens else ()), loss_fn=loss_fn, seed=seed,
+              progress=progress)
+    base = Plan(model={"fingerprint": fingerprint(cg.gm)})
+    if tokens:
+        base.tokens = select_tokens(cg, s.tokens, float(tokens), min_keep=min_keep, protect=protect)
+        base.meta["tokens"] = float(tokens)
     if target_flops is None:
         plan = select(cg, s.units, ratios)
+        plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
-        plan = allocate(cg, s.units, float(target_flops), round_to=round_to, min_keep=min_keep, protect=protect)
+        plan = allocate(cg, s.units, float(target_flops), round_to=round_to, min_keep=min_keep, protect=protect,
+                        base=base)
     plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
                       "seed": seed, "calibration_samples": s.samples})
     return plan
@@ -228,6 +235,8 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
     if schedule is not None:
         if plan is not None or target_flops is None:
             raise AmgfxError("schedule= needs target_flops= (and no plan=): it plans each step toward that target")
+        if options.get("tokens"):
+            raise AmgfxError("schedule= does not prune tokens yet; prune tokens in one shot (no schedule)")
         return _iterate(cg, schedule, target_flops, method=method, calib=calib, loss_fn=loss_fn, **options)
     if plan is None:
         plan = plan_for(cg, method=method, target_flops=target_flops, ratios=ratios, calib=calib, loss_fn=loss_fn,

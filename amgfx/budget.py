@@ -28,7 +28,7 @@ from .cost import predict
 from .errors import AmgfxError
 from .plan import Plan, fingerprint
 
-__all__ = ["allocate", "Ladder"]
+__all__ = ["allocate", "select_tokens", "Ladder"]
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int) -> La
 
 
 def _plan(ladders, steps: dict, round_to: int, base: Plan) -> Plan:
-    plan = Plan(keep=dict(base.keep), units=dict(base.units), options=dict(base.options),
+    plan = Plan(keep=dict(base.keep), units=dict(base.units), tokens=dict(base.tokens), options=dict(base.options),
                 meta=dict(base.meta), model=dict(base.model))
     for lad in ladders:
         n = steps.get(lad.group.name, 0)
@@ -79,8 +79,53 @@ def _plan(ladders, steps: dict, round_to: int, base: Plan) -> Plan:
     return plan
 
 
+def select_tokens(cg, scores: dict, fraction: float, *, min_keep: float = 0.1, protect=()) -> dict:
+    """AMG's static token selection: remove ``fraction`` of all prunable key positions, ranked globally.
+
+    Each site's scores are divided by their mean (AMG's per-layer normalisation: ``1`` is an
+    average position of its layer, whatever its length), then every position of every site is
+    ranked together and the weakest go first. Special tokens (class, distillation, registers;
+    see :mod:`amgfx.tokens`) are never candidates, every site keeps at least ``min_keep`` of its
+    positions, and sites that cannot drop positions (causal, windowed, ...) are skipped.
+
+    Returns ``{site name: kept positions}`` for :attr:`amgfx.Plan.tokens`.
+
+    Example:
+        >>> import numpy as np, torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> select_tokens(cg, {"blocks.0.attn": np.array([.1, .3, .15, .3, .15]), "blocks.1.attn": np.ones(5) / 5}, 0.2)
+        {'blocks.0.attn': [0, 1, 3]}
+    """
+    from .tokens import token_sites
+    if not 0.0 <= float(fraction) < 1.0:
+        raise AmgfxError(f"tokens must be a fraction of key positions in [0, 1), got {fraction}")
+    sites = {name: t for name, t in token_sites(cg).items() if t.prunable and name in scores
+             and not any(fnmatch.fnmatchcase(name, p) for p in protect)}
+    if not sites:
+        raise AmgfxError("tokens: no attention site of this model can drop key positions "
+                         f"({'; '.join(sorted({t.reason for t in token_sites(cg).values() if t.reason})) or 'no scores'})")
+    total = sum(t.keys for t in sites.values())
+    budget = int(round(float(fraction) * total))
+    ranked = []
+    for name, t in sites.items():
+        s = np.asarray(scores[name], dtype=float)
+        s = s / s.mean() if s.mean() > 0 else np.ones_like(s)
+        ranked += [(s[j], name, j) for j in range(t.keys) if j not in t.special]
+    ranked.sort(key=lambda x: x[0])
+    dropped = {name: set() for name in sites}
+    for _, name, j in ranked:
+        if budget == 0:
+            break
+        t = sites[name]
+        if t.keys - len(dropped[name]) > max(1, math.ceil(min_keep * t.keys), len(t.special)):
+            dropped[name].add(j)
+            budget -= 1
+    return {name: sorted(set(range(sites[name].keys)) - d) for name, d in dropped.items() if d}
+
+
 def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_keep: float = 0.1,
-             protect=()) -> Plan:
+             protect=(), base: Plan | None = None) -> Plan:
     """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense.
 
     Args:
@@ -91,6 +136,7 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
         round_to: kept widths (per head for qk/v) are rounded up to a multiple of this.
         min_keep: every group keeps at least this fraction of its units (and at least one).
         protect: glob patterns matched against group names and places (``"blocks.0.*"``).
+        base: a plan to build on (its token positions count toward the target).
 
     Example:
         >>> import torch, timm, amgfx
@@ -105,7 +151,7 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
     """
     if not 0.0 < float(target_flops) <= 1.0:
         raise AmgfxError(f"target_flops must be in (0, 1], got {target_flops}")
-    base = Plan(meta={}, model={"fingerprint": fingerprint(cg.gm)})
+    base = base or Plan(meta={}, model={"fingerprint": fingerprint(cg.gm)})
     dense = predict(cg, base)["flops"]["dense"]
     goal = float(target_flops) * dense
     protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))

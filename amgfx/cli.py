@@ -372,6 +372,7 @@ def cmd_prune(a) -> int:
     from . import Iterative, apply, plan_for, prune, verify
     from .cost import count_params, measure_flops, predict
     from .errors import AmgfxError
+    from .tokens import token_sites
     calib = {}
 
     def prepare(loaded):
@@ -389,6 +390,8 @@ def cmd_prune(a) -> int:
         return _err("--recover-steps must be >= 0 and --iterative >= 1")
     if a.iterative > 1 and a.ratios:
         return _err("--iterative steps toward --target-flops; it cannot be used with --ratios")
+    if a.tokens is not None and not 0.0 <= a.tokens < 1.0 or a.tokens and a.iterative > 1:
+        return _err("--tokens takes a fraction in [0, 1), and cannot be used with --iterative")
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     say(f"loading and analysing {a.model} ...")
@@ -415,7 +418,8 @@ def cmd_prune(a) -> int:
                 steps=a.iterative, recover_steps=a.recover_steps, data=r_data, recover=r_opts))
             plan, recovered = pruned.meta["amgfx_plan"], None
         else:
-            plan = plan_for(cg, target_flops=None if a.ratios else a.target_flops, ratios=a.ratios, **options)
+            plan = plan_for(cg, target_flops=None if a.ratios else a.target_flops, ratios=a.ratios, tokens=a.tokens,
+                            **options)
             pruned = recovered = apply(cg, plan)
         t1 = time.perf_counter()
         say("verifying against the zeroing oracle ...")
@@ -428,6 +432,10 @@ def cmd_prune(a) -> int:
                   "verify": check.status}
         if a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
+        if plan.tokens:
+            keys = {t.site: t.keys for t in token_sites(cg).values()}
+            report["tokens"] = {"sites": len(plan.tokens), "keys": sum(keys[s] for s in plan.tokens),
+                                "kept": sum(len(k) for k in plan.tokens.values())}
         if recovery:
             tuned, report["recovery"] = _recover_after(a, cg, loaded, recovered, recovery, say)
             pruned = pruned if tuned is None else tuned
@@ -460,6 +468,9 @@ def cmd_prune(a) -> int:
             steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
                                              if r["schedule_steps"] > 1 else "")
             print(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
+        if "tokens" in report:
+            t = report["tokens"]
+            print(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")
         print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
         sec = report["seconds"]
         print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
@@ -594,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-flops", type=_fraction, default=0.5,
                    help="fraction of the dense FLOPs to keep, in (0, 1] (default 0.5)")
     r.add_argument("--ratios", type=_ratios, default=None, help="instead of --target-flops: fraction removed per kind")
+    r.add_argument("--tokens", type=float, default=None, metavar="F",
+                   help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
+                        "class/distillation/register tokens kept); counts toward --target-flops")
     r.add_argument("--method", default="snp+amg", help="criterion, or several joined by '+' (default snp+amg)")
     r.add_argument("--calib", default="example", help="text | digits | DIR | example (default example)")
     r.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")

@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -62,14 +63,35 @@ def count_params(gm) -> int:
     return sum(p.numel() for p in gm.parameters())
 
 
+def _row_graph(cg, r):
+    """The captured graph with the token gathers of ``r`` inserted, where rows (not channels) shrink.
+
+    Masks follow channels through any graph, but which rows a fused q/k/v projection computes
+    is decided by where the gathers sit, so the prediction runs the row passes themselves on a
+    copy of the graph (cached per token plan: the budget asks again and again).
+    """
+    if not r.tokens:
+        return cg.gm
+    from passes import split_qkv, token_gather
+    from passes._graph import copy_module
+    key = repr(sorted((k, v["kept"]) for k, v in r.tokens.items()))
+    cache = cg.__dict__.setdefault("_row_graphs", {})
+    if key not in cache:
+        rows = dataclasses.replace(r, attention={}, options={**r.options, "split_qkv": "never"})
+        cache.clear()                            # one at a time: a graph copy per model is enough
+        cache[key] = token_gather(split_qkv(copy_module(cg.gm), rows), rows)
+    return cache[key]
+
+
 def predict(cg, plan) -> dict:
     """Parameters and FLOPs of the model, dense and after ``plan`` (nothing is rewritten)."""
     r = plan.resolve(cg)
-    ms = propagate_masks(cg.gm, r.params)
+    gm = _row_graph(cg, r)
+    ms = propagate_masks(gm, r.params)
     lowering = r.options.get("lowering", "auto")
 
     pruned = 0
-    for n in cg.gm.graph.nodes:
+    for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         if n.target in SDPA and n.name in r.attention and lowering != "none":

@@ -116,17 +116,18 @@ def test_prune_writes_plan_pt2_and_report(tmp_path, capsys):
     f.write_text(FACTORY)
     out = tmp_path / "out"
     code = main(["prune", f"{f}:build", "--target-flops", "0.6", "--calib", "digits", "--calib-samples", "8",
-                 "--batch-size", "4", "--round-to", "8", "--out", str(out), "--onnx", "--json"])
+                 "--batch-size", "4", "--round-to", "8", "--tokens", "0.25", "--out", str(out), "--onnx", "--json"])
     assert code == 0, capsys.readouterr().err
     rep = json.loads(capsys.readouterr().out)
     assert rep["flops"]["measured"] == rep["flops"]["predicted"] <= 0.6 * rep["flops"]["dense"]
+    assert rep["tokens"]["kept"] == round(0.75 * rep["tokens"]["keys"])
     assert rep["calibration"] == "8 load_digits training images"
     assert rep["verify"].startswith("PASS") and rep["onnx_parity"] < 1e-4
     assert set(rep["latency_ms"]) == {"eager dense", "eager pruned", "ort dense", "ort pruned"}
     assert 0 < rep["cosine_to_dense"] <= 1 and rep["cosine_on"] == "32 held-out digits"
     import amgfx
     plan = amgfx.Plan.load(out / "plan.json")
-    assert plan.meta["target_flops"] == 0.6 and plan.meta["calibration_samples"] == 8
+    assert plan.meta["target_flops"] == 0.6 and plan.meta["calibration_samples"] == 8 and plan.meta["tokens"] == 0.25
     back = amgfx.load(out)
     assert back(torch.randn(3, 3, 32, 32)).shape == (3, 1000)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt2", "plan.json",
@@ -142,6 +143,7 @@ def test_prune_writes_plan_pt2_and_report(tmp_path, capsys):
     (["--method", "bogus"], "unknown method 'bogus'"),
     (["--recover-steps", "3"], "--recover-steps needs data"),
     (["--iterative", "2", "--ratios", "mlp=0.5"], "cannot be used with --ratios"),
+    (["--tokens", "1.5"], "--tokens takes a fraction in [0, 1)"),
     (["--recover-steps", "3", "--recover-data", "text"], "--recover-data text needs a Hugging Face text model"),
 ])
 def test_prune_bad_inputs(tmp_path, capsys, argv, words):

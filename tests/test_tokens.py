@@ -1,8 +1,10 @@
 """Static key/value token pruning (AMG): the gather pass against the -inf oracle."""
+import numpy as np
 import pytest
 import torch
 
 import amgfx
+from amgfx.budget import select_tokens
 from amgfx.tokens import token_sites
 from amgfx.verify import masked_keys
 
@@ -60,6 +62,18 @@ def test_flops_saved_include_the_kv_projections(analysed_model):
     projections = 2 * 2 * B * gone * C * C            # K and V: 2 FLOPs per MAC, [B, gone, C] x [C, C]
     attention = 2 * 2 * B * H * N * gone * d          # q k^T and A v each lose `gone` keys
     assert dense - pruned == projections + attention
+
+
+@pytest.mark.parametrize("name", ["vit", "bert_minilm"])
+def test_predicted_flops_match_the_measured_count(analysed_model, name):
+    """cost.predict (what the budget bisects on) counts token gathers as the rewrite does."""
+    m, args, kwargs, cg = analysed_model(name)
+    neurons = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.25, "mlp": 0.5})
+    plan = amgfx.Plan.from_dict({**neurons.to_dict(), "tokens": {s.name: [0, 2, 3] for s in cg.sites}})
+    p = amgfx.cost.predict(cg, plan)["flops"]
+    small = amgfx.apply(cg, plan)
+    assert p["dense"] == amgfx.cost.measure_flops(cg.gm)
+    assert p["pruned"] == amgfx.cost.measure_flops(small) < amgfx.cost.predict(cg, neurons)["flops"]["pruned"]
 
 
 def test_exports_to_onnx(analysed_model, tmp_path):
@@ -139,3 +153,32 @@ def test_verify_uses_the_token_oracle(analysed_model):
     m, args, kwargs, cg = analysed_model("deit_distilled")
     plan = amgfx.Plan(tokens={s.name: [0, 1, 3] for s in cg.sites})
     assert amgfx.verify(cg, plan).passed
+
+
+def test_select_tokens_ranks_globally_after_per_layer_normalisation(analysed_model):
+    *_, cg = analysed_model("deit_distilled")
+    rng = np.random.default_rng(0)
+    scores = {s.name: rng.random(6) * 10.0 ** i for i, s in enumerate(cg.sites)}   # layers on other scales
+    kept = select_tokens(cg, scores, 0.4)
+    sites = token_sites(cg)
+    assert sum(t.keys - len(kept.get(n, range(t.keys))) for n, t in sites.items()) == round(0.4 * 12)
+    norm = {n: s / s.mean() for n, s in scores.items()}
+    dropped = [norm[n][j] for n, k in kept.items() for j in range(6) if j not in k]
+    survivors = [norm[n][j] for n, t in sites.items() for j in kept.get(n, range(6)) if j not in t.special]
+    assert max(dropped) < min(survivors)
+    assert all(set(t.special) <= set(kept.get(n, t.special)) for n, t in sites.items())
+    floor = select_tokens(cg, scores, 0.9, min_keep=0.5)
+    assert all(len(k) == 3 for k in floor.values()) and len(floor) == 2
+
+
+def test_prune_tokens_alone_and_inside_a_flops_budget(analysed_model):
+    m, args, kwargs, cg = analysed_model("deit_distilled")
+    calib = [torch.randn(4, *args[0].shape[1:]) for _ in range(2)]
+    small = amgfx.prune(cg, method="amg", tokens=0.4, calib=calib, progress=False)
+    plan = small.meta["amgfx_plan"]
+    assert plan.keep == {} and sum(len(k) for k in plan.tokens.values()) == 12 - round(0.4 * 12)
+    assert amgfx.verify(cg, plan, pruned=small).passed
+    assert amgfx.cost.measure_flops(small) == amgfx.cost.predict(cg, plan)["flops"]["pruned"]
+    both = amgfx.plan_for(cg, method="snp+amg", tokens=0.4, target_flops=0.6, calib=calib, progress=False)
+    assert both.tokens == plan.tokens and both.keep
+    assert amgfx.cost.measure_flops(amgfx.apply(cg, both)) == both.meta["flops"]["planned"] <= 0.6 * both.meta["flops"]["dense"]
