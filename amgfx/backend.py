@@ -38,7 +38,7 @@ from .errors import AmgfxError
 
 __all__ = ["amgfx_backend", "BackendError"]
 
-PLANNING = ("target_flops", "ratios", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep", "protect", "seed",
+PLANNING = ("target_flops", "ratios", "tokens", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep", "protect", "seed",
             "progress")
 KNOWN = {"plan", "inner"} | set(PLANNING)
 _ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")

@@ -113,11 +113,13 @@ def cmd_inspect(a) -> int:
     if isinstance(got, int):
         return got
     loaded, cg, dt = got
+    from .tokens import describe, token_report
     if a.json:
-        print(json.dumps(cg.to_dict(with_index=False), default=str))
+        print(json.dumps({**cg.to_dict(with_index=False), "tokens": token_report(cg)}, default=str))
     elif not a.quiet:
         print(f"{a.model}: {loaded.description}, analysed in {dt:.1f}s\n")
         print(cg.summary())
+        print("\n" + describe(cg))
     if a.format and not a.out:
         return _err("--format needs --out FILE")
     if a.out:

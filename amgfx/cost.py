@@ -11,7 +11,7 @@ Example:
     >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
     >>> p = predict(cg, amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(384))}))
     >>> p["flops"]["dense"], p["flops"]["pruned"]
-    (10449408, 8974848)
+    (10449408, 6010368)
 """
 from __future__ import annotations
 
@@ -64,22 +64,22 @@ def count_params(gm) -> int:
 
 
 def _row_graph(cg, r):
-    """The captured graph with the token gathers of ``r`` inserted, where rows (not channels) shrink.
+    """The captured graph with the row gathers of ``r`` inserted (token pruning, dead tokens).
 
     Masks follow channels through any graph, but which rows a fused q/k/v projection computes
     is decided by where the gathers sit, so the prediction runs the row passes themselves on a
     copy of the graph (cached per token plan: the budget asks again and again).
     """
-    if not r.tokens:
+    if not r.tokens and not r.dead:
         return cg.gm
-    from passes import split_qkv, token_gather
+    from passes import dead_tokens, split_qkv, token_gather
     from passes._graph import copy_module
-    key = repr(sorted((k, v["kept"]) for k, v in r.tokens.items()))
+    key = repr((sorted((k, v["kept"]) for k, v in r.tokens.items()), sorted(r.dead)))
     cache = cg.__dict__.setdefault("_row_graphs", {})
     if key not in cache:
         rows = dataclasses.replace(r, attention={}, options={**r.options, "split_qkv": "never"})
         cache.clear()                            # one at a time: a graph copy per model is enough
-        cache[key] = token_gather(split_qkv(copy_module(cg.gm), rows), rows)
+        cache[key] = dead_tokens(token_gather(split_qkv(copy_module(cg.gm), rows), rows), rows)
     return cache[key]
 
 

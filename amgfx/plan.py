@@ -36,6 +36,7 @@ from .indexprop import fetch_attr
 __all__ = ["Plan", "Resolved"]
 
 FORMAT = "amgfx.plan/1"
+OPTIONS = {"lowering": "auto", "split_qkv": "auto", "dead_tokens": "auto"}
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Resolved:
     options: dict
     exact: bool
     tokens: dict = field(default_factory=dict)   # attention node -> {"site", "kept", "operands", "fused"}
+    dead: dict = field(default_factory=dict)     # attention node -> {"site", "live", "operands", "fused"}
 
 
 @dataclass
@@ -63,7 +65,8 @@ class Plan:
         tokens: site name -> kept key positions (static AMG token pruning: the keys and values of
             that site see only these positions; queries keep all).
         options: rewrite options: ``lowering`` ("auto" | "pad" | "none") for attention whose
-            q/k dim differs from its v dim, ``split_qkv`` ("auto" | "always" | "never").
+            q/k dim differs from its v dim, ``split_qkv`` ("auto" | "always" | "never"),
+            ``dead_tokens`` ("auto" | "off": compute only the positions that reach an output).
         meta: provenance (method, ratios, model), for people reading the file.
         model: ``{"fingerprint": ...}`` of the parameters (names and shapes) the plan was made
             for; replaying on a model with another fingerprint is refused. Hand-written plans
@@ -72,7 +75,7 @@ class Plan:
     keep: dict = field(default_factory=dict)
     units: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
-    options: dict = field(default_factory=lambda: {"lowering": "auto", "split_qkv": "auto"})
+    options: dict = field(default_factory=lambda: dict(OPTIONS))
     meta: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
 
@@ -100,7 +103,7 @@ class Plan:
             keep = {str(k): [int(i) for i in v] for k, v in d.get("keep", {}).items()}
         except (TypeError, ValueError) as e:
             raise PlanError(f"plan 'keep' must map group names to lists of integers ({e})") from None
-        opts = {"lowering": "auto", "split_qkv": "auto", **d.get("options", {})}
+        opts = {**OPTIONS, **d.get("options", {})}
         return cls(keep=keep, units={str(k): int(v) for k, v in d.get("units", {}).items()},
                    tokens=d.get("tokens", {}), options=opts, meta=d.get("meta", {}), model=d.get("model", {}))
 
@@ -242,7 +245,17 @@ class Plan:
                 "operands": list(s.operands),
             }
         return Resolved(params=params, attention=attention, options=dict(self.options), exact=exact,
-                        tokens=self._resolve_tokens(cg))
+                        tokens=self._resolve_tokens(cg), dead=self._resolve_dead(cg))
+
+    def _resolve_dead(self, cg) -> dict:
+        """Attention sites whose queries reach the outputs at some positions only (dead-token elimination)."""
+        from .liveness import live_queries
+        if self.options.get("dead_tokens", "auto") == "off":
+            return {}
+        sites = {s.node: s for s in cg.sites}
+        return {node: {"site": sites[node].name, "live": live, "operands": list(sites[node].operands),
+                       "fused": len({sites[node].q.node, sites[node].k.node, sites[node].v.node}) < 3}
+                for node, live in live_queries(cg).items() if sites[node].supported and sites[node].q is not None}
 
     def _resolve_tokens(self, cg) -> dict:
         """Kept key positions per attention node, checked against what each site allows."""

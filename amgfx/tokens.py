@@ -160,3 +160,37 @@ def token_sites(cg) -> dict[str, TokenSite]:
     if cache is None:
         cache = cg._token_sites = _analyse(cg)
     return cache
+
+
+def token_report(cg) -> dict:
+    """What static token pruning and dead-token elimination can do here (``amgfx inspect`` prints it)."""
+    from .cost import predict
+    from .liveness import live_queries
+    from .plan import Plan
+    ts = token_sites(cg)
+    reasons: dict = {}
+    for t in ts.values():
+        if t.reason:
+            reasons.setdefault(t.reason, []).append(t.site)
+    names = {s.node: s.name for s in cg.sites}
+    flops = predict(cg, Plan())["flops"] if live_queries(cg) else None
+    return {"sites": len(ts), "prunable": sum(t.prunable for t in ts.values()),
+            "special": sorted({tuple(t.special) for t in ts.values() if t.prunable}),
+            "refused": reasons,
+            "dead": {names[n]: {"live": live, "queries": next(t.keys for t in ts.values() if t.node == n)}
+                     for n, live in live_queries(cg).items()},
+            "dead_saving": 1 - flops["pruned"] / flops["dense"] if flops else 0.0}
+
+
+def describe(cg) -> str:
+    """:func:`token_report` as text."""
+    r = token_report(cg)
+    special = "; ".join(f"positions {list(s)}" if s else "none" for s in r["special"]) or "-"
+    lines = [f"tokens (static key pruning, AMG): {r['prunable']} of {r['sites']} sites can drop key positions; "
+             f"always kept (class/distillation/register tokens): {special}"]
+    lines += [f"  {len(sites)} site(s) cannot ({sites[0]}{', ...' if len(sites) > 1 else ''}): {why}"
+              for why, sites in r["refused"].items()]
+    for site, d in r["dead"].items():
+        lines.append(f"dead tokens: only query positions {d['live']} of {d['queries']} in {site} reach the outputs; "
+                     f"computing just those saves {r['dead_saving']:.1%} of the FLOPs (exact, on by default)")
+    return "\n".join(lines)

@@ -7,6 +7,8 @@ import torch.nn as nn
 
 from amgfx.indexprop import fetch_attr as get_attr
 
+aten = torch.ops.aten
+
 __all__ = ["get_attr", "set_attr", "replace_attr", "copy_module", "del_attr", "constant", "call", "size_args", "keep_symbolic", "dims_of"]
 
 
@@ -112,3 +114,22 @@ def size_args(gm: fx.GraphModule, before: fx.Node, sizes, dims, inputs) -> list:
 def keep_symbolic(old_args, old_sizes, new_sizes) -> list:
     """New size arguments that keep each old entry (a ``sym_size`` node, a -1) whose size did not change."""
     return [o if c == s else c for o, s, c in zip(old_args, old_sizes, new_sizes)]
+
+
+def gather_rows(gm: fx.GraphModule, x: fx.Node, user: fx.Node, dim: int, kept: list, name: str) -> fx.Node:
+    """Feed ``user`` the kept positions of ``x`` along ``dim`` instead of all of them (a static token gather).
+
+    The new node keeps ``x``'s *original* shape in ``meta["val"]`` and its kept positions in
+    ``meta["amgfx_token_rows"]``: :mod:`amgfx.masks` seeds a keep mask there, so ``fix_shapes``
+    rewrites every size downstream as it does for pruned neurons.
+    """
+    idx = constant(gm, user, torch.tensor(kept, dtype=torch.long), "tokens")
+    with gm.graph.inserting_before(user):
+        g = gm.graph.call_function(aten.index_select.default, (x, dim, idx))
+    g.name = gm.graph._graph_namespace.create_name(name, None)
+    g.meta["val"] = x.meta["val"]                    # the original shape: masks say what survives
+    g.meta["amgfx_token_rows"] = (dim, list(kept))
+    if "amgfx_dims" in x.meta:
+        g.meta["amgfx_dims"] = x.meta["amgfx_dims"]
+    user.replace_input_with(x, g)
+    return g

@@ -95,4 +95,6 @@ def cleanup(gm: fx.GraphModule, plan=None) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     refresh_meta(gm)
+    for n in gm.graph.nodes:                     # a token gather is a plain index_select from now on
+        n.meta.pop("amgfx_token_rows", None)
     return gm

@@ -177,11 +177,11 @@ def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
     tainted = activation_taint(gm.graph)
     # masks of the graph as captured: a split only adds nodes, so other sites' masks stay valid
     ms = propagate_masks(gm, plan.params) if mode == "auto" and any(a.get("fused") for a in plan.attention.values()) else None
-    tokens = plan.tokens
+    rows = {**plan.dead, **plan.tokens}              # sites whose queries and keys keep different positions
     sites = dict(plan.attention)
-    sites.update({k: v for k, v in tokens.items() if k not in sites})
+    sites.update({k: v for k, v in rows.items() if k not in sites})
     for node, site in sites.items():
-        gather = node in tokens                          # keys lose positions, queries do not: q must stand alone
+        gather = node in rows                            # q must stand alone
         if not site.get("fused") or not gather and mode == "never" and site["qk_dim"] == site["v_dim"]:
             continue
         ops = [nodes[o] for o in site["operands"]]

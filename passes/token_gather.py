@@ -29,22 +29,9 @@ from amgfx.errors import RewriteError
 from amgfx.indexprop import activation_taint, shape
 from amgfx.tokens import attention_mask, projection
 
-from ._graph import constant
+from ._graph import gather_rows
 
 aten = torch.ops.aten
-
-
-def _gather(gm, x: fx.Node, user: fx.Node, dim: int, kept: list, name: str) -> None:
-    """Feed ``user`` the kept positions of ``x`` along ``dim`` instead of all of them."""
-    idx = constant(gm, user, torch.tensor(kept, dtype=torch.long), "tokens")
-    with gm.graph.inserting_before(user):
-        g = gm.graph.call_function(aten.index_select.default, (x, dim, idx))
-    g.name = gm.graph._graph_namespace.create_name(f"tokens_{name}", None)
-    g.meta["val"] = x.meta["val"]                    # the original shape: masks say what survives
-    g.meta["amgfx_token_rows"] = (dim, list(kept))
-    if "amgfx_dims" in x.meta:
-        g.meta["amgfx_dims"] = x.meta["amgfx_dims"]
-    user.replace_input_with(x, g)
 
 
 def token_gather(gm: fx.GraphModule, plan) -> fx.GraphModule:
@@ -61,8 +48,8 @@ def token_gather(gm: fx.GraphModule, plan) -> fx.GraphModule:
             if len(shape(x)) != 3 or shape(x)[1] != t["keys"]:
                 raise RewriteError(f"{t['site']}: the K/V projection input {x.name} {list(shape(x))} has no token "
                                    f"axis 1 of size {t['keys']}")
-            _gather(gm, x, p, 1, t["kept"], p.name)
+            gather_rows(gm, x, p, 1, t["kept"], f"tokens_{p.name}")
         mask = attention_mask(attn)
         if isinstance(mask, fx.Node) and shape(mask)[-1] == t["keys"]:     # the same keys leave the mask
-            _gather(gm, mask, attn, len(shape(mask)) - 1, t["kept"], f"mask_{attn.name}")
+            gather_rows(gm, mask, attn, len(shape(mask)) - 1, t["kept"], f"tokens_mask_{attn.name}")
     return gm

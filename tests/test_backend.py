@@ -38,6 +38,7 @@ def test_entry_point_is_discovered_from_the_installed_package():
 def test_vit_matches_prune_and_recompiles_on_new_shapes(analysed_model, inner):
     m, (x,), _, cg = analysed_model("vit")
     plan = amgfx.plan_for(cg, method="magnitude", ratios=RATIOS, progress=False)
+    plan.tokens = {cg.sites[0].name: [0, 1, 3]}      # and static token pruning (dead tokens run by default)
     ref = amgfx.prune(cg, plan=plan)
     seen = []
     fast = _compile(m, {"plan": plan, "inner": inner}, seen)

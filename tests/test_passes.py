@@ -54,6 +54,7 @@ def test_random_plans_match_the_zeroing_oracle(name, seed):
 def test_keep_all_is_identical(name):
     m, args, kwargs, cg = analysed(name)
     plan = amgfx.Plan(keep={g.name: list(range(g.units)) for g in cg.groups})
+    plan.options["dead_tokens"] = "off"              # exact, but narrower matmuls round differently
     pruned = amgfx.apply(cg, plan)
     for a, b in zip(_run(pruned, args, kwargs), _run(m, args, kwargs)):
         assert torch.equal(a, b)

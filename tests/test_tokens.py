@@ -54,7 +54,8 @@ def test_flops_saved_include_the_kv_projections(analysed_model):
     kept = [0, 1, 2]
     small = amgfx.apply(cg, amgfx.Plan(tokens={s.name: kept}))
     x = torch.randn(2, *args[0].shape[1:])
-    dense, pruned = (amgfx.cost.measure_flops(g, ((x,), {})) for g in (cg.gm, small))
+    base = amgfx.apply(cg, amgfx.Plan())             # dead-token elimination in the last block, in both
+    dense, pruned = (amgfx.cost.measure_flops(g, ((x,), {})) for g in (base, small))
     n = cg.gm.graph.find_nodes(op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default)[0]
     _, H, N, d = n.args[0].meta["val"].shape
     B, C = x.shape[0], H * d
@@ -182,3 +183,36 @@ def test_prune_tokens_alone_and_inside_a_flops_budget(analysed_model):
     both = amgfx.plan_for(cg, method="snp+amg", tokens=0.4, target_flops=0.6, calib=calib, progress=False)
     assert both.tokens == plan.tokens and both.keep
     assert amgfx.cost.measure_flops(amgfx.apply(cg, both)) == both.meta["flops"]["planned"] <= 0.6 * both.meta["flops"]["dense"]
+
+
+@pytest.mark.parametrize("name, live", [("vit", [0]), ("deit_distilled", [0, 1]), ("eva02", [1, 2, 3, 4])])
+def test_dead_token_elimination_is_exact_and_cuts_flops(analysed_model, name, live):
+    """Class-token (and EVA's patch-mean) classifiers: the last block computes only the positions read."""
+    m, args, kwargs, cg = analysed_model(name)
+    small = amgfx.apply(cg, amgfx.Plan())
+    assert list(small.meta["amgfx_dead_tokens"]["rows"].values()) == [live]
+    for batch in (1, 3):
+        x = torch.randn(batch, *args[0].shape[1:])
+        with torch.no_grad():
+            assert _rel(small(x), m(x)) < 1e-5
+    dense = amgfx.cost.measure_flops(cg.gm)
+    assert amgfx.cost.measure_flops(small) == amgfx.cost.predict(cg, amgfx.Plan())["flops"]["pruned"] < dense
+    off = amgfx.Plan(options={"dead_tokens": "off"})
+    assert amgfx.cost.measure_flops(amgfx.apply(cg, off)) == amgfx.cost.predict(cg, off)["flops"]["pruned"] == dense
+
+
+def test_dead_tokens_leave_sequence_outputs_alone(analysed_model):
+    *_, cg = analysed_model("bert_minilm")            # last_hidden_state: every position is read
+    assert amgfx.apply(cg, amgfx.Plan()).meta.get("amgfx_dead_tokens") is None
+
+
+def test_everything_together_exports_to_onnx(analysed_model, tmp_path):
+    """Neurons, tokens and dead tokens at once: the oracle holds and onnxruntime agrees."""
+    m, args, kwargs, cg = analysed_model("deit_distilled")
+    neurons = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.25, "head": 0.34, "mlp": 0.5})
+    plan = amgfx.Plan.from_dict({**neurons.to_dict(), "tokens": {s.name: [0, 1, 4] for s in cg.sites}})
+    small = amgfx.apply(cg, plan)
+    assert small.meta["amgfx_dead_tokens"]["applied"] and amgfx.verify(cg, plan, pruned=small).passed
+    x = torch.randn(2, *args[0].shape[1:])
+    path = amgfx.export_onnx(small, str(tmp_path / "all.onnx"))
+    assert amgfx.onnx_parity(path, small, (x,), {}) < 1e-4

@@ -1,0 +1,50 @@
+"""Pass: dead-token elimination. Compute only the token positions that reach an output.
+
+A classifier that reads ``x[:, 0]`` of its last block needs that block's other positions only
+as keys and values. :mod:`amgfx.liveness` finds the linears whose input is needed everywhere
+but whose output only at some positions (the last query projection); this pass feeds them
+``index_select(x, 1, live)``, and the existing machinery does the rest: :mod:`amgfx.masks`
+carries the narrowed rows through attention, proj, residual adds, norms and the MLP, and
+``fix_shapes`` rewrites their reshapes and the final ``select``. Keys and values still see
+every position, so the result is exact; no score is involved.
+
+It runs unless ``options["dead_tokens"] == "off"``. Where the narrowing cannot flow through
+the graph, the gathers are taken out again and ``gm.meta["amgfx_dead_tokens"]`` says why.
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> small = amgfx.apply(m, amgfx.Plan(), x)
+    >>> small.meta["amgfx_dead_tokens"]
+    {'applied': True, 'rows': {'linear_default': [0]}}
+    >>> bool((small(x) - m(x)).abs().max() < 1e-5)
+    True
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from amgfx.errors import RewriteError
+from amgfx.liveness import frontier
+from amgfx.masks import propagate_masks
+
+from ._graph import gather_rows
+
+
+def dead_tokens(gm: fx.GraphModule, plan) -> fx.GraphModule:
+    """Gather the live positions before every linear whose output is read only there."""
+    if plan.options.get("dead_tokens", "auto") == "off" or not plan.dead:
+        return gm
+    cut = frontier(gm)
+    added = [gather_rows(gm, n.args[0], n, 1, live, f"live_{n.name}") for n, live in cut]
+    try:
+        propagate_masks(gm, plan.params)             # the narrowing must flow through everything downstream
+    except RewriteError as e:
+        for g in added:
+            g.replace_all_uses_with(g.args[0])
+            gm.graph.erase_node(g)
+        gm.meta["amgfx_dead_tokens"] = {"applied": False, "reason": str(e)}
+        return gm
+    gm.meta["amgfx_dead_tokens"] = {"applied": bool(cut), "rows": {n.name: live for n, live in cut}}
+    return gm
