@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.compile_cost
 	$(PY) -m benchmarks.recovery_digits
 	$(PY) -m benchmarks.recovery_minilm
+	$(PY) -m benchmarks.tokens_latency
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -16,8 +16,8 @@ Example:
     >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
     >>> x = torch.randn(1, 3, 32, 32)
     >>> small = amgfx.apply(m, amgfx.Plan(), x)
-    >>> small.meta["amgfx_dead_tokens"]
-    {'applied': True, 'rows': {'linear_default': [0]}}
+    >>> small.meta["amgfx_dead_tokens"]     # the query positions of blocks.1.attn that reach the output
+    {'applied': True, 'live': {'blocks.1.attn': [0]}, 'gathered_before': ['linear_default']}
     >>> bool((small(x) - m(x)).abs().max() < 1e-5)
     True
 """
@@ -46,5 +46,6 @@ def dead_tokens(gm: fx.GraphModule, plan) -> fx.GraphModule:
             gm.graph.erase_node(g)
         gm.meta["amgfx_dead_tokens"] = {"applied": False, "reason": str(e)}
         return gm
-    gm.meta["amgfx_dead_tokens"] = {"applied": bool(cut), "rows": {n.name: live for n, live in cut}}
+    gm.meta["amgfx_dead_tokens"] = {"applied": bool(cut), "live": {d["site"]: d["live"] for d in plan.dead.values()},
+                                    "gathered_before": [n.name for n, _ in cut]}
     return gm

@@ -17,8 +17,8 @@ Example:
     >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
     >>> x = torch.randn(1, 3, 32, 32)
     >>> small = amgfx.apply(m, amgfx.Plan(tokens={"blocks.0.attn": [0, 1, 3]}), x)
-    >>> [tuple(n.meta["val"].shape) for n in small.graph.nodes if n.name.startswith("tokens")]
-    [(1, 3, 192), (1, 3, 192)]
+    >>> [tuple(n.meta["val"].shape) for n in small.graph.nodes if n.name.startswith("tokens")]   # K and V share it
+    [(1, 3, 192)]
 """
 from __future__ import annotations
 
@@ -43,12 +43,17 @@ def token_gather(gm: fx.GraphModule, plan) -> fx.GraphModule:
         projs = {projection(o, tainted) for o in attn.args[1:3]}
         if None in projs or projection(attn.args[0], tainted) in projs:
             raise RewriteError(f"{t['site']}: cannot find K/V projections separate from the query's")
-        for p in projs:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        done: dict = {}
+        for p in sorted(projs, key=order.get):
             x = p.args[0]
             if len(shape(x)) != 3 or shape(x)[1] != t["keys"]:
                 raise RewriteError(f"{t['site']}: the K/V projection input {x.name} {list(shape(x))} has no token "
                                    f"axis 1 of size {t['keys']}")
-            gather_rows(gm, x, p, 1, t["kept"], f"tokens_{p.name}")
+            if x in done:                            # K and V read the same rows: gather them once
+                p.replace_input_with(x, done[x])
+            else:
+                done[x] = gather_rows(gm, x, p, 1, t["kept"], f"tokens_{p.name}")
         mask = attention_mask(attn)
         if isinstance(mask, fx.Node) and shape(mask)[-1] == t["keys"]:     # the same keys leave the mask
             gather_rows(gm, mask, attn, len(shape(mask)) - 1, t["kept"], f"tokens_mask_{attn.name}")

@@ -22,6 +22,16 @@ def test_inspect_minilm_prints_table(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_inspect_reports_token_sites_and_dead_tokens(capsys):
+    assert main(["inspect", "deit_tiny_distilled_patch16_224", "--img-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "always kept (class/distillation/register tokens): positions [0, 1]" in out
+    assert "dead tokens: only query positions [0, 1] of 6 in blocks.11.attn reach the outputs" in out
+    assert main(["inspect", "deit_tiny_distilled_patch16_224", "--img-size", "32", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["tokens"]
+    assert rep["dead"] == {"blocks.11.attn": {"live": [0, 1], "queries": 6}} and 0 < rep["dead_saving"] < 0.2
+
+
 def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "--help"])

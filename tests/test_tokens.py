@@ -190,7 +190,7 @@ def test_dead_token_elimination_is_exact_and_cuts_flops(analysed_model, name, li
     """Class-token (and EVA's patch-mean) classifiers: the last block computes only the positions read."""
     m, args, kwargs, cg = analysed_model(name)
     small = amgfx.apply(cg, amgfx.Plan())
-    assert list(small.meta["amgfx_dead_tokens"]["rows"].values()) == [live]
+    assert list(small.meta["amgfx_dead_tokens"]["live"].values()) == [live]
     for batch in (1, 3):
         x = torch.randn(batch, *args[0].shape[1:])
         with torch.no_grad():
