@@ -57,7 +57,7 @@ class Resolved:
 
 @dataclass
 class Plan:
-    """Kept units per coupling group (plus, later, kept token positions per site).
+    """Kept units per coupling group, and kept key positions per attention site.
 
     Attributes:
         keep: group name -> sorted unit ids to keep. Groups not listed keep everything.

@@ -156,10 +156,9 @@ def _analyse(cg) -> dict:
 
 def token_sites(cg) -> dict[str, TokenSite]:
     """Site name -> :class:`TokenSite` for every attention site of ``cg`` (computed once, then cached)."""
-    cache = cg.__dict__.setdefault("_token_sites", None)
-    if cache is None:
-        cache = cg._token_sites = _analyse(cg)
-    return cache
+    if "_token_sites" not in cg.__dict__:
+        cg._token_sites = _analyse(cg)
+    return cg._token_sites
 
 
 def token_report(cg) -> dict:
