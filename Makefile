@@ -19,15 +19,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.analysis_scaling
-	$(PY) -m benchmarks.attention_lowering
-	$(PY) -m benchmarks.criteria_digits
-	$(PY) -m benchmarks.criteria_minilm
-	$(PY) -m benchmarks.calibration_cost
-	$(PY) -m benchmarks.compile_cost
-	$(PY) -m benchmarks.recovery_digits
-	$(PY) -m benchmarks.recovery_minilm
-	$(PY) -m benchmarks.tokens_latency
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

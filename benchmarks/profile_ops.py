@@ -1,0 +1,92 @@
+"""Where the time goes, per op kind, dense vs pruned: DeiT-S at 50% of dense FLOPs.
+
+Run: ``python -m benchmarks.profile_ops [--runs 20] [--batches 1 8]``. Writes
+``benchmarks/results/profile_ops.md``.
+
+The model and plan are those of :mod:`benchmarks.speed` (``amgfx snp``, 50%, ``round_to=8``).
+onnxruntime's own profiler times every node; per op type the sum over a run is averaged over
+``--runs`` runs. ``torch.profiler`` does the same for eager PyTorch (self CPU time per ATen op).
+Dense and pruned are profiled one after the other, so compare the ratios, not the milliseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import tempfile
+
+import torch
+
+import amgfx
+
+from ._report import RESULTS, write_md
+from .speed import _timm
+
+
+def ort_profile(path, x, runs: int) -> dict:
+    """op type -> mean ms per run (onnxruntime's node events, the first run included)."""
+    sess = amgfx.ort_session(path, profile=True, spinning=False)
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    for _ in range(runs):
+        sess.run(None, feed)
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    n = sum(1 for e in events if e.get("name") == "model_run") or runs
+    per = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            per[e["args"]["op_name"]] += e["dur"] / 1e3
+    return {k: v / n for k, v in per.items()}
+
+
+def torch_profile(model, x, runs: int) -> dict:
+    """ATen op -> mean self-CPU ms per run."""
+    from torch.profiler import profile
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        with profile() as p:
+            for _ in range(runs):
+                model(x)
+    return {e.key: e.self_cpu_time_total / 1e3 / runs for e in p.key_averages() if e.self_cpu_time_total > 0}
+
+
+def rows(dense: dict, pruned: dict, top: int = 8) -> list:
+    keys = sorted(set(dense) | set(pruned), key=lambda k: -dense.get(k, 0.0))[:top]
+    out = [(k, dense.get(k, 0.0), pruned.get(k, 0.0)) for k in keys]
+    rest = sum(dense.values()) - sum(d for _, d, _ in out), sum(pruned.values()) - sum(p for _, _, p in out)
+    return out + [("(everything else)", *rest), ("total", sum(dense.values()), sum(pruned.values()))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--out", default=os.path.join(RESULTS, "profile_ops.md"))
+    a = ap.parse_args(argv)
+    model, inputs, calib = _timm("deit_small_patch16_224")
+    cg = amgfx.analyze(model, *inputs(1))
+    plan = amgfx.plan_for(cg, method="snp", target_flops=0.5, round_to=8, calib=calib, progress=False)
+    small = amgfx.apply(cg, plan)
+    kept = amgfx.cost.measure_flops(small) / amgfx.cost.measure_flops(cg.gm)
+    tmp = tempfile.mkdtemp(prefix="amgfx-profile-")
+    paths = [amgfx.export_onnx(g, os.path.join(tmp, f"{i}.onnx")) for i, g in enumerate((cg.gm, small))]
+    lines = ["# Where the time goes: DeiT-S, dense vs amgfx snp at 50% FLOPs", "",
+             f"`python -m benchmarks.profile_ops --runs {a.runs} --batches {' '.join(map(str, a.batches))}` on "
+             f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. FLOPs kept "
+             f"{kept:.3f}. Per op kind: mean ms per run; dense and pruned profiled one after the other.", ""]
+    for b in a.batches:
+        x = torch.randn(b, 3, 224, 224)
+        for runtime, d, p in (("onnxruntime", *(ort_profile(q, x, a.runs) for q in paths)),
+                              ("eager PyTorch", *(torch_profile(m, x, a.runs) for m in (model, small)))):
+            lines += [f"**{runtime}, batch {b}**", "", "| op | dense ms | pruned ms | pruned / dense |", "|---|---|---|---|"]
+            lines += [f"| {k} | {dv:.2f} | {pv:.2f} | {pv / dv if dv else float('nan'):.2f} |" for k, dv, pv in rows(d, p)]
+            lines.append("")
+            print(f"{runtime} b{b}: total {sum(d.values()):.1f} -> {sum(p.values()):.1f} ms", flush=True)
+    write_md(a.out, lines)
+
+
+if __name__ == "__main__":
+    main()

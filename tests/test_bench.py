@@ -1,0 +1,23 @@
+"""The benchmark pipeline in CI size (``python -m benchmarks --quick``): it runs, and its numbers are sane.
+
+No timing is asserted: machines are noisy. What must hold is that every variant ran in every
+runtime, the FLOPs landed where the plans put them, and Torch-Pruning was matched to amgfx's FLOPs.
+"""
+import math
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_speed_suite_runs_and_is_sane(tmp_path):
+    from benchmarks import speed
+    out = tmp_path / "speed.md"
+    rows = speed.main(["--quick", "--runs", "2", "--out", str(out)])   # raises if a sanity check fails
+    assert {(r["variant"], r["runtime"], r["batch"]) for r in rows} == {
+        (v, rt, b) for v in ("dense", "amgfx snp", "amgfx snp+amg", "Torch-Pruning")
+        for rt in ("eager", "onnxruntime", "inductor") for b in (1, 8)}
+    assert all(math.isfinite(r["efficiency"]) and r["efficiency"] > 0 for r in rows)
+    assert all(r["flops_kept"] <= 0.5 for r in rows if r["variant"].startswith("amgfx"))
+    text = out.read_text()
+    assert "| DeiT-tiny 64px x4 | 50% | inductor | 8 | Torch-Pruning |" in text and "Checks: all numbers finite" in text
+    assert (tmp_path / "speed.png").stat().st_size > 10_000
