@@ -27,7 +27,6 @@ import argparse
 import copy
 import os
 import platform
-import time
 import types
 
 import torch
@@ -37,6 +36,7 @@ import amgfx
 from amgfx.budget import select_tokens
 
 from ._report import RESULTS, write_md
+from .speed import time_paired
 
 FRACTIONS = (0.25, 0.40, 0.60)
 
@@ -62,23 +62,6 @@ def amg_reference(model, tokens: dict):
     for name, kept in tokens.items():
         _slice_after_projection(ref.get_submodule(name), kept)
     return ref
-
-
-def time_interleaved(models: dict, x, runs: int) -> dict:
-    times = {k: [] for k in models}
-    with torch.no_grad():
-        for _ in range(3):
-            for m in models.values():
-                m(x)
-        for _ in range(runs):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t0)
-    med = lambda v: sorted(v)[len(v) // 2]
-    base = times[next(iter(models))]
-    # the median of per-round ratios to the first model: paired, so drift during the run cancels
-    return {k: (med(v) * 1e3, med([a / b for a, b in zip(v, base)])) for k, v in times.items()}
 
 
 def build(seed: int = 0):
@@ -147,7 +130,7 @@ def main(argv=None):
     rows = []
     for b in a.batches:
         x = torch.randn(b, 3, 224, 224)
-        t = time_interleaved(models, x, a.runs)
+        t = time_paired({k: (lambda args, kw, m=m: m(*args)) for k, m in models.items()}, (x,), {}, a.runs)
         dense_flops = amgfx.cost.measure_flops(cg.gm, ((x,), {}))
         for k, (ms, ratio) in t.items():
             fl = dense_flops if k == "dense" else amgfx.cost.measure_flops(models[k], ((x,), {}))
