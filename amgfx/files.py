@@ -158,8 +158,23 @@ def example_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, vocab: int
     return pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
 
 
+def _for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
+    """The graph to hand the ONNX exporter: without the q/k (or v) zero-padding ``lower_attention``
+    adds for PyTorch's CPU flash kernel (``lowering="auto"``). onnxruntime's Attention takes unequal
+    head dims, and ran 4-5% faster without the padding on MiniLM and DeiT-S at 50% FLOPs, batch 8."""
+    from passes._graph import copy_module
+    from passes.lower_attention import is_lowered, unlower
+    plan = gm.meta.get("amgfx_plan")
+    if not is_lowered(gm) or plan is None or plan.options.get("lowering", "auto") != "auto":
+        return gm
+    return unlower(copy_module(gm))
+
+
 def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
     """Export a pruned GraphModule (or an ExportedProgram) to ONNX at ``opset``, batch dynamic.
+
+    With ``lowering="auto"`` (the default), q/k padding that only serves PyTorch's CPU attention
+    kernel is left out of the ONNX graph (:func:`_for_onnx`).
 
     The directory of ``path`` must exist (nothing is created behind the user's back).
     """
@@ -168,7 +183,7 @@ def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
     if not os.path.isdir(parent):
         raise AmgfxError(f"cannot write {path}: directory {parent} does not exist")
     ep = program_or_gm if isinstance(program_or_gm, torch.export.ExportedProgram) else \
-        program_or_gm.meta.get("amgfx_program") or _export(program_or_gm)
+        program_or_gm.meta.get("amgfx_program") or _export(_for_onnx(program_or_gm))
     import contextlib
     import io
     import warnings

@@ -77,3 +77,16 @@ def test_a_pickled_payload_is_refused_before_it_is_read(saved_vit, tmp_path):
 def test_onnx_into_a_missing_directory_is_refused(saved_vit, tmp_path):
     with pytest.raises(amgfx.AmgfxError, match="does not exist"):
         amgfx.export_onnx(amgfx.load(saved_vit), tmp_path / "no" / "such" / "m.onnx")
+
+
+@pytest.mark.parametrize("lowering, pads", [("auto", 0), ("pad", 4)])
+def test_onnx_leaves_out_the_padding_that_serves_torch_attention(analysed_model, tmp_path, lowering, pads):
+    """q/k 32 < v 48: PyTorch gets zero-padded q/k (its flash kernel); onnxruntime gets the real dims."""
+    _, (x,), _, cg = analysed_model("vit")
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.25}, progress=False)
+    plan.options["lowering"] = lowering
+    small = amgfx.apply(cg, plan)
+    assert sum(n.target is torch.ops.aten.constant_pad_nd.default for n in small.graph.nodes) == 4   # q, k x 2 sites
+    path = amgfx.export_onnx(small, tmp_path / "m.onnx")
+    assert sum(n.op_type == "Pad" for n in onnx.load(path).graph.node) == pads
+    assert amgfx.onnx_parity(path, small, (torch.randn(3, *x.shape[1:]),), {}) < 1e-4
