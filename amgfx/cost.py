@@ -21,6 +21,7 @@ import math
 import torch
 import torch.fx as fx
 
+from .errors import RewriteError
 from .indexprop import shape
 from .masks import propagate_masks
 from .ops import SDPA
@@ -87,7 +88,15 @@ def predict(cg, plan) -> dict:
     """Parameters and FLOPs of the model, dense and after ``plan`` (nothing is rewritten)."""
     r = plan.resolve(cg)
     gm = _row_graph(cg, r)
-    ms = propagate_masks(gm, r.params)
+    try:
+        ms = propagate_masks(gm, r.params)
+    except RewriteError:
+        if not r.dead:
+            raise
+        # passes/dead_tokens takes its gathers out when the narrowing cannot flow: so do we
+        r = dataclasses.replace(r, dead={})
+        gm = _row_graph(cg, r)
+        ms = propagate_masks(gm, r.params)
     lowering = r.options.get("lowering", "auto")
 
     pruned = 0

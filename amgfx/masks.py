@@ -87,7 +87,7 @@ def kept_coords(m: torch.Tensor, new: tuple) -> torch.Tensor:
 class Masks:
     """Keep masks of a graph under a plan (see the module docstring)."""
     env: dict
-    gathers: list = field(default_factory=list)     # (node, arg position): unmasked operand meets pruned dims
+    gathers: list = field(default_factory=list)     # (node, arg position): operand keeps more than its user
     approximate: list = field(default_factory=list)  # nodes that reduce over pruned elements (means, norms)
     _shapes: dict = field(default_factory=dict)
 
@@ -164,10 +164,18 @@ def _pointwise(n, ms, gm, cache):
         masked = [a for a in masked if a is n.args[0]]
     ref = ms.get(masked[0]).broadcast_to(out)
     for a in masked[1:]:
-        if not torch.equal(ms.get(a).broadcast_to(out), ref):
+        ref = ref & ms.get(a).broadcast_to(out)
+    rows = ref.any(-1, keepdim=True)
+    for a in masked:
+        # An operand may keep more rows (token positions) than the other, never other channels:
+        # a residual whose partner was narrowed to the live tokens is gathered to them.
+        if not torch.equal(ms.get(a).broadcast_to(out) & rows, ref):
             _fail(n, f"its operands {masked[0].name} and {a.name} keep different elements")
     for pos, a in enumerate(n.args):
-        if isinstance(a, fx.Node) and ms.get(a) is None and shape(a) is not None and math.prod(shape(a)) > 1:
+        if not isinstance(a, fx.Node) or shape(a) is None or math.prod(shape(a)) <= 1:
+            continue
+        m = ms.get(a)
+        if m is None or not torch.equal(m.broadcast_to(out), ref):
             ms.gathers.append((n, pos))
     return ref
 

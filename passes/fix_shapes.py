@@ -193,17 +193,24 @@ REWRITES = {
 
 # ------------------------------------------------------------------------------------------------
 def _gather(gm, ms, n, pos):
-    """Replace operand ``pos`` of ``n`` (unpruned, broadcast against pruned ``n``) by its kept part."""
+    """Replace operand ``pos`` of ``n`` (broadcast against ``n``, keeping more than ``n``) by its kept part.
+
+    The operand is unpruned, or pruned only along dims it then keeps whole (a residual whose
+    channels were pruned, meeting a partner narrowed to the live token rows).
+    """
     c = n.args[pos]
     out, new = shape(n), ms.new_shape(n)
     r = len(out)
-    cs = (1,) * (r - len(shape(c))) + shape(c)
-    pruned = [k for k in range(r) if new[k] < out[k] and cs[k] > 1]
+    pad = (1,) * (r - len(shape(c)))
+    cs, have = pad + shape(c), pad + ms.new_shape(c)
+    pruned = [k for k in range(r) if new[k] < have[k] and cs[k] > 1]
+    if any(have[k] != cs[k] for k in pruned):
+        raise RewriteError(f"{n.name}: {c.name} is pruned along a dim it would also need gathering on")
     if not pruned:
         return
     coords = kept_coords(ms.get(n), new)                       # [*new, r]
     if len(shape(c)) < r:
-        c = call(gm, n, aten.view.default, [c, list(cs)])
+        c = call(gm, n, aten.view.default, [c, list(have)])
     for k in pruned:
         ik = coords[..., k]
         deps = [j for j in range(r) if j != k and ik.shape[j] > 1 and not bool((ik == ik.narrow(j, 0, 1)).all())]
@@ -213,7 +220,7 @@ def _gather(gm, ms, n, pos):
             continue
         if any(cs[j] > 1 for j in deps):
             raise RewriteError(f"{n.name}: {c.name} varies along a dim the kept indices depend on")
-        gshape = [new[j] if (j in deps or j == k) else (cs[j] if cs[j] > 1 else 1) for j in range(r)]
+        gshape = [new[j] if (j in deps or j == k) else (have[j] if cs[j] > 1 else 1) for j in range(r)]
         g = ik
         for j in range(r):
             if gshape[j] == 1:

@@ -201,6 +201,21 @@ def test_dead_token_elimination_is_exact_and_cuts_flops(analysed_model, name, li
     assert amgfx.cost.measure_flops(amgfx.apply(cg, off)) == amgfx.cost.predict(cg, off)["flops"]["pruned"] == dense
 
 
+def test_dead_tokens_with_residual_channels_pruned(analysed_model):
+    """The residual keeps every row but fewer channels; its partner, narrowed to the live rows,
+    keeps the same channels: the residual is gathered to those rows (it used to be refused)."""
+    m, args, kwargs, cg = analysed_model("vit")
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"residual": 0.25, "mlp": 0.5})
+    small = amgfx.apply(cg, plan)
+    assert small.meta["amgfx_dead_tokens"]["applied"]
+    off = amgfx.apply(cg, amgfx.Plan.from_dict({**plan.to_dict(), "options": {**plan.options, "dead_tokens": "off"}}))
+    x = torch.randn(3, *args[0].shape[1:])
+    with torch.no_grad():
+        assert _rel(small(x), off(x)) < 1e-5 and _rel(off(x), m(x)) > 1e-3     # residual pruning is not exact
+    assert amgfx.cost.measure_flops(small) == amgfx.cost.predict(cg, plan)["flops"]["pruned"] < \
+        amgfx.cost.measure_flops(off)
+
+
 def test_dead_tokens_leave_sequence_outputs_alone(analysed_model):
     *_, cg = analysed_model("bert_minilm")            # last_hidden_state: every position is read
     assert amgfx.apply(cg, amgfx.Plan()).meta.get("amgfx_dead_tokens") is None
