@@ -1,11 +1,12 @@
-"""Where the time goes, per op kind, dense vs pruned: DeiT-S at 50% of dense FLOPs.
+"""Where the time goes, per op kind, dense vs pruned at 50% of dense FLOPs (DeiT-S, MiniLM-L6).
 
-Run: ``python -m benchmarks.profile_ops [--runs 20] [--batches 1 8]``. Writes
-``benchmarks/results/profile_ops.md``.
+Run: ``python -m benchmarks.profile_ops [--runs 20] [--batches 1 8] [--cases DeiT-S MiniLM-L6]``.
+Writes ``benchmarks/results/profile_ops.md``.
 
-The model and plan are those of :mod:`benchmarks.speed` (``amgfx snp``, 50%, ``round_to=8``).
-onnxruntime's own profiler times every node; per op type the sum over a run is averaged over
-``--runs`` runs. ``torch.profiler`` does the same for eager PyTorch (self CPU time per ATen op).
+The models, plan and runtime settings are those of :mod:`benchmarks.speed` (``amgfx snp``, 50%,
+``round_to=8``). onnxruntime's own profiler times every node; per op type the sum over a run is
+averaged over ``--runs`` runs. ``torch.profiler`` does the same for eager PyTorch and inductor
+(self CPU time per op; inductor's generated C++ kernels are one entry, "inductor kernels").
 Dense and pruned are profiled one after the other, so compare the ratios, not the milliseconds.
 """
 from __future__ import annotations
@@ -22,13 +23,13 @@ import torch
 import amgfx
 
 from ._report import RESULTS, write_md
-from .speed import _timm
+from .speed import CASES, _compiled
 
 
-def ort_profile(path, x, runs: int) -> dict:
+def ort_profile(path, a, kw, runs: int) -> dict:
     """op type -> mean ms per run (onnxruntime's node events, the first run included)."""
-    sess = amgfx.ort_session(path, profile=True, spinning=False)
-    feed = {sess.get_inputs()[0].name: x.numpy()}
+    sess = amgfx.ort_session(path, profile=True)
+    feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), list(a) + list(kw.values()))}
     for _ in range(runs):
         sess.run(None, feed)
     with open(sess.end_profiling()) as f:
@@ -41,16 +42,23 @@ def ort_profile(path, x, runs: int) -> dict:
     return {k: v / n for k, v in per.items()}
 
 
-def torch_profile(model, x, runs: int) -> dict:
-    """ATen op -> mean self-CPU ms per run."""
+KERNELS = "## Call CompiledFxGraph"     # the profiler's event for inductor's generated code
+
+
+def torch_profile(model, a, kw, runs: int) -> dict:
+    """op -> mean self-CPU ms per run."""
     from torch.profiler import profile
     with torch.inference_mode():
         for _ in range(3):
-            model(x)
+            model(*a, **kw)
         with profile() as p:
             for _ in range(runs):
-                model(x)
-    return {e.key: e.self_cpu_time_total / 1e3 / runs for e in p.key_averages() if e.self_cpu_time_total > 0}
+                model(*a, **kw)
+    out = collections.Counter()
+    for e in p.key_averages():
+        if e.self_cpu_time_total > 0:
+            out["inductor kernels" if e.key.startswith(KERNELS) else e.key] += e.self_cpu_time_total / 1e3 / runs
+    return out
 
 
 def rows(dense: dict, pruned: dict, top: int = 8) -> list:
@@ -60,31 +68,44 @@ def rows(dense: dict, pruned: dict, top: int = 8) -> list:
     return out + [("(everything else)", *rest), ("total", sum(dense.values()), sum(pruned.values()))]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--out", default=os.path.join(RESULTS, "profile_ops.md"))
-    a = ap.parse_args(argv)
-    model, inputs, calib = _timm("deit_small_patch16_224")
+def profiles(case: str, batches, runs: int, say) -> list[str]:
+    """Markdown tables, one per runtime and batch, for one case of benchmarks.speed."""
+    model, inputs, calib = CASES[case][0]()
     cg = amgfx.analyze(model, *inputs(1))
     plan = amgfx.plan_for(cg, method="snp", target_flops=0.5, round_to=8, calib=calib, progress=False)
     small = amgfx.apply(cg, plan)
-    kept = amgfx.cost.measure_flops(small) / amgfx.cost.measure_flops(cg.gm)
+    kept = amgfx.cost.measure_flops(small, inputs(1)) / amgfx.cost.measure_flops(cg.gm, inputs(1))
     tmp = tempfile.mkdtemp(prefix="amgfx-profile-")
     paths = [amgfx.export_onnx(g, os.path.join(tmp, f"{i}.onnx")) for i, g in enumerate((cg.gm, small))]
-    lines = ["# Where the time goes: DeiT-S, dense vs amgfx snp at 50% FLOPs", "",
-             f"`python -m benchmarks.profile_ops --runs {a.runs} --batches {' '.join(map(str, a.batches))}` on "
-             f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. FLOPs kept "
-             f"{kept:.3f}. Per op kind: mean ms per run; dense and pruned profiled one after the other.", ""]
-    for b in a.batches:
-        x = torch.randn(b, 3, 224, 224)
-        for runtime, d, p in (("onnxruntime", *(ort_profile(q, x, a.runs) for q in paths)),
-                              ("eager PyTorch", *(torch_profile(m, x, a.runs) for m in (model, small)))):
-            lines += [f"**{runtime}, batch {b}**", "", "| op | dense ms | pruned ms | pruned / dense |", "|---|---|---|---|"]
+    compiled = _compiled({"dense": model, "pruned": small})
+    lines = [f"## {case}: FLOPs kept {kept:.3f}", ""]
+    for b in batches:
+        a, kw = inputs(b)
+        for runtime, d, p in (("onnxruntime", *(ort_profile(q, a, kw, runs) for q in paths)),
+                              ("inductor", *(torch_profile(m, a, kw, runs) for m in compiled.values())),
+                              ("eager PyTorch", *(torch_profile(m, a, kw, runs) for m in (model, small)))):
+            lines += [f"**{case}, {runtime}, batch {b}**", "", "| op | dense ms | pruned ms | pruned / dense |",
+                      "|---|---|---|---|"]
             lines += [f"| {k} | {dv:.2f} | {pv:.2f} | {pv / dv if dv else float('nan'):.2f} |" for k, dv, pv in rows(d, p)]
             lines.append("")
-            print(f"{runtime} b{b}: total {sum(d.values()):.1f} -> {sum(p.values()):.1f} ms", flush=True)
+            say(f"{case} {runtime} b{b}: total {sum(d.values()):.1f} -> {sum(p.values()):.1f} ms")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--cases", nargs="+", default=["DeiT-S", "MiniLM-L6"], choices=list(CASES))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "profile_ops.md"))
+    a = ap.parse_args(argv)
+    lines = ["# Where the time goes: dense vs amgfx snp at 50% FLOPs", "",
+             f"`python -m benchmarks.profile_ops --runs {a.runs} --batches {' '.join(map(str, a.batches))} --cases "
+             f"{' '.join(a.cases)}` on {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+             "Per op kind: mean ms per run; dense and pruned profiled one after the other. Runtime settings as in "
+             "`benchmarks.speed` (inductor with freezing; onnxruntime with all graph optimisations).", ""]
+    for case in a.cases:
+        lines += profiles(case, a.batches, a.runs, lambda s: print(s, flush=True))
     write_md(a.out, lines)
 
 
