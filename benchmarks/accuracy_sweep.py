@@ -24,7 +24,7 @@ from amgfx import data, models
 from amgfx.budget import allocate
 from amgfx.data import digits
 
-from ._report import RESULTS, write_md
+from ._report import RESULTS, pyplot, write_md
 from .criteria_digits import tp_at
 from .criteria_minilm import BATCH, SEQ, agreement, heldout
 from .digits_vit import accuracy, load
@@ -78,9 +78,7 @@ def minilm_rows(targets) -> list:
 
 
 def plot(d_rows, t_rows, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, rows, ylabel, title in ((axes[0], d_rows, "test top-1", "digits ViT (trained), no fine-tuning"),
                                     (axes[1], t_rows, "cosine to dense embeddings", "MiniLM-L6 (real), no fine-tuning")):

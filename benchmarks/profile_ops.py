@@ -103,7 +103,7 @@ def main(argv=None):
              f"`python -m benchmarks.profile_ops --runs {a.runs} --batches {' '.join(map(str, a.batches))} --cases "
              f"{' '.join(a.cases)}` on {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
              "Per op kind: mean ms per run; dense and pruned profiled one after the other. Runtime settings as in "
-             "`benchmarks.speed` (inductor with freezing; onnxruntime with all graph optimisations).", ""]
+             "`benchmarks.speed` (inductor with its default config; onnxruntime with all graph optimisations).", ""]
     for case in a.cases:
         lines += profiles(case, a.batches, a.runs, lambda s: print(s, flush=True))
     write_md(a.out, lines)

@@ -26,7 +26,7 @@ import torch
 import amgfx
 from amgfx.data import digits
 
-from ._report import RESULTS, write_md
+from ._report import RESULTS, pyplot, write_md
 from .criteria_digits import flops, tp_at
 from .digits_vit import accuracy, load
 
@@ -106,9 +106,7 @@ def _write(a, rows, dense_acc):
 
 
 def _plot(rows, dense_acc, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     style = {"amgfx snp+amg": ("C0", "o", "--"), "amgfx snp+amg + recover": ("C0", "o", "-"),
              "amgfx snp+amg, Iterative(3) + recover": ("C2", "s", "-"),

@@ -22,10 +22,9 @@ Calibration uses random images (timm) or real text (MiniLM); accuracy is elsewhe
 Latency per runtime and batch: every variant interleaved in one process, ``--runs`` rounds after
 warm-up. ``ms`` is the median; ``speedup`` is the median over rounds of dense time / variant time
 (paired, so drift cancels). **Efficiency** = speedup / (dense FLOPs / variant FLOPs): 1.0 means
-the FLOPs saved became time saved. Runtimes, each in the setting its makers recommend for CPU
-inference: eager PyTorch; ``torch.compile`` (inductor, static shapes, ``freezing``: weights become
-prepacked constants); onnxruntime (opset 23, all graph optimisations, its default spinning thread
-pool). Each round runs a variant several times in a row (8 at batch 1, 3 above) and keeps the
+the FLOPs saved became time saved. Runtimes: eager PyTorch; ``torch.compile`` (inductor, static shapes, default config; freezing is
+measured in :mod:`benchmarks.levers`); onnxruntime (opset 23, all graph optimisations, its default
+spinning thread pool). Each round runs a variant several times in a row (8 at batch 1, 3 above) and keeps the
 median (:func:`time_paired`). Timing is never asserted anywhere.
 """
 from __future__ import annotations
@@ -43,7 +42,7 @@ import torch
 
 import amgfx
 
-from ._report import RESULTS, write_md
+from ._report import RESULTS, pyplot, write_md
 
 TOKENS = 0.25
 
@@ -118,9 +117,9 @@ def _ort(models: dict, cg, inputs, tmp: str) -> dict:
 
 
 def _compiled(models: dict) -> dict:
-    # freezing: weights become constants (prepacked for oneDNN/MKL), inductor's CPU inference setting
+    # compiled lazily at the first call: settings such as freezing come from the caller's config
     torch._dynamo.reset()
-    return {k: torch.compile(m, dynamic=False, options={"freezing": True}) for k, m in models.items()}
+    return {k: torch.compile(m, dynamic=False) for k, m in models.items()}
 
 
 def time_paired(fns: dict, a, kw, runs: int, block: int = 1) -> dict:
@@ -153,9 +152,8 @@ def measure(case: str, target: float, models: dict, flops: dict, cg, inputs, run
     fns = {}
     if "eager" in runtimes:
         fns["eager"] = {k: (lambda a, kw, m=m: m(*a, **kw)) for k, m in models.items()}
-    tmp = tempfile.mkdtemp(prefix="amgfx-speed-")
     if "ort" in runtimes:
-        fns["onnxruntime"] = _ort(models, cg, inputs, tmp)
+        fns["onnxruntime"] = _ort(models, cg, inputs, tempfile.mkdtemp(prefix="amgfx-speed-"))
     if "inductor" in runtimes:
         fns["inductor"] = {k: (lambda a, kw, m=m: m(*a, **kw)) for k, m in _compiled(models).items()}
     for runtime, fs in fns.items():
@@ -192,16 +190,14 @@ def table(rows: list) -> list[str]:
     out = ["| case | FLOPs target | runtime | batch | variant | FLOPs kept | ms | speedup | efficiency |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        eff = "-" if r["variant"] == "dense" else f"{r['efficiency']:.2f}"
+        eff = "-" if r["variant"] == "dense" else f"{r['efficiency']:.3f}"
         out.append(f"| {r['case']} | {r['target']:.0%} | {r['runtime']} | {r['batch']} | {r['variant']} | "
-                   f"{r['flops_kept']:.3f} | {r['ms']:.2f} | {r['speedup']:.2f} | {eff} |")
+                   f"{r['flops_kept']:.3f} | {r['ms']:.2f} | {r['speedup']:.3f} | {eff} |")
     return out
 
 
 def plot(rows: list, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
     fig, axes = plt.subplots(1, len(runtimes), figsize=(5 * len(runtimes), 4.2), sharey=True, squeeze=False)
     colors = {"amgfx snp": "tab:blue", "amgfx snp+amg": "tab:green", "Torch-Pruning": "tab:red"}
@@ -264,7 +260,7 @@ def main(argv=None) -> list:
              "speedup: median over interleaved rounds of dense time / variant time. efficiency: speedup x FLOPs kept "
              "(1.00: every FLOP saved became time saved). Torch-Pruning: magnitude, ratio bisected to amgfx snp's FLOPs "
              "(within 2%), `num_heads`/`head_dim`/`attn_dim` patched by hand after pruning. amgfx snp+amg also removes "
-             f"{TOKENS:.0%} of the key positions. inductor: `torch.compile(m, dynamic=False, options={{'freezing': True}})`. "
+             f"{TOKENS:.0%} of the key positions. inductor: `torch.compile(m, dynamic=False)`, default config. "
              f"onnxruntime: default (spinning) thread pool. Each round runs a variant {in_a_row(1)} times in a row at batch 1 "
              f"({in_a_row(8)} above) and keeps the median.", ""] + table(rows)
     lines += ["", "Checks: " + ("all numbers finite, FLOPs where planned, Torch-Pruning matched." if not problems

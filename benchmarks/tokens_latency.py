@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import amgfx
 from amgfx.budget import select_tokens
 
-from ._report import RESULTS, write_md
+from ._report import RESULTS, pyplot, write_md
 from .speed import time_paired
 
 FRACTIONS = (0.25, 0.40, 0.60)
@@ -98,9 +98,7 @@ def check(models: dict, x) -> tuple[float, float]:
 
 
 def plot(rows: list, batches, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4), sharey=True)
     for ax, b in zip(axes if len(batches) > 1 else [axes], batches):
         for method, color in (("amgfx", "tab:blue"), ("AMG reference", "tab:orange")):

@@ -21,3 +21,14 @@ def test_quick_speed_suite_runs_and_is_sane(tmp_path):
     text = out.read_text()
     assert "| DeiT-tiny 64px x4 | 50% | inductor | 8 | Torch-Pruning |" in text and "Checks: all numbers finite" in text
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+def test_readme_figures_come_from_the_result_files(tmp_path):
+    """Every generated block of README.md equals what benchmarks/readme.py makes from the results."""
+    from benchmarks import readme
+    assert readme.main(["--check"]) == 0
+    stale = tmp_path / "README.md"
+    text = open(readme.README).read()
+    assert text.count("<!-- bench:") >= 5
+    stale.write_text(text.replace("eff ", "eff 9", 1))         # one figure typed by hand
+    assert readme.main(["--check", "--readme", str(stale)]) == 1

@@ -1,0 +1,140 @@
+"""Copy benchmark figures into README.md: ``python -m benchmarks.readme [--check]``.
+
+README.md holds generated blocks between ``<!-- bench:NAME -->`` and ``<!-- /bench -->``. This
+fills each one from the files under ``benchmarks/results``, so no figure inside them is typed by
+hand, and each table names the command that made it. ``--check`` changes nothing and exits 1
+when a block is out of date (``tests/test_bench.py`` runs it).
+
+examples:
+  python -m benchmarks.speed && python -m benchmarks.readme
+  python -m benchmarks.readme --check
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from ._report import RESULTS
+
+README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
+BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /bench -->)", re.S)
+TARGET = 0.9                                      # issue 8: efficiency at 50% FLOPs on DeiT-S
+
+
+def _read(name: str) -> list[str]:
+    with open(os.path.join(RESULTS, name)) as f:
+        return f.read().splitlines()
+
+
+def _command(lines: list[str]) -> str:
+    """The `python -m ...` command a result file says made it."""
+    return next(re.search(r"`python -m [^`]*`", l).group(0) for l in lines if "`python -m" in l)
+
+
+def speed_rows(name: str = "speed.md") -> list[dict]:
+    rows = []
+    for l in _read(name):
+        c = [x.strip() for x in l.strip().strip("|").split("|")]
+        if l.startswith("| ") and len(c) == 9 and c[0] != "case":
+            rows.append(dict(case=c[0], target=c[1], runtime=c[2], batch=int(c[3]), variant=c[4], kept=float(c[5]),
+                             ms=float(c[6]), speedup=float(c[7]), eff=None if c[8] == "-" else float(c[8])))
+    return rows
+
+
+def speed_table(case: str, target: str = "50%") -> list[str]:
+    rows = [r for r in speed_rows() if r["case"] == case and r["target"] == target]
+    out = [f"| {case} at {target} | batch | amgfx snp | amgfx snp+amg | Torch-Pruning | "
+           "amgfx snp / Torch-Pruning time |", "|---|---|---|---|---|---|"]
+    for rt in dict.fromkeys(r["runtime"] for r in rows):
+        for b in dict.fromkeys(r["batch"] for r in rows):
+            sel = {r["variant"]: r for r in rows if r["runtime"] == rt and r["batch"] == b}
+            cell = lambda v: f"{sel[v]['speedup']:.2f}x, eff {sel[v]['eff']:.2f}" if v in sel else "-"
+            ratio = f"{sel['amgfx snp']['ms'] / sel['Torch-Pruning']['ms']:.2f}" if "Torch-Pruning" in sel else "-"
+            out.append(f"| {rt} | {b} | {cell('amgfx snp')} | {cell('amgfx snp+amg')} | {cell('Torch-Pruning')} | {ratio} |")
+    return [f"From [benchmarks/results/speed.md](benchmarks/results/speed.md), made by {_command(_read('speed.md'))}:", ""] + out
+
+
+def speed_verdict() -> list[str]:
+    """The acceptance lines of issue 8, computed: efficiency >= 0.9 and no slower than Torch-Pruning."""
+    rows = [r for r in speed_rows() if r["case"] == "DeiT-S" and r["target"] == "50%"]
+    by = {(r["runtime"], r["batch"], r["variant"]): r for r in rows}
+    snp = {(rt, b): r for (rt, b, v), r in by.items() if v == "amgfx snp" and rt != "eager"}
+    met = [k for k, r in snp.items() if r["eff"] >= TARGET]
+    missed = [f"{rt} batch {b} ({snp[rt, b]['eff']:.3f})" for rt, b in snp if (rt, b) not in met]
+    ratios = [by[rt, b, "amgfx snp"]["ms"] / r["ms"] for (rt, b, v), r in by.items() if v == "Torch-Pruning"]
+    effs = ", ".join(f"{rt} batch {b} {r['eff']:.3f}" for (rt, b), r in snp.items())
+    line = (f"**Target: efficiency >= {TARGET} for amgfx snp at 50% FLOPs on DeiT-S, in inductor and onnxruntime "
+            f"at batch 1 and 8: met in {len(met)} of {len(snp)}** ({effs})" +
+            (f"; missed: {', '.join(missed)}." if missed else ".") +
+            f" amgfx snp takes {min(ratios):.2f}-{max(ratios):.2f} of Torch-Pruning's time at the same FLOPs"
+            f" ({sum(x <= 1 for x in ratios)} of {len(ratios)} runtime and batch pairs at least as fast).")
+    return [line]
+
+
+def levers() -> list[str]:
+    out = [f"From [benchmarks/results/levers.md](benchmarks/results/levers.md), made by {_command(_read('levers.md'))}:",
+           "", "| amgfx snp, 50% FLOPs, with | runtime | batch | FLOPs kept | speedup | efficiency |",
+           "|---|---|---|---|---|---|"]
+    out += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {r['kept']:.3f} | {r['speedup']:.2f}x | {r['eff']:.2f} |"
+            for r in speed_rows("levers.md") if r["variant"] != "dense"]
+    return out
+
+
+def gpu_line() -> list[str]:
+    return [next(l for l in _read("speed.md") if l.startswith("GPU:"))]
+
+
+def profile_table(case: str, runtime: str, batch: int) -> list[str]:
+    lines = _read("profile_ops.md")
+    head = f"**{case}, {runtime}, batch {batch}**"
+    i = lines.index(head) + 2
+    j = next(k for k in range(i, len(lines)) if not lines[k].startswith("|"))
+    return [f"{head} ({_command(lines)}):", ""] + lines[i:j]
+
+
+def tool_cost() -> list[str]:
+    lines = _read("tool_cost.md")
+    return [f"From [benchmarks/results/tool_cost.md](benchmarks/results/tool_cost.md) ({_command(lines)}):", ""] + \
+        [l for l in lines if l.startswith("|")]
+
+
+def block(name: str) -> list[str]:
+    kind, _, arg = name.partition(".")
+    if kind == "speed":
+        return speed_table(arg)
+    if kind == "profile":
+        case, runtime, b = arg.rsplit("-", 2)
+        return profile_table(case, runtime, int(b))
+    return {"verdict": speed_verdict, "gpu": gpu_line, "tool_cost": tool_cost, "levers": levers}[kind]()
+
+
+def render(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + "\n".join(block(m.group("name"))) + "\n" + m.group(4), text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.readme", description=__doc__.split("\n\n")[1],
+                                 epilog="examples:" + __doc__.split("examples:")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date; write nothing")
+    ap.add_argument("--readme", default=README)
+    a = ap.parse_args(argv)
+    with open(a.readme) as f:
+        text = f.read()
+    new = render(text)
+    names = [m.group("name") for m in BLOCK.finditer(text)]
+    if a.check:
+        stale = [n for n, old, fresh in zip(names, BLOCK.finditer(text), BLOCK.finditer(new))
+                 if old.group("body") != fresh.group("body")]
+        print(f"README.md: {len(names)} generated blocks" + (f", out of date: {', '.join(stale)}" if stale else ", up to date"))
+        return 1 if stale else 0
+    with open(a.readme, "w") as f:
+        f.write(new)
+    print(f"README.md: {len(names)} generated blocks written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
