@@ -121,14 +121,18 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
 
 def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
              ratios: dict | None = None, tokens: float | None = None, calib=None, loss_fn=None, kinds=None,
-             round_to: int = 1, min_keep: float = 0.1, protect=(), seed: int = 0, progress: bool = True) -> Plan:
+             round_to: int = 1, min_keep: float = 0.1, protect=(), same_head_dim: bool = False, seed: int = 0,
+             progress: bool = True) -> Plan:
     """Score the model's coupling groups and decide what to keep; nothing is rewritten.
 
     ``model_or_gm`` may be an nn.Module (captured with ``example_inputs``), a captured
     GraphModule or a :class:`amgfx.CouplingGraph`. Give either ``target_flops`` (a fraction of
     the dense FLOPs; per-site amounts are derived from the scores, see :mod:`amgfx.budget`) or
     ``ratios`` (the fraction removed per kind in every site). ``kinds`` limits what is
-    pruned (default qk, v, head, mlp: residual channels are opt-in).
+    pruned (default qk, v, head, mlp: residual channels are opt-in). With ``target_flops``,
+    ``round_to`` rounds kept widths up to a multiple and ``same_head_dim=True`` gives each site's
+    q/k and v one width per head, which runtimes take without splitting or padding (faster on CPU
+    at the same FLOPs, see ``benchmarks/results/levers.md``).
 
     Example:
         >>> import torch, timm, amgfx
@@ -161,7 +165,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(target_flops), round_to=round_to, min_keep=min_keep, protect=protect,
-                        base=base)
+                        base=base, same_head_dim=same_head_dim)
     plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
                       "seed": seed, "calibration_samples": s.samples})
     return plan
@@ -214,7 +218,7 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
 
     Give ``target_flops`` (fraction of dense FLOPs kept) or ``ratios`` (``{kind: fraction
     removed}`` per site), or a ready ``plan`` to replay. ``options`` go to :func:`plan_for`
-    (``kinds``, ``round_to``, ``min_keep``, ``protect``, ``seed``, ``progress``).
+    (``kinds``, ``round_to``, ``min_keep``, ``protect``, ``same_head_dim``, ``seed``, ``progress``).
 
     ``schedule=amgfx.Iterative(steps=k, recover_steps=n)`` reaches ``target_flops`` in ``k``
     steps, re-scoring the pruned model and recovering it (:func:`amgfx.recover`, against the

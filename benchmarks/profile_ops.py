@@ -4,7 +4,7 @@ Run: ``python -m benchmarks.profile_ops [--runs 20] [--batches 1 8] [--cases Dei
 Writes ``benchmarks/results/profile_ops.md``.
 
 The models, plan and runtime settings are those of :mod:`benchmarks.speed` (``amgfx snp``, 50%,
-``round_to=8``). onnxruntime's own profiler times every node; per op type the sum over a run is
+``speed.PLAN``). onnxruntime's own profiler times every node; per op type the sum over a run is
 averaged over ``--runs`` runs. ``torch.profiler`` does the same for eager PyTorch and inductor
 (self CPU time per op; inductor's generated C++ kernels are one entry, "inductor kernels").
 Dense and pruned are profiled one after the other, so compare the ratios, not the milliseconds.
@@ -23,7 +23,7 @@ import torch
 import amgfx
 
 from ._report import RESULTS, write_md
-from .speed import CASES, _compiled
+from .speed import CASES, PLAN, _compiled
 
 
 def ort_profile(path, a, kw, runs: int) -> dict:
@@ -72,7 +72,7 @@ def profiles(case: str, batches, runs: int, say) -> list[str]:
     """Markdown tables, one per runtime and batch, for one case of benchmarks.speed."""
     model, inputs, calib = CASES[case][0]()
     cg = amgfx.analyze(model, *inputs(1))
-    plan = amgfx.plan_for(cg, method="snp", target_flops=0.5, round_to=8, calib=calib, progress=False)
+    plan = amgfx.plan_for(cg, method="snp", target_flops=0.5, calib=calib, progress=False, **PLAN)
     small = amgfx.apply(cg, plan)
     kept = amgfx.cost.measure_flops(small, inputs(1)) / amgfx.cost.measure_flops(cg.gm, inputs(1))
     tmp = tempfile.mkdtemp(prefix="amgfx-profile-")

@@ -77,9 +77,16 @@ def levers() -> list[str]:
     out = [f"From [benchmarks/results/levers.md](benchmarks/results/levers.md), made by {_command(_read('levers.md'))}:",
            "", "| amgfx snp, 50% FLOPs, with | runtime | batch | FLOPs kept | speedup | efficiency |",
            "|---|---|---|---|---|---|"]
-    out += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {r['kept']:.3f} | {r['speedup']:.2f}x | {r['eff']:.2f} |"
+    out += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {r['kept']:.3f} | {r['speedup']:.2f}x | {r['eff']:.3f} |"
             for r in speed_rows("levers.md") if r["variant"] != "dense"]
     return out
+
+
+def levers_accuracy() -> list[str]:
+    """levers.md's accuracy table (the plan knobs on the trained digits ViT)."""
+    lines = _read("levers.md")
+    i = lines.index("## What the plan knobs cost in accuracy") + 2
+    return [lines[i], ""] + [l for l in lines[i + 1:] if l.startswith("|")]
 
 
 def gpu_line() -> list[str]:
@@ -107,7 +114,8 @@ def block(name: str) -> list[str]:
     if kind == "profile":
         case, runtime, b = arg.rsplit("-", 2)
         return profile_table(case, runtime, int(b))
-    return {"verdict": speed_verdict, "gpu": gpu_line, "tool_cost": tool_cost, "levers": levers}[kind]()
+    return {"verdict": speed_verdict, "gpu": gpu_line, "tool_cost": tool_cost, "levers": levers,
+            "levers_accuracy": levers_accuracy}[kind]()
 
 
 def render(text: str) -> str:

@@ -10,7 +10,9 @@ Cases: timm ``deit_small_patch16_224`` at 70/50/30% of dense FLOPs, ``vit_base_p
 Variants at each target, all made from the same model:
 
 * **dense**: the model as it is (eager), its captured graph for ONNX;
-* **amgfx snp**: ``plan_for(method="snp", target_flops=t, round_to=8)``;
+* **amgfx snp**: ``plan_for(method="snp", target_flops=t, **PLAN)``, ``PLAN`` being
+  ``round_to=16, same_head_dim=True``: the fastest at equal FLOPs of the knobs in
+  :mod:`benchmarks.levers`, which also shows they cost no accuracy on the digits ViT;
 * **amgfx snp+amg**: the same with AMG heads and ``tokens=0.25`` (static key positions);
 * **Torch-Pruning**: magnitude importance, its ratio bisected until its FLOPs are within 2% of
   amgfx snp's. It does not rewrite timm's forward: ``num_heads``, ``head_dim`` and ``attn_dim``
@@ -45,6 +47,8 @@ import amgfx
 from ._report import RESULTS, pyplot, write_md
 
 TOKENS = 0.25
+# kept widths in multiples of 16, one q/k/v width per head (no qkv split, no padding): see benchmarks.levers
+PLAN = dict(round_to=16, same_head_dim=True)
 
 
 def in_a_row(batch: int) -> int:
@@ -89,7 +93,7 @@ def variants(model, inputs, calib, target: float, with_tp: bool) -> tuple:
     cg = amgfx.analyze(model, args, kwargs)
     flops = lambda m: amgfx.cost.measure_flops(m, inputs(1))
     models = {"dense": model}
-    opts = dict(target_flops=target, round_to=8, calib=calib, progress=False)
+    opts = dict(target_flops=target, calib=calib, progress=False, **PLAN)
     models["amgfx snp"] = amgfx.apply(cg, amgfx.plan_for(cg, method="snp", **opts))
     models["amgfx snp+amg"] = amgfx.apply(cg, amgfx.plan_for(cg, method="snp+amg", tokens=TOKENS, **opts))
     out = {k: flops(m) for k, m in models.items()}
@@ -260,7 +264,8 @@ def main(argv=None) -> list:
              "speedup: median over interleaved rounds of dense time / variant time. efficiency: speedup x FLOPs kept "
              "(1.00: every FLOP saved became time saved). Torch-Pruning: magnitude, ratio bisected to amgfx snp's FLOPs "
              "(within 2%), `num_heads`/`head_dim`/`attn_dim` patched by hand after pruning. amgfx snp+amg also removes "
-             f"{TOKENS:.0%} of the key positions. inductor: `torch.compile(m, dynamic=False)`, default config. "
+             f"{TOKENS:.0%} of the key positions. amgfx plans: "
+             + ", ".join(f"`{k}={v}`" for k, v in PLAN.items()) + " (see `levers.md`). inductor: `torch.compile(m, dynamic=False)`, default config. "
              f"onnxruntime: default (spinning) thread pool. Each round runs a variant {in_a_row(1)} times in a row at batch 1 "
              f"({in_a_row(8)} above) and keeps the median.", ""] + table(rows)
     lines += ["", "Checks: " + ("all numbers finite, FLOPs where planned, Torch-Pruning matched." if not problems

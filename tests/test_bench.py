@@ -32,3 +32,33 @@ def test_readme_figures_come_from_the_result_files(tmp_path):
     assert text.count("<!-- bench:") >= 5
     stale.write_text(text.replace("eff ", "eff 9", 1))         # one figure typed by hand
     assert readme.main(["--check", "--readme", str(stale)]) == 1
+
+
+def test_levers_each_change_what_they_name(monkeypatch):
+    """benchmarks.levers' plans: all meet 50% FLOPs from one scoring, and each differs from the speed plan as named."""
+    import numpy as np
+    from conftest import analysed
+
+    import amgfx
+    from amgfx import budget
+    from benchmarks import levers, speed
+    _, args, _, cg = analysed("vit")
+    units = amgfx.score(cg, "magnitude", None, kinds=levers.ALL, progress=False).units
+    calls, real = [], budget.allocate
+    monkeypatch.setattr(budget, "allocate", lambda cg, s, t, **kw: calls.append((sorted({cg.group(g).kind for g in s}),
+                                                                                  kw)) or real(cg, s, t, **kw))
+    plans = levers.plans(cg, units)
+    assert list(plans) == list(levers.LEVERS)
+    got = dict(zip(plans, calls))
+    base = next(iter(plans))
+    assert got[base] == (sorted(levers.DEFAULT), speed.PLAN)
+    assert got["+residual"][0] == sorted(levers.ALL) and got["round_to=8"][1]["round_to"] == 8
+    assert got["same_head_dim off"][1] == {**speed.PLAN, "same_head_dim": False}
+    dims = {name: [(a["qk_dim"], a["v_dim"]) for a in p.resolve(cg).attention.values()] for name, p in plans.items()}
+    assert all(q == v for q, v in dims[base]) and any(q != v for q, v in dims["same_head_dim off, round_to=8"])
+    for name, p in plans.items():
+        assert p.meta["flops"]["planned"] <= 0.5 * p.meta["flops"]["dense"], name
+        widths = [len(k) // len(np.unique(cg.group(g).heads)) if cg.group(g).kind in ("qk", "v") else len(k)
+                  for g, k in p.keep.items() if cg.group(g).kind != "head"]
+        assert all(w % p.meta["round_to"] == 0 for w in widths), name
+    assert plans["split_qkv=always"].options == {**plans[base].options, "split_qkv": "always"} != plans[base].options
