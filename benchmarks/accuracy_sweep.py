@@ -22,12 +22,11 @@ import torch
 import amgfx
 from amgfx import data, models
 from amgfx.budget import allocate
-from amgfx.data import digits
 
 from ._report import RESULTS, pyplot, write_md
 from .criteria_digits import tp_at
 from .criteria_minilm import BATCH, SEQ, agreement, heldout
-from .digits_vit import accuracy, load
+from .digits_vit import accuracy, task
 
 DIGITS = ["snp", "snp+amg", "taylor", "magnitude", "random"]
 TEXT = ["snp", "snp+amg", "magnitude"]
@@ -47,15 +46,11 @@ def _sweep(cg, methods, calib, targets, evaluate, flops) -> list:
 
 def digits_rows(targets) -> list:
     torch.manual_seed(0)
-    dense = load()
-    xtr, _ = digits("train")
-    xte, yte = digits("test")
-    calib_x = xtr[:64]
-    example = torch.zeros(1, 1, 8, 8)
+    dense, example, _, calib_x, calib, xte, yte = task(64)
     cg = amgfx.analyze(dense, example)
     flops = lambda m: amgfx.cost.measure_flops(m, ((example,), {}))
     rows = [("dense", 1.0, 1.0, accuracy(dense, xte, yte))]
-    rows += _sweep(cg, DIGITS, [calib_x[i:i + 16] for i in range(0, 64, 16)], targets,
+    rows += _sweep(cg, DIGITS, calib, targets,
                    lambda m: accuracy(m, xte, yte, batch=1), flops)
     snp = {t: f for name, t, f, _ in rows if name == "amgfx snp"}
     for kind in ("magnitude", "taylor"):

@@ -26,10 +26,9 @@ import torch
 
 import amgfx
 from amgfx.cost import measure_flops
-from amgfx.data import digits
 
 from ._report import RESULTS, write_md
-from .digits_vit import accuracy, load
+from .digits_vit import accuracy, task
 
 METHODS = ["snp", "snp+amg", "taylor", "magnitude", "random"]
 
@@ -82,12 +81,7 @@ def main(argv=None):
     ap.add_argument("--calib", type=int, default=64, help="calibration images (default 64)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    dense = load()
-    xtr, ytr = digits("train")
-    xte, yte = digits("test")
-    calib_x = xtr[: a.calib]
-    calib = [calib_x[i:i + 16] for i in range(0, a.calib, 16)]
-    example = torch.zeros(1, 1, 8, 8)
+    dense, example, _, calib_x, calib, xte, yte = task(a.calib)
     cg = amgfx.analyze(dense, example)
     dense_flops = flops(dense, example)
     rows = [("dense", "-", 1.0, accuracy(dense, xte, yte), 0.0, "-")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -66,6 +67,26 @@ def load(seed: int = 0) -> torch.nn.Module:
     os.makedirs(CACHE, exist_ok=True)
     torch.save(m.state_dict(), path)
     return m
+
+
+class Task(NamedTuple):
+    """What every digits benchmark starts from (see :func:`task`)."""
+    dense: torch.nn.Module
+    example: torch.Tensor      # zeros of one image: what the benchmarks capture with
+    x_train: torch.Tensor
+    calib_x: torch.Tensor      # the first ``calib`` training images
+    calib: list                # calib_x in batches of 16
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def task(calib: int = 64) -> Task:
+    """The trained model, its calibration images and the held-out test set."""
+    dense = load()
+    xtr, _ = digits("train")
+    xte, yte = digits("test")
+    x = xtr[:calib]
+    return Task(dense, torch.zeros(1, 1, 8, 8), xtr, x, [x[i:i + 16] for i in range(0, calib, 16)], xte, yte)
 
 
 @torch.no_grad()

@@ -72,14 +72,10 @@ def variants(model, inputs, calib, target: float = 0.5) -> tuple[dict, dict, obj
 
 def digits_accuracy(target: float = 0.5) -> list[str]:
     """Markdown rows: each lever that changes the plan, on the trained digits ViT (test top-1)."""
-    from amgfx.data import digits
-
-    from .digits_vit import accuracy, load
-    dense = load()
-    xtr, _ = digits("train")
-    xte, yte = digits("test")
-    cg = amgfx.analyze(dense, torch.zeros(1, 1, 8, 8))
-    units = amgfx.score(cg, "snp", [xtr[i:i + 16] for i in range(0, 64, 16)], kinds=ALL, progress=False).units
+    from .digits_vit import accuracy, task
+    dense, example, _, _, calib, xte, yte = task(64)
+    cg = amgfx.analyze(dense, example)
+    units = amgfx.score(cg, "snp", calib, kinds=ALL, progress=False).units
     dense_flops = amgfx.cost.measure_flops(cg.gm)
     rows = ["| amgfx snp, 50% FLOPs, with | FLOPs kept | test top-1 |", "|---|---|---|",
             f"| dense | 1.000 | {accuracy(dense, xte, yte):.4f} |"]

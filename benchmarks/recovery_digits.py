@@ -24,11 +24,10 @@ import time
 import torch
 
 import amgfx
-from amgfx.data import digits
 
 from ._report import RESULTS, pyplot, write_md
 from .criteria_digits import flops, tp_at
-from .digits_vit import accuracy, load
+from .digits_vit import accuracy, task
 
 BUDGET_S = 120.0
 KD = {"lr": 1e-3, "loss": "kd", "temperature": 2.0}
@@ -49,12 +48,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1500, help="recovery steps per model (default 1500)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    dense = load()
-    xtr, _ = digits("train")
-    xte, yte = digits("test")
-    calib = [xtr[i:i + 16] for i in range(0, 64, 16)]
+    dense, example, xtr, _, calib, xte, yte = task(64)
     data = [xtr[i:i + 64] for i in range(0, len(xtr), 64)]
-    example = torch.zeros(1, 1, 8, 8)
     cg = amgfx.analyze(dense, example)
     dense_flops, dense_acc = flops(dense, example), accuracy(dense, xte, yte)
     print(f"dense: {dense_acc:.4f}", flush=True)
