@@ -31,3 +31,11 @@ def saved_vit(tmp_path_factory):
     d = tmp_path_factory.mktemp("saved")
     amgfx.save(amgfx.prune(m, torch.randn(1, 3, 32, 32), method="magnitude", ratios={"mlp": 0.5}), d)
     return d
+
+
+def skewed_scores(cg, kinds=("qk", "v", "mlp")) -> dict:
+    """Scores that do not depend on the weights: qk and mlp units spread around their mean (so their
+    weakest go first), v units all equal. A FLOPs budget then cuts q/k and v to different widths."""
+    import numpy as np
+    return {g.name: np.ones(g.units) if g.kind in ("v", "residual") else np.linspace(0.1, 1.9, g.units)
+            for g in cg.groups if g.kind in kinds}

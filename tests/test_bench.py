@@ -37,13 +37,12 @@ def test_readme_figures_come_from_the_result_files(tmp_path):
 def test_levers_each_change_what_they_name(monkeypatch):
     """benchmarks.levers' plans: all meet 50% FLOPs from one scoring, and each differs from the speed plan as named."""
     import numpy as np
-    from conftest import analysed
+    from conftest import analysed, skewed_scores
 
-    import amgfx
     from amgfx import budget
     from benchmarks import levers, speed
     _, args, _, cg = analysed("vit")
-    units = amgfx.score(cg, "magnitude", None, kinds=levers.ALL, progress=False).units
+    units = skewed_scores(cg, levers.ALL)
     calls, real = [], budget.allocate
     monkeypatch.setattr(budget, "allocate", lambda cg, s, t, **kw: calls.append((sorted({cg.group(g).kind for g in s}),
                                                                                   kw)) or real(cg, s, t, **kw))
