@@ -107,8 +107,21 @@ def tool_cost() -> list[str]:
         [l for l in lines if l.startswith("|")]
 
 
+def copy(name: str) -> list[str]:
+    """A result file as it is, less its title: for the README sections that show one whole."""
+    body = _read(f"{name}.md")
+    body = body[1:] if body and body[0].startswith("# ") else body
+    while body and not body[0].strip():
+        body = body[1:]
+    while body and not body[-1].strip():
+        body = body[:-1]
+    return body
+
+
 def block(name: str) -> list[str]:
     kind, _, arg = name.partition(".")
+    if kind == "copy":
+        return copy(arg)
     if kind == "speed":
         return speed_table(arg)
     if kind == "profile":
