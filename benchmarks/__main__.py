@@ -18,8 +18,8 @@ import sys
 import time
 
 SUITE = ["speed", "tokens_latency", "attention_lowering", "analysis_scaling", "calibration_cost", "compile_cost",
-         "profile_ops", "levers", "tool_cost", "criteria_digits", "criteria_minilm", "accuracy_sweep", "recovery_digits",
-         "recovery_minilm"]
+         "profile_ops", "levers", "repeat", "tool_cost", "criteria_digits", "criteria_minilm", "accuracy_sweep",
+         "recovery_digits", "recovery_minilm"]
 
 
 def main(argv=None) -> int:

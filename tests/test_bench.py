@@ -61,3 +61,11 @@ def test_levers_each_change_what_they_name(monkeypatch):
                   for g, k in p.keep.items() if cg.group(g).kind != "head"]
         assert all(w % p.meta["round_to"] == 0 for w in widths), name
     assert plans["split_qkv=always"].options == {**plans[base].options, "split_qkv": "always"} != plans[base].options
+
+
+def test_repeat_summary_puts_repeats_side_by_side():
+    from benchmarks.repeat import summary
+    row = lambda v, e: {"runtime": "inductor", "batch": 1, "variant": v, "efficiency": e}
+    lines = summary([row("dense", 1.0), row("amgfx snp", 0.88), row("dense", 1.0), row("amgfx snp", 0.93),
+                     row("amgfx snp", 0.90)])
+    assert lines[2:] == ["| inductor | 1 | amgfx snp | 0.880, 0.930, 0.900 | 0.900 | 0.050 |"]
