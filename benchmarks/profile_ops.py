@@ -32,8 +32,10 @@ def ort_profile(path, a, kw, runs: int) -> dict:
     feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), list(a) + list(kw.values()))}
     for _ in range(runs):
         sess.run(None, feed)
-    with open(sess.end_profiling()) as f:
+    trace = sess.end_profiling()                    # onnxruntime writes it to the working directory
+    with open(trace) as f:
         events = json.load(f)
+    os.remove(trace)
     n = sum(1 for e in events if e.get("name") == "model_run") or runs
     per = collections.Counter()
     for e in events:
