@@ -38,8 +38,8 @@ from .errors import AmgfxError
 
 __all__ = ["amgfx_backend", "BackendError"]
 
-PLANNING = ("target_flops", "ratios", "tokens", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep", "protect",
-            "same_head_dim", "seed", "progress")
+PLANNING = ("target_flops", "ratios", "tokens", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep",
+            "protect", "same_head_dim", "seed", "progress")
 KNOWN = {"plan", "inner"} | set(PLANNING)
 _ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
 

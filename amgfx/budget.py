@@ -216,5 +216,6 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
             lo = mid + 1
     plan = plan_at(lo)
     plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
-                      "protect": list(protect), "same_head_dim": bool(same_head_dim), "flops": {"dense": dense, "planned": flops(lo)}})
+                      "protect": list(protect), "same_head_dim": bool(same_head_dim),
+                      "flops": {"dense": dense, "planned": flops(lo)}})
     return plan

@@ -24,10 +24,10 @@ Calibration uses random images (timm) or real text (MiniLM); accuracy is elsewhe
 Latency per runtime and batch: every variant interleaved in one process, ``--runs`` rounds after
 warm-up. ``ms`` is the median; ``speedup`` is the median over rounds of dense time / variant time
 (paired, so drift cancels). **Efficiency** = speedup / (dense FLOPs / variant FLOPs): 1.0 means
-the FLOPs saved became time saved. Runtimes: eager PyTorch; ``torch.compile`` (inductor, static shapes, default config; freezing is
-measured in :mod:`benchmarks.levers`); onnxruntime (opset 23, all graph optimisations, its default
-spinning thread pool). Each round runs a variant several times in a row (8 at batch 1, 3 above) and keeps the
-median (:func:`time_paired`). Timing is never asserted anywhere.
+the FLOPs saved became time saved. Runtimes: eager PyTorch; ``torch.compile`` (inductor, static
+shapes, default config; freezing is measured in :mod:`benchmarks.levers`); onnxruntime (opset 23,
+all graph optimisations, its default spinning thread pool). Each round runs a variant several
+times in a row (8 at batch 1, 3 above) and keeps the median (:func:`time_paired`). Timing is never asserted anywhere.
 """
 from __future__ import annotations
 
@@ -265,9 +265,10 @@ def main(argv=None) -> list:
              "(1.00: every FLOP saved became time saved). Torch-Pruning: magnitude, ratio bisected to amgfx snp's FLOPs "
              "(within 2%), `num_heads`/`head_dim`/`attn_dim` patched by hand after pruning. amgfx snp+amg also removes "
              f"{TOKENS:.0%} of the key positions. amgfx plans: "
-             + ", ".join(f"`{k}={v}`" for k, v in PLAN.items()) + " (see `levers.md`). inductor: `torch.compile(m, dynamic=False)`, default config. "
-             f"onnxruntime: default (spinning) thread pool. Each round runs a variant {in_a_row(1)} times in a row at batch 1 "
-             f"({in_a_row(8)} above) and keeps the median.", ""] + table(rows)
+             + ", ".join(f"`{k}={v}`" for k, v in PLAN.items()) + " (see `levers.md`). inductor: "
+             "`torch.compile(m, dynamic=False)`, default config. onnxruntime: default (spinning) thread pool. "
+             f"Each round runs a variant {in_a_row(1)} times in a row at batch 1 ({in_a_row(8)} above) and keeps "
+             "the median.", ""] + table(rows)
     lines += ["", "Checks: " + ("all numbers finite, FLOPs where planned, Torch-Pruning matched." if not problems
                                  else "; ".join(problems))]
     write_md(out, lines)
