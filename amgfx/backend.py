@@ -162,7 +162,7 @@ def _plan(cg, opts: dict):
 
 def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
     """Reuse the pruned weights an earlier compile of the same model made (recompiles on new shapes)."""
-    from passes._graph import replace_attr
+    from passes._graph import get_attr, replace_attr
     ptr = {n: t.untyped_storage().data_ptr() for n, t in list(dense.named_parameters()) + list(dense.named_buffers())}
     model = hash(tuple(sorted(ptr.items())))     # the dense weights identify the model
     for fqn, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
@@ -172,6 +172,8 @@ def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
         old = _PRUNED.get(key)
         if old is not None and torch.equal(old, t):
             replace_attr(pruned, fqn, old.data if isinstance(old, nn.Parameter) else old, t)
+            # the entry must live as long as *this* graph uses the storage, not as long as the first one
+            _PRUNED[key] = get_attr(pruned, fqn)
         else:
             _PRUNED[key] = t
 

@@ -432,7 +432,7 @@ def cmd_prune(a) -> int:
                   "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
                   "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
                             "measured": measure_flops(pruned)},
-                  "verify": check.status}
+                  "verify": check.status, "torch": __import__("torch").__version__}
         if a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
         if plan.tokens:
@@ -463,7 +463,7 @@ def cmd_prune(a) -> int:
         return code
     if not a.quiet:
         desc = loaded.description if loaded.description.startswith(a.model) else f"{a.model}: {loaded.description}"
-        print(f"{desc}; {a.method} on {calib['note']}")
+        print(f"{desc}; {a.method} on {calib['note']}; torch {report['torch']}")
         print("\n".join(_table(report)))
         print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
         if "recovery" in report:

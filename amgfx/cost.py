@@ -1,63 +1,139 @@
 """Cost model: parameter and FLOP counts, dense and as a plan predicts them.
 
-FLOPs follow ``torch.utils.flop_counter`` (2 x multiply-accumulates of matmuls, convolutions
-and attention; element-wise ops are free), computed per graph node from shapes. The planned
-shapes come from the keep masks, so a prediction needs no rewrite; the tests check it
-against ``FlopCounterMode`` run on the pruned GraphModule.
+FLOPs are what ``torch.utils.flop_counter.FlopCounterMode`` counts, on whichever torch is
+installed: every node that can cost FLOPs is *run* under that counter, on fake tensors of its
+planned shapes (``FakeTensorMode``: no memory, no arithmetic). No counting rule is written
+here, so a prediction equals the counter on every release (2.14 does not count CPU SDPA,
+2.15 does; both are right by construction). The planned shapes come from the keep masks, so a
+prediction needs no rewrite; the tests check it against ``FlopCounterMode`` run on the pruned
+GraphModule.
 
 Example:
     >>> import torch, timm, amgfx
     >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
-    >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> cg = amgfx.analyze(m, x)
     >>> p = predict(cg, amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(384))}))
-    >>> p["flops"]["dense"], p["flops"]["pruned"]
-    (10449408, 6010368)
+    >>> p["flops"]["dense"] == measure_flops(cg.gm, ((x,), {}))
+    True
+    >>> p["flops"]["pruned"] == measure_flops(amgfx.apply(cg, amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(384))})))
+    True
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 import torch.fx as fx
 
 from .errors import RewriteError
-from .indexprop import shape
+from .indexprop import shape, val
 from .masks import propagate_masks
 from .ops import SDPA
 
 aten = torch.ops.aten
 __all__ = ["node_flops", "graph_flops", "predict", "measure_flops", "count_params"]
 
-
-def _mm(a, b, out):
-    return 2 * math.prod(out[:-1]) * a[-1] * out[-1]
-
-
-def node_flops(n: fx.Node, shp) -> int:
-    """FLOPs of one node given a shape function ``shp(node_or_arg)``."""
-    t = n.target
-    if t is aten.linear.default:
-        return _mm(shp(n.args[0]), None, shp(n))
-    if t is aten.addmm.default:
-        return _mm(shp(n.args[1]), None, shp(n))
-    if t in (aten.mm.default, aten.matmul.default, aten.bmm.default):
-        return _mm(shp(n.args[0]), None, shp(n))
-    if t in (aten.conv2d.default, aten.conv1d.default):
-        w, out = shp(n.args[1]), shp(n)
-        return 2 * math.prod(out) * math.prod(w[1:])
-    if t in SDPA:
-        q, k, v = (shp(a) for a in n.args[:3])
-        return _sdpa(q, k, q[-1], v[-1])
-    return 0
+_FAKE = None
+_COUNTS: dict = {}                                   # (op, argument spec) -> FLOPs
+_COSTLY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # graph -> nodes that count FLOPs
 
 
-def _sdpa(q, k, e_qk, e_v):
-    return 2 * math.prod(q[:-1]) * k[-2] * (e_qk + e_v)
+def _fake_mode():
+    global _FAKE
+    if _FAKE is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        _FAKE = FakeTensorMode(allow_non_fake_inputs=False)
+    return _FAKE
+
+
+def _device(n: fx.Node) -> str:
+    """Where the node runs: its inputs' device. Nodes a pass inserted carry meta values; they run
+    beside their real inputs (a kernel choice, and so the count, may depend on the device)."""
+    devs = [v.device.type for a in n.all_input_nodes if isinstance(v := val(a), torch.Tensor)]
+    return next((d for d in devs if d != "meta"), "cpu")
+
+
+def _spec(a, shp, override, device):
+    """A hashable description of one argument: tensors by (shape, dtype, device), the rest by value."""
+    if isinstance(a, fx.Node):
+        v = val(a)
+        if isinstance(v, torch.Tensor):
+            s = override.get(a) or shp(a)
+            return ("T", tuple(int(x) for x in s), v.dtype, device)
+        return ("V", int(v) if isinstance(v, (int, torch.SymInt)) else v)
+    if isinstance(a, (list, tuple)):
+        return ("L", type(a).__name__, tuple(_spec(x, shp, override, device) for x in a))
+    return ("V", a)
+
+
+def _build(spec, mode):
+    kind = spec[0]
+    if kind == "T":
+        with mode:
+            return torch.empty(spec[1], dtype=spec[2], device=spec[3])
+    if kind == "L":
+        items = [_build(x, mode) for x in spec[2]]
+        return tuple(items) if spec[1] == "tuple" else items
+    return spec[1]
+
+
+def _count(target, args_spec, kwargs_spec) -> int:
+    """FLOPs ``FlopCounterMode`` counts for one call of ``target`` on fake tensors of these specs."""
+    key = (target, args_spec, kwargs_spec)
+    if key not in _COUNTS:
+        from torch.utils.flop_counter import FlopCounterMode
+        mode = _fake_mode()
+        args = [_build(s, mode) for s in args_spec]
+        kwargs = {k: _build(s, mode) for k, s in kwargs_spec}
+        with mode, FlopCounterMode(display=False) as fc:
+            target(*args, **kwargs)
+        _COUNTS[key] = int(fc.get_total_flops())
+    return _COUNTS[key]
+
+
+def node_flops(n: fx.Node, shp=shape, override: dict | None = None) -> int:
+    """FLOPs of one node when its tensor inputs have the shapes ``shp(arg)`` (``override``: node -> shape).
+
+    The node's op is run under ``FlopCounterMode`` on fake tensors of those shapes, so the count is
+    the installed torch's own (composite ops such as ``linear`` decompose as they would for real).
+    """
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+        return 0
+    override, device = override or {}, _device(n)
+    args = tuple(_spec(a, shp, override, device) for a in n.args)
+    kwargs = tuple(sorted((k, _spec(v, shp, override, device)) for k, v in n.kwargs.items()))
+    try:
+        return _count(n.target, args, kwargs)
+    except Exception as e:  # an op that does not accept the planned shapes: the rewrite would fail too
+        raise RewriteError(f"cannot count the FLOPs of {n.name} ({n.target}) at its planned shapes: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+
+
+def _costly(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes of ``gm`` that count FLOPs at their captured shapes (cached per graph).
+
+    An op that counts nothing at one shape counts nothing at another (the counter's formulas
+    belong to matmuls, convolutions and attention only), so only these are run again for a plan.
+    """
+    g = gm.graph
+    if g not in _COSTLY:
+        _COSTLY[g] = [n for n in g.nodes if n.op == "call_function" and _dense_flops(n) > 0]
+    return _COSTLY[g]
+
+
+def _dense_flops(n: fx.Node) -> int:
+    try:
+        return node_flops(n)
+    except RewriteError:     # an op fake tensors cannot run (a data-dependent scalar): no matmul inside
+        return 0
 
 
 def graph_flops(gm: fx.GraphModule, shp=shape) -> int:
-    return sum(node_flops(n, shp) for n in gm.graph.nodes if n.op == "call_function")
+    """FLOPs of one forward of ``gm`` at the shapes ``shp`` gives its nodes (default: the captured ones)."""
+    return sum(node_flops(n, shp) for n in _costly(gm))
 
 
 def count_params(gm) -> int:
@@ -100,15 +176,14 @@ def predict(cg, plan) -> dict:
     lowering = r.options.get("lowering", "auto")
 
     pruned = 0
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
+    for n in _costly(gm):
+        override = {}
         if n.target in SDPA and n.name in r.attention and lowering != "none":
+            # lower_attention pads q/k (or v) to one head dim for the CPU flash kernel: count that
             q, k, v = (ms.new_shape(a) for a in n.args[:3])
-            e = max(q[-1], v[-1])                # padded to equal dims by lower_attention
-            pruned += _sdpa(q, k, e, e)
-        else:
-            pruned += node_flops(n, ms.new_shape)
+            e = max(q[-1], v[-1])
+            override = {a: s[:-1] + (e,) for a, s in zip(n.args[:3], (q, k, v))}
+        pruned += node_flops(n, ms.new_shape, override)
     dense_p = 0
     pruned_p = 0
     for fqn, p in cg.gm.named_parameters():

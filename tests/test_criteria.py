@@ -108,6 +108,15 @@ def test_same_seed_gives_byte_identical_plan(analysed_model):
     assert t1 == t2 and t1 != t3           # the seed matters (it draws the default loss's targets)
 
 
+@pytest.mark.parametrize("name", ["vit", "bert_minilm", "llama_gqa"])
+def test_half_the_flops_lands_within_one_percent(analysed_model, name):
+    """The bisection stops at the first plan under the target: measured, it keeps 49-50% of dense."""
+    m, args, kwargs, cg = analysed_model(name)
+    plan = amgfx.plan_for(cg, method="magnitude", target_flops=0.5, progress=False)
+    kept = measure_flops(amgfx.apply(cg, plan)) / measure_flops(cg.gm)
+    assert 0.49 <= kept <= 0.5, kept
+
+
 @pytest.mark.parametrize("name", ["vit", "bert_minilm", "llama_gqa", "swin"])
 def test_target_flops_is_met_as_measured(analysed_model, name):
     m, args, kwargs, cg = analysed_model(name)
