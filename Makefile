@@ -37,9 +37,12 @@ $(ALT_VENV)/.installed: $(VENV)/.installed
 	$(ALT_PY) -c "$(VERSIONS)"
 	touch $@
 
-# the fast part on the other release: every test not marked slow
+# the part of the suite a torch release can change (capture, FLOP counts, the passes' exactness, tokens);
+# the rest runs in `make test` only, to keep CI within its time
+MATRIX_TESTS := tests/test_install.py tests/test_capture.py tests/test_passes.py tests/test_tokens.py \
+	tests/test_criteria.py::test_half_the_flops_lands_within_one_percent amgfx/planning/cost.py
 test-matrix: $(ALT_VENV)/.installed
-	$(ALT_PY) -m pytest -q -m "not slow"
+	$(ALT_PY) -m pytest -q -m "not slow" $(MATRIX_TESTS)
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks

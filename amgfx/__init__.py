@@ -5,18 +5,18 @@
     >>> print(amgfx.analyze(m, torch.randn(1, 3, 32, 32)).counts()["qk"])
     {'groups': 2, 'units': 384}
 """
-from .analyze import analyze
-from . import cost
-from .api import Scores, apply, plan_for, prune, score
-from .calibrate import CalibrationError
-from .capture import capture
-from .criteria import AMG, SNP, Magnitude, Random, Taylor
-from .coupling import CouplingGraph, Group, Member
-from .files import LoadError, export_onnx, load, onnx_parity, ort_session, save
 from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError, RewriteError
-from .plan import Plan
-from .recover import Iterative, distill_loss, recover
+from .graph.capture import capture
+from .analysis.analyze import analyze
+from .analysis.coupling import CouplingGraph, Group, Member
+from .scoring.calibrate import CalibrationError
+from .scoring.criteria import AMG, SNP, Magnitude, Random, Taylor
+from .planning import cost
+from .planning.plan import Plan
+from .api import Scores, apply, plan_for, prune, score
+from .weights.recover import Iterative, distill_loss, recover
 from .verify import VerifyReport, verify
+from .files import LoadError, export_onnx, load, onnx_parity, ort_session, save
 
 __version__ = "0.1.0"
 __all__ = ["recover", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from passes._graph import copy_module, replace_attr
-
-from .analyze import analyze
-from .coupling import CouplingGraph
-from .criteria import resolve_method, token_scores
+from .analysis.analyze import analyze
+from .analysis.coupling import CouplingGraph
 from .errors import AmgfxError
-from .plan import Plan, fingerprint
+from .graph.fx import copy_module, replace_attr
+from .graph.meta import EXACT, EXAMPLE, PLAN
+from .planning.plan import Plan, fingerprint
+from .scoring.criteria import resolve_method, token_scores
 
 __all__ = ["score", "plan_for", "apply", "prune", "Scores", "DEFAULT_RATIOS", "DEFAULT_KINDS"]
 
@@ -55,7 +55,7 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
         >>> sorted(s.units), s.criteria["head"]
         (['head:blocks.0.attn', 'mlp:blocks.0.mlp', 'qk:blocks.0.attn', 'v:blocks.0.attn'], 'AMG(depth_factor=0.02)')
     """
-    from .calibrate import calibrate
+    from .scoring.calibrate import calibrate
     by_kind = resolve_method(method)
     unknown = set(kinds) - set(KINDS) - {"tokens"}
     if unknown:
@@ -72,7 +72,7 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
         if calib is None:
             warnings.warn(f"method {method!r} scores on calibration data, but no calib= was given; calibrating "
                           "on the example inputs alone", stacklevel=2)
-            args, kwargs = cg.gm.meta["amgfx_example"]
+            args, kwargs = cg.gm.meta[EXAMPLE]
             calib = [kwargs if kwargs and not args else args]
         stats = calibrate(cg, calib, needs=needs, loss_fn=loss_fn, seed=seed, gamma=getattr(by_kind.get("qk"), "gamma", 0.9),
                           taylor_groups=taylor, progress=progress)
@@ -127,7 +127,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
 
     ``model_or_gm`` may be an nn.Module (captured with ``example_inputs``), a captured
     GraphModule or a :class:`amgfx.CouplingGraph`. Give either ``target_flops`` (a fraction of
-    the dense FLOPs; per-site amounts are derived from the scores, see :mod:`amgfx.budget`) or
+    the dense FLOPs; per-site amounts are derived from the scores, see :mod:`amgfx.planning.budget`) or
     ``ratios`` (the fraction removed per kind in every site). ``kinds`` limits what is
     pruned (default qk, v, head, mlp: residual channels are opt-in). With ``target_flops``,
     ``round_to`` rounds kept widths up to a multiple and ``same_head_dim=True`` gives each site's
@@ -143,7 +143,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         >>> plan.meta["flops"]["planned"] <= 0.6 * plan.meta["flops"]["dense"]
         True
     """
-    from .budget import allocate, select_tokens
+    from .planning.budget import allocate, select_tokens
     if target_flops is not None and ratios is not None:
         raise AmgfxError("give target_flops or ratios, not both")
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
@@ -200,21 +200,21 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> 
 
 def _rewrite(cg: CouplingGraph, plan: Plan) -> fx.GraphModule:
     """Run the passes; unpruned weights stay shared with ``cg.gm`` (the compile backend wants that)."""
-    from passes import PIPELINE
+    from .passes import PIPELINE
     resolved = plan.resolve(cg)
     out = copy_module(cg.gm)
     for p in PIPELINE:
         out = p(out, resolved)
     out.eval()                                   # captured in eval mode; the flag follows
-    out.meta["amgfx_plan"] = plan
-    out.meta["amgfx_exact"] = resolved.exact
+    out.meta[PLAN] = plan
+    out.meta[EXACT] = resolved.exact
     return out
 
 
 def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
           ratios: dict | None = None, calib=None, loss_fn=None, plan: Plan | None = None, schedule=None,
           **options) -> fx.GraphModule:
-    """Score, plan and rewrite in one call; the Plan is in ``result.meta["amgfx_plan"]``.
+    """Score, plan and rewrite in one call; the Plan is in ``result.meta[PLAN]``.
 
     Give ``target_flops`` (fraction of dense FLOPs kept) or ``ratios`` (``{kind: fraction
     removed}`` per site), or a ready ``plan`` to replay. ``options`` go to :func:`plan_for`
@@ -250,13 +250,13 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
 
 def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.GraphModule:
     """Prune toward ``target`` in ``schedule.steps`` steps, recovering after each; compose the plans."""
-    from .recover import Iterative, iterative_config, recover
+    from .weights.recover import Iterative, iterative_config, recover
     if not isinstance(schedule, Iterative):
         raise AmgfxError(f"schedule must be an amgfx.Iterative, got {type(schedule).__name__}")
     data = schedule.data if schedule.data is not None else plan_options.get("calib")
     if schedule.recover_steps and data is None:
         raise AmgfxError("Iterative(recover_steps=...) needs data: give Iterative(data=...) or calib=")
-    args, kwargs = cg0.gm.meta["amgfx_example"]
+    args, kwargs = cg0.gm.meta[EXAMPLE]
     ids = {g.name: np.arange(g.units) for g in cg0.groups}     # original unit ids still alive, per group
     cg, dense, history, pruned = cg0, None, [], None
     for goal in schedule.targets(target):
@@ -282,5 +282,5 @@ def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.
                     meta={**plan.meta, "target_flops": float(target),
                           "flops": {"dense": dense, "planned": history[-1]["flops"] * dense},
                           "schedule": {**iterative_config(schedule), "steps_taken": history}})
-    pruned.meta["amgfx_plan"] = composed
+    pruned.meta[PLAN] = composed
     return pruned

@@ -85,7 +85,7 @@ def lift_params(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, lis
     SymInt inputs that are sizes of tensor inputs are recomputed inside, so the graph takes
     tensors only and can be captured with a dynamic batch.
     """
-    from passes._graph import set_attr
+    from .graph.fx import set_attr
     root = nn.Module()
     graph = fx.Graph()
     env: dict = {}
@@ -149,7 +149,7 @@ def _check_whole(gm: fx.GraphModule) -> None:
 
 def _plan(cg, opts: dict):
     from .api import plan_for
-    from .plan import Plan, fingerprint
+    from .planning.plan import Plan, fingerprint
     p = opts.get("plan")
     if p is not None:
         return Plan.load(p) if isinstance(p, (str, bytes)) or hasattr(p, "__fspath__") else p
@@ -162,7 +162,7 @@ def _plan(cg, opts: dict):
 
 def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
     """Reuse the pruned weights an earlier compile of the same model made (recompiles on new shapes)."""
-    from passes._graph import get_attr, replace_attr
+    from .graph.fx import get_attr, replace_attr
     ptr = {n: t.untyped_storage().data_ptr() for n, t in list(dense.named_parameters()) + list(dense.named_buffers())}
     model = hash(tuple(sorted(ptr.items())))     # the dense weights identify the model
     for fqn, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
@@ -191,9 +191,9 @@ def _drop_export_guards(gm: fx.GraphModule) -> None:
 
 def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
     """The torch.compile backend (see the module docstring)."""
-    from .analyze import analyze
+    from .analysis.analyze import analyze
     from .api import _rewrite
-    from .capture import capture
+    from .graph.capture import capture
     opts = _options(options)
     _check_whole(gm)
     lifted, keep = lift_params(gm, example_inputs)

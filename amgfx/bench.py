@@ -12,7 +12,7 @@ import statistics
 import time
 
 import torch
-import torch.utils._pytree as pytree
+from .weights.recover import first_output
 
 __all__ = ["latency", "embedding_cosine", "first_output"]
 
@@ -30,11 +30,6 @@ def latency(fns: dict, *, runs: int = 20, warmup: int = 3) -> dict:
                 f()
                 times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
-def first_output(out) -> torch.Tensor:
-    """The first tensor of a model output (``last_hidden_state`` of a Hugging Face encoder, logits...)."""
-    return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def embedding_cosine(dense, pruned, batches) -> float:

@@ -34,6 +34,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import AmgfxError
+from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
 
 __all__ = ["save", "load", "export_onnx", "ort_session", "onnx_parity", "example_inputs", "LoadError"]
 
@@ -46,9 +47,9 @@ class LoadError(AmgfxError):
 
 def _export(gm: fx.GraphModule):
     """torch.export of a pruned GraphModule at its example inputs, batch dynamic when captured so."""
-    from .capture import _batch_spec
-    args, kwargs = gm.meta["amgfx_example"]
-    spec = _batch_spec(gm, args, kwargs) if gm.meta.get("amgfx_dynamic_batch") else None
+    from .graph.capture import _batch_spec
+    args, kwargs = gm.meta[EXAMPLE]
+    spec = _batch_spec(gm, args, kwargs) if gm.meta.get(DYNAMIC_BATCH) else None
     if spec is not None:
         return torch.export.export(gm, spec[0], spec[1], dynamic_shapes=spec[2], strict=False)
     return torch.export.export(gm, args, kwargs, strict=False)
@@ -69,17 +70,17 @@ def _spec(ep) -> dict:
 
 def save(pruned: fx.GraphModule, directory) -> dict:
     """Write ``model.pt2``, ``plan.json`` and ``manifest.json`` to ``directory``; returns the manifest."""
-    from . import __version__
-    if not isinstance(pruned, fx.GraphModule) or "amgfx_example" not in pruned.meta:
+    from importlib.metadata import version
+    if not isinstance(pruned, fx.GraphModule) or EXAMPLE not in pruned.meta:
         raise AmgfxError("amgfx.save takes the GraphModule amgfx.prune/apply returned")
     os.makedirs(directory, exist_ok=True)
     ep = _export(pruned)
     torch.export.save(ep, os.path.join(directory, "model.pt2"))
-    plan = pruned.meta.get("amgfx_plan")
+    plan = pruned.meta.get(PLAN)
     if plan is not None:
         plan.save(os.path.join(directory, "plan.json"))
-    manifest = {"format": MANIFEST, "amgfx": __version__, "torch": torch.__version__,
-                "dynamic_batch": bool(pruned.meta.get("amgfx_dynamic_batch")), **_spec(ep),
+    manifest = {"format": MANIFEST, "amgfx": version("amgfx"), "torch": torch.__version__,
+                "dynamic_batch": bool(pruned.meta.get(DYNAMIC_BATCH)), **_spec(ep),
                 "files": ["model.pt2"] + (["plan.json"] if plan is not None else [])}
     if "amgfx_recovery" in pruned.meta:     # the weights were trained after the plan: say how
         manifest["recovery"] = pruned.meta["amgfx_recovery"]
@@ -116,7 +117,7 @@ def load(path) -> fx.GraphModule:
 
     ``result.meta`` holds ``amgfx_plan`` (a :class:`amgfx.Plan`, when saved) and ``amgfx_manifest``.
     """
-    from .plan import Plan
+    from .planning.plan import Plan
     path = os.fspath(path)
     directory, pt2 = (path, os.path.join(path, "model.pt2")) if os.path.isdir(path) else (os.path.dirname(path), path)
     if not os.path.isfile(pt2):
@@ -134,7 +135,7 @@ def load(path) -> fx.GraphModule:
             manifest = json.load(f)
     plan_path = os.path.join(directory, "plan.json")
     if os.path.isfile(plan_path):
-        gm.meta["amgfx_plan"] = Plan.load(plan_path)
+        gm.meta[PLAN] = Plan.load(plan_path)
     gm.meta["amgfx_manifest"] = manifest
     gm.meta["amgfx_program"] = ep
     return gm
@@ -162,9 +163,9 @@ def _for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
     """The graph to hand the ONNX exporter: without the q/k (or v) zero-padding ``lower_attention``
     adds for PyTorch's CPU flash kernel (``lowering="auto"``). onnxruntime's Attention takes unequal
     head dims, and ran 4-5% faster without the padding on MiniLM and DeiT-S at 50% FLOPs, batch 8."""
-    from passes._graph import copy_module
-    from passes.lower_attention import is_lowered, unlower
-    plan = gm.meta.get("amgfx_plan")
+    from .graph.fx import copy_module
+    from .passes.lower_attention import is_lowered, unlower
+    plan = gm.meta.get(PLAN)
     if not is_lowered(gm) or plan is None or plan.options.get("lowering", "auto") != "auto":
         return gm
     return unlower(copy_module(gm))
@@ -188,7 +189,7 @@ def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
     import io
     import warnings
 
-    from .capture import _quiet_torch_logs
+    from .graph.capture import _quiet_torch_logs
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
         warnings.simplefilter("ignore")       # the exporter reports every optimisation step it tries
         try:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
-from passes._graph import constant, copy_module, get_attr, replace_attr
-
 from .api import _coupling, apply
-from .plan import Plan
-from .tokens import attention_mask
+from .graph.fx import constant, copy_module, get_attr, replace_attr
+from .graph.meta import APPROXIMATE, EXACT, EXAMPLE
+from .graph.ops import sdpa_args, set_sdpa_arg
+from .planning.plan import Plan
 
 __all__ = ["verify", "VerifyReport", "zeroed", "masked_keys"]
 
@@ -87,11 +87,12 @@ def masked_keys(gm, kept: dict):
     for node in list(ref.graph.nodes):
         if node.name not in kept:
             continue
-        n = node.args[1].meta["val"].shape[-2]
+        a = sdpa_args(node)
+        n = a.k.meta["val"].shape[-2]
         keep = torch.zeros(1, n, dtype=torch.bool)         # SDPA wants a mask of 2 dims at least
         keep[0, list(kept[node.name])] = True
         bias = torch.zeros(1, n).masked_fill(~keep, float("-inf"))
-        mask = attention_mask(node)
+        mask = a.mask
         if mask is None:
             new = constant(ref, node, bias, "oracle")
         elif mask.meta["val"].dtype == torch.bool:
@@ -102,10 +103,7 @@ def masked_keys(gm, kept: dict):
             b = constant(ref, node, bias, "oracle")
             with ref.graph.inserting_before(node):
                 new = ref.graph.call_function(aten.add.Tensor, (mask, b))
-        if len(node.args) > 3:
-            node.update_arg(3, new)
-        else:
-            node.update_kwarg("attn_mask", new)
+        set_sdpa_arg(node, "mask", new)
     ref.recompile()
     return ref
 
@@ -133,14 +131,14 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
         True
     """
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
-    example = cg.gm.meta["amgfx_example"]
+    example = cg.gm.meta[EXAMPLE]
     if pruned is None:
         pruned = apply(cg, plan)
     tokens = {node: t["kept"] for node, t in plan.resolve(cg).tokens.items()}
     ref = pytree.tree_leaves(_run(masked_keys(zeroed(cg, plan), tokens), example))
     got = pytree.tree_leaves(_run(pruned, example))
-    report = VerifyReport(tol=tol, exact=bool(pruned.meta.get("amgfx_exact", True)),
-                          approximate_ops=list(pruned.meta.get("amgfx_approximate", [])))
+    report = VerifyReport(tol=tol, exact=bool(pruned.meta.get(EXACT, True)),
+                          approximate_ops=list(pruned.meta.get(APPROXIMATE, [])))
     for i, (a, b) in enumerate(zip(got, ref)):
         if not isinstance(b, torch.Tensor):
             continue

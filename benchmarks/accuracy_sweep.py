@@ -21,7 +21,7 @@ import torch
 
 import amgfx
 from amgfx import data, models
-from amgfx.budget import allocate
+from amgfx.planning.budget import allocate
 
 from ._report import RESULTS, pyplot, write_md
 from .criteria_digits import tp_at

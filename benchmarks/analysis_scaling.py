@@ -17,8 +17,8 @@ import torch
 import amgfx
 
 from ._report import RESULTS, write_md
-from amgfx.coupling import CouplingGraph
-from amgfx.structure import find_structure
+from amgfx.analysis.coupling import CouplingGraph
+from amgfx.analysis.structure import find_structure
 
 
 def vit(depth, width, heads):

@@ -25,7 +25,7 @@ import time
 import torch
 
 import amgfx
-from amgfx.cost import measure_flops
+from amgfx.planning.cost import measure_flops
 
 from ._report import RESULTS, write_md
 from .digits_vit import accuracy, task

@@ -51,7 +51,7 @@ EXACT_RUNTIME_ONLY = ("options",)            # knobs that change how the graph r
 
 def plans(cg, units: dict, target: float = 0.5) -> dict:
     """lever name -> Plan, all allocated from the same scores."""
-    from amgfx.budget import allocate
+    from amgfx.planning.budget import allocate
     kind = {g.name: g.kind for g in cg.groups}
     out = {}
     for name, change in LEVERS.items():

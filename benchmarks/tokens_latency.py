@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import amgfx
-from amgfx.budget import select_tokens
+from amgfx.planning.budget import select_tokens
 
 from ._report import RESULTS, pyplot, write_md
 from .speed import time_paired

@@ -52,7 +52,7 @@ def main(argv=None):
     gm = stage("capture (torch.export)", lambda: amgfx.capture(m, x))
     cg = stage("analyze (structure + coupling groups)", lambda: amgfx.analyze(gm))
     s = stage(f"score (snp+amg, {len(calib) * 8} samples)", lambda: amgfx.score(cg, "snp+amg", calib, progress=False))
-    from amgfx.budget import allocate
+    from amgfx.planning.budget import allocate
     plan = stage("plan (allocate to 50% FLOPs)", lambda: allocate(cg, s.units, 0.5, round_to=8))
     small = stage("rewrite (amgfx.apply)", lambda: amgfx.apply(cg, plan))
     stage("verify (oracle run)", lambda: amgfx.verify(cg, plan, pruned=small))

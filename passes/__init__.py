@@ -1,9 +1,15 @@
-"""Rewrite passes, one per file. Each is ``(GraphModule, plan) -> GraphModule``.
+"""Stage 5, the rewrite passes, one per file. Each is ``(GraphModule, plan) -> GraphModule``.
 
-``plan`` is a :class:`amgfx.plan.Resolved` (from ``Plan.resolve``): plain data saying which
-indices every parameter keeps and which attention sites change. Passes never score and
-never look at the original ``nn.Module`` classes; they read and edit the graph only.
+``plan`` is a :class:`amgfx.planning.plan.Resolved` (from ``Plan.resolve``): plain data saying which
+indices every parameter keeps and which attention sites change. Passes never score and never look
+at the original ``nn.Module`` classes; they read and edit the graph only.
+May import: :mod:`amgfx.graph` and the plan's contract (:mod:`amgfx.planning.plan`). This folder
+installs as ``amgfx.passes``; ``import passes`` is refused, so no other distribution's name clashes.
 """
+if __name__ != "amgfx.passes":
+    raise ImportError("the rewrite passes are amgfx.passes: use `import amgfx.passes` (the passes/ folder "
+                      "of the source tree installs under that name)")
+
 from .cleanup import cleanup
 from .dead_tokens import dead_tokens
 from .fix_shapes import fix_shapes

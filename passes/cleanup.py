@@ -5,18 +5,30 @@ into q, k and v by ``index_select``). Those are folded into new Parameters once,
 slicing runs at inference time and the unsliced weight is freed. Then dead code goes, the
 graph is linted, ``meta['val']`` is refreshed with fake tensors (later passes and
 re-analysis read shapes from it) and the module is recompiled.
+
+Example (a weight sliced in the graph becomes a parameter of its own):
+    >>> import torch, torch.fx as fx
+    >>> from amgfx.graph.meta import FOLD, FOLD_NAME
+    >>> gm = fx.symbolic_trace(torch.nn.Linear(4, 3))
+    >>> w = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "weight")
+    >>> with gm.graph.inserting_after(w):
+    ...     s = gm.graph.call_function(torch.ops.aten.slice.Tensor, (w, 0, 0, 2))
+    >>> lin = next(n for n in gm.graph.nodes if n.op == "call_function" and n is not s)
+    >>> s.meta.update({FOLD: True, FOLD_NAME: "w2"})
+    >>> lin.args = (lin.args[0], s, None)
+    >>> gm = cleanup(gm)
+    >>> sorted(n for n, _ in gm.named_parameters()), tuple(gm(torch.randn(1, 4)).shape)
+    (['w2'], (1, 2))
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
-from amgfx.ops import DATA_MOVEMENT
-
-from ._graph import del_attr, get_attr, set_attr
-from .split_qkv import _keep
+from ..graph.fx import del_attr, eliminate_dead_code, get_attr, refresh_meta, set_attr
+from ..graph.meta import FOLD, FOLD_NAME, TOKEN_ROWS
+from ..graph.ops import DATA_MOVEMENT
 
 
 def _const(gm, n, memo):
@@ -54,13 +66,13 @@ def _fold(gm: fx.GraphModule) -> None:
     """Fold the weight slices passes marked with ``meta['amgfx_fold']`` into new attributes."""
     memo: dict = {}
     for n in list(gm.graph.nodes):
-        if not n.meta.get("amgfx_fold"):
+        if not n.meta.get(FOLD):
             continue
         v = _const(gm, n, memo)
         if not isinstance(v, torch.Tensor):
             continue
         trainable = _trainable(gm, n)
-        name = n.meta.get("amgfx_name") or f"_amgfx_folded_{n.name}"
+        name = n.meta.get(FOLD_NAME) or f"_amgfx_folded_{n.name}"
         set_attr(gm, name, nn.Parameter(v.detach().clone().contiguous(), trainable) if trainable else v.clone())
         with gm.graph.inserting_before(n):
             new = gm.graph.get_attr(name)
@@ -76,25 +88,13 @@ def _drop_unused_attrs(gm: fx.GraphModule) -> None:
             del_attr(gm, fqn)
 
 
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Re-run shape propagation with fake tensors so ``meta['val']`` describes the pruned graph."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-    example = gm.meta.get("amgfx_example")
-    if example is None:
-        return
-    flat = pytree.tree_leaves(example)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat])
-
-
 def cleanup(gm: fx.GraphModule, plan=None) -> fx.GraphModule:
     _fold(gm)
-    gm.graph.eliminate_dead_code(is_impure_node=_keep)
+    eliminate_dead_code(gm)
     _drop_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
     refresh_meta(gm)
     for n in gm.graph.nodes:                     # a token gather is a plain index_select from now on
-        n.meta.pop("amgfx_token_rows", None)
+        n.meta.pop(TOKEN_ROWS, None)
     return gm

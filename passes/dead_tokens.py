@@ -1,9 +1,9 @@
 """Pass: dead-token elimination. Compute only the token positions that reach an output.
 
 A classifier that reads ``x[:, 0]`` of its last block needs that block's other positions only
-as keys and values. :mod:`amgfx.liveness` finds the linears whose input is needed everywhere
+as keys and values. :mod:`amgfx.graph.liveness` finds the linears whose input is needed everywhere
 but whose output only at some positions (the last query projection); this pass feeds them
-``index_select(x, 1, live)``, and the existing machinery does the rest: :mod:`amgfx.masks`
+``index_select(x, 1, live)``, and the existing machinery does the rest: :mod:`amgfx.graph.masks`
 carries the narrowed rows through attention, proj, residual adds, norms and the MLP, and
 ``fix_shapes`` rewrites their reshapes and the final ``select``. Keys and values still see
 every position, so the result is exact; no score is involved.
@@ -25,27 +25,17 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from amgfx.errors import RewriteError
-from amgfx.liveness import frontier
-from amgfx.masks import propagate_masks
-
-from ._graph import gather_rows
+from ..graph.meta import DEAD_TOKENS
+from ..graph.rows import insert_live_gathers
 
 
 def dead_tokens(gm: fx.GraphModule, plan) -> fx.GraphModule:
     """Gather the live positions before every linear whose output is read only there."""
     if plan.options.get("dead_tokens", "auto") == "off" or not plan.dead:
         return gm
-    cut = frontier(gm)
-    added = [gather_rows(gm, n.args[0], n, 1, live, f"live_{n.name}") for n, live in cut]
-    try:
-        propagate_masks(gm, plan.params)             # the narrowing must flow through everything downstream
-    except RewriteError as e:
-        for g in added:
-            g.replace_all_uses_with(g.args[0])
-            gm.graph.erase_node(g)
-        gm.meta["amgfx_dead_tokens"] = {"applied": False, "reason": str(e)}
-        return gm
-    gm.meta["amgfx_dead_tokens"] = {"applied": bool(cut), "live": {d["site"]: d["live"] for d in plan.dead.values()},
-                                    "gathered_before": [n.name for n, _ in cut]}
+    done = insert_live_gathers(gm, plan.params)
+    if "reason" not in done:                         # key order as users see it in meta
+        done = {"applied": done["applied"], "live": {d["site"]: d["live"] for d in plan.dead.values()},
+                "gathered_before": done["gathered_before"]}
+    gm.meta[DEAD_TOKENS] = done
     return gm

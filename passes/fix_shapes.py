@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from amgfx.errors import RewriteError
-from amgfx.indexprop import _const, shape
-from amgfx.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
-from amgfx.ops import GETITEM, IGNORED_USERS, NORMS, opname
-
-from ._graph import call, constant, dims_of, keep_symbolic, size_args
+from ..errors import RewriteError
+from ..graph.fx import call, constant, dims_of, keep_symbolic, size_args
+from ..graph.indexprop import _const, shape
+from ..graph.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
+from ..graph.meta import APPROXIMATE, TOKEN_ROWS
+from ..graph.ops import GETITEM, IGNORED_USERS, NORMS, opname
 
 aten = torch.ops.aten
 
@@ -255,7 +255,7 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
 
     Example (timm ViT, q/k and v keep half of every head):
         >>> import torch, timm, amgfx
-        >>> from passes import shrink_params, fix_shapes
+        >>> from amgfx.passes import shrink_params, fix_shapes
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
         >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
         >>> half = list(range(0, 192, 2))
@@ -269,7 +269,7 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
         if n.op == "output":
             _scatter_outputs(gm, ms, n)
             continue
-        if n.op != "call_function" or "amgfx_token_rows" in n.meta or \
+        if n.op != "call_function" or TOKEN_ROWS in n.meta or \
                 not any(ms.get(a) is not None for a in n.all_input_nodes):
             continue
         if n.target in IGNORED_USERS:
@@ -280,5 +280,5 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
             fn(gm, ms, n)
     for n, pos in ms.gathers:
         _gather(gm, ms, n, pos)
-    gm.meta["amgfx_approximate"] = sorted({f"{n.name} ({opname(n.target)})" for n in ms.approximate})
+    gm.meta[APPROXIMATE] = sorted({f"{n.name} ({opname(n.target)})" for n in ms.approximate})
     return gm

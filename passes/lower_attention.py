@@ -11,7 +11,7 @@ Explicit matmul attention (no SDPA) is left alone: it has no such kernel constra
 
 Example:
     >>> import torch, torch.fx as fx
-    >>> from amgfx.plan import Resolved
+    >>> from amgfx.planning.plan import Resolved
     >>> g = fx.Graph(); q, v = g.placeholder("q"), g.placeholder("v")
     >>> a = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, v), {"scale": .1})
     >>> _ = g.output(a)
@@ -27,12 +27,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from amgfx.ops import SDPA
-
-from ._graph import call
+from ..graph.fx import call, remove_marked
+from ..graph.meta import LOWERED
+from ..graph.ops import SDPA, sdpa_args, set_sdpa_arg
 
 aten = torch.ops.aten
-LOWERED = "amgfx_lowered"          # meta key on the nodes this pass inserts
 
 
 def lower_attention(gm: fx.GraphModule, plan) -> fx.GraphModule:
@@ -43,16 +42,12 @@ def lower_attention(gm: fx.GraphModule, plan) -> fx.GraphModule:
         if site is None or n.target not in SDPA or site["qk_dim"] == site["v_dim"]:
             continue
         dq, dv = site["qk_dim"], site["v_dim"]
-        args = list(n.args)
-        if dq < dv:
-            for i in (0, 1):
-                args[i] = call(gm, n, aten.constant_pad_nd.default, [args[i], [0, dv - dq], 0.0])
-                args[i].meta[LOWERED] = True
-            n.args = tuple(args)
-        else:
-            args[2] = call(gm, n, aten.constant_pad_nd.default, [args[2], [0, dq - dv], 0.0])
-            args[2].meta[LOWERED] = True
-            n.args = tuple(args)
+        a = sdpa_args(n)
+        for name in ("q", "k") if dq < dv else ("v",):
+            padded = call(gm, n, aten.constant_pad_nd.default, [getattr(a, name), [0, abs(dv - dq)], 0.0])
+            padded.meta[LOWERED] = True
+            set_sdpa_arg(n, name, padded)
+        if dq > dv:
             users = list(n.users)
             with gm.graph.inserting_after(n):
                 out = gm.graph.call_function(aten.slice.Tensor, (n, -1, 0, dv))
@@ -73,9 +68,4 @@ def unlower(gm: fx.GraphModule) -> fx.GraphModule:
     Analysis of an already pruned module runs on the unlowered graph, so its head dims are the
     real ones; the next ``apply`` lowers again for the new dims.
     """
-    for n in list(gm.graph.nodes):
-        if n.meta.get(LOWERED):
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-    gm.recompile()
-    return gm
+    return remove_marked(gm, LOWERED)

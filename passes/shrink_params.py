@@ -7,7 +7,7 @@ the pruned model can be fine-tuned. Nothing else changes: shapes in the graph ar
 
 Example:
     >>> import torch, torch.fx as fx
-    >>> from amgfx.plan import Resolved
+    >>> from amgfx.planning.plan import Resolved
     >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
     >>> gm = shrink_params(gm, Resolved(params={"0.weight": {0: [0, 2]}, "0.bias": {0: [0, 2]}},
     ...                                 attention={}, options={}, exact=True))
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ._graph import get_attr, replace_attr
+from ..graph.fx import get_attr, replace_attr
 
 
 def shrink_params(gm: fx.GraphModule, plan) -> fx.GraphModule:

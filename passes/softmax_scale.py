@@ -7,7 +7,7 @@ matmul attention already multiplies by a constant and needs nothing.
 
 Example:
     >>> import torch, torch.fx as fx
-    >>> from amgfx.plan import Resolved
+    >>> from amgfx.planning.plan import Resolved
     >>> g = fx.Graph(); q = g.placeholder("q")
     >>> a = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, q)); _ = g.output(a)
     >>> gm = softmax_scale(fx.GraphModule({}, g), Resolved({}, {a.name: {"scale": 0.125, "kind": "sdpa"}}, {}, True))
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from amgfx.ops import SDPA
+from ..graph.ops import SDPA, set_sdpa_arg
 
 
 def softmax_scale(gm: fx.GraphModule, plan) -> fx.GraphModule:
@@ -26,7 +26,5 @@ def softmax_scale(gm: fx.GraphModule, plan) -> fx.GraphModule:
         site = plan.attention.get(n.name)
         if site is None or n.target not in SDPA:
             continue
-        if len(n.args) > 6:
-            n.args = n.args[:6]                      # scale as a keyword, after dropout_p/is_causal
-        n.kwargs = {**n.kwargs, "scale": float(site["scale"])}
+        set_sdpa_arg(n, "scale", float(site["scale"]))
     return gm

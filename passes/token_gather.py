@@ -7,10 +7,10 @@ padding mask) loses the same key positions on its last axis. Queries keep all to
 so attention becomes N x N'. The result equals the original attention with ``-inf`` added to
 the logits of the dropped keys.
 
-The new node keeps the *original* shape in ``meta["val"]`` and carries its kept rows in
-``meta["amgfx_token_rows"]``: :mod:`amgfx.masks` seeds a keep mask there, and ``fix_shapes``
-then rewrites every size downstream (K/V reshapes) as it does for pruned neurons. ``split_qkv``
-runs first, so a fused qkv projection has separate K and V projections to gather for.
+The gathers are :func:`amgfx.graph.rows.insert_token_gathers`: :mod:`amgfx.graph.masks` seeds a
+keep mask at each, and ``fix_shapes`` then rewrites every size downstream (K/V reshapes) as it
+does for pruned neurons. ``split_qkv`` runs first, so a fused qkv projection has separate K and V
+projections to gather for.
 
 Example:
     >>> import torch, timm, amgfx
@@ -22,39 +22,11 @@ Example:
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
-from amgfx.errors import RewriteError
-from amgfx.indexprop import activation_taint, shape
-from amgfx.tokens import attention_mask, projection
-
-from ._graph import gather_rows
-
-aten = torch.ops.aten
+from ..graph.rows import insert_token_gathers
 
 
 def token_gather(gm: fx.GraphModule, plan) -> fx.GraphModule:
     """Gather kept key positions before the K and V projections of every site in ``plan.tokens``."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    tainted = activation_taint(gm.graph)
-    for node, t in plan.tokens.items():
-        attn = nodes[node]
-        projs = {projection(o, tainted) for o in attn.args[1:3]}
-        if None in projs or projection(attn.args[0], tainted) in projs:
-            raise RewriteError(f"{t['site']}: cannot find K/V projections separate from the query's")
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        done: dict = {}
-        for p in sorted(projs, key=order.get):
-            x = p.args[0]
-            if len(shape(x)) != 3 or shape(x)[1] != t["keys"]:
-                raise RewriteError(f"{t['site']}: the K/V projection input {x.name} {list(shape(x))} has no token "
-                                   f"axis 1 of size {t['keys']}")
-            if x in done:                            # K and V read the same rows: gather them once
-                p.replace_input_with(x, done[x])
-            else:
-                done[x] = gather_rows(gm, x, p, 1, t["kept"], f"tokens_{p.name}")
-        mask = attention_mask(attn)
-        if isinstance(mask, fx.Node) and shape(mask)[-1] == t["keys"]:     # the same keys leave the mask
-            gather_rows(gm, mask, attn, len(shape(mask)) - 1, t["kept"], f"tokens_mask_{attn.name}")
-    return gm
+    return insert_token_gathers(gm, plan.tokens)

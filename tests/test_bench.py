@@ -39,7 +39,7 @@ def test_levers_each_change_what_they_name(monkeypatch):
     import numpy as np
     from conftest import analysed, skewed_scores
 
-    from amgfx import budget
+    from amgfx.planning import budget
     from benchmarks import levers, speed
     _, args, _, cg = analysed("vit")
     units = skewed_scores(cg, levers.ALL)

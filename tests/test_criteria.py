@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import amgfx
-from amgfx.budget import allocate
-from amgfx.calibrate import CalibrationError, Stats, calibrate, qk_scores
-from amgfx.cost import measure_flops, predict
-from amgfx.criteria import SNP, Magnitude, Taylor
-from amgfx.criteria.amg import head_entropy
+from amgfx.planning.budget import allocate
+from amgfx.scoring.calibrate import CalibrationError, Stats, calibrate, qk_scores
+from amgfx.planning.cost import measure_flops, predict
+from amgfx.scoring.criteria import SNP, Magnitude, Taylor
+from amgfx.scoring.criteria.amg import head_entropy
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _dist_worker  # noqa: E402
@@ -54,7 +54,7 @@ def test_head_entropy_uniform_is_one_and_peaked_is_zero():
 
 def test_calibration_runs_the_graph_faithfully(analysed_model):
     """Explicit attention (q, k, scale, mask -> A) reproduces fused SDPA: the recorded run equals gm()."""
-    from amgfx.calibrate import _Recorder
+    from amgfx.scoring.calibrate import _Recorder
     for name in ("vit", "bert_minilm", "llama_gqa"):
         _, args, kwargs, cg = analysed_model(name)
         from torch.fx._pytree import tree_flatten_spec
@@ -163,7 +163,7 @@ def test_scores_beat_random_at_preserving_the_output(analysed_model):
 
 
 def test_bad_calibration_data_fails_before_any_work(analysed_model, monkeypatch):
-    from amgfx import calibrate as cal
+    from amgfx.scoring import calibrate as cal
     _, args, kwargs, cg = analysed_model("vit")
     monkeypatch.setattr(cal._Recorder, "run", lambda *a, **k: pytest.fail("ran the model on bad data"))
     good = torch.randn(2, 3, 32, 32)

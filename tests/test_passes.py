@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import amgfx
-from amgfx.cost import count_params, measure_flops, predict
+from amgfx.planning.cost import count_params, measure_flops, predict
 
 SUPPORTED = ["vit", "vit_matmul", "deit_distilled", "eva02", "swin", "bert_minilm", "gpt2", "llama_gqa", "hf_vit"]
 EXACT_KINDS = ("qk", "v", "head", "mlp")

@@ -6,7 +6,7 @@ import torch
 
 import amgfx
 from amgfx.data import digits
-from amgfx.recover import _distil
+from amgfx.weights.recover import _distil
 
 import models
 

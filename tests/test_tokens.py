@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import amgfx
-from amgfx.budget import select_tokens
-from amgfx.tokens import token_sites
+from amgfx.planning.budget import select_tokens
+from amgfx.analysis.tokens import token_sites
 from amgfx.verify import masked_keys
 
 

@@ -1,0 +1,44 @@
+"""``amgfx.analyze``: model -> graph -> structure -> coupling groups."""
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph.capture import capture
+from ..graph.fx import copy_module, refresh_meta, remove_marked
+from ..graph.meta import CAPTURED, LOWERED
+from .coupling import CouplingGraph
+from .structure import find_structure
+
+
+def _unlowered(gm: fx.GraphModule) -> fx.GraphModule:
+    """A module pruned by amgfx may carry kernel padding (``lower_attention``): analyse it without."""
+    if not any(n.meta.get(LOWERED) for n in gm.graph.nodes):
+        return gm
+    out = remove_marked(copy_module(gm), LOWERED)
+    refresh_meta(out)
+    return out
+
+
+def analyze(model_or_gm: nn.Module | fx.GraphModule, example_inputs=None, example_kwargs: dict | None = None) -> CouplingGraph:
+    """Find attention sites, MLPs and residual streams, and link coupled neurons into groups.
+
+    ``model_or_gm`` may be an ``nn.Module`` (captured first, with ``example_inputs``) or a
+    GraphModule returned by :func:`amgfx.capture`. The model is not modified.
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> [(s.name, s.num_heads, s.head_dim_qk) for s in cg.sites]
+        [('blocks.0.attn', 3, 64), ('blocks.1.attn', 3, 64)]
+        >>> sorted({g.kind for g in cg.groups})
+        ['head', 'mlp', 'qk', 'residual', 'v']
+    """
+    if isinstance(model_or_gm, fx.GraphModule) and model_or_gm.meta.get(CAPTURED):
+        gm = _unlowered(model_or_gm)
+    else:
+        if example_inputs is None and not example_kwargs:
+            raise TypeError("analyze(model) needs example_inputs (or pass a GraphModule from amgfx.capture)")
+        gm = capture(model_or_gm, example_inputs, example_kwargs)
+    return CouplingGraph(gm, find_structure(gm))

@@ -1,0 +1,71 @@
+"""MLPs: ``fc2(act(fc1 x))`` and gated ``down(act(gate x) * up x)``, found from the second layer back.
+
+A layer is an MLP's fc2 when its input traces back, through data movement and element-wise ops
+with at least one non-linearity, to linear layers only; hidden neuron *c* is the set of fc1 (and
+gate) rows that reach fc2's column *c*, read by index propagation. A norm on the way (a
+normformer-style MLP) is allowed and makes the group inexact.
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    >>> mlp = amgfx.analyze(m, torch.randn(1, 3, 32, 32)).mlps[0]
+    >>> mlp.name, mlp.hidden, mlp.activation, mlp.gated
+    ('blocks.0.mlp', 768, 'aten.gelu', False)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..graph.indexprop import layer_input, param_source, propagate, seed, shape, trace_back
+from ..graph.ops import LINEAR_LAYERS, NORMS, POINTWISE, POINTWISE_AFFINE, opname
+from .records import MLP, Ctx, columns, common_prefix, make_layer, module_path
+
+__all__ = ["mlp_at"]
+
+
+def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
+    """The MLP whose fc2 is ``node``, or None (``taken``: layers attention sites already own)."""
+    x = layer_input(node)
+    if x not in ctx.tainted or node.name in taken:
+        return None
+    path = trace_back(x, ctx.tainted, allow_norms=True, budget=80)
+    if path.blockers or not path.producers or not path.nonlinear:
+        return None
+    if any(p.target not in LINEAR_LAYERS or p.name in taken for p in path.producers):
+        return None
+    offs, seeds, off = [], {}, 0
+    for p in path.producers:
+        n = shape(p)[-1]
+        seeds[p] = seed(p, torch.arange(n) + off)
+        offs.append((off, n))
+        off += n
+    env, failed = propagate(ctx.gm, seeds, path.nodes | {x})
+    if x not in env:
+        return None
+    ids = columns(env[x])
+    if ids is None:
+        return None
+    starts = np.array([o for o, _ in offs])
+    valid = ids >= 0
+    li = np.searchsorted(starts, ids, side="right") - 1
+    row = ids - starts[li]
+    units = [list(zip(li[c][valid[c]].tolist(), row[c][valid[c]].tolist())) for c in range(ids.shape[0])]
+    if not units or any(not u for u in units) or len({len(u) for u in units}) != 1:
+        return None
+    used = [(li, r) for u in units for li, r in u]
+    if len(used) != len(set(used)):
+        return None
+    acts = sorted({opname(n.target) for n in path.nodes if n.target in POINTWISE and n.target not in POINTWISE_AFFINE})
+    fc1 = [make_layer(ctx.gm, p) for p in path.producers]
+    names = [module_path(p) for p in path.producers] + [module_path(node)]
+    name = common_prefix([n for n in names if n]) or node.name
+    norm = []
+    for nn_ in path.norms:
+        spec = NORMS[nn_.target]
+        for pos in spec[1:]:
+            if pos is not None and len(nn_.args) > pos and param_source(nn_.args[pos]) is not None:
+                norm.append((param_source(nn_.args[pos]).target, 0))
+    return MLP(name=name, fc1=fc1, fc2=make_layer(ctx.gm, node), hidden=len(units), activation="+".join(acts),
+               gated=len(path.producers) > 1 or len(units[0]) > 1, exact=not path.norms, units=units, norm=norm)

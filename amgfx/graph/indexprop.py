@@ -1,0 +1,306 @@
+"""Index propagation: follow neurons through data movement by running it on channel ids.
+
+A *lane value* stands for one tensor of the graph. It is a list of integer tensors
+("lanes") of that tensor's shape; an element holds the id of a source neuron that
+reaches that position (-1: none). Data-movement ops (view, permute, unbind, slice, cat, ...)
+are executed unchanged on every lane, so a neuron is followed through any reshape without
+a rule per op. Element-wise ops keep positions, and when two traced operands meet (the
+``x*cos + rotate(x)*sin`` of RoPE, the ``act(gate)*up`` of a GLU) their lanes are
+concatenated: a position then lists every source neuron that reaches it.
+
+Example (the fused qkv of a timm ViT: which qkv rows reach the query of head 1?):
+    >>> import torch, timm, amgfx
+    >>> from amgfx.graph.indexprop import activation_taint, propagate, seed, trace_back
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    >>> gm = amgfx.capture(m, torch.randn(1, 3, 32, 32))
+    >>> sdpa = next(n for n in gm.graph.nodes if "scaled_dot" in str(n.target))
+    >>> path = trace_back(sdpa.args[0], activation_taint(gm.graph))
+    >>> qkv = path.producers[0]
+    >>> env, _ = propagate(gm, {qkv: seed(qkv, torch.arange(576))}, path.nodes)
+    >>> env[sdpa.args[0]][0][0, 1, 0, :3].tolist()    # [batch, head, token, dim]
+    [64, 65, 66]
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, MOVE, NORMS, POINTWISE,
+                  POINTWISE_NONLINEAR, TRANSPARENT)
+
+Lanes = list  # list[Tensor] or, for multi-output ops, list[list[Tensor]]
+
+
+def val(node):
+    """The FakeTensor (or list of them) export recorded for ``node``."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape(node) -> tuple[int, ...] | None:
+    v = val(node)
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor(node) -> bool:
+    return isinstance(val(node), torch.Tensor)
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """Tensor-valued Node inputs of ``node`` (flattening list args such as cat's)."""
+    out = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        items = a if isinstance(a, (list, tuple)) else [a]
+        out.extend(x for x in items if isinstance(x, fx.Node) and (is_tensor(x) or isinstance(val(x), (list, tuple))))
+    return out
+
+
+def layer_weight(node: fx.Node) -> fx.Node | None:
+    """The weight node of a parameterised layer (None if the op is not a layer or its weight is an activation)."""
+    spec = LAYERS.get(node.target) if node.op == "call_function" else None
+    if spec is None or len(node.args) <= spec[1]:
+        return None
+    return param_source(node.args[spec[1]])
+
+
+def param_source(node) -> fx.Node | None:
+    """The ``get_attr`` behind ``node`` if only identity/transpose ops lie between, else None."""
+    while isinstance(node, fx.Node):
+        if node.op == "get_attr":
+            return node
+        if node.op == "call_function" and node.target in IDENTITY and node.args:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def layer_input(node: fx.Node) -> fx.Node | None:
+    spec = LAYERS.get(node.target)
+    return node.args[spec[0]] if spec else None
+
+
+def is_layer(node: fx.Node) -> bool:
+    """A parameterised layer: linear/addmm/mm/conv/embedding whose weight is a parameter."""
+    return node.op == "call_function" and node.target in LAYERS and layer_weight(node) is not None
+
+
+def activation_taint(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on the output of a parameterised layer.
+
+    Masks, RoPE tables and position ids depend on no layer, so they are never mistaken
+    for a path that carries neurons.
+    """
+    tainted: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if is_layer(n) or any(a in tainted for a in n.all_input_nodes):
+            tainted.add(n)
+    return tainted
+
+
+@dataclass
+class Path:
+    """What lies between a tensor and the layers that produce it."""
+    producers: list = field(default_factory=list)   # layer nodes, in discovery order
+    nodes: set = field(default_factory=set)          # transparent nodes on the way
+    blockers: list = field(default_factory=list)     # non-transparent nodes that carry neurons
+    norms: list = field(default_factory=list)        # norms crossed (allowed only when asked)
+    nonlinear: bool = False                          # crossed an activation
+    scale: float = 1.0                               # product of scalar factors on the way
+
+    @property
+    def single_producer(self):
+        return self.producers[0] if len(self.producers) == 1 and not self.blockers else None
+
+
+def _data_args(n: fx.Node) -> list:
+    """Inputs whose *values* reach the output: ``type_as(x, y)``, ``to``, ``expand_as(x, y)`` only read x's."""
+    if n.target in IDENTITY or n.target is torch.ops.aten.expand_as.default:
+        return [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+    return tensor_args(n)
+
+
+def _scalar_factor(n: fx.Node, on_path) -> float:
+    aten = torch.ops.aten
+    if n.target in (aten.mul.Tensor, aten.mul.Scalar):
+        other = [a for a in n.args if not (isinstance(a, fx.Node) and a is on_path)]
+        if len(other) == 1 and isinstance(other[0], (int, float)):
+            return float(other[0])
+    if n.target in (aten.div.Tensor, aten.div.Scalar) and n.args[0] is on_path and isinstance(n.args[1], (int, float)):
+        return 1.0 / float(n.args[1])
+    return 1.0
+
+
+def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budget: int = 400) -> Path:
+    """Walk back from ``start`` through transparent ops to the layers producing it."""
+    path = Path()
+    seen: set = set()
+    todo = deque([start])
+    while todo:
+        n = todo.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > budget:
+            path.blockers.append(n)
+            break
+        if is_layer(n):
+            path.producers.append(n)
+            continue
+        if n not in tainted:
+            continue
+        t = n.target
+        if n.op == "call_function" and t in TRANSPARENT:
+            path.nodes.add(n)
+            path.nonlinear |= t in POINTWISE_NONLINEAR
+            srcs = [a for a in _data_args(n) if a in tainted or is_layer(a)]
+            if len(srcs) == 1:
+                path.scale *= _scalar_factor(n, srcs[0])
+            todo.extend(srcs)
+        elif n.op == "call_function" and t in NORMS and allow_norms and not path.norms:
+            path.nodes.add(n)
+            path.norms.append(n)
+            todo.append(n.args[NORMS[t][0]])
+        else:
+            path.blockers.append(n)
+    return path
+
+
+def forward_region(start: fx.Node, tainted: set, budget: int = 200) -> tuple[set, list, list]:
+    """Nodes reachable from ``start`` through transparent ops, the layers they feed, and blockers."""
+    region, consumers, blockers = {start}, [], []
+    todo = deque([start])
+    while todo:
+        n = todo.popleft()
+        for u in n.users:
+            if u in region or u.op != "call_function" or u.target in IGNORED_USERS:
+                continue
+            if is_layer(u) and layer_input(u) is n:
+                if u not in consumers:
+                    consumers.append(u)
+            elif u.target in TRANSPARENT:
+                region.add(u)
+                todo.append(u)
+            else:
+                blockers.append(u)
+        if len(region) > budget:
+            break
+    return region, consumers, blockers
+
+
+def seed(node: fx.Node, values: torch.Tensor, dim: int = -1) -> Lanes:
+    """A single-lane value: ``values`` laid along ``dim`` of ``node``'s shape, broadcast elsewhere."""
+    shp = shape(node)
+    view = [1] * len(shp)
+    view[dim] = shp[dim]
+    return [values.reshape(view).expand(shp).clone()]
+
+
+def _const(node, gm: fx.GraphModule, cache: dict):
+    """Concrete value of an activation-free node (buffers, index tables), or None."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node in cache:
+        return cache[node]
+    out = None
+    if node.op == "get_attr":
+        out = fetch_attr(gm, node.target)
+    elif node.op == "call_function" and (node.target in MOVE or node.target in IDENTITY):
+        args = [_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in node.args]
+        if all(not isinstance(a, fx.Node) for a in node.args) or all(x is not None for x in args):
+            try:
+                out = node.target(*args, **node.kwargs)
+            except Exception:
+                out = None
+    if isinstance(out, torch.Tensor) and out.device.type == "meta":
+        out = None
+    cache[node] = out
+    return out
+
+
+def fetch_attr(gm, target: str):
+    """The parameter/buffer/submodule at dotted path ``target``."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pad_lanes(vals: list[Lanes]) -> list[Lanes]:
+    n = max(len(v) for v in vals)
+    return [v + [v[0]] * (n - len(v)) for v in vals]
+
+
+def _dedupe(lanes: Lanes) -> Lanes:
+    out = []
+    for t in lanes:
+        if not any(t.shape == o.shape and torch.equal(t, o) for o in out):
+            out.append(t)
+    return out
+
+
+def _concrete(a):
+    """Turn SymInt-valued Nodes in a shape argument into ints."""
+    if isinstance(a, fx.Node):
+        v = val(a)
+        return int(v) if isinstance(v, (int, torch.SymInt)) else a
+    if isinstance(a, (list, tuple)):
+        return type(a)(_concrete(x) for x in a)
+    return a
+
+
+def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1) -> tuple[dict, list]:
+    """Run the data movement of ``region`` on the seed lane values.
+
+    Returns the lane values of every region node a seed reaches, and the region nodes
+    that could not be run (an op outside the tables, or an index that is not a constant).
+    """
+    env: dict = dict(seeds)
+    failed: list = []
+    cache: dict = {}
+    for n in gm.graph.nodes:
+        if n not in region or n in env or n.op != "call_function":
+            continue
+        ins = [a for a in n.all_input_nodes if a in env]
+        if not ins:
+            continue
+        t = n.target
+        try:
+            if t is GETITEM:
+                env[n] = [lane[n.args[1]] for lane in env[n.args[0]]]
+            elif t in IDENTITY:
+                env[n] = env[n.args[0]]
+            elif t in MOVE:
+                if n.args[0] not in env:
+                    failed.append(n)
+                    continue
+                rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
+                if t is torch.ops.aten.index.Tensor:
+                    rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
+                if any(r is None or (isinstance(r, list) and any(x is None for x in r)) for r in rest):
+                    failed.append(n)
+                    continue
+                env[n] = [t(lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
+            elif t in CONCAT:
+                parts = []
+                for a in n.args[0]:
+                    parts.append(env[a] if a in env else [torch.full(shape(a), missing, dtype=torch.long)])
+                parts = _pad_lanes(parts)
+                env[n] = _dedupe([t([p[i] for p in parts], *n.args[1:]) for i in range(len(parts[0]))])
+            elif t in POINTWISE or t in NORMS:
+                out_shape = shape(n)
+                srcs = [a for a in ([n.args[NORMS[t][0]]] if t in NORMS else n.all_input_nodes) if a in env]
+                if t is torch.ops.aten.expand_as.default:      # arg 1 only lends its shape
+                    srcs = [a for a in srcs if a is n.args[0]]
+                lanes = [lane.broadcast_to(out_shape) for a in srcs for lane in env[a]]
+                if lanes:
+                    env[n] = _dedupe(lanes)
+            else:
+                failed.append(n)
+        except Exception:
+            failed.append(n)
+    return env, failed

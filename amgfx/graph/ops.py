@@ -1,0 +1,177 @@
+"""Op tables, declared as data (in the spirit of Inductor's pattern matcher).
+
+Structure discovery reads the ATen graph only through these tables, so a new op that
+merely moves data is supported by adding it to one set here, never by new code paths.
+Every interpreter over the graph (keep masks, liveness, residual streams, index propagation)
+has one rule per set; ``tests/test_extension.py`` checks that none of them misses an op.
+
+SDPA's arguments are read in one place, :func:`sdpa_args`.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+GETITEM = operator.getitem
+
+# Ops that only move, copy or re-view data. Index propagation executes them as they are on
+# integer tensors of channel ids, which is what lets us follow a neuron through any reshape.
+MOVE = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.permute.default, aten.transpose.int, aten.t.default, aten.movedim.int,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.narrow.default,
+    aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+    aten.flatten.using_ints, aten.unflatten.int, aten.repeat_interleave.self_int,
+    aten.repeat.default, aten.index_select.default, aten.index.Tensor,
+}
+# Ops that keep every value where it is (casts, copies, eval-mode dropout).
+IDENTITY = {
+    aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
+    aten.lift_fresh_copy.default, aten.to.dtype, aten.to.device, aten.to.dtype_layout,
+    aten._to_copy.default, aten.type_as.default, aten.dropout.default,
+    aten.feature_dropout.default, aten.alpha_dropout.default,
+}
+# The reshape family: sizes change, element order does not.
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+         aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
+CONCAT = {aten.cat.default, aten.stack.default}
+# Element-wise ops that are affine in each operand (scale, bias, mask, rotation).
+POINTWISE_AFFINE = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.expand_as.default,
+}
+# Element-wise non-linearities: what makes "linear -> act -> linear" an MLP.
+POINTWISE_NONLINEAR = {
+    aten.gelu.default, aten.relu.default, aten.silu.default, aten.sigmoid.default,
+    aten.tanh.default, aten.erf.default, aten.exp.default, aten.pow.Tensor_Scalar,
+    aten.softplus.default, aten.hardswish.default, aten.hardsigmoid.default,
+    aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.relu6.default,
+    aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default, aten.square.default,
+}
+POINTWISE = POINTWISE_AFFINE | POINTWISE_NONLINEAR
+# Norms over the trailing dims with an optional affine weight/bias: (input, weight, bias) arg positions.
+NORMS = {
+    aten.layer_norm.default: (0, 2, 3),
+    aten.rms_norm.default: (0, 2, None),
+}
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+# Reductions over dims, and whether the result averages (so it changes when the reduced dim shrinks).
+REDUCTIONS = {aten.mean.dim: True, aten.sum.dim_IntList: False, aten.amax.default: False, aten.amin.default: False,
+              aten.var.correction: True, aten.std.correction: True}
+# Ops that make a new tensor shaped like their input (no values flow).
+LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+        aten.rand_like.default, aten.randn_like.default}
+PAD = {aten.pad.default, aten.constant_pad_nd.default}
+MATMUL = {aten.matmul.default, aten.bmm.default}
+# Ops that move data without computing: a neuron keeps its identity through them.
+DATA_MOVEMENT = MOVE | IDENTITY | CONCAT | {GETITEM}
+# Ops a neuron can be followed through: data movement plus element-wise maths.
+TRANSPARENT = DATA_MOVEMENT | POINTWISE
+# Side-effect-only nodes that read a tensor but produce nothing a pass must care about.
+IGNORED_USERS = {aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default}
+
+# Parameterised layers, with where their activation input and weight sit, and which weight
+# dim is the output (row) dim and which the input (column) dim.
+#   op: (input_arg, weight_arg, bias_arg, weight_out_dim, weight_in_dim)
+LAYERS = {
+    aten.linear.default: (0, 1, 2, 0, 1),
+    aten.addmm.default: (1, 2, 0, 1, 0),        # GPT-2 Conv1D: bias + x @ W, W is [in, out]
+    aten.mm.default: (0, 1, None, 1, 0),
+    aten.matmul.default: (0, 1, None, 1, 0),    # only when the weight is a parameter
+    aten.conv2d.default: (0, 1, 2, 0, 1),
+    aten.conv1d.default: (0, 1, 2, 0, 1),
+    aten.embedding.default: (1, 0, None, 1, None),
+}
+# The subset whose output channel is a plain linear function of the input channel vector.
+LINEAR_LAYERS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+
+
+def opname(target) -> str:
+    """A short, readable name for an op target (`aten.linear`, `getitem`)."""
+    if target is GETITEM:
+        return "getitem"
+    name = getattr(target, "_name", None) or getattr(target, "__name__", None) or str(target)
+    return name.replace("::", ".").split(".default")[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# fused attention: SDPA, and ops like it
+# ------------------------------------------------------------------------------------------------
+SDPA_ARGS = ("q", "k", "v", "mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass(frozen=True)
+class SdpaArgs:
+    """The arguments of one fused attention call, by name, whatever way it was written."""
+    q: object
+    k: object
+    v: object
+    mask: object = None
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+
+
+# op -> {our name: the op's argument name}: ops that compute softmax(scale q k^T + mask) v themselves.
+FUSED_ATTENTION = {aten.scaled_dot_product_attention.default: {
+    "q": "query", "k": "key", "v": "value", "mask": "attn_mask", "dropout_p": "dropout_p", "is_causal": "is_causal",
+    "scale": "scale", "enable_gqa": "enable_gqa"}}
+SDPA = FUSED_ATTENTION            # membership tests read the registry, so a registered op counts too
+
+
+def register_fused_attention(op, **names) -> None:
+    """Make ``op`` known as fused attention (SDPA-like): ``names`` maps q, k, v (and mask, scale,
+    is_causal, enable_gqa, dropout_p where it has them) to its argument names. Every interpreter then
+    treats it as SDPA: masks, liveness, calibration, the passes and structure discovery.
+
+    Example:
+        >>> register_fused_attention(aten.scaled_dot_product_attention.default, q="query", k="key", v="value",
+        ...                          mask="attn_mask", dropout_p="dropout_p", is_causal="is_causal", scale="scale",
+        ...                          enable_gqa="enable_gqa")
+    """
+    unknown = set(names) - set(SDPA_ARGS)
+    if unknown or not {"q", "k", "v"} <= set(names):
+        raise ValueError(f"names must map q, k, v (and optionally {', '.join(SDPA_ARGS[3:])}); got {sorted(names)}")
+    FUSED_ATTENTION[op] = dict(names)
+
+
+def _schema_names(op) -> list[str]:
+    return [a.name for a in op._schema.arguments]
+
+
+def sdpa_args(node_or_args, kwargs: dict | None = None, *, op=None) -> SdpaArgs:
+    """Read a fused attention call's arguments: from an FX node, or from ``(args, kwargs)`` of ``op`` at run time.
+
+    Example:
+        >>> g = fx.Graph(); q = g.placeholder("q")
+        >>> n = g.call_function(aten.scaled_dot_product_attention.default, (q, q, q, None, 0.0, True), {"scale": .5})
+        >>> a = sdpa_args(n); a.is_causal, a.scale, a.mask
+        (True, 0.5, None)
+    """
+    if isinstance(node_or_args, fx.Node):
+        op, args, kwargs = node_or_args.target, node_or_args.args, node_or_args.kwargs
+    else:
+        args, kwargs = node_or_args, kwargs or {}
+    ours = {theirs: mine for mine, theirs in FUSED_ATTENTION[op].items()}
+    got = {}
+    for name, a in list(zip(_schema_names(op), args)) + list(kwargs.items()):
+        if name in ours:
+            got[ours[name]] = a
+    return SdpaArgs(**got)
+
+
+def set_sdpa_arg(node: fx.Node, name: str, value) -> None:
+    """Set one argument of a fused attention node (``"mask"``, ``"scale"``, ...) where it sits, else as a keyword."""
+    theirs = FUSED_ATTENTION[node.target][name]
+    pos = _schema_names(node.target).index(theirs)
+    if pos < len(node.args):
+        node.update_arg(pos, value)
+    else:
+        node.update_kwarg(theirs, value)

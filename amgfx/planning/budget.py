@@ -1,0 +1,221 @@
+"""Budgeting: turn per-unit scores into a Plan that meets a FLOPs target.
+
+The papers hand-write per-layer ratios; we derive them. Every group becomes a *ladder* of
+removal steps in score order (for ``qk``/``v`` one step removes the weakest remaining unit of
+*every* head, so heads stay equal; for ``head`` a step is one key/value head). A step's
+importance is the removed units' scores normalised by their group's mean, so ``1`` means "an
+average unit of its group" whatever the criterion's scale (``head`` scores are normalised by
+the mean over all head groups instead, so AMG's cross-layer depth factor keeps its meaning).
+
+Steps are ranked globally by that importance, and the shortest prefix of the ranking whose
+plan meets the target is found by bisection on exactly predicted FLOPs (FLOPs only fall as
+steps are added, so bisection finds it). Weighting importance by the FLOPs a step saves was
+tried and rejected: one whole head outweighs hundreds of neurons, so heads went first and
+attention was cut to its floor before any MLP neuron. Options: ``round_to`` keeps widths
+multiples of 8 (say) by rounding kept counts *up*; ``min_keep`` is the least fraction any
+group keeps; ``protect`` lists glob patterns of places never touched; ``same_head_dim`` makes
+each site's q/k and v keep the same width per head (the larger of the two), so attention runs
+as one fused qkv projection into the flash kernel with no padding (see
+:mod:`amgfx.passes.lower_attention`): which units are kept is still each group's own choice.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost import predict
+from ..errors import AmgfxError
+from .plan import Plan, fingerprint
+
+__all__ = ["allocate", "select_tokens", "Ladder"]
+
+
+@dataclass
+class Ladder:
+    """One group's removal order: ``order[h]`` lists the units of head ``h`` weakest first."""
+    group: object
+    order: list            # per head (one "head" for non-qk/v kinds): unit ids, weakest first
+    importance: np.ndarray  # [steps] normalised importance of each step
+    max_steps: int
+
+    def keep(self, steps: int, round_to: int) -> list[int]:
+        """Unit ids kept after ``steps`` steps, kept counts rounded up to ``round_to``."""
+        kept = []
+        for units in self.order:
+            n = len(units) - steps
+            if round_to > 1 and self.group.kind != "head":
+                n = min(len(units), math.ceil(n / round_to) * round_to)
+            kept += units[len(units) - n:]
+        return sorted(int(u) for u in kept)
+
+
+def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int) -> Ladder | None:
+    s = np.asarray(s, dtype=np.float64)
+    if not np.isfinite(s).all():
+        raise AmgfxError(f"{g.name}: scores are not finite")
+    heads = [np.nonzero(g.heads == h)[0] for h in np.unique(g.heads)] if g.kind in ("qk", "v") else [np.arange(g.units)]
+    order = [list(u[np.argsort(s[u], kind="stable")]) for u in heads]
+    per = len(order[0])
+    floor = max(1, math.ceil(min_keep * per), min(round_to, per) if g.kind != "head" else 1)
+    steps = per - floor
+    if steps <= 0:
+        return None
+    sn = s / norm if norm > 0 else np.ones_like(s)
+    imp = np.array([np.mean([sn[o[k]] for o in order]) for k in range(steps)])
+    return Ladder(g, order, imp, steps)
+
+
+def _plan(ladders, steps: dict, round_to: int, base: Plan) -> Plan:
+    plan = Plan(keep=dict(base.keep), units=dict(base.units), tokens=dict(base.tokens), options=dict(base.options),
+                meta=dict(base.meta), model=dict(base.model))
+    for lad in ladders:
+        n = steps.get(lad.group.name, 0)
+        if n:
+            keep = lad.keep(n, round_to)
+            if len(keep) < lad.group.units:
+                plan.keep[lad.group.name] = keep
+                plan.units[lad.group.name] = lad.group.units
+    return plan
+
+
+def select_tokens(cg, scores: dict, fraction: float, *, min_keep: float = 0.1, protect=()) -> dict:
+    """AMG's static token selection: remove ``fraction`` of all prunable key positions, ranked globally.
+
+    Each site's scores are divided by their mean (AMG's per-layer normalisation: ``1`` is an
+    average position of its layer, whatever its length), then every position of every site is
+    ranked together and the weakest go first. Special tokens (class, distillation, registers;
+    see :mod:`amgfx.tokens`) are never candidates, every site keeps at least ``min_keep`` of its
+    positions, and sites that cannot drop positions (causal, windowed, ...) are skipped.
+
+    Returns ``{site name: kept positions}`` for :attr:`amgfx.Plan.tokens`.
+
+    Example:
+        >>> import numpy as np, torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> select_tokens(cg, {"blocks.0.attn": np.array([.1, .3, .15, .3, .15]), "blocks.1.attn": np.ones(5) / 5}, 0.2)
+        {'blocks.0.attn': [0, 1, 3]}
+    """
+    from ..analysis.tokens import token_sites
+    if not 0.0 <= float(fraction) < 1.0:
+        raise AmgfxError(f"tokens must be a fraction of key positions in [0, 1), got {fraction}")
+    sites = {name: t for name, t in token_sites(cg).items() if t.prunable and name in scores
+             and not any(fnmatch.fnmatchcase(name, p) for p in protect)}
+    if not sites:
+        raise AmgfxError("tokens: no attention site of this model can drop key positions "
+                         f"({'; '.join(sorted({t.reason for t in token_sites(cg).values() if t.reason})) or 'no scores'})")
+    total = sum(t.keys for t in sites.values())
+    budget = int(round(float(fraction) * total))
+    ranked = []
+    for name, t in sites.items():
+        s = np.asarray(scores[name], dtype=float)
+        s = s / s.mean() if s.mean() > 0 else np.ones_like(s)
+        ranked += [(s[j], name, j) for j in range(t.keys) if j not in t.special]
+    ranked.sort(key=lambda x: x[0])
+    dropped = {name: set() for name in sites}
+    for _, name, j in ranked:
+        if budget == 0:
+            break
+        t = sites[name]
+        if t.keys - len(dropped[name]) > max(1, math.ceil(min_keep * t.keys), len(t.special)):
+            dropped[name].add(j)
+            budget -= 1
+    return {name: sorted(set(range(sites[name].keys)) - d) for name, d in dropped.items() if d}
+
+
+def _head_pairs(cg) -> list[tuple[str, str]]:
+    """(qk group, v group) of each site where equal step counts give equal kept head dims.
+
+    That needs equal dense head dims and one column per unit on both sides; a RoPE q/k unit
+    spans a column pair, so such sites are left as they are.
+    """
+    groups = {g.name: g for g in cg.groups}
+    per_head = lambda g: g.units // len(np.unique(g.heads))
+    pairs = []
+    for s in cg.sites:
+        qk, v = groups.get(f"qk:{s.name}"), groups.get(f"v:{s.name}")
+        if qk is not None and v is not None and s.head_dim_qk == s.head_dim_v == per_head(qk) == per_head(v):
+            pairs.append((qk.name, v.name))
+    return pairs
+
+
+def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_keep: float = 0.1,
+             protect=(), base: Plan | None = None, same_head_dim: bool = False) -> Plan:
+    """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense.
+
+    Args:
+        cg: the :class:`amgfx.CouplingGraph`.
+        scores: group name -> per-unit scores (higher = keep); groups absent are not pruned.
+        target_flops: fraction of the dense FLOPs (``FlopCounterMode`` count on the example
+            inputs) the pruned model may keep, in (0, 1].
+        round_to: kept widths (per head for qk/v) are rounded up to a multiple of this.
+        min_keep: every group keeps at least this fraction of its units (and at least one).
+        protect: glob patterns matched against group names and places (``"blocks.0.*"``).
+        base: a plan to build on (its token positions count toward the target).
+        same_head_dim: q/k and v of a site keep the same width per head, the larger of the two
+            (a group that is not pruned keeps the other whole too; RoPE sites are left as they are).
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> from amgfx.scoring.criteria import Magnitude
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> scores = {g.name: Magnitude().score(cg, g, None) for g in cg.groups if g.kind in ("qk", "mlp")}
+        >>> plan = allocate(cg, scores, 0.7, round_to=8)
+        >>> c = amgfx.cost.predict(cg, plan)["flops"]
+        >>> c["pruned"] <= 0.7 * c["dense"], all(len(v) % 8 == 0 for v in plan.keep.values())
+        (True, True)
+    """
+    if not 0.0 < float(target_flops) <= 1.0:
+        raise AmgfxError(f"target_flops must be in (0, 1], got {target_flops}")
+    base = base or Plan(meta={}, model={"fingerprint": fingerprint(cg.gm)})
+    dense = predict(cg, base)["flops"]["dense"]
+    goal = float(target_flops) * dense
+    protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))
+    groups = [g for g in cg.groups if g.name in scores and not protected(g)]
+    head_scores = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == "head"]
+    head_norm = float(np.mean(np.concatenate(head_scores))) if head_scores else 1.0
+    ladders = []
+    for g in groups:
+        s = np.asarray(scores[g.name], dtype=float)
+        lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, round_to)
+        if lad is not None:
+            ladders.append(lad)
+    if not ladders:
+        raise AmgfxError("nothing to prune: every group is protected, unscored or at its minimum")
+
+    steps = [(lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps)]
+    steps.sort()
+
+    pairs = _head_pairs(cg) if same_head_dim else []
+
+    def plan_at(m: int) -> Plan:
+        counts: dict = {}
+        for _, name, _ in steps[:m]:
+            counts[name] = counts.get(name, 0) + 1
+        for qk, v in pairs:                     # the less pruned side sets both: min stays monotone in m
+            counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
+        return _plan(ladders, counts, round_to, base)
+
+    flops = functools.lru_cache(None)(lambda m: predict(cg, plan_at(m))["flops"]["pruned"])
+    lo, hi = 0, len(steps)
+    if flops(hi) > goal:
+        best = flops(hi) / dense
+        raise AmgfxError(f"target_flops={target_flops} cannot be reached: with min_keep={min_keep}, "
+                         f"round_to={round_to} and the protected places, the smallest plan keeps {best:.1%} "
+                         "of the FLOPs; lower min_keep, protect less, or allow more kinds")
+    while lo < hi:                              # smallest m with flops(m) <= goal
+        mid = (lo + hi) // 2
+        if flops(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    plan = plan_at(lo)
+    plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
+                      "protect": list(protect), "same_head_dim": bool(same_head_dim),
+                      "flops": {"dense": dense, "planned": flops(lo)}})
+    return plan

@@ -1,0 +1,45 @@
+"""Scoring criteria, one module each, and how a ``method`` maps kinds to criteria.
+
+A method is a criterion name (``"snp"``), several joined by ``+`` (``"snp+amg"``: the first
+that scores a kind wins, so SNP takes qk/v/mlp/residual and AMG the heads), a
+:class:`Criterion` config (``SNP(gamma=8)``), a list of those, or a dict ``{kind: criterion}``.
+Kinds no criterion of the method scores are not pruned.
+
+Example:
+    >>> from amgfx.scoring.criteria import resolve_method
+    >>> {k: c.name for k, c in resolve_method("snp+amg").items()}
+    {'qk': 'snp', 'v': 'snp', 'mlp': 'snp', 'residual': 'snp', 'head': 'amg'}
+"""
+from __future__ import annotations
+
+from ...errors import AmgfxError
+from ._base import Criterion
+from .amg import AMG, token_scores
+from .magnitude import Magnitude
+from .random import Random
+from .snp import SNP
+from .taylor import Taylor
+
+__all__ = ["Criterion", "SNP", "AMG", "Taylor", "Magnitude", "Random", "CRITERIA", "resolve_method", "token_scores"]
+
+CRITERIA = {c.name: c for c in (SNP, AMG, Taylor, Magnitude, Random)}
+
+
+def _one(c) -> Criterion:
+    if isinstance(c, Criterion):
+        return c
+    if isinstance(c, str) and c.strip().lower() in CRITERIA:
+        return CRITERIA[c.strip().lower()]()
+    raise AmgfxError(f"unknown method {c!r}; choose from {', '.join(CRITERIA)} (join with '+', e.g. 'snp+amg')")
+
+
+def resolve_method(method) -> dict:
+    """``method`` -> ``{kind: Criterion}``."""
+    if isinstance(method, dict):
+        return {k: _one(c) for k, c in method.items()}
+    parts = method.split("+") if isinstance(method, str) else list(method) if isinstance(method, (list, tuple)) else [method]
+    out = {}
+    for c in map(_one, parts):
+        for k in c.kinds:
+            out.setdefault(k, c)
+    return out

@@ -1,0 +1,41 @@
+"""``taylor``: first-order Taylor importance per unit, every kind.
+
+``I(unit) = E_batch[(sum over the unit's weights of w * dL/dw)^2]``, the squared form of
+Molchanov et al. (2019). The square matters: under the default loss the gradient has zero
+mean at the dense model, and the expected square is the Fisher-weighted importance
+(see :mod:`amgfx.calibrate`). The score is its square root.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._base import Criterion
+
+__all__ = ["Taylor"]
+
+
+@dataclass(frozen=True)
+class Taylor(Criterion):
+    """Example:
+        >>> import torch, timm, amgfx
+        >>> from amgfx.scoring.calibrate import calibrate
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> g = cg.group("mlp:blocks.0.mlp")
+        >>> st = calibrate(cg, [torch.randn(2, 3, 32, 32)], needs={"taylor"}, taylor_groups=[g], progress=False)
+        >>> bool((Taylor().score(cg, g, st) > 0).any())
+        True
+    """
+    name = "taylor"
+    kinds = ("qk", "v", "head", "mlp", "residual")
+
+    def needs(self, kind):
+        return {"taylor"}
+
+    def score(self, cg, group, stats, seed=0):
+        t = stats.mean(f"taylor:{group.name}") if stats is not None else None
+        if t is None:
+            raise ValueError(f"{group.name}: no gradient statistics (no calibration ran)")
+        return np.sqrt(t)

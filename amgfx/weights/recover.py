@@ -1,0 +1,328 @@
+"""Recovery: distil the dense model into the pruned one, and prune-recover schedules.
+
+Both papers recover accuracy after pruning: SNP by fine-tuning, AMG by knowledge distillation
+from the dense model between pruning steps. :func:`recover` trains the pruned GraphModule's
+parameters (they stay ``nn.Parameter`` through the passes) to match the dense teacher:
+
+==========  ==============================================================================
+``loss``    what the student matches (on the first tensor output of both models)
+==========  ==============================================================================
+``kd``      the teacher's softened class distribution: ``T^2 * KL(p_T || q_T)`` over the
+            last dim (classifier logits, or LM logits per token)
+``cosine``  the direction of every output vector: ``1 - cos`` over the last dim, per token
+            (encoders: ``last_hidden_state``); padded tokens are left out
+``mse``     the values: mean squared error, per token, padded tokens left out
+==========  ==============================================================================
+
+With ``alpha < 1`` a task loss joins in: ``alpha * distil + (1 - alpha) * task``. The task loss
+defaults to cross-entropy against the labels that ride along in each batch (``(x, y)`` tuples,
+or a ``"labels"`` key). Training uses AdamW with a short linear warm-up then cosine decay, and
+clips the gradient norm. It is seeded: the same call gives the same weights.
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=10)
+    >>> x = torch.randn(1, 3, 32, 32)
+    >>> small = amgfx.prune(m, x, method="magnitude", ratios={"mlp": 0.75})
+    >>> data = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    >>> before = amgfx.distill_loss(small, m, data)
+    >>> tuned = amgfx.recover(small, m, data, steps=20, lr=1e-3, progress=False)
+    >>> amgfx.distill_loss(tuned, m, data) < before, tuned is not small
+    (True, True)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import torch.utils._pytree as pytree
+
+from ..errors import AmgfxError
+from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
+
+__all__ = ["recover", "distill_loss", "Iterative", "LOSSES"]
+
+LOSSES = ("kd", "cosine", "mse")
+
+
+def first_output(out) -> torch.Tensor:
+    """The first tensor of a model output (``last_hidden_state`` of a Hugging Face encoder, logits...)."""
+    return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class Iterative:
+    """Prune in ``steps`` equal FLOPs steps toward the target, recovering after each (AMG's schedule).
+
+    Step *i* of *k* plans to ``1 - (1 - target) * i / k`` of the dense FLOPs, scoring the
+    current (recovered) model; then :func:`recover` trains it for ``recover_steps`` against the
+    dense model on ``data`` (default: the calibration data). ``recover`` holds any other
+    :func:`recover` keyword (``lr``, ``loss``, ``temperature``, ``alpha``, ...).
+
+    Example:
+        >>> import amgfx
+        >>> amgfx.Iterative(steps=3, recover_steps=100, recover={"lr": 5e-4}).targets(0.4)
+        [0.8, 0.6, 0.4]
+    """
+    steps: int = 2
+    recover_steps: int = 0
+    data: object = None
+    recover: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise AmgfxError(f"Iterative(steps=) must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.recover_steps, int) or self.recover_steps < 0:
+            raise AmgfxError(f"Iterative(recover_steps=) must be a non-negative integer, got {self.recover_steps!r}")
+        bad = set(self.recover) - set(_RECOVER_OPTIONS)
+        if bad:
+            raise AmgfxError(f"unknown recover option(s) {sorted(bad)}; use {', '.join(_RECOVER_OPTIONS)}")
+
+    def targets(self, target: float) -> list[float]:
+        """The fraction of dense FLOPs each step plans to."""
+        return [round(1.0 - (1.0 - target) * (i + 1) / self.steps, 6) for i in range(self.steps)]
+
+
+# ----------------------------------------------------------------------------------- data
+def _parts(batch, n_args: int):
+    """A batch -> (args, kwargs, labels or None); labels follow the inputs in a tuple, or sit under "labels"."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, Mapping):
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        return (), kwargs, batch.get("labels")
+    if isinstance(batch, (list, tuple)):
+        n = max(n_args, 1)
+        return tuple(batch[:n]), {}, (batch[n] if len(batch) > n else None)
+    raise AmgfxError(f"a recovery batch must be a tensor, a tuple (inputs..., labels) or a dict, got "
+                     f"{type(batch).__name__}")
+
+
+def _check_batch(student, args, kwargs) -> None:
+    """A model captured with a static batch only runs at that batch: say so rather than fail inside the graph."""
+    meta = getattr(student, "meta", {})
+    if meta.get(DYNAMIC_BATCH, True) or EXAMPLE not in meta:
+        return
+    first = lambda a, k: next((t for t in list(a) + list(k.values()) if isinstance(t, torch.Tensor)), None)
+    want, got = first(*meta[EXAMPLE]), first(args, kwargs)
+    if want is not None and got is not None and want.shape[0] != got.shape[0]:
+        raise AmgfxError(f"this pruned model was captured with a static batch of {want.shape[0]}, but a recovery "
+                         f"batch has {got.shape[0]}; use batches of {want.shape[0]}")
+
+
+def _n_args(student) -> int:
+    example = getattr(student, "meta", {}).get(EXAMPLE)
+    return len(example[0]) if example else 1
+
+
+def _cycle(data, seed: int):
+    """Batches forever: a sequence in a fresh seeded order each pass, any other iterable re-read."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+            if len(data) == 0:
+                raise AmgfxError("the recovery data is empty")
+            for i in torch.randperm(len(data), generator=g).tolist():
+                yield data[i]
+        else:
+            got = False
+            for b in data:
+                got = True
+                yield b
+            if not got:
+                raise AmgfxError("the recovery data is empty")
+
+
+# ----------------------------------------------------------------------------------- losses
+def _token_mean(per: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Mean of per-vector losses [B, T] (or [B]); padded tokens (attention_mask 0) do not count."""
+    m = kwargs.get("attention_mask")
+    if per.dim() == 2 and isinstance(m, torch.Tensor) and tuple(m.shape) == tuple(per.shape):
+        w = m.to(per.dtype)
+        return (per * w).sum() / w.sum().clamp_min(1)
+    return per.mean()
+
+
+def _distil(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float, kwargs: dict) -> torch.Tensor:
+    if s.shape != t.shape:
+        raise AmgfxError(f"student output {list(s.shape)} and teacher output {list(t.shape)} differ; recovery "
+                         "needs the pruned model to answer like the dense one")
+    s, t = s.float(), t.float()
+    if kind == "kd":
+        log_q = F.log_softmax(s / temperature, -1)
+        log_p = F.log_softmax(t / temperature, -1)
+        per = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return temperature ** 2 * _token_mean(per, kwargs)
+    if kind == "cosine":
+        return _token_mean(1.0 - F.cosine_similarity(s, t, dim=-1), kwargs)
+    return _token_mean((s - t).pow(2).mean(-1), kwargs)
+
+
+def _check_loss(loss: str, temperature: float, alpha: float) -> None:
+    if loss not in LOSSES:
+        raise AmgfxError(f"unknown recovery loss {loss!r}; use {', '.join(LOSSES)}")
+    if not temperature > 0:
+        raise AmgfxError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise AmgfxError(f"alpha (the weight of the distillation loss) must be in [0, 1], got {alpha}")
+
+
+def _set_mode(model, training: bool) -> None:
+    try:
+        model.train(training)
+    except NotImplementedError:    # torch.export's modules refuse train()/eval(): their mode is fixed
+        pass
+
+
+@contextlib.contextmanager
+def _eval(model):
+    """Run ``model`` in eval mode, then put its flag back: the teacher is the user's model."""
+    was = model.training
+    _set_mode(model, False)
+    try:
+        yield model
+    finally:
+        _set_mode(model, was)
+
+
+@torch.no_grad()
+def distill_loss(student, teacher, data, *, loss: str = "kd", temperature: float = 2.0) -> float:
+    """The mean distillation loss of ``student`` against ``teacher`` over ``data`` (both in eval mode).
+
+    This is what :func:`recover` lowers; measure it on held-out data to see that it did.
+    """
+    _check_loss(loss, temperature, 1.0)
+    n_args, total, n = _n_args(student), 0.0, 0
+    with _eval(teacher), _eval(student):
+        for b in data:
+            args, kwargs, _ = _parts(b, n_args)
+            s, t = first_output(student(*args, **kwargs)), first_output(teacher(*args, **kwargs))
+            total += float(_distil(loss, s, t, temperature, kwargs)) * s.shape[0]
+            n += s.shape[0]
+    if not n:
+        raise AmgfxError("the evaluation data is empty")
+    return total / n
+
+
+# ----------------------------------------------------------------------------------- training
+_RECOVER_OPTIONS = ("lr", "loss", "temperature", "alpha", "task_loss", "weight_decay", "warmup", "clip", "seed",
+                    "progress")
+
+
+def _trainable(model) -> list:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise AmgfxError("the pruned model has no trainable parameters (every parameter has requires_grad=False); "
+                         "nothing to recover")
+    return params
+
+
+def _detach_inference(model) -> None:
+    """Parameters made under ``torch.inference_mode`` cannot be trained; give them ordinary storage."""
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.is_inference():
+                mod._parameters[name] = torch.nn.Parameter(p.clone(), p.requires_grad)
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero: the LR multiplier at ``step``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = "kd", temperature: float = 2.0,
+            alpha: float = 1.0, task_loss=None, weight_decay: float = 0.01, warmup: float = 0.05, clip: float = 1.0,
+            seed: int = 0, inplace: bool = False, progress: bool = True):
+    """Train ``pruned`` for ``steps`` batches of ``data`` to answer like ``teacher``; returns the trained model.
+
+    Args:
+        pruned: the pruned GraphModule (any nn.Module works). Copied first unless ``inplace``.
+        teacher: the dense model; run in eval mode under ``no_grad`` and never changed.
+        data: batches like the calibration data: tensors, ``(inputs..., labels)`` tuples or dicts
+            (a ``"labels"`` key is held back from the model). A sequence is reshuffled (seeded)
+            each pass; any other iterable is re-read. ``steps`` may exceed one pass.
+        steps: optimiser steps. lr: peak AdamW learning rate.
+        loss: ``"kd"``, ``"cosine"`` or ``"mse"`` (see the module docstring).
+        temperature: softening of ``"kd"``. alpha: weight of the distillation loss; the rest
+            goes to ``task_loss(outputs, labels)`` (default cross-entropy on the labels).
+        weight_decay, warmup (fraction of steps), clip (max gradient norm), seed: as named.
+
+    The result's ``meta["amgfx_recovery"]`` records the settings, the time taken, and the loss
+    of the first and last tenth of the steps.
+    """
+    from tqdm.auto import tqdm
+    _check_loss(loss, temperature, alpha)
+    if not isinstance(steps, int) or steps < 1:
+        raise AmgfxError(f"steps must be a positive integer, got {steps!r}")
+    if not lr > 0:
+        raise AmgfxError(f"lr must be > 0, got {lr}")
+    student = pruned if inplace else copy.deepcopy(pruned)
+    _detach_inference(student)
+    params = _trainable(student)
+    n_args = _n_args(student)
+    t0 = time.perf_counter()
+    losses = []
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(), _eval(teacher):
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        n_warm = max(1, int(warmup * steps)) if warmup else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, steps, n_warm))
+        _set_mode(student, True)
+        batches = _cycle(data, seed)
+        bar = tqdm(range(steps), desc="recovering", unit="step", disable=not progress, leave=False)
+        for _ in bar:
+            args, kwargs, labels = _parts(next(batches), n_args)
+            if not losses:
+                _check_batch(student, args, kwargs)
+            with torch.no_grad():
+                t = first_output(teacher(*args, **kwargs))
+            out = student(*args, **kwargs)
+            value = alpha * _distil(loss, first_output(out), t, temperature, kwargs) if alpha else 0.0
+            if alpha < 1.0:
+                value = value + (1.0 - alpha) * _task(task_loss, out, labels)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            sched.step()
+            losses.append(float(value.detach()))
+            if not math.isfinite(losses[-1]):
+                raise AmgfxError(f"recovery diverged at step {len(losses)} (loss {losses[-1]}); lower lr (now {lr})")
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+    _set_mode(student, False)
+    tenth = max(1, steps // 10)
+    student.meta = dict(getattr(student, "meta", {}))
+    student.meta["amgfx_recovery"] = {
+        "steps": steps, "lr": lr, "loss": loss, "temperature": temperature, "alpha": alpha,
+        "weight_decay": weight_decay, "warmup": warmup, "clip": clip, "seed": seed,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+    return student
+
+
+def _task(task_loss, out, labels) -> torch.Tensor:
+    if labels is None:
+        raise AmgfxError("alpha < 1 needs a task loss, but the recovery batches carry no labels; pass (inputs, labels) "
+                         "tuples or a 'labels' key, or use alpha=1")
+    if task_loss is not None:
+        return task_loss(out, labels)
+    logits = first_output(out)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+
+
+def iterative_config(schedule: Iterative) -> dict:
+    """The schedule as plain data (for the plan's meta)."""
+    d = asdict(schedule)
+    d.pop("data")
+    d["recover"] = {k: v for k, v in d["recover"].items() if k != "task_loss"}
+    return d
