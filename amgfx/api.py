@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from .analysis.analyze import analyze
 from .analysis.coupling import CouplingGraph
-from .errors import AmgfxError
+from .errors import AmgfxError, InternalError, foreign_errors
 from .graph.fx import copy_module, replace_attr
 from .graph.meta import EXACT, EXAMPLE, PLAN
 from .planning.plan import Plan, fingerprint
@@ -63,19 +63,18 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
     if "tokens" in kinds:
         by_kind.setdefault("tokens", resolve_method("amg")["head"])
     groups = [g for g in cg.groups if g.kind in kinds and g.kind in by_kind]
-    needs = set().union(*(by_kind[g.kind].needs(g.kind) for g in groups))
+    collectors = [c for g in groups for c in by_kind[g.kind].collectors(cg, g)]
     if "tokens" in kinds:
-        needs |= by_kind["tokens"].needs("tokens")
-    taylor = [g for g in groups if "taylor" in by_kind[g.kind].needs(g.kind)]
+        collectors += by_kind["tokens"].token_collectors(cg)
     stats = None
-    if needs:
+    if collectors:
         if calib is None:
             warnings.warn(f"method {method!r} scores on calibration data, but no calib= was given; calibrating "
                           "on the example inputs alone", stacklevel=2)
             args, kwargs = cg.gm.meta[EXAMPLE]
             calib = [kwargs if kwargs and not args else args]
-        stats = calibrate(cg, calib, needs=needs, loss_fn=loss_fn, seed=seed, gamma=getattr(by_kind.get("qk"), "gamma", 0.9),
-                          taylor_groups=taylor, progress=progress)
+        with foreign_errors(InternalError, "calibration"):
+            stats = calibrate(cg, calib, collectors=collectors, loss_fn=loss_fn, seed=seed, progress=progress)
     out = Scores(criteria={k: repr(c) for k, c in by_kind.items() if k in kinds}, samples=stats.samples if stats else 0)
     for g in groups:
         try:
@@ -200,11 +199,9 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> 
 
 def _rewrite(cg: CouplingGraph, plan: Plan) -> fx.GraphModule:
     """Run the passes; unpruned weights stay shared with ``cg.gm`` (the compile backend wants that)."""
-    from .passes import PIPELINE
+    from .passes import PIPELINE, run
     resolved = plan.resolve(cg)
-    out = copy_module(cg.gm)
-    for p in PIPELINE:
-        out = p(out, resolved)
+    out = run(copy_module(cg.gm), resolved, PIPELINE)
     out.eval()                                   # captured in eval mode; the flag follows
     out.meta[PLAN] = plan
     out.meta[EXACT] = resolved.exact

@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .errors import AmgfxError
+from .errors import AmgfxError, foreign_errors
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
 
 __all__ = ["save", "load", "export_onnx", "ort_session", "onnx_parity", "example_inputs", "LoadError"]
@@ -123,10 +123,10 @@ def load(path) -> fx.GraphModule:
     if not os.path.isfile(pt2):
         raise LoadError(f"{pt2} not found; give a directory written by amgfx.save or amgfx prune --out")
     _refuse_pickles(pt2)
-    try:
+    # a truncated or edited archive fails in many ways; one line says so
+    with foreign_errors(LoadError, describe=lambda e: f"{pt2}: cannot load ({type(e).__name__}: "
+                                                     f"{str(e).splitlines()[0][:200] if str(e) else ''})"):
         ep = torch.export.load(pt2)
-    except Exception as e:  # a truncated or edited archive fails in many ways; one line says so
-        raise LoadError(f"{pt2}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     gm = ep.module()
     manifest_path = os.path.join(directory, "manifest.json")
     manifest = {}
@@ -192,10 +192,8 @@ def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
     from .graph.capture import _quiet_torch_logs
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
         warnings.simplefilter("ignore")       # the exporter reports every optimisation step it tries
-        try:
+        with foreign_errors(AmgfxError, "ONNX export"):
             torch.onnx.export(ep, (), path, dynamo=True, opset_version=opset, external_data=False, verbose=False)
-        except Exception as e:
-            raise AmgfxError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}") from e
     return path
 
 

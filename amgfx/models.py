@@ -53,7 +53,7 @@ def _hf_dir(path: str, text=SAMPLE_TEXT) -> Loaded:
         tok = tf.AutoTokenizer.from_pretrained(path)
         enc = tok(text, padding=True, return_tensors="pt")
         kwargs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    except Exception:
+    except (OSError, ValueError, KeyError, TypeError):   # no tokenizer in the directory: random ids
         kwargs = {"input_ids": torch.randint(0, min(getattr(cfg, "vocab_size", 100), 1000), (1, 16))}
     return Loaded(model, (), kwargs, f"HF {type(model).__name__}", path)
 
@@ -95,7 +95,7 @@ def tokenize(path: str, texts: list[str], seq_len: int) -> dict:
     import transformers as tf
     try:
         tok = tf.AutoTokenizer.from_pretrained(path)
-    except Exception as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelSpecError(f"{path} has no usable tokenizer for text calibration ({type(e).__name__})") from None
     enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}

@@ -134,7 +134,7 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
     example = cg.gm.meta[EXAMPLE]
     if pruned is None:
         pruned = apply(cg, plan)
-    tokens = {node: t["kept"] for node, t in plan.resolve(cg).tokens.items()}
+    tokens = {node: t.kept for node, t in plan.resolve(cg).tokens.items()}
     ref = pytree.tree_leaves(_run(masked_keys(zeroed(cg, plan), tokens), example))
     got = pytree.tree_leaves(_run(pruned, example))
     report = VerifyReport(tol=tol, exact=bool(pruned.meta.get(EXACT, True)),

@@ -1,13 +1,15 @@
-"""Copy benchmark figures into README.md: ``python -m benchmarks.readme [--check]``.
+"""Copy benchmark figures into README.md and docs/: ``python -m benchmarks.readme [--check]``.
 
-README.md holds generated blocks between ``<!-- bench:NAME -->`` and ``<!-- /bench -->``. This
-fills each one from the files under ``benchmarks/results``, so no figure inside them is typed by
-hand, and each table names the command that made it. ``--check`` changes nothing and exits 1
-when a block is out of date (``tests/test_bench.py`` runs it).
+README.md and every page under docs/ hold generated blocks between ``<!-- bench:NAME -->`` and
+``<!-- /bench -->``. This fills each one from the files under ``benchmarks/results``, so no figure
+inside them is typed by hand, and each table names the command that made it. Links inside a
+block are written relative to its page. ``--check`` changes nothing and exits 1 when a block is
+out of date (``tests/test_bench.py`` runs it).
 
 examples:
   python -m benchmarks.speed && python -m benchmarks.readme
   python -m benchmarks.readme --check
+  python -m benchmarks.readme --check --readme docs/benchmarks.md
 """
 from __future__ import annotations
 
@@ -18,7 +20,14 @@ import sys
 
 from ._report import RESULTS
 
-README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
+ROOT = os.path.normpath(os.path.join(os.path.dirname(RESULTS), ".."))
+README = os.path.join(ROOT, "README.md")
+DOCS = os.path.join(ROOT, "docs")
+
+
+def pages() -> list[str]:
+    """README.md and every Markdown page of docs/."""
+    return [README] + sorted(os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md"))
 BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /bench -->)", re.S)
 TARGET = 0.9                                      # issue 8: efficiency at 50% FLOPs on DeiT-S
 
@@ -131,30 +140,43 @@ def block(name: str) -> list[str]:
             "levers_accuracy": levers_accuracy}[kind]()
 
 
-def render(text: str) -> str:
-    return BLOCK.sub(lambda m: m.group(1) + "\n".join(block(m.group("name"))) + "\n" + m.group(4), text)
+def render(text: str, prefix: str = "") -> str:
+    """``text`` with every generated block filled; ``prefix`` leads from the page to the repository root."""
+    def fill(m):
+        body = "\n".join(block(m.group("name"))).replace("](benchmarks/", f"]({prefix}benchmarks/")
+        return m.group(1) + body + "\n" + m.group(4)
+    return BLOCK.sub(fill, text)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.readme", description=__doc__.split("\n\n")[1],
                                  epilog="examples:" + __doc__.split("examples:")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date; write nothing")
-    ap.add_argument("--readme", default=README)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a page is out of date; write nothing")
+    ap.add_argument("--readme", default=None, help="one page only (outside the repository, links are as from its root)")
     a = ap.parse_args(argv)
-    with open(a.readme) as f:
-        text = f.read()
-    new = render(text)
-    names = [m.group("name") for m in BLOCK.finditer(text)]
-    if a.check:
-        stale = [n for n, old, fresh in zip(names, BLOCK.finditer(text), BLOCK.finditer(new))
-                 if old.group("body") != fresh.group("body")]
-        print(f"README.md: {len(names)} generated blocks" + (f", out of date: {', '.join(stale)}" if stale else ", up to date"))
-        return 1 if stale else 0
-    with open(a.readme, "w") as f:
-        f.write(new)
-    print(f"README.md: {len(names)} generated blocks written")
-    return 0
+    stale_pages = 0
+    for page in [a.readme] if a.readme else pages():
+        inside = os.path.abspath(page).startswith(ROOT + os.sep)
+        prefix = os.path.relpath(ROOT, os.path.dirname(os.path.abspath(page))).replace(os.sep, "/") + "/" if inside else ""
+        prefix = "" if prefix == "./" else prefix
+        with open(page) as f:
+            text = f.read()
+        new = render(text, prefix)
+        names = [m.group("name") for m in BLOCK.finditer(text)]
+        label = os.path.relpath(page, ROOT) if inside else page
+        if a.check:
+            stale = [n for n, old, fresh in zip(names, BLOCK.finditer(text), BLOCK.finditer(new))
+                     if old.group("body") != fresh.group("body")]
+            print(f"{label}: {len(names)} generated blocks" + (f", out of date: {', '.join(stale)}" if stale else
+                                                                ", up to date"))
+            stale_pages += bool(stale)
+            continue
+        if new != text:
+            with open(page, "w") as f:
+                f.write(new)
+        print(f"{label}: {len(names)} generated blocks written")
+    return 1 if stale_pages else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ if __name__ != "amgfx.passes":
     raise ImportError("the rewrite passes are amgfx.passes: use `import amgfx.passes` (the passes/ folder "
                       "of the source tree installs under that name)")
 
+from .pipeline import PassOrderError, check_order, graph_pass, run
 from .cleanup import cleanup
 from .dead_tokens import dead_tokens
 from .fix_shapes import fix_shapes
@@ -20,5 +21,7 @@ from .split_qkv import split_qkv
 from .token_gather import token_gather
 
 PIPELINE = [split_qkv, token_gather, dead_tokens, shrink_params, fix_shapes, softmax_scale, lower_attention, cleanup]
+check_order(PIPELINE)
 
-__all__ = ["PIPELINE", "cleanup", "dead_tokens", "fix_shapes", "lower_attention", "shrink_params", "softmax_scale", "split_qkv", "token_gather"]
+__all__ = ["PIPELINE", "cleanup", "dead_tokens", "fix_shapes", "lower_attention", "shrink_params", "softmax_scale",
+           "split_qkv", "token_gather", "graph_pass", "check_order", "run", "PassOrderError"]

@@ -29,6 +29,7 @@ import torch.nn as nn
 from ..graph.fx import del_attr, eliminate_dead_code, get_attr, refresh_meta, set_attr
 from ..graph.meta import FOLD, FOLD_NAME, TOKEN_ROWS
 from ..graph.ops import DATA_MOVEMENT
+from .pipeline import graph_pass
 
 
 def _const(gm, n, memo):
@@ -88,6 +89,7 @@ def _drop_unused_attrs(gm: fx.GraphModule) -> None:
             del_attr(gm, fqn)
 
 
+@graph_pass(requires=("shapes_fixed",), ensures=("folded",))
 def cleanup(gm: fx.GraphModule, plan=None) -> fx.GraphModule:
     _fold(gm)
     eliminate_dead_code(gm)

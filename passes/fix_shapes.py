@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..errors import RewriteError
+from ..errors import RewriteError, noted
 from ..graph.fx import call, constant, dims_of, keep_symbolic, size_args
 from ..graph.indexprop import _const, shape
 from ..graph.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
 from ..graph.meta import APPROXIMATE, TOKEN_ROWS
-from ..graph.ops import GETITEM, IGNORED_USERS, NORMS, opname
+from ..graph.ops import GETITEM, IGNORED_USERS, NORMS, opname, where
+from .pipeline import graph_pass
 
 aten = torch.ops.aten
 
@@ -250,6 +251,7 @@ def _scatter_outputs(gm, ms, out_node):
     out_node.args = fx.node.map_aggregate(out_node.args, fix)
 
 
+@graph_pass(requires=("params_shrunk", "token_rows", "live_rows"), ensures=("shapes_fixed",))
 def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
     """Rewrite size/position constants so the graph runs on the shrunk parameters of ``plan``.
 
@@ -277,7 +279,8 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
             continue
         fn = REWRITES.get(n.target)
         if fn is not None:
-            fn(gm, ms, n)
+            with noted(lambda: where(n)):
+                fn(gm, ms, n)
     for n, pos in ms.gathers:
         _gather(gm, ms, n, pos)
     gm.meta[APPROXIMATE] = sorted({f"{n.name} ({opname(n.target)})" for n in ms.approximate})

@@ -7,7 +7,7 @@ the pruned model can be fine-tuned. Nothing else changes: shapes in the graph ar
 
 Example:
     >>> import torch, torch.fx as fx
-    >>> from amgfx.planning.plan import Resolved
+    >>> from amgfx.planning.resolved import Resolved
     >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
     >>> gm = shrink_params(gm, Resolved(params={"0.weight": {0: [0, 2]}, "0.bias": {0: [0, 2]}},
     ...                                 attention={}, options={}, exact=True))
@@ -20,8 +20,10 @@ import torch
 import torch.fx as fx
 
 from ..graph.fx import get_attr, replace_attr
+from .pipeline import graph_pass
 
 
+@graph_pass(requires=("qkv_split",), ensures=("params_shrunk",))
 def shrink_params(gm: fx.GraphModule, plan) -> fx.GraphModule:
     for fqn, dims in plan.params.items():
         old = get_attr(gm, fqn)

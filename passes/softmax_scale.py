@@ -7,10 +7,11 @@ matmul attention already multiplies by a constant and needs nothing.
 
 Example:
     >>> import torch, torch.fx as fx
-    >>> from amgfx.planning.plan import Resolved
+    >>> from amgfx.planning.resolved import AttentionChange, Resolved
     >>> g = fx.Graph(); q = g.placeholder("q")
     >>> a = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, q)); _ = g.output(a)
-    >>> gm = softmax_scale(fx.GraphModule({}, g), Resolved({}, {a.name: {"scale": 0.125, "kind": "sdpa"}}, {}, True))
+    >>> change = AttentionChange("s", "sdpa", 0.125, False, heads=1, kv_heads=1, qk_dim=4, v_dim=8, fused=False, operands=())
+    >>> gm = softmax_scale(fx.GraphModule({}, g), Resolved({}, {a.name: change}, {}, True))
     >>> a.kwargs
     {'scale': 0.125}
 """
@@ -19,12 +20,14 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph.ops import SDPA, set_sdpa_arg
+from .pipeline import graph_pass
 
 
+@graph_pass(requires=(), ensures=("scale_pinned",))
 def softmax_scale(gm: fx.GraphModule, plan) -> fx.GraphModule:
     for n in gm.graph.nodes:
         site = plan.attention.get(n.name)
         if site is None or n.target not in SDPA:
             continue
-        set_sdpa_arg(n, "scale", float(site["scale"]))
+        set_sdpa_arg(n, "scale", float(site.scale))
     return gm

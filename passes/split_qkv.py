@@ -32,6 +32,7 @@ from ..graph.indexprop import activation_taint, trace_back
 from ..graph.masks import compact_shape, propagate_masks
 from ..graph.ops import opname
 from ..graph.rows import fused_producers, split_operand
+from .pipeline import graph_pass
 
 aten = torch.ops.aten
 
@@ -44,24 +45,25 @@ def _irregular(gm, ms, prod, operands) -> bool:
     return any(isinstance(ms.get(n), torch.Tensor) and compact_shape(ms.get(n)) is None for n in region)
 
 
+@graph_pass(requires=(), ensures=("qkv_split",))
 def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
     mode = plan.options.get("split_qkv", "auto")
     nodes = {n.name: n for n in gm.graph.nodes}
     # masks of the graph as captured: a split only adds nodes, so other sites' masks stay valid
-    ms = propagate_masks(gm, plan.params) if mode == "auto" and any(a.get("fused") for a in plan.attention.values()) else None
+    ms = propagate_masks(gm, plan.params) if mode == "auto" and any(a.fused for a in plan.attention.values()) else None
     rows = {**plan.dead, **plan.tokens}              # sites whose queries and keys keep different positions
     sites = dict(plan.attention)
     sites.update({k: v for k, v in rows.items() if k not in sites})
     for node, site in sites.items():
         gather = node in rows                            # q must stand alone
-        if not site.get("fused") or not gather and mode == "never" and site["qk_dim"] == site["v_dim"]:
+        if not site.fused or not gather and mode == "never" and site.qk_dim == site.v_dim:
             continue
-        ops = [nodes[o] for o in site["operands"]]
+        ops = [nodes[o] for o in site.operands]
         for prod, parts in fused_producers(gm, ops).items():
             if not gather and mode == "auto" and not _irregular(gm, ms, prod, [o for _, o in parts]):
                 continue
             if mode == "never" and not gather:
-                raise RewriteError(f"{site['site']}: q/k and v keep different head dims in the fused projection "
+                raise RewriteError(f"{site.site}: q/k and v keep different head dims in the fused projection "
                                    f"{prod.name} ({opname(prod.target)}); allow options['split_qkv']='auto'")
             for part, o in parts:
                 split_operand(gm, prod, o, part, activation_taint(gm.graph))

@@ -25,8 +25,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph.rows import insert_token_gathers
+from .pipeline import graph_pass
 
 
+@graph_pass(requires=("qkv_split",), ensures=("token_rows",))
 def token_gather(gm: fx.GraphModule, plan) -> fx.GraphModule:
     """Gather kept key positions before the K and V projections of every site in ``plan.tokens``."""
     return insert_token_gathers(gm, plan.tokens)

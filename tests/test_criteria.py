@@ -55,11 +55,13 @@ def test_head_entropy_uniform_is_one_and_peaked_is_zero():
 def test_calibration_runs_the_graph_faithfully(analysed_model):
     """Explicit attention (q, k, scale, mask -> A) reproduces fused SDPA: the recorded run equals gm()."""
     from amgfx.scoring.calibrate import _Recorder
+    from amgfx.scoring.collectors import Watch
     for name in ("vit", "bert_minilm", "llama_gqa"):
         _, args, kwargs, cg = analysed_model(name)
         from torch.fx._pytree import tree_flatten_spec
         flat = tree_flatten_spec((tuple(args), kwargs), cg.gm.graph._codegen.pytree_info.in_spec)
-        rec = _Recorder(cg, {}, {s.node: s for s in cg.sites if s.supported}, {})
+        sites = {s.node: s for s in cg.sites if s.supported}
+        rec = _Recorder(cg, Watch(sites=sites), {}, sites)
         with torch.no_grad():
             got = rec.run(*flat)
             want = cg.gm(*args, **kwargs)
@@ -67,7 +69,7 @@ def test_calibration_runs_the_graph_faithfully(analysed_model):
             if "attention_mask" in kwargs and g.dim() == 3:   # padded queries' outputs are don't-care
                 g, w = g[kwargs["attention_mask"].bool()], w[kwargs["attention_mask"].bool()]
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-        assert all("A" in rec.seen[s.node] for s in cg.sites if s.supported), name
+        assert all("A" in rec.seen.sites[s.node] for s in cg.sites if s.supported), name
 
 
 def test_taylor_equals_autograd(analysed_model):
@@ -200,7 +202,7 @@ def test_same_head_dim_keeps_qk_and_v_at_one_width(analysed_model):
     from conftest import skewed_scores
     _, args, kwargs, cg = analysed_model("vit")
     scores = skewed_scores(cg)
-    dims = lambda plan: [(a["qk_dim"], a["v_dim"]) for a in plan.resolve(cg).attention.values()]
+    dims = lambda plan: [(a.qk_dim, a.v_dim) for a in plan.resolve(cg).attention.values()]
     free = allocate(cg, scores, 0.5, round_to=4)
     assert any(q != v for q, v in dims(free))           # the test means something only if they differ without it
     same = allocate(cg, scores, 0.5, round_to=4, same_head_dim=True)

@@ -186,7 +186,7 @@ def test_a_pruned_module_can_be_analysed_and_pruned_again(name):
     first = amgfx.apply(cg, amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.25, "head": 0.5, "mlp": 0.5}))
     again = amgfx.analyze(first)
     r = first.meta["amgfx_plan"].resolve(cg).attention
-    want = sorted((a["heads"], a["qk_dim"], a["v_dim"]) for a in r.values())
+    want = sorted((a.heads, a.qk_dim, a.v_dim) for a in r.values())
     assert sorted((s.num_heads, s.head_dim_qk, s.head_dim_v) for s in again.sites if s.supported) == want
     second = amgfx.plan_for(again, method="magnitude", ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5})
     assert amgfx.verify(again, second).passed

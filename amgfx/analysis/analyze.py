@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import InternalError, foreign_errors
 from ..graph.capture import capture
 from ..graph.fx import copy_module, refresh_meta, remove_marked
 from ..graph.meta import CAPTURED, LOWERED
@@ -41,4 +42,5 @@ def analyze(model_or_gm: nn.Module | fx.GraphModule, example_inputs=None, exampl
         if example_inputs is None and not example_kwargs:
             raise TypeError("analyze(model) needs example_inputs (or pass a GraphModule from amgfx.capture)")
         gm = capture(model_or_gm, example_inputs, example_kwargs)
-    return CouplingGraph(gm, find_structure(gm))
+    with foreign_errors(InternalError, "structure discovery"):
+        return CouplingGraph(gm, find_structure(gm))

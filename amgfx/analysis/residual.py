@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..errors import noted
 from ..graph.indexprop import _data_args, is_layer, layer_weight, shape, tensor_args, trace_back, val
 from ..graph.ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, LINEAR_LAYERS, MOVE, NORMS, PAD,
-                         POINTWISE, REDUCTIONS, SOFTMAX, VIEWS, opname)
+                         POINTWISE, REDUCTIONS, SOFTMAX, VIEWS, opname, where)
 from .records import Ctx, ResidualStream
 
 __all__ = ["RULES", "residual_streams"]
@@ -260,7 +261,8 @@ def residual_streams(ctx: Ctx) -> list[ResidualStream]:
     st = _State(ctx)
     for n in ctx.graph.nodes:
         if n.op == "call_function":
-            RULES.get(n.target, _unknown)(n, st)
+            with noted(lambda: where(n)):
+                RULES.get(n.target, _unknown)(n, st)
     dsu = st.dsu
     add_classes = {dsu.find(k) for k in st.adds}
     in_classes = {dsu.find(k) for k in st.layer_in}

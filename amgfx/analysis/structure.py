@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph.indexprop import is_layer
-from ..graph.ops import LINEAR_LAYERS, opname
+from ..errors import noted
+from ..graph.ops import LINEAR_LAYERS, opname, where
 from .attention import NotAttention, attention_site
 from .mlp import mlp_at
 from .records import MLP, AttentionSite, Ctx, Layer, ResidualStream, Skipped, Structure
@@ -31,7 +32,8 @@ def find_structure(gm: fx.GraphModule) -> Structure:
     ctx = Ctx(gm)
     sites, skipped = [], []
     for n in gm.graph.nodes:
-        s = attention_site(ctx, n) if n.op == "call_function" else None
+        with noted(lambda: where(n)):
+            s = attention_site(ctx, n) if n.op == "call_function" else None
         if isinstance(s, NotAttention):
             skipped.append(Skipped(node=n.name, op=opname(n.target), what=s.what))
         elif s is not None:
@@ -46,7 +48,10 @@ def find_structure(gm: fx.GraphModule) -> Structure:
     mlps = []
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in LINEAR_LAYERS and is_layer(n):
-            m = mlp_at(ctx, n, taken)
+            with noted(lambda: where(n)):
+                m = mlp_at(ctx, n, taken)
             if m is not None:
                 mlps.append(m)
-    return Structure(sites=sites, mlps=mlps, residual=residual_streams(ctx), skipped=skipped)
+    with noted("finding residual streams"):
+        residual = residual_streams(ctx)
+    return Structure(sites=sites, mlps=mlps, residual=residual, skipped=skipped)

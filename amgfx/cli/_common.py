@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from ..errors import AmgfxError
+from ..errors import AmgfxError, ModelSpecError, foreign_errors
 
 
 def err(msg: str, code: int = 2) -> int:
@@ -17,11 +17,10 @@ def load_model(a):
     """Load ``a.model`` (see amgfx.models): a Loaded, or an exit code after a one-line error."""
     from .. import models
     try:
-        return models.load(a.model, img_size=getattr(a, "img_size", None))
+        with foreign_errors(ModelSpecError, f"loading {a.model!r}"):     # a broken factory file, a malformed config
+            return models.load(a.model, img_size=getattr(a, "img_size", None))
     except AmgfxError as e:
         return err(str(e).splitlines()[0])
-    except Exception as e:  # a broken factory file, a malformed config
-        return err(f"could not load {a.model!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def analysed(a, prepare=None):

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import CaptureError, foreign_errors
 from .fx import refresh_meta
 from .meta import CAPTURED, DIMS, DYNAMIC_BATCH, EXAMPLE
 
@@ -136,15 +136,20 @@ def _batch_spec(model: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs, spec
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
-    """``torch.export`` with a dynamic batch dim when it can be had, else with static shapes."""
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, describe):
+    """``torch.export`` with a dynamic batch dim when it can be had, else with static shapes.
+
+    Export raises many exception types; :func:`~amgfx.errors.foreign_errors` turns each into one
+    :class:`CaptureError` (``describe`` names the module that was running)."""
     spec = _batch_spec(model, args, kwargs) if dynamic_batch else None
     if spec is not None:
         try:
-            return torch.export.export(model, spec[0], spec[1], dynamic_shapes=spec[2], strict=False), True
-        except Exception:  # the model fixes its batch somewhere: capture it static instead
+            with foreign_errors(CaptureError, describe=describe):
+                return torch.export.export(model, spec[0], spec[1], dynamic_shapes=spec[2], strict=False), True
+        except CaptureError:  # the model fixes its batch somewhere: capture it static instead
             pass
-    return torch.export.export(model, args, kwargs, strict=False), False
+    with foreign_errors(CaptureError, describe=describe):
+        return torch.export.export(model, args, kwargs, strict=False), False
 
 
 def _record_dims(gm: fx.GraphModule) -> None:
@@ -186,10 +191,7 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
     with _eval_mode(model), _no_kv_cache(model), _module_tracker(model) as stack, _quiet_torch_logs(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            ep, dynamic = _export(model, args, kwargs, dynamic_batch)
-        except Exception as exc:  # export raises many types; all become one clear error
-            raise CaptureError(_describe_failure(model, exc, stack)) from exc
+        ep, dynamic = _export(model, args, kwargs, dynamic_batch, lambda exc: _describe_failure(model, exc, stack))
     gm = ep.module()
     missing = [n.name for n in gm.graph.nodes
                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and "val" not in n.meta]

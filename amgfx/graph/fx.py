@@ -82,7 +82,7 @@ def call(gm: fx.GraphModule, before: fx.Node, target, args, kwargs=None) -> fx.N
         node = gm.graph.call_function(target, tuple(args), kwargs or {})
     try:
         node.meta["val"] = target(*[_meta(a) for a in args], **(kwargs or {}))
-    except Exception:        # shape is refreshed by cleanup anyway
+    except (RuntimeError, TypeError, ValueError, IndexError):   # a symbolic size; cleanup refreshes shapes anyway
         pass
     return node
 

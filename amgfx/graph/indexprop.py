@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..errors import noted
 from .ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, MOVE, NORMS, POINTWISE,
-                  POINTWISE_NONLINEAR, TRANSPARENT)
+                  POINTWISE_NONLINEAR, TRANSPARENT, where)
 
 Lanes = list  # list[Tensor] or, for multi-output ops, list[list[Tensor]]
 
@@ -214,7 +215,7 @@ def _const(node, gm: fx.GraphModule, cache: dict):
         if all(not isinstance(a, fx.Node) for a in node.args) or all(x is not None for x in args):
             try:
                 out = node.target(*args, **node.kwargs)
-            except Exception:
+            except (RuntimeError, TypeError, IndexError, ValueError):   # not computable from constants alone
                 out = None
     if isinstance(out, torch.Tensor) and out.device.type == "meta":
         out = None
@@ -253,6 +254,10 @@ def _concrete(a):
     return a
 
 
+# The ops propagate() runs on ids: data movement (executed as is), element-wise ops and norms (positions kept).
+FOLLOWS = frozenset(MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | {GETITEM})
+
+
 def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1) -> tuple[dict, list]:
     """Run the data movement of ``region`` on the seed lane values.
 
@@ -269,38 +274,39 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
         if not ins:
             continue
         t = n.target
-        try:
-            if t is GETITEM:
-                env[n] = [lane[n.args[1]] for lane in env[n.args[0]]]
-            elif t in IDENTITY:
-                env[n] = env[n.args[0]]
-            elif t in MOVE:
-                if n.args[0] not in env:
+        with noted(lambda: where(n)):
+            try:
+                if t is GETITEM:
+                    env[n] = [lane[n.args[1]] for lane in env[n.args[0]]]
+                elif t in IDENTITY:
+                    env[n] = env[n.args[0]]
+                elif t in MOVE:
+                    if n.args[0] not in env:
+                        failed.append(n)
+                        continue
+                    rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
+                    if t is torch.ops.aten.index.Tensor:
+                        rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
+                    if any(r is None or (isinstance(r, list) and any(x is None for x in r)) for r in rest):
+                        failed.append(n)
+                        continue
+                    env[n] = [t(lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
+                elif t in CONCAT:
+                    parts = []
+                    for a in n.args[0]:
+                        parts.append(env[a] if a in env else [torch.full(shape(a), missing, dtype=torch.long)])
+                    parts = _pad_lanes(parts)
+                    env[n] = _dedupe([t([p[i] for p in parts], *n.args[1:]) for i in range(len(parts[0]))])
+                elif t in POINTWISE or t in NORMS:
+                    out_shape = shape(n)
+                    srcs = [a for a in ([n.args[NORMS[t][0]]] if t in NORMS else n.all_input_nodes) if a in env]
+                    if t is torch.ops.aten.expand_as.default:      # arg 1 only lends its shape
+                        srcs = [a for a in srcs if a is n.args[0]]
+                    lanes = [lane.broadcast_to(out_shape) for a in srcs for lane in env[a]]
+                    if lanes:
+                        env[n] = _dedupe(lanes)
+                else:
                     failed.append(n)
-                    continue
-                rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
-                if t is torch.ops.aten.index.Tensor:
-                    rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
-                if any(r is None or (isinstance(r, list) and any(x is None for x in r)) for r in rest):
-                    failed.append(n)
-                    continue
-                env[n] = [t(lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
-            elif t in CONCAT:
-                parts = []
-                for a in n.args[0]:
-                    parts.append(env[a] if a in env else [torch.full(shape(a), missing, dtype=torch.long)])
-                parts = _pad_lanes(parts)
-                env[n] = _dedupe([t([p[i] for p in parts], *n.args[1:]) for i in range(len(parts[0]))])
-            elif t in POINTWISE or t in NORMS:
-                out_shape = shape(n)
-                srcs = [a for a in ([n.args[NORMS[t][0]]] if t in NORMS else n.all_input_nodes) if a in env]
-                if t is torch.ops.aten.expand_as.default:      # arg 1 only lends its shape
-                    srcs = [a for a in srcs if a is n.args[0]]
-                lanes = [lane.broadcast_to(out_shape) for a in srcs for lane in env[a]]
-                if lanes:
-                    env[n] = _dedupe(lanes)
-            else:
+            except (RuntimeError, TypeError, IndexError, ValueError):   # the op does not run on ids: cannot follow
                 failed.append(n)
-        except Exception:
-            failed.append(n)
     return env, failed

@@ -24,7 +24,9 @@ import torch.fx as fx
 
 from .indexprop import _concrete, _const, is_layer, shape, val
 from .meta import TOKEN_ROWS
-from .ops import CONCAT, GETITEM, IDENTITY, LAYERS, MOVE, NORMS, POINTWISE, REDUCTIONS, SDPA, SOFTMAX, sdpa_args
+from ..errors import noted
+from .ops import (CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, LAYERS, MOVE, NORMS, POINTWISE, REDUCTIONS, SDPA,
+                  SOFTMAX, sdpa_args, where)
 
 aten = torch.ops.aten
 __all__ = ["demand", "live_queries", "frontier", "live_rows"]
@@ -161,7 +163,7 @@ def demand(gm: fx.GraphModule) -> dict:
             p = pieces.setdefault(n.args[0], {})
             p[n.args[1]] = d if n.args[1] not in p else _merge(p[n.args[1]], d)
             continue
-        rule = RULES.get(n.target)
+        rule = RULES.get(n.target) or (_sdpa if n.target in FUSED_ATTENTION else None)
         if is_layer(n) or n.target in LAYERS:
             rule = _layer
         if TOKEN_ROWS in n.meta:             # a token gather: its input is read at the kept rows
@@ -169,7 +171,8 @@ def demand(gm: fx.GraphModule) -> dict:
         if rule is None or (d is None and rule is not _move):
             got = {a: None for a in n.all_input_nodes}
         else:
-            got = rule(n, d, gm, cache)
+            with noted(lambda: where(n)):
+                got = rule(n, d, gm, cache)
             got.update({a: None for a in n.all_input_nodes if a not in got and shape(a) is not None
                         and rule not in (_pointwise, _move, _concat)})
         for a, da in got.items():

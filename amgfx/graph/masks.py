@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..errors import RewriteError
+from ..errors import RewriteError, noted
 from .indexprop import _concrete, _const, is_layer, shape, tensor_args, val
 from .meta import TOKEN_ROWS
-from .ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS, PAD, POINTWISE,
-                  REDUCTIONS, SDPA, SOFTMAX, opname, sdpa_args)
+from .ops import (CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS, PAD, POINTWISE,
+                  REDUCTIONS, SDPA, SOFTMAX, opname, sdpa_args, where)
 
 aten = torch.ops.aten
 
@@ -368,10 +368,11 @@ def propagate_masks(gm: fx.GraphModule, params: dict) -> Masks:
         elif t in MATMUL or t is aten.mm.default:
             rule = _matmul
         else:
-            rule = RULES.get(t)
+            rule = RULES.get(t) or (_sdpa if t in FUSED_ATTENTION else None)   # registered fused attention too
         if rule is None:
             _fail(n, f"amgfx has no rule for this op, and it reads the pruned tensor {masked[0].name}")
-        out = rule(n, ms, gm, cache)
+        with noted(lambda: where(n)):
+            out = rule(n, ms, gm, cache)
         ms.env[n] = _norm(list(out) if isinstance(out, (list, tuple)) else out)
         if isinstance(ms.env[n], torch.Tensor) and not isinstance(val(n), torch.Tensor):
             _fail(n, "produced a mask for a non-tensor value")

@@ -92,6 +92,11 @@ LAYERS = {
 LINEAR_LAYERS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 
 
+def where(n) -> str:
+    """``at node <name> (<op>)``: how errors say where in the graph they happened."""
+    return f"at node {n.name} ({opname(n.target)})"
+
+
 def opname(target) -> str:
     """A short, readable name for an op target (`aten.linear`, `getitem`)."""
     if target is GETITEM:

@@ -14,8 +14,10 @@ Example (gather the K/V rows of a timm ViT's one attention site, as static token
     >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
     >>> gm = copy_module(amgfx.capture(m, torch.randn(1, 3, 32, 32)))
     >>> sdpa = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default)
-    >>> split_site(gm, sdpa.args[:3])       # timm's fused qkv: one projection per operand
-    >>> _ = insert_token_gathers(gm, {sdpa.name: {"site": "blocks.0.attn", "kept": [0, 2], "keys": 5}})
+    >>> a = sdpa_args(sdpa)
+    >>> split_site(gm, (a.q, a.k, a.v))      # timm's fused qkv: one projection per operand
+    >>> from amgfx.planning.resolved import TokenKeep
+    >>> _ = insert_token_gathers(gm, {sdpa.name: TokenKeep("blocks.0.attn", (0, 2), 5, (), True)})
     >>> [n.meta[TOKEN_ROWS] for n in gm.graph.nodes if TOKEN_ROWS in n.meta]   # one gather for K and V
     [(1, [0, 2])]
 """
@@ -222,7 +224,7 @@ def split_site(gm: fx.GraphModule, operands, producers: dict | None = None) -> N
 # row gathers
 # ------------------------------------------------------------------------------------------------
 def insert_token_gathers(gm: fx.GraphModule, tokens: dict) -> fx.GraphModule:
-    """For each attention node ``{name: {"site", "kept", "keys"}}``: gather the kept key positions
+    """For each attention node ``{name: TokenKeep}`` (site, kept, keys): gather the kept key positions
     before its K and V projections (once, where they read the same input), and from its mask."""
     nodes = {n.name: n for n in gm.graph.nodes}
     tainted = activation_taint(gm.graph)
@@ -231,20 +233,20 @@ def insert_token_gathers(gm: fx.GraphModule, tokens: dict) -> fx.GraphModule:
         a = sdpa_args(attn)
         projs = {projection(o, tainted) for o in (a.k, a.v)}
         if None in projs or projection(a.q, tainted) in projs:
-            raise RewriteError(f"{t['site']}: cannot find K/V projections separate from the query's")
+            raise RewriteError(f"{t.site}: cannot find K/V projections separate from the query's")
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         done: dict = {}
         for p in sorted(projs, key=order.get):
             x = p.args[0]
-            if len(shape(x)) != 3 or shape(x)[1] != t["keys"]:
-                raise RewriteError(f"{t['site']}: the K/V projection input {x.name} {list(shape(x))} has no token "
-                                   f"axis 1 of size {t['keys']}")
+            if len(shape(x)) != 3 or shape(x)[1] != t.keys:
+                raise RewriteError(f"{t.site}: the K/V projection input {x.name} {list(shape(x))} has no token "
+                                   f"axis 1 of size {t.keys}")
             if x in done:                            # K and V read the same rows: gather them once
                 p.replace_input_with(x, done[x])
             else:
-                done[x] = gather_rows(gm, x, p, 1, t["kept"], f"tokens_{p.name}")
-        if isinstance(a.mask, fx.Node) and shape(a.mask)[-1] == t["keys"]:     # the same keys leave the mask
-            gather_rows(gm, a.mask, attn, len(shape(a.mask)) - 1, t["kept"], f"tokens_mask_{attn.name}")
+                done[x] = gather_rows(gm, x, p, 1, list(t.kept), f"tokens_{p.name}")
+        if isinstance(a.mask, fx.Node) and shape(a.mask)[-1] == t.keys:     # the same keys leave the mask
+            gather_rows(gm, a.mask, attn, len(shape(a.mask)) - 1, list(t.kept), f"tokens_mask_{attn.name}")
     return gm
 
 

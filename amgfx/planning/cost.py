@@ -28,12 +28,12 @@ import weakref
 import torch
 import torch.fx as fx
 
-from ..errors import RewriteError
+from ..errors import InternalError, RewriteError, foreign_errors
 from ..graph.fx import copy_module
 from ..graph.indexprop import shape, val
 from ..graph.masks import propagate_masks
 from ..graph.meta import EXAMPLE
-from ..graph.ops import SDPA
+from ..graph.ops import SDPA, sdpa_args
 from ..graph.rows import insert_live_gathers, insert_token_gathers, split_site
 
 aten = torch.ops.aten
@@ -110,7 +110,7 @@ def node_flops(n: fx.Node, shp=shape, override: dict | None = None) -> int:
     kwargs = tuple(sorted((k, _spec(v, shp, override, device)) for k, v in n.kwargs.items()))
     try:
         return _count(n.target, args, kwargs)
-    except Exception as e:  # an op that does not accept the planned shapes: the rewrite would fail too
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:  # the planned shapes do not fit the op
         raise RewriteError(f"cannot count the FLOPs of {n.name} ({n.target}) at its planned shapes: "
                            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
 
@@ -152,15 +152,15 @@ def _row_graph(cg, r):
     """
     if not r.tokens and not r.dead:
         return cg.gm
-    key = repr((sorted((k, v["kept"]) for k, v in r.tokens.items()), sorted(r.dead)))
+    key = repr((sorted((k, v.kept) for k, v in r.tokens.items()), sorted(r.dead)))
     cache = cg.__dict__.setdefault("_row_graphs", {})
     if key not in cache:
         cache.clear()                            # one at a time: a graph copy per model is enough
         gm = copy_module(cg.gm)
         nodes = {n.name: n for n in gm.graph.nodes}
         for site in {**r.dead, **r.tokens}.values():    # what passes/split_qkv does where rows differ
-            if site["fused"]:
-                split_site(gm, [nodes[o] for o in site["operands"]])
+            if site.fused:
+                split_site(gm, [nodes[o] for o in site.operands])
         insert_token_gathers(gm, r.tokens)               # passes/token_gather
         if r.dead:
             insert_live_gathers(gm, {})                  # passes/dead_tokens, before any neuron is pruned
@@ -170,6 +170,11 @@ def _row_graph(cg, r):
 
 def predict(cg, plan) -> dict:
     """Parameters and FLOPs of the model, dense and after ``plan`` (nothing is rewritten)."""
+    with foreign_errors(InternalError, "FLOPs prediction"):
+        return _predict(cg, plan)
+
+
+def _predict(cg, plan) -> dict:
     r = plan.resolve(cg)
     gm = _row_graph(cg, r)
     try:
@@ -188,9 +193,10 @@ def predict(cg, plan) -> dict:
         override = {}
         if n.target in SDPA and n.name in r.attention and lowering != "none":
             # lower_attention pads q/k (or v) to one head dim for the CPU flash kernel: count that
-            q, k, v = (ms.new_shape(a) for a in n.args[:3])
+            a = sdpa_args(n)
+            q, k, v = (ms.new_shape(x) for x in (a.q, a.k, a.v))
             e = max(q[-1], v[-1])
-            override = {a: s[:-1] + (e,) for a, s in zip(n.args[:3], (q, k, v))}
+            override = {x: s[:-1] + (e,) for x, s in zip((a.q, a.k, a.v), (q, k, v))}
         pruned += node_flops(n, ms.new_shape, override)
     dense_p = 0
     pruned_p = 0

@@ -32,27 +32,12 @@ import numpy as np
 
 from ..errors import PlanError
 from ..graph.indexprop import fetch_attr
+from .resolved import AttentionChange, LiveQueries, Resolved, TokenKeep
 
-__all__ = ["Plan", "Resolved"]
+__all__ = ["Plan", "Resolved", "fingerprint"]
 
 FORMAT = "amgfx.plan/1"
 OPTIONS = {"lowering": "auto", "split_qkv": "auto", "dead_tokens": "auto"}
-
-
-@dataclass
-class Resolved:
-    """What the passes read: plain data derived from a plan and a coupling graph.
-
-    ``params``: FQN -> {dim: sorted kept indices} for every parameter that shrinks.
-    ``attention``: softmax/SDPA node name -> {"site", "scale", "qk_dim", "v_dim", "heads", ...}
-    for every site whose shapes change. ``options``: the plan's rewrite options.
-    """
-    params: dict
-    attention: dict
-    options: dict
-    exact: bool
-    tokens: dict = field(default_factory=dict)   # attention node -> {"site", "kept", "operands", "fused"}
-    dead: dict = field(default_factory=dict)     # attention node -> {"site", "live", "operands", "fused"}
 
 
 @dataclass
@@ -237,13 +222,11 @@ class Plan:
                     return full
                 return self.per_head_counts(g, heads[:1])[heads[0]] * (full // (g.units // s.num_kv_heads))
 
-            attention[s.node] = {
-                "site": s.name, "kind": s.kind, "scale": s.scale, "scale_explicit": s.scale_explicit,
-                "heads": len(heads) * s.q_per_kv, "kv_heads": len(heads),
-                "qk_dim": head_dim("qk", s.head_dim_qk), "v_dim": head_dim("v", s.head_dim_v),
-                "fused": len({s.q.node, s.k.node, s.v.node}) < 3,
-                "operands": list(s.operands),
-            }
+            attention[s.node] = AttentionChange(
+                site=s.name, kind=s.kind, scale=s.scale, scale_explicit=s.scale_explicit,
+                heads=len(heads) * s.q_per_kv, kv_heads=len(heads),
+                qk_dim=head_dim("qk", s.head_dim_qk), v_dim=head_dim("v", s.head_dim_v),
+                fused=_fused(s), operands=tuple(s.operands))
         return Resolved(params=params, attention=attention, options=dict(self.options), exact=exact,
                         tokens=self._resolve_tokens(cg), dead=self._resolve_dead(cg))
 
@@ -253,8 +236,8 @@ class Plan:
         if self.options.get("dead_tokens", "auto") == "off":
             return {}
         sites = {s.node: s for s in cg.sites}
-        return {node: {"site": sites[node].name, "live": live, "operands": list(sites[node].operands),
-                       "fused": len({sites[node].q.node, sites[node].k.node, sites[node].v.node}) < 3}
+        return {node: LiveQueries(site=sites[node].name, live=tuple(live), operands=tuple(sites[node].operands),
+                                  fused=_fused(sites[node]))
                 for node, live in live_queries(cg).items() if sites[node].supported and sites[node].q is not None}
 
     def _resolve_tokens(self, cg) -> dict:
@@ -277,9 +260,13 @@ class Plan:
             if lost:
                 raise PlanError(f"tokens: site {name!r} drops position(s) {lost}, which hold special tokens (class, "
                                 f"distillation or register tokens: {t.special}); they are always kept")
-            out[s.node] = {"site": name, "kept": k, "keys": t.keys, "operands": list(s.operands),
-                           "fused": len({s.q.node, s.k.node, s.v.node}) < 3}
+            out[s.node] = TokenKeep(site=name, kept=tuple(k), keys=t.keys, operands=tuple(s.operands), fused=_fused(s))
         return out
+
+
+def _fused(site) -> bool:
+    """Whether q, k and v of a site come from fewer than three projections (one fused qkv)."""
+    return len({site.q.node, site.k.node, site.v.node}) < 3
 
 
 def fingerprint(gm) -> str:

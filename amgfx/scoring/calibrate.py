@@ -1,7 +1,8 @@
-"""Calibration: run the captured graph on data and accumulate what the criteria read.
+"""Calibration: run the captured graph on data and feed the collectors the criteria declared.
 
 Nothing is stored per sample. Each batch adds to running sums (float64) and is then dropped,
-so memory is one batch's activations plus fixed-size statistics:
+so memory is one batch's activations plus fixed-size statistics. The built-in collectors
+(:mod:`amgfx.scoring.collectors`):
 
 ===================  =====================  ================================================
 statistic            shape (per site/MLP)   read by
@@ -33,57 +34,23 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import AmgfxError
-from ..graph.indexprop import fetch_attr, layer_input
+from ..graph.indexprop import fetch_attr
 from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
 from ..graph.ops import SDPA, sdpa_args
+from .collectors import Seen, Stats, Watch, param_leaves, qk_scores, standard  # noqa: F401 (qk_scores: public here too)
 
 __all__ = ["Stats", "calibrate", "as_batches", "CalibrationError"]
 
 
 class CalibrationError(AmgfxError):
     """Calibration data that cannot be used (wrong shapes, NaN/Inf, nothing in it)."""
-
-
-@dataclass
-class Stats:
-    """Running sums keyed ``"<what>:<site or group>"``, with sample counts under ``"n:<key>"``."""
-    sums: dict = field(default_factory=dict)
-    batches: int = 0
-    samples: int = 0
-
-    def add(self, key: str, value: torch.Tensor, n: int = 1) -> None:
-        v = value.detach().to(torch.float64)
-        if key in self.sums:
-            self.sums[key] += v
-        else:
-            self.sums[key] = v.clone()
-        self.sums["n:" + key] = self.sums.get("n:" + key, 0) + n
-
-    def mean(self, key: str) -> np.ndarray | None:
-        if key not in self.sums:
-            return None
-        return (self.sums[key] / max(float(self.sums["n:" + key]), 1.0)).numpy()
-
-    def all_reduce(self) -> None:
-        """Sum every statistic over the ranks of the default process group (in a fixed key order)."""
-        import torch.distributed as dist
-        keys = sorted(k for k in self.sums if not k.startswith("n:"))
-        for k in keys:
-            dist.all_reduce(self.sums[k])
-            n = torch.tensor([float(self.sums["n:" + k])], dtype=torch.float64)
-            dist.all_reduce(n)
-            self.sums["n:" + k] = float(n.item())
-        tot = torch.tensor([float(self.batches), float(self.samples)], dtype=torch.float64)
-        dist.all_reduce(tot)
-        self.batches, self.samples = int(tot[0]), int(tot[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,50 +152,8 @@ def default_loss(outputs, seed: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# per-site statistics
+# statistics
 # --------------------------------------------------------------------------------------------
-def _lead(t: torch.Tensor, L: int) -> torch.Tensor:
-    return t.reshape(-1, L, *t.shape[-2:])
-
-
-def qk_scores(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor, units: int, gamma: float) -> torch.Tensor:
-    """SNP's pair score per qk unit, summed over the samples of one batch.
-
-    For each sample and query head, with ``S = Q K^T`` and its SVD ``sum_j s_j u_j v_j^T``:
-    ``omega(unit) = sum_{j <= gamma} |cos(u_j v_j^T, Q_U K_U^T)|``, the cosine taken over the
-    flattened N x N matrices and ``U`` the unit's columns (two with RoPE). Computed without
-    forming N x N matrices: with ``Q = Uq Rq`` and ``K = Uk Rk`` (QR), the SVD of ``Rq Rk^T``
-    (d x d) gives ``u_j^T Q_c = (P^T Rq)_{jc}``, ``v_j^T K_c = (W^T Rk)_{jc}``, and
-    ``|Q_U K_U^T|_F^2 = sum_{a,b in U} (Q^T Q)_{ab} (K^T K)_{ab}``.
-
-    ``gamma``: an int keeps that many components; a float in (0, 1) keeps the fewest whose
-    squared singular values hold that fraction of ``|S|_F^2`` (per sample and head).
-
-    Args: q, k: [P, H, N, d] (k already paired with q's heads); cols: [H, d] unit of each column.
-    Returns: [units] float64.
-    """
-    q, k = q.double(), k.double()
-    _, rq = torch.linalg.qr(q)                          # [P, H, r, d]
-    _, rk = torch.linalg.qr(k)
-    p, s, wh = torch.linalg.svd(rq @ rk.transpose(-1, -2))   # rq rk^T = P diag(s) W^T
-    a = p.transpose(-1, -2) @ rq                        # [P, H, r, d]: u_j^T Q_c
-    b = wh @ rk                                         # v_j^T K_c
-    if isinstance(gamma, int) or gamma >= 1:
-        keep = torch.arange(s.shape[-1]) < int(gamma)
-        keep = keep.expand_as(s)
-    else:
-        e = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True).clamp_min(1e-300)
-        keep = (e - s ** 2 / (s ** 2).sum(-1, keepdim=True).clamp_min(1e-300)) < gamma   # up to and incl. reaching gamma
-    E = torch.nn.functional.one_hot(cols, units).double()  # [H, d, U]
-    num = torch.einsum("phjd,hdu->phju", a * b, E).abs()   # |u_j^T Q_U K_U^T v_j|
-    num = (num * keep[..., None]).sum(-2)               # [P, H, U]
-    gram = (q.transpose(-1, -2) @ q) * (k.transpose(-1, -2) @ k)   # [P, H, d, d]
-    den = torch.einsum("hau,phab,hbu->phu", E, gram, E).clamp_min(1e-300).sqrt()
-    present = E.sum(1) > 0                              # [H, U]: which units a head holds
-    omega = torch.where(present, num / den, torch.zeros_like(num))
-    return omega.sum((0, 1))
-
-
 def _attention(q, k, v, mask=None, dropout=0.0, is_causal=False, scale=None, enable_gqa=False):
     """Explicit SDPA (eval semantics) that also returns the probabilities A."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -246,18 +171,18 @@ def _attention(q, k, v, mask=None, dropout=0.0, is_causal=False, scale=None, ena
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the captured graph, recording per-site q, k and A, and MLP hidden activations."""
+    """Runs the captured graph, keeping what the collectors watch (:class:`Watch`)."""
 
-    def __init__(self, cg, leaves: dict, sites: dict, mlp_inputs: dict):
+    def __init__(self, cg, watch: Watch, leaves: dict, sites: dict):
         super().__init__(cg.gm, garbage_collect_values=True)
-        self.leaves = leaves            # fqn -> leaf tensor requiring grad (taylor)
-        self.sites = sites              # attention node name -> site
+        self.leaves = leaves            # fqn -> leaf tensor requiring grad
+        self.sites = {n: s for n, s in sites.items() if n in watch.sites}
+        self.values = watch.values
         self.by_operand = {}            # operand node name -> [site, ...]
-        for s in sites.values():
+        for s in self.sites.values():
             for o in s.operands[:2]:
                 self.by_operand.setdefault(o, []).append(s)
-        self.mlp_inputs = mlp_inputs    # fc2 input node name -> mlp name
-        self.seen: dict = {}
+        self.seen = Seen(params=leaves)
 
     def get_attr(self, target, args, kwargs):
         return self.leaves.get(target) if target in self.leaves else fetch_attr(self.module, target)
@@ -265,55 +190,29 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n):
         if n.op == "call_function" and n.target in SDPA and n.name in self.sites:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            names = ["q", "k", "v", "mask", "dropout", "is_causal", "scale", "enable_gqa"]
-            kw = dict(zip(names, args))
-            kw.update({("mask" if k == "attn_mask" else "dropout" if k == "dropout_p" else k): v
-                       for k, v in kwargs.items()})
-            out, a = _attention(**kw)
-            self.seen[n.name] = {"q": kw["q"], "k": kw["k"], "A": a}
+            a = sdpa_args(args, kwargs, op=n.target)
+            out, probs = _attention(a.q, a.k, a.v, a.mask, a.dropout_p, a.is_causal, a.scale, a.enable_gqa)
+            self.seen.sites[n.name] = {"q": a.q, "k": a.k, "A": probs}
             return out
         out = super().run_node(n)
         if n.name in self.by_operand:
             for s in self.by_operand[n.name]:
-                self.seen.setdefault(s.node, {})["q" if s.operands[0] == n.name else "k"] = out
+                self.seen.sites.setdefault(s.node, {})["q" if s.operands[0] == n.name else "k"] = out
         if n.name in self.sites:                       # softmax of an explicit attention
-            self.seen.setdefault(n.name, {})["A"] = out
-        if n.name in self.mlp_inputs:
-            self.seen["mlp:" + self.mlp_inputs[n.name]] = out.detach()
+            self.seen.sites.setdefault(n.name, {})["A"] = out
+        if n.name in self.values:
+            self.seen.values[n.name] = out
         return out
 
 
-def _site_stats(st: Stats, s, seen: dict, needs: set, gamma) -> None:
-    if s.lead_heads is None:
-        return
-    L = len(s.lead_heads)
-    if "attn" in needs:
-        a = _lead(seen["A"].detach(), L)
-        st.add(f"attn:{s.name}", a.sum(0), a.shape[0])
-    if "qk" in needs and s.qk_cols is not None:
-        q = _lead(seen["q"].detach(), L)
-        k = seen["k"].detach()
-        if s.kind == "matmul":
-            k = k.transpose(-1, -2)
-        k = _lead(k, k.shape[-3] if k.dim() > 2 else 1)
-        k = k[:, torch.as_tensor(s.lead_k) % k.shape[1]]        # the key head each query head meets
-        k = k.expand(q.shape[0], L, *k.shape[-2:]) if k.shape[0] != q.shape[0] else k
-        cols = torch.as_tensor(s.qk_cols)[torch.as_tensor(s.lead_heads)]
-        units = int(s.qk_q.shape[0] * s.qk_q.shape[1])
-        st.add(f"qk:{s.name}", qk_scores(q, k, cols, units, gamma), q.shape[0])
+def calibrate(cg, calib, *, collectors=None, needs: set = frozenset(), loss_fn=None, seed: int = 0,
+              gamma: float = 0.9, taylor_groups=(), progress: bool = True) -> Stats:
+    """Run ``cg``'s captured graph over ``calib``, feeding ``collectors``; returns the accumulated :class:`Stats`.
 
-
-def _needs_grad(needs: set) -> bool:
-    return bool(needs & {"tokens", "taylor"})
-
-
-def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: float = 0.9,
-              taylor_groups=(), progress: bool = True) -> Stats:
-    """Run ``cg``'s captured graph over ``calib`` and return accumulated :class:`Stats`.
-
-    ``needs`` picks the statistics (``attn``, ``qk``, ``tokens``, ``act``, ``taylor``); only
-    ``tokens`` and ``taylor`` run a backward pass. ``loss_fn(outputs, batch)`` replaces the
-    default loss (see the module docstring).
+    ``collectors`` are what the criteria declare (:mod:`amgfx.scoring.collectors`). ``needs`` adds
+    the built-in ones by name for every site and MLP (``attn``, ``qk`` with ``gamma``, ``tokens``,
+    ``act``, and ``taylor`` for ``taylor_groups``). A backward pass runs only when a collector
+    needs gradients. ``loss_fn(outputs, batch)`` replaces the default loss (see the module docstring).
 
     Example:
         >>> import torch, timm, amgfx
@@ -324,40 +223,31 @@ def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: floa
         ((3, 5, 5), 4)
     """
     from tqdm.auto import tqdm
-    ex_args, ex_kwargs = cg.gm.meta["amgfx_example"]
-    sites = {s.node: s for s in cg.sites if s.supported and s.operands}
-    mlp_inputs = {}
-    if "act" in needs:
-        nodes = {n.name: n for n in cg.gm.graph.nodes}
-        for m in cg.mlps:
-            mlp_inputs[layer_input(nodes[m.fc2.node]).name] = m.name
-    params = {}
-    if "taylor" in needs:
-        for g in taylor_groups:
-            for m in g.members:
-                if m.param not in params:
-                    params[m.param] = fetch_attr(cg.gm, m.param).detach().requires_grad_(True)
+    collectors = _dedupe(list(collectors or []) + standard(cg, set(needs), gamma=gamma, taylor_groups=taylor_groups))
+    ex_args, ex_kwargs = cg.gm.meta[EXAMPLE]
+    watch = Watch()
+    for c in collectors:
+        watch = watch | c.watch
     st = Stats()
-    run = _Run(cg, st, sites, mlp_inputs, params, needs, gamma, loss_fn, seed, tuple(taylor_groups))
+    run = _Run(cg, st, {s.node: s for s in cg.sites if s.supported and s.operands}, tuple(collectors), watch,
+               param_leaves(cg, collectors), loss_fn, seed)
     b0 = _check(0, ex_args, ex_kwargs, ex_args, ex_kwargs)
     total = len(calib) if hasattr(calib, "__len__") else None
     bar = tqdm(_batches(calib, ex_args, ex_kwargs), total=total, desc="calibrating", unit="batch",
                disable=not progress, leave=False)
     for i, (args, kwargs, raw, bsz) in enumerate(bar):
-        if cg.gm.meta.get("amgfx_dynamic_batch"):
+        if cg.gm.meta.get(DYNAMIC_BATCH):
             b0 = bsz
         if bsz % b0:
             raise CalibrationError(f"calibration batch {i} has {bsz} samples, not a multiple of the example "
                                    f"inputs' batch size {b0} (the captured graph's shapes are static)")
-        tokens, taylor = {}, {}
+        acc: dict = {}
         for c in range(0, bsz, b0):      # the graph runs at the batch size it was captured with
             cut = lambda t: t[c:c + b0] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == bsz else t
             a_c, k_c, raw_c = pytree.tree_map(cut, (args, kwargs, raw))
-            _run_chunk(run, a_c, k_c, raw_c, tokens, taylor)
-        for name, v in tokens.items():   # AMG: |sum over the batch, heads and queries|
-            st.add(f"tokens:{name}", v.abs())
-        for name, v in taylor.items():   # squared first-order term per batch (see module doc)
-            st.add(f"taylor:{name}", v ** 2)
+            _run_chunk(run, a_c, k_c, raw_c, acc)
+        for col in collectors:           # per-batch terms (AMG's |sum|, Taylor's square)
+            col.batch_end(acc, st)
         st.batches += 1
         st.samples += bsz
     bar.close()
@@ -369,68 +259,48 @@ def calibrate(cg, calib, *, needs: set, loss_fn=None, seed: int = 0, gamma: floa
     return st
 
 
+def _dedupe(collectors: list) -> list:
+    """One collector per key: two criteria that read the same statistic share it."""
+    out: dict = {}
+    for c in collectors:
+        out.setdefault(c.key, c)
+    return list(out.values())
+
+
 @dataclass
 class _Run:
     """What one calibration run holds fixed across its chunks."""
     cg: object
     st: Stats
     sites: dict             # attention node name -> site
-    mlp_inputs: dict        # fc2 input node name -> mlp name
-    params: dict            # fqn -> leaf requiring grad (taylor)
-    needs: set
-    gamma: float
+    collectors: tuple
+    watch: Watch
+    leaves: dict            # fqn -> leaf requiring grad
     loss_fn: object
     seed: int
-    taylor_groups: tuple
 
 
-def _run_chunk(run: _Run, args, kwargs, raw, tokens: dict, taylor: dict) -> None:
-    """One forward (and backward, if needed) at the captured batch size; adds to ``run.st``,
-    and sums per-batch terms into ``tokens``/``taylor`` (their abs/square is taken per batch)."""
+def _run_chunk(run: _Run, args, kwargs, raw, acc: dict) -> None:
+    """One forward (and backward, if a collector needs it) at the captured batch size."""
     from torch.fx._pytree import tree_flatten_spec
-    cg, st, sites, params, needs = run.cg, run.st, run.sites, run.params, run.needs
-    rec = _Recorder(cg, params, sites, run.mlp_inputs)
+    cg = run.cg
+    rec = _Recorder(cg, run.watch, run.leaves, run.sites)
     info = getattr(cg.gm.graph._codegen, "pytree_info", None)
     flat = tree_flatten_spec((tuple(args), kwargs), info.in_spec) if info and info.in_spec else list(args)
-    grad = _needs_grad(needs)
+    grad = run.watch.grad
     with torch.set_grad_enabled(grad):
         out = rec.run(*flat)              # Interpreter.run rebuilds the output pytree itself
-        for s in sites.values():
-            if s.node in rec.seen:
-                _site_stats(st, s, rec.seen[s.node], needs, run.gamma)
-        if grad:
-            loss = (run.loss_fn(out, raw) if run.loss_fn is not None
-                    else default_loss(out, _content_seed(run.seed, args, kwargs)))
-            if not torch.is_tensor(loss) or loss.dim() != 0:
-                raise CalibrationError("loss_fn must return a scalar tensor")
-            a_nodes = [n for n in sites if "A" in rec.seen.get(n, {})] if "tokens" in needs else []
-            leaves = [rec.seen[n]["A"] for n in a_nodes] + list(params.values())
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            for n, g in zip(a_nodes, grads):
-                a = rec.seen[n]["A"]
-                if g is not None:
-                    v = (a.detach().double() * g.double()).reshape(-1, a.shape[-1]).sum(0)
-                    key = sites[n].name
-                    tokens[key] = tokens[key] + v if key in tokens else v
-            pg = dict(zip(params, grads[len(a_nodes):]))
-            for grp in run.taylor_groups:
-                v = _unit_taylor(grp, params, pg)
-                taylor[grp.name] = taylor[grp.name] + v if grp.name in taylor else v
-    for name in run.mlp_inputs.values():
-        h = rec.seen.get(f"mlp:{name}")
-        if h is not None:
-            h = h.double().reshape(-1, h.shape[-1])
-            st.add(f"act:{name}", (h ** 2).sum(0), h.shape[0])
-
-
-def _unit_taylor(group, params, grads) -> torch.Tensor:
-    """Sum of w * dL/dw over each unit's slices (one value per unit)."""
-    total = torch.zeros(group.units, dtype=torch.float64)
-    for m in group.members:
-        g = grads.get(m.param)
-        if g is None:
-            continue
-        wg = (params[m.param].detach().double() * g.double()).movedim(m.dim, 0)
-        per = wg.reshape(wg.shape[0], -1).sum(1)
-        total += per[torch.as_tensor(m.index)].sum(1)
-    return total
+        for c in run.collectors:
+            c.forward(rec.seen, run.st)
+        if not grad:
+            return
+        loss = (run.loss_fn(out, raw) if run.loss_fn is not None
+                else default_loss(out, _content_seed(run.seed, args, kwargs)))
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            raise CalibrationError("loss_fn must return a scalar tensor")
+        probs = [n for n in sorted(run.watch.grad_of_probs) if "A" in rec.seen.sites.get(n, {})]
+        wrt = [rec.seen.sites[n]["A"] for n in probs] + list(run.leaves.values())
+        got = torch.autograd.grad(loss, wrt, allow_unused=True)
+        grads = {**dict(zip(probs, got)), **dict(zip(run.leaves, got[len(probs):]))}
+    for c in run.collectors:
+        c.backward(rec.seen, grads, acc)

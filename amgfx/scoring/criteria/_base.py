@@ -1,4 +1,10 @@
-"""What every criterion shares: the config-dataclass interface and per-unit weight norms."""
+"""What every criterion shares: the config-dataclass interface and per-unit weight norms.
+
+To add a criterion, write one file here: a frozen dataclass with ``name``, ``kinds``,
+``collectors`` (the statistics it reads, :mod:`amgfx.scoring.collectors`) and ``score``; then
+list it in ``CRITERIA`` (``criteria/__init__.py``) to give it a method name. A criterion passed
+as an object (``method={"mlp": MyCriterion()}``) needs no registration at all.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,17 +18,27 @@ from ...graph.indexprop import fetch_attr
 class Criterion:
     """A scoring method: a frozen config (like torchao's per-method configs) plus ``score``.
 
-    ``kinds`` are the group kinds it scores; ``needs(kind)`` the calibration statistics it
-    reads (see :mod:`amgfx.calibrate`); ``score`` returns one float per unit, higher = keep.
+    ``kinds`` are the group kinds it scores; ``collectors(cg, group)`` the statistics calibration
+    must gather for it (none: a weight-only criterion, no data needed); ``score`` returns one
+    float per unit, higher = keep, reading those statistics from ``stats``.
     """
     name = "criterion"
     kinds = ()                   # class constants, not fields: a config holds only its knobs
 
-    def needs(self, kind: str) -> set:
-        return set()
+    def collectors(self, cg, group) -> list:
+        return []
 
     def score(self, cg, group, stats, seed: int = 0) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def site_of(cg, group):
+    """The attention site a qk/v/head group belongs to."""
+    return next(s for s in cg.sites if s.name == group.where)
+
+
+def mlp_of(cg, group):
+    return next(m for m in cg.mlps if m.name == group.where)
 
 
 def unit_slices(cg, member):

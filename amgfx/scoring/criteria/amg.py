@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._base import Criterion
+from ..collectors import AttentionMaps, TokenScores
+from ._base import Criterion, site_of
 
 __all__ = ["AMG", "head_entropy", "token_scores"]
 
 
 def head_entropy(site, stats) -> np.ndarray | None:
     """Normalised entropy per query head of the data-averaged attention map ([H], in [0, 1])."""
-    a = stats.mean(f"attn:{site.name}") if stats is not None else None
+    a = stats.mean(AttentionMaps.key_for(site)) if stats is not None else None
     if a is None:
         return None
     a = a / np.maximum(a.sum(-1, keepdims=True), 1e-300)
@@ -41,7 +42,7 @@ def token_scores(cg, stats) -> dict:
     """``{site name: [N_k] scores}``, each normalised to sum 1 (AMG's per-layer normalisation)."""
     out = {}
     for s in cg.sites:
-        t = stats.mean(f"tokens:{s.name}") if stats is not None else None
+        t = stats.mean(TokenScores.key_for(s)) if stats is not None else None
         if t is not None:
             out[s.name] = t / max(t.sum(), 1e-300)
     return out
@@ -68,8 +69,12 @@ class AMG(Criterion):
     name = "amg"
     kinds = ("head",)
 
-    def needs(self, kind):
-        return {"head": {"attn"}, "tokens": {"tokens"}}.get(kind, set())
+    def collectors(self, cg, group):
+        return [AttentionMaps(site_of(cg, group))]
+
+    def token_collectors(self, cg) -> list:
+        """Key-position scores at every site (static token pruning), a backward pass."""
+        return [TokenScores(s) for s in cg.sites if s.supported and s.operands]
 
     def score(self, cg, group, stats, seed=0):
         sites = [s for s in cg.sites if s.supported]

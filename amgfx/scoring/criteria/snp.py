@@ -2,7 +2,7 @@
 
 * **qk**: a query/key pair scores how well its rank-1 term ``Q_i K_i^T`` aligns with the top
   ``gamma`` singular components of the head's score matrix ``Q K^T`` (summed |cosine|,
-  averaged over calibration samples). Computed in :func:`amgfx.calibrate.qk_scores`.
+  averaged over calibration samples). Computed in :func:`amgfx.scoring.calibrate.qk_scores`.
   ``gamma`` is not published: we default to the fewest components holding 90% of
   ``|Q K^T|_F^2``; an int fixes the count.
 * **v**: redundancy across heads, weights only: ``sum_l (1 - |cos(W_i, W_l)|)`` over every
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...graph.indexprop import fetch_attr
-from ._base import Criterion, unit_norms, unit_slices
+from ..collectors import MlpActivations, QKScores
+from ._base import Criterion, mlp_of, site_of, unit_norms, unit_slices
 
 __all__ = ["SNP"]
 
@@ -48,14 +49,18 @@ class SNP(Criterion):
     name = "snp"
     kinds = ("qk", "v", "mlp", "residual")
 
-    def needs(self, kind):
-        return {"qk": {"qk"}, "mlp": {"act"}}.get(kind, set())
+    def collectors(self, cg, group):
+        if group.kind == "qk":
+            return [QKScores(site_of(cg, group), self.gamma)]
+        if group.kind == "mlp":
+            return [MlpActivations(cg, mlp_of(cg, group))]
+        return []
 
     def score(self, cg, group, stats, seed=0):
         return getattr(self, "_" + group.kind)(cg, group, stats)
 
     def _qk(self, cg, group, stats):
-        got = stats.mean(f"qk:{group.where}") if stats is not None else None
+        got = stats.mean(QKScores.key_for(site_of(cg, group))) if stats is not None else None
         if got is None:
             raise ValueError(f"{group.name}: no qk statistics (the site's heads are not on the operands' "
                              "last axis, or no calibration ran)")
@@ -70,7 +75,7 @@ class SNP(Criterion):
 
     def _mlp(self, cg, group, stats):
         fc2 = next(m for m in group.members if m.role == "fc2")
-        act = stats.mean(f"act:{group.where}") if stats is not None else None
+        act = stats.mean(MlpActivations.key_for(mlp_of(cg, group))) if stats is not None else None
         if act is None:
             raise ValueError(f"{group.name}: no activation statistics (no calibration ran)")
         return np.sqrt(act) * unit_norms(cg, fc2)

@@ -3,7 +3,7 @@
 ``I(unit) = E_batch[(sum over the unit's weights of w * dL/dw)^2]``, the squared form of
 Molchanov et al. (2019). The square matters: under the default loss the gradient has zero
 mean at the dense model, and the expected square is the Fisher-weighted importance
-(see :mod:`amgfx.calibrate`). The score is its square root.
+(see :mod:`amgfx.scoring.calibrate`). The score is its square root.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..collectors import TaylorScores
 from ._base import Criterion
 
 __all__ = ["Taylor"]
@@ -31,11 +32,11 @@ class Taylor(Criterion):
     name = "taylor"
     kinds = ("qk", "v", "head", "mlp", "residual")
 
-    def needs(self, kind):
-        return {"taylor"}
+    def collectors(self, cg, group):
+        return [TaylorScores(group)]
 
     def score(self, cg, group, stats, seed=0):
-        t = stats.mean(f"taylor:{group.name}") if stats is not None else None
+        t = stats.mean(TaylorScores.key_for(group)) if stats is not None else None
         if t is None:
             raise ValueError(f"{group.name}: no gradient statistics (no calibration ran)")
         return np.sqrt(t)

@@ -1,0 +1,96 @@
+"""The pass contract: what each pass requires of the graph and ensures, and the order check.
+
+In the manner of ``torch.fx.passes.infra.pass_base``: a pass is ``(GraphModule, Resolved) ->
+GraphModule``, wrapped by :func:`graph_pass` with the properties it needs and the ones it makes
+true. :func:`check_order` refuses a pipeline that runs a pass before what it requires;
+:func:`run` checks, then runs each pass, turning an unexpected exception into a
+:class:`~amgfx.errors.RewriteError` that names the pass (the original is its cause).
+
+Properties (strings, declared once here):
+
+===============  ==========================================================================
+``qkv_split``    a fused q/k/v projection that cannot be rewritten whole is split per operand
+``token_rows``   static token gathers sit before the K/V projections (AMG)
+``live_rows``    dead-token gathers sit before the layers whose outputs are read at some rows
+``params_shrunk``  every parameter holds only its kept indices
+``shapes_fixed`` every size and position constant matches the shrunk tensors
+``scale_pinned`` attention whose q/k dim changed states its original softmax scale
+``lowered``      attention with unequal q/k and v dims is padded for the kernel (or left, by option)
+``folded``       weight slices are folded into parameters; dead code and attributes are gone
+===============  ==========================================================================
+
+Example:
+    >>> from amgfx.passes import PIPELINE
+    >>> check_order(PIPELINE)
+    >>> check_order(PIPELINE[3:4] + PIPELINE[:3])
+    Traceback (most recent call last):
+    ...
+    amgfx.passes.pipeline.PassOrderError: shrink_params requires qkv_split, which no earlier pass ensures (order: shrink_params, split_qkv, token_gather, dead_tokens)
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..errors import RewriteError, foreign_errors
+
+__all__ = ["Pass", "graph_pass", "check_order", "run", "PassOrderError", "PROPERTIES"]
+
+PROPERTIES = ("qkv_split", "token_rows", "live_rows", "params_shrunk", "shapes_fixed", "scale_pinned", "lowered",
+              "folded")
+
+
+class PassOrderError(RewriteError):
+    """A pipeline runs a pass before a pass it depends on."""
+
+
+@dataclass(eq=False)
+class Pass:
+    """A graph pass with its contract; call it like the function it wraps."""
+    fn: object
+    requires: frozenset
+    ensures: frozenset
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def __call__(self, gm, plan=None):
+        return self.fn(gm, plan)
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"
+
+
+def graph_pass(*, requires=(), ensures=()):
+    """Declare a function ``(gm, plan) -> gm`` a pass, with the properties it requires and ensures."""
+    unknown = (set(requires) | set(ensures)) - set(PROPERTIES)
+    if unknown:
+        raise ValueError(f"unknown pass properties {sorted(unknown)}; declare them in PROPERTIES")
+
+    def wrap(fn):
+        p = Pass(fn, frozenset(requires), frozenset(ensures))
+        functools.update_wrapper(p, fn)
+        return p
+    return wrap
+
+
+def check_order(passes) -> None:
+    """Raise :class:`PassOrderError` when a pass runs before the passes that ensure what it requires."""
+    have: set = set()
+    for p in passes:
+        missing = sorted(set(p.requires) - have)
+        if missing:
+            order = ", ".join(q.name for q in passes)
+            raise PassOrderError(f"{p.name} requires {', '.join(missing)}, which no earlier pass ensures "
+                                 f"(order: {order})")
+        have |= p.ensures
+
+
+def run(gm, plan, passes):
+    """Check the order, then run ``passes`` on ``gm`` (in place where a pass edits in place)."""
+    check_order(passes)
+    for p in passes:
+        with foreign_errors(RewriteError, f"pass {p.name}"):
+            gm = p(gm, plan)
+    return gm
