@@ -4,6 +4,7 @@ No timing is asserted: machines are noisy. What must hold is that every variant 
 runtime, the FLOPs landed where the plans put them, and Torch-Pruning was matched to amgfx's FLOPs.
 """
 import math
+import os
 
 import pytest
 
@@ -24,14 +25,18 @@ def test_quick_speed_suite_runs_and_is_sane(tmp_path):
 
 
 def test_readme_figures_come_from_the_result_files(tmp_path):
-    """Every generated block of README.md equals what benchmarks/readme.py makes from the results."""
+    """Every generated block of README.md and docs/ equals what benchmarks/readme.py makes from the results."""
     from benchmarks import readme
     assert readme.main(["--check"]) == 0
-    stale = tmp_path / "README.md"
-    text = open(readme.README).read()
-    assert text.count("<!-- bench:") >= 5
-    stale.write_text(text.replace("eff ", "eff 9", 1))         # one figure typed by hand
-    assert readme.main(["--check", "--readme", str(stale)]) == 1
+    texts = {p: open(p).read() for p in readme.pages()}
+    assert "<!-- bench:copy.main_job -->" in texts[readme.README]
+    assert sum(t.count("<!-- bench:") for t in texts.values()) >= 10
+    page = os.path.join(readme.DOCS, "benchmarks.md")
+    stale = tmp_path / "benchmarks.md"
+    stale.write_text(texts[page].replace("](../benchmarks/", "](benchmarks/").replace("eff ", "eff 9", 1))
+    assert readme.main(["--check", "--readme", str(stale)]) == 1       # one figure typed by hand
+    stale.write_text(texts[page].replace("](../benchmarks/", "](benchmarks/"))
+    assert readme.main(["--check", "--readme", str(stale)]) == 0       # ...and only that made it stale
 
 
 def test_levers_each_change_what_they_name(monkeypatch):
