@@ -21,7 +21,7 @@ from .graph.meta import APPROXIMATE, EXACT, EXAMPLE
 from .graph.ops import sdpa_args, set_sdpa_arg
 from .planning.plan import Plan
 
-__all__ = ["verify", "VerifyReport", "zeroed", "masked_keys"]
+__all__ = ["verify", "VerifyReport", "compare", "zeroed", "masked_keys"]
 
 aten = torch.ops.aten
 
@@ -33,17 +33,23 @@ class VerifyReport:
     tol: float = 1e-5
     exact: bool = True                               # False when the plan prunes residual channels
     approximate_ops: list = field(default_factory=list)
+    problems: list = field(default_factory=list)     # what could not be compared (a missing output, a shape)
 
     @property
     def max_rel(self) -> float:
-        return max((o["max_rel"] for o in self.outputs), default=0.0)
+        if self.problems or not self.outputs:
+            return float("inf")                      # nothing compared is no evidence
+        return max(o["max_rel"] for o in self.outputs)
 
     @property
     def passed(self) -> bool:
-        return self.exact and self.max_rel <= self.tol
+        return self.exact and not self.problems and bool(self.outputs) and self.max_rel <= self.tol
 
     @property
     def status(self) -> str:
+        why = "; ".join(self.problems) or ("no output was compared" if not self.outputs else "")
+        if why:
+            return f"FAIL ({why})"
         if not self.exact:
             return f"APPROXIMATE (residual channels pruned; max rel error {self.max_rel:.2e})"
         return f"{'PASS' if self.passed else 'FAIL'} (max rel error {self.max_rel:.2e}, tolerance {self.tol:g})"
@@ -55,7 +61,40 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"outputs": self.outputs, "tol": self.tol, "exact": self.exact, "passed": self.passed,
-                "max_rel": self.max_rel, "approximate_ops": self.approximate_ops}
+                "max_rel": self.max_rel, "approximate_ops": self.approximate_ops, "problems": self.problems}
+
+
+def compare(got, ref, report: VerifyReport) -> VerifyReport:
+    """Fill ``report`` with the error of every leaf of ``got`` against ``ref`` (model outputs, any pytree).
+
+    Both sides must have the same number of leaves, tensors where the other has tensors, and equal
+    shapes and dtypes; anything else is a problem, and a report with problems (or with nothing
+    compared) never passes.
+
+    Example:
+        >>> import torch
+        >>> compare((), (torch.ones(2),), VerifyReport()).status
+        'FAIL (the pruned model gives 0 outputs, the reference 1)'
+    """
+    got, ref = pytree.tree_leaves(got), pytree.tree_leaves(ref)
+    if len(got) != len(ref):
+        report.problems.append(f"the pruned model gives {len(got)} outputs, the reference {len(ref)}")
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            report.problems.append(f"out[{i}] is a {type(a).__name__} where the reference has a {type(b).__name__}")
+            continue
+        if not isinstance(b, torch.Tensor):
+            if a != b:
+                report.problems.append(f"out[{i}] is {a!r}, the reference {b!r}")
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            report.problems.append(f"out[{i}] is {a.dtype} {list(a.shape)}, the reference {b.dtype} {list(b.shape)}")
+            continue
+        err = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
+        scale = b.double().abs().max().item() if b.numel() else 1.0
+        report.outputs.append({"output": f"out[{i}]", "shape": list(b.shape), "max_abs": err,
+                               "max_rel": err / scale if scale > 0 else err})
+    return report
 
 
 def zeroed(cg, plan: Plan):
@@ -135,19 +174,8 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
     if pruned is None:
         pruned = apply(cg, plan)
     tokens = {node: t.kept for node, t in plan.resolve(cg).tokens.items()}
-    ref = pytree.tree_leaves(_run(masked_keys(zeroed(cg, plan), tokens), example))
-    got = pytree.tree_leaves(_run(pruned, example))
+    ref = _run(masked_keys(zeroed(cg, plan), tokens), example)
+    got = _run(pruned, example)
     report = VerifyReport(tol=tol, exact=bool(pruned.meta.get(EXACT, True)),
                           approximate_ops=list(pruned.meta.get(APPROXIMATE, [])))
-    for i, (a, b) in enumerate(zip(got, ref)):
-        if not isinstance(b, torch.Tensor):
-            continue
-        if a.shape != b.shape:
-            report.outputs.append({"output": f"out[{i}]", "shape": list(b.shape), "max_abs": float("inf"),
-                                   "max_rel": float("inf")})
-            continue
-        err = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
-        scale = b.double().abs().max().item() if b.numel() else 1.0
-        report.outputs.append({"output": f"out[{i}]", "shape": list(b.shape), "max_abs": err,
-                               "max_rel": err / scale if scale > 0 else err})
-    return report
+    return compare(got, ref, report)

@@ -73,8 +73,8 @@ def test_factory_file_and_json_out(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["sites"][0]["name"] == "blocks.0.attn"
 
 
-def test_inspect_steps_leave_the_model_unchanged(tmp_path):
-    """What `inspect` does to a loaded model (analyse, save, draw) leaves it bitwise unchanged."""
+def test_analysing_saving_and_drawing_leave_the_model_unchanged(tmp_path):
+    """What `inspect` does to a loaded model (analyse, save the graph, draw) leaves it bitwise unchanged."""
     from amgfx import analyze, models
     from amgfx.draw import draw_block
     f = tmp_path / "m.py"
@@ -168,7 +168,9 @@ def test_prune_bad_inputs(tmp_path, capsys, argv, words):
 
 
 @pytest.mark.parametrize("extra", [[], ["--iterative", "2"]])
-def test_prune_recovers_and_reports_cosine_before_and_after(tmp_path, capsys, extra):
+def test_prune_with_recovery_reports_its_settings_and_both_cosines(tmp_path, capsys, extra):
+    """The report's recovery fields (a random-weight model: whether recovery helps is checked on real
+    weights, by the main-job test and tests/test_recover.py)."""
     f = tmp_path / "m.py"
     f.write_text(FACTORY)
     code = main(["prune", f"{f}:build", "--target-flops", "0.6", "--calib", "digits", "--calib-samples", "8",
@@ -213,8 +215,16 @@ def test_export_prunes_by_a_plan_and_saves(tmp_path, capsys):
     assert main(["verify", "vit_tiny_patch16_224", "--img-size", "32", "--save-plan", str(plan), "-q"]) == 0
     assert main(["export", "vit_tiny_patch16_224", "--img-size", "32", "--plan", str(plan), "--out",
                  str(tmp_path / "d"), "-q"]) == 0
+    import timm
+
     import amgfx
-    assert amgfx.load(tmp_path / "d").meta["amgfx_plan"].to_json() == amgfx.Plan.load(plan).to_json()
+    back = amgfx.load(tmp_path / "d")
+    assert back.meta["amgfx_plan"].to_json() == amgfx.Plan.load(plan).to_json()
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    small = amgfx.apply(m, amgfx.Plan.load(plan), torch.randn(1, 3, 32, 32))
+    assert [tuple(p.shape) for p in back.parameters()] == [tuple(p.shape) for p in small.parameters()]
+    x = torch.randn(3, 3, 32, 32)                     # the saved program runs at another batch size too
+    assert tuple(back(x).shape) == (3, 1000) and not torch.equal(back(x)[0], back(x)[1])
 
 
 def _one_line_error(capsys, argv, words):

@@ -91,11 +91,22 @@ def test_taylor_equals_autograd(analysed_model):
 
 
 def test_snp_v_and_residual_scores(analysed_model):
-    _, _, _, cg = analysed_model("vit")
+    """The paper's formulas, computed by hand from the timm module's own weights."""
+    m, _, _, cg = analysed_model("vit")
     v = SNP().score(cg, cg.group("v:blocks.0.attn"), None)
-    assert v.shape == (192,) and (v > 0).all()
+    C = m.embed_dim
+    rows = m.blocks[0].attn.qkv.weight[2 * C:].detach().double()          # weights only, as the paper says
+    want = torch.stack([sum(1 - abs(torch.nn.functional.cosine_similarity(rows[i], rows[l], dim=0))
+                            for l in range(C)) for i in range(C)])
+    np.testing.assert_allclose(v, want.numpy(), rtol=1e-9)           # sum_l (1 - |cos(W_i, W_l)|)
     r = SNP().score(cg, cg.group(next(g.name for g in cg.groups if g.kind == "residual")), None)
-    assert r.sum() == pytest.approx(1.0)          # every member normalised to sum 1, then averaged
+    per = []                                    # every member's channel norms, normalised to sum 1, then averaged
+    for fqn, dim in cg.residual[0].members:
+        t = dict(m.named_parameters())[fqn].detach().double().movedim(dim, 0).reshape(C, -1)
+        n = t.norm(dim=1)
+        if n.sum() > 0:
+            per.append(n / n.sum())
+    np.testing.assert_allclose(r, torch.stack(per).mean(0).numpy(), rtol=1e-9)
 
 
 def test_same_seed_gives_byte_identical_plan(analysed_model):

@@ -40,7 +40,7 @@ def random_plan(cg, rng, kinds=EXACT_KINDS) -> amgfx.Plan:
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])    # examples: the profile (conftest)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_random_plans_match_the_zeroing_oracle(name, seed):
     m, args, kwargs, cg = analysed(name)
@@ -56,8 +56,9 @@ def test_keep_all_is_identical(name):
     plan = amgfx.Plan(keep={g.name: list(range(g.units)) for g in cg.groups})
     plan.options["dead_tokens"] = "off"              # exact, but narrower matmuls round differently
     pruned = amgfx.apply(cg, plan)
-    for a, b in zip(_run(pruned, args, kwargs), _run(m, args, kwargs)):
-        assert torch.equal(a, b)
+    from conftest import assert_outputs_match
+    with torch.no_grad():
+        assert_outputs_match(pruned(*args, **kwargs), m(*args, **kwargs))      # bitwise, every output
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

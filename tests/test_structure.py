@@ -49,12 +49,33 @@ def test_eva02_rope_and_swiglu(analysed_model):
 
 
 def test_eva02_rope_pairs_match_the_rotation(analysed_model):
-    """The pairing found in the graph is the one the RoPE rotation applies (checked numerically)."""
+    """The pairing found in the graph is the one the RoPE rotation applies, checked numerically: nudge
+    one q projection row and see which columns of the attention's q operand move."""
     m, args, _, cg = analysed_model("eva02")
     s = supported(cg)[0]
     d = s.head_dim_qk
-    for unit in s.qk_q[0]:
+
+    def q_operand(row):
+        got = {}
+
+        class Nudge(torch.fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.name == s.q.node and row is not None:
+                    out = out.clone()
+                    out[..., row] += 1.0
+                if n.name == s.operands[0]:
+                    got["q"] = out
+                return out
+        with torch.no_grad():
+            Nudge(cg.gm).run(*args)
+        return got["q"]
+    base = q_operand(None)
+    for unit in s.qk_q[0][:6]:
         a, b = sorted(int(r) for r in unit)
+        moved = (q_operand(a) - base).abs().amax(dim=(0, 2))          # [heads, d]
+        cols = {int(c) for c in torch.nonzero(moved[0] > 1e-6).flatten()}
+        assert cols == {a % d, b % d}, (a, b, cols)                     # the row and its rotation partner
         assert (b - a) == (1 if s.rope == "interleaved" else d // 2)
 
 
@@ -159,22 +180,39 @@ def test_hf_vit(analysed_model):
     assert [r.width for r in cg.residual] == [c.hidden_size]
 
 
-def test_no_module_names_needed(analysed_model):
-    """Renaming every module leaves the discovered numbers unchanged (detection is graph-only)."""
-    import amgfx
-    import models
-    m, args, _ = models.vit()
+def test_no_module_names_needed():
+    """A transformer whose classes and attributes mean nothing (``Z``, ``a``, ``b``...) is found as
+    well as one written with the usual names: detection reads the graph, not the names."""
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self, inner):
+    import amgfx
+
+    class Z(nn.Module):
+        def __init__(self, c=48, h=4):
             super().__init__()
-            self.zz = inner
+            self.h = h
+            self.a, self.b, self.c, self.d = nn.LayerNorm(c), nn.Linear(c, 3 * c), nn.Linear(c, c), nn.LayerNorm(c)
+            self.e, self.f = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
 
         def forward(self, x):
-            return self.zz(x)
+            B, N, C = x.shape
+            t = self.b(self.a(x)).view(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(t[0], t[1], t[2]).transpose(1, 2).reshape(B, N, C)
+            x = x + self.c(y)
+            return x + self.f(F.silu(self.e(self.d(x))))
 
-    ref = analysed_model("vit")[3]
-    cg = amgfx.analyze(Wrapped(m), args)
-    assert [(s.num_heads, s.head_dim_qk, s.head_dim_v) for s in cg.sites] == \
-        [(s.num_heads, s.head_dim_qk, s.head_dim_v) for s in ref.sites]
-    assert cg.counts() == ref.counts()
+    class Q(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.q, self.r = nn.Linear(10, 48), nn.Sequential(Z(), Z()), nn.Linear(48, 3)
+
+        def forward(self, x):
+            return self.r(self.q(self.p(x)).mean(1))
+
+    cg = amgfx.analyze(Q().eval(), torch.randn(1, 7, 10))
+    assert [(s.num_heads, s.head_dim_qk, s.head_dim_v, s.q.weight) for s in cg.sites] == \
+        [(4, 12, 12, "q.0.b.weight"), (4, 12, 12, "q.1.b.weight")]
+    assert [(m.hidden, m.fc2.weight) for m in cg.mlps] == [(96, "q.0.f.weight"), (96, "q.1.f.weight")]
+    (r,) = cg.residual
+    assert r.prunable and r.width == 48 and ("p.weight", 0) in r.members and ("r.weight", 1) in r.members

@@ -20,10 +20,8 @@ def pruned(request):
 
 
 def _close(got, ref, tol=1e-4):
-    for a, b in zip(got, ref):
-        a = torch.as_tensor(a)
-        assert a.shape == b.shape
-        assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+    from conftest import assert_outputs_match
+    assert_outputs_match(list(got), list(ref), rtol=tol)
 
 
 @pytest.mark.slow
