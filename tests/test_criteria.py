@@ -123,9 +123,12 @@ def test_same_seed_gives_byte_identical_plan(analysed_model):
 
 @pytest.mark.parametrize("name", ["vit", "bert_minilm", "llama_gqa"])
 def test_half_the_flops_lands_within_one_percent(analysed_model, name):
-    """The bisection stops at the first plan under the target: measured, it keeps 49-50% of dense."""
+    """The bisection stops at the first plan under the target: measured, it keeps 49-50% of dense.
+
+    Neuron kinds only: on these toys one kv head is a quarter of a layer's attention, a step too
+    coarse for 1% (the main job, with heads, is checked to 1% by test_cli on the real MiniLM)."""
     m, args, kwargs, cg = analysed_model(name)
-    plan = amgfx.plan_for(cg, method="magnitude", target_flops=0.5, progress=False)
+    plan = amgfx.plan_for(cg, method="magnitude", target_flops=0.5, kinds=("qk", "v", "mlp"), progress=False)
     kept = measure_flops(amgfx.apply(cg, plan)) / measure_flops(cg.gm)
     assert 0.49 <= kept <= 0.5, kept
 

@@ -1,0 +1,263 @@
+"""The architecture sweep: ``python -m benchmarks.zoo [--only NAME ...]``.
+
+Every model is built with random weights and a tiny config, analysed, pruned by magnitude with
+``ratios={qk, v, head, mlp: 0.25}`` and checked against the zeroing oracle. Each ends as:
+
+* **exact**: every attention op is a site that prunes qk, v and heads, and the oracle passes;
+* **partial**: the oracle passes on what is pruned, and every site or kind left whole says why;
+* **nothing**: nothing could be pruned (each reason listed);
+* **silent**: an attention op (SDPA or softmax) is neither a site nor reported: a bug;
+* **wrong**: the oracle fails: a bug;
+* **crash**: an exception: a bug when it is not an ``AmgfxError``.
+
+``benchmarks/results/zoo.md`` gets one row per model and the outcome counts; the README shows
+the counts. ``tests/test_zoo.py`` runs a CI-sized slice.
+
+examples:
+  python -m benchmarks.zoo
+  python -m benchmarks.zoo --only beit_base_patch16_224 hf:Qwen3Model
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+from ._report import RESULTS, write_md
+
+RATIOS = {"qk": 0.25, "v": 0.25, "head": 0.25, "mlp": 0.25}
+
+# timm: name -> create_model kwargs (tiny), input size
+TIMM = {
+    "vit_tiny_patch16_224": dict(img_size=32, depth=2),
+    "deit_tiny_distilled_patch16_224": dict(img_size=32, depth=2),
+    "deit3_small_patch16_224": dict(img_size=32, depth=2),
+    "vit_relpos_small_patch16_224": dict(img_size=32, depth=2),
+    "vit_small_patch16_rope_224": dict(img_size=32, depth=2),
+    "vit_base_patch16_rope_mixed_224": dict(img_size=32, depth=2, embed_dim=96, num_heads=4),
+    "vit_base_patch16_siglip_224": dict(img_size=32, depth=2, embed_dim=96, num_heads=4),
+    "vit_so400m_patch14_siglip_224": dict(img_size=28, depth=2, embed_dim=96, num_heads=4, mlp_ratio=2),
+    "vit_medium_patch16_gap_256": dict(img_size=32, depth=2),
+    "vit_little_patch16_reg4_gap_256": dict(img_size=32, depth=2),
+    "flexivit_small": dict(img_size=32, depth=2),
+    "eva02_tiny_patch14_224": dict(img_size=28, depth=2),
+    "beit_base_patch16_224": dict(img_size=32, depth=2, embed_dim=96, num_heads=4),
+    "beitv2_base_patch16_224": dict(img_size=32, depth=2, embed_dim=96, num_heads=4),
+    "cait_xxs24_224": dict(img_size=32, depth=2),
+    "xcit_nano_12_p16_224": dict(img_size=32, depth=2),
+    "convit_tiny": dict(img_size=32, depth=2),
+    "pit_ti_224": dict(img_size=64),
+    "swin_tiny_patch4_window7_224": dict(img_size=56, depths=(1, 1, 2, 1)),
+    "swinv2_tiny_window8_256": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "samvit_base_patch16": dict(img_size=64, depth=2, embed_dim=96, num_heads=4, global_attn_indexes=(1,)),
+    "twins_svt_small": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "pvt_v2_b0": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "fastvit_sa12": dict(img_size=64, layers=(1, 1, 1, 1)),
+    "nextvit_small": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "nest_tiny": dict(img_size=64, depths=(1, 1, 1)),
+    "levit_128s": dict(img_size=64),
+    "crossvit_tiny_240": dict(img_size=240, depth=((1, 1, 0),)),
+    "tnt_s_patch16_224": dict(img_size=32, depth=2),
+    "coat_tiny": dict(img_size=64),
+    "maxvit_tiny_tf_224": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "davit_tiny": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "gcvit_xxtiny": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "hiera_tiny_224": dict(img_size=64),
+    "efficientformer_l1": dict(img_size=64, depths=(1, 1, 1, 2)),
+    "mvitv2_tiny": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "tiny_vit_5m_224": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "focalnet_tiny_srf": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "volo_d1_224": dict(img_size=64, layers=(1, 1, 1, 1)),
+    "mobilevitv2_050": dict(img_size=64),
+    "edgenext_xx_small": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "efficientvit_b0": dict(img_size=64),
+}
+
+
+def _tokens(vocab=128, n=9):
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, vocab, (1, n), generator=g)}
+
+
+def _hf():
+    """HF: name -> (model class, config kwargs, input kind)."""
+    small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=128)
+    dec = dict(small, num_key_value_heads=2, max_position_embeddings=64)
+    return {
+        "BertModel": ("BertConfig", small, "text"),
+        "RobertaModel": ("RobertaConfig", dict(small, max_position_embeddings=40), "text"),
+        "DistilBertModel": ("DistilBertConfig", dict(n_layers=2, dim=64, hidden_dim=96, n_heads=4, vocab_size=128), "text"),
+        "AlbertModel": ("AlbertConfig", dict(small, embedding_size=32), "text"),
+        "ElectraModel": ("ElectraConfig", dict(small, embedding_size=64), "text"),
+        "DebertaV2Model": ("DebertaV2Config", small, "text"),
+        "GPT2Model": ("GPT2Config", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32), "text"),
+        "GPTNeoModel": ("GPTNeoConfig", dict(num_layers=2, hidden_size=64, num_heads=4, vocab_size=128,
+                                             attention_types=[[["global", "local"], 1]], max_position_embeddings=32), "text"),
+        "OPTModel": ("OPTConfig", dict(num_hidden_layers=2, hidden_size=64, ffn_dim=96, num_attention_heads=4,
+                                       vocab_size=128, word_embed_proj_dim=64, max_position_embeddings=32), "text"),
+        "BloomModel": ("BloomConfig", dict(n_layer=2, hidden_size=64, n_head=4, vocab_size=128), "text"),
+        "FalconModel": ("FalconConfig", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                                             new_decoder_architecture=True, vocab_size=128), "text"),
+        "LlamaModel": ("LlamaConfig", dec, "text"),
+        "MistralModel": ("MistralConfig", dec, "text"),
+        "Qwen2Model": ("Qwen2Config", dec, "text"),
+        "Qwen3Model": ("Qwen3Config", dict(dec, head_dim=16), "text"),
+        "Olmo2Model": ("Olmo2Config", dec, "text"),
+        "GemmaModel": ("GemmaConfig", dict(dec, head_dim=16), "text"),
+        "Gemma3TextModel": ("Gemma3TextConfig", dict(dec, head_dim=16, sliding_window=8), "text"),
+        "PhiModel": ("PhiConfig", dict(small, max_position_embeddings=64), "text"),
+        "Phi3Model": ("Phi3Config", dict(dec, pad_token_id=0), "text"),
+        "MixtralModel": ("MixtralConfig", dict(dec, num_local_experts=4, num_experts_per_tok=2), "text"),
+        "Qwen2MoeModel": ("Qwen2MoeConfig", dict(dec, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                 shared_expert_intermediate_size=64), "text"),
+        "OlmoeModel": ("OlmoeConfig", dict(dec, num_experts=4, num_experts_per_tok=2), "text"),
+        "T5EncoderModel": ("T5Config", dict(num_layers=2, d_model=64, d_ff=96, num_heads=4, d_kv=16, vocab_size=128), "text"),
+        "ViTModel": ("ViTConfig", dict(small, image_size=32, patch_size=8), "image32"),
+        "DeiTModel": ("DeiTConfig", dict(small, image_size=32, patch_size=8), "image32"),
+        "SwinModel": ("SwinConfig", dict(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4],
+                                         window_size=4), "image32"),
+        "CLIPVisionModel": ("CLIPVisionConfig", dict(small, image_size=32, patch_size=8), "image32"),
+        "CLIPTextModel": ("CLIPTextConfig", dict(small, max_position_embeddings=32), "text"),
+        "SiglipVisionModel": ("SiglipVisionConfig", dict(small, image_size=32, patch_size=8), "image32"),
+        "Wav2Vec2Model": ("Wav2Vec2Config", dict(small, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4), "audio"),
+        "WhisperEncoder": ("WhisperConfig", dict(encoder_layers=2, d_model=64, encoder_attention_heads=4,
+                                                 encoder_ffn_dim=96, num_mel_bins=16, max_source_positions=16,
+                                                 vocab_size=128), "mel"),
+    }
+
+
+def build(name: str):
+    """(model, args, kwargs) for a zoo name: a timm name, or ``hf:<ModelClass>``."""
+    torch.manual_seed(0)
+    if name.startswith("hf:"):
+        import transformers as tf
+        cls = name[3:]
+        cfg_name, kw, kind = _hf()[cls]
+        cfg = getattr(tf, cfg_name)(**kw)
+        if cls == "WhisperEncoder":
+            from transformers.models.whisper.modeling_whisper import WhisperEncoder
+            m = WhisperEncoder(cfg)
+        else:
+            m = getattr(tf, cls)(cfg)
+        m.eval()
+        if kind == "text":
+            return m, (), _tokens(128)
+        if kind == "image32":
+            return m, (torch.randn(1, 3, 32, 32),), {}
+        if kind == "audio":
+            return m, (torch.randn(1, 800),), {}
+        if kind == "mel":
+            return m, (torch.randn(1, 16, 32),), {}
+    import timm
+    kw = dict(TIMM[name])
+    m = timm.create_model(name, pretrained=False, **kw).eval()
+    size = kw.get("img_size", 224)
+    return m, (torch.randn(1, 3, size, size),), {}
+
+
+NAMES = list(TIMM) + [f"hf:{k}" for k in _hf()]
+
+
+def attention_ops(gm) -> int:
+    """SDPA calls and softmaxes in the captured graph: every one must be a site or be reported."""
+    from amgfx.graph.ops import FUSED_ATTENTION, SOFTMAX
+    return sum(n.op == "call_function" and (n.target in FUSED_ATTENTION or n.target in SOFTMAX) for n in gm.graph.nodes)
+
+
+def run_one(name: str) -> dict:
+    import amgfx
+    t0 = time.perf_counter()
+    row = {"model": name}
+    try:
+        m, args, kwargs = build(name)
+    except Exception as e:  # a config this timm/transformers release does not take: not amgfx's
+        return {**row, "outcome": "skipped", "why": f"cannot build: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    try:
+        cg = amgfx.analyze(m, args, kwargs)
+        sites, ok = cg.sites, [s for s in cg.sites if s.supported]
+        row.update(sites=len(sites), supported=len(ok), mlps=len(cg.mlps),
+                   streams=sum(r.prunable for r in cg.residual), skipped=len(cg.structure.skipped))
+        reasons = [f"{s.name}: {s.reason}" for s in sites if not s.supported]
+        reasons += [f"{s.name} {k}: {r}" for s in ok for k, r in s.disabled.items() if k != "tokens"]
+        reasons += [f"{k.node} ({k.op}): {k.what}" for k in cg.structure.skipped]
+        row["reasons"] = reasons
+        row["ops"] = attention_ops(cg.gm)
+        plan = amgfx.plan_for(cg, method="magnitude", ratios=RATIOS, progress=False)
+        row["groups"] = f"{len(plan.keep)}/{len(cg.groups)}"
+        if not plan.keep:
+            row.update(outcome="nothing", why="; ".join(reasons[:3]) or "no group found")
+        else:
+            small = amgfx.apply(cg, plan)
+            rep = amgfx.verify(cg, plan, pruned=small)
+            row["err"] = rep.max_rel
+            row["flops"] = amgfx.cost.measure_flops(small) / max(amgfx.cost.measure_flops(cg.gm), 1)
+            whole = all({"qk", "v", "head"} <= {g.split(":")[0] for g in plan.keep if g.endswith(":" + s.name)}
+                        for s in ok)
+            if row["ops"] > len(sites) + len(cg.structure.skipped):
+                row.update(outcome="silent", why=f"{row['ops']} attention ops, {len(sites)} sites, "
+                                                 f"{len(cg.structure.skipped)} reported")
+            elif not rep.passed:
+                row.update(outcome="wrong", why=rep.status)
+            elif not reasons and whole and len(ok) == len(sites):
+                row.update(outcome="exact", why="")
+            else:
+                row.update(outcome="partial", why="; ".join(reasons[:3]) or "some groups too small to prune")
+    except amgfx.AmgfxError as e:
+        row.update(outcome="crash", why=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    except Exception as e:  # the sweep records foreign exceptions: each one is a bug to fix
+        tb = traceback.extract_tb(e.__traceback__)[-1]
+        row.update(outcome="crash", why=f"FOREIGN {type(e).__name__}: {str(e).splitlines()[0][:160]} "
+                                        f"({os.path.basename(tb.filename)}:{tb.lineno})")
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__.split("\n\n")[1],
+                                 epilog="examples:" + __doc__.split("examples:")[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=None, metavar="NAME")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "zoo.md"))
+    a = ap.parse_args(argv)
+    names = a.only or NAMES
+    rows = []
+    t0 = time.perf_counter()
+    warnings.simplefilter("ignore")
+    for name in names:
+        r = run_one(name)
+        rows.append(r)
+        print(f"{r['outcome']:8s} {name:40s} {r.get('why', '')[:150]}", flush=True)
+    counts = {k: sum(r["outcome"] == k for r in rows) for k in ("exact", "partial", "nothing", "silent", "wrong",
+                                                                "crash", "skipped")}
+    import transformers
+    import timm
+    lines = ["# Architecture sweep", "",
+             f"`python -m benchmarks.zoo{' --only ' + ' '.join(a.only) if a.only else ''}` on {platform.machine()}, "
+             f"torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}; "
+             f"{len(rows)} models (random weights, tiny configs), magnitude ratios {RATIOS}, "
+             f"{time.perf_counter() - t0:.0f} s.", "",
+             "**Outcomes: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v or k in ("exact", "partial")) + "**",
+             "", "| model | outcome | sites (supported) | reported non-attention | mlps | streams | groups pruned | "
+                 "oracle max rel | FLOPs kept | s | why / what is left whole |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = f"{r['err']:.1e}" if "err" in r else "-"
+        fl = f"{r['flops']:.3f}" if "flops" in r else "-"
+        why = (r.get("why") or "").replace("|", "/")
+        lines.append(f"| {r['model']} | {r['outcome']} | {r.get('sites', '-')} ({r.get('supported', '-')}) | "
+                     f"{r.get('skipped', '-')} | {r.get('mlps', '-')} | {r.get('streams', '-')} | {r.get('groups', '-')} | "
+                     f"{err} | {fl} | {r.get('seconds', 0):.1f} | {why} |")
+    write_md(a.out, lines)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
