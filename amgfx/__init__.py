@@ -7,13 +7,12 @@
 """
 from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError, RewriteError
 from .graph.capture import capture
-from .analysis.analyze import analyze
 from .analysis.coupling import CouplingGraph, Group, Member
 from .scoring.calibrate import CalibrationError
 from .scoring.criteria import AMG, SNP, Magnitude, Random, Taylor
 from .planning import cost
 from .planning.plan import Plan
-from .api import Scores, apply, plan_for, prune, score
+from .api import Scores, analyze, apply, plan_for, prune, score
 from .weights.recover import Iterative, distill_loss, recover
 from .verify import VerifyReport, verify
 from .files import LoadError, export_onnx, load, onnx_parity, ort_session, save

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from .analysis.analyze import analyze
+from .analysis import analyze as _analysis
 from .analysis.coupling import CouplingGraph
 from .errors import AmgfxError, InternalError, foreign_errors
-from .graph.fx import copy_module, replace_attr
-from .graph.meta import EXACT, EXAMPLE, PLAN
+from .graph.fx import replace_attr
+from .graph.meta import EXAMPLE, PLAN
 from .planning.plan import Plan, fingerprint
 from .scoring.criteria import resolve_method, token_scores
 
@@ -23,6 +23,31 @@ __all__ = ["score", "plan_for", "apply", "prune", "Scores", "DEFAULT_RATIOS", "D
 DEFAULT_RATIOS = {"qk": 0.25, "v": 0.25, "head": 0.0, "mlp": 0.5, "residual": 0.0}
 DEFAULT_KINDS = ("qk", "v", "head", "mlp")   # residual channels are opt-in: pruning them is never exact
 KINDS = ("qk", "v", "head", "mlp", "residual")
+
+
+def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None, *, probe: bool = True) -> CouplingGraph:
+    """Find attention sites, MLPs and residual streams, link coupled neurons into groups, and (``probe``)
+    take out the groups this model cannot have pruned, each with its reason (``cg.refused``).
+
+    ``model_or_gm`` may be an ``nn.Module`` (captured first, with ``example_inputs``) or a
+    GraphModule returned by :func:`amgfx.capture`. The model is not modified. The probe rewrites
+    the model once with one unit of every group removed and checks it against the zeroing oracle
+    (:func:`amgfx.rewrite.probe`); ``probe=False`` skips it.
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+        >>> [(s.name, s.num_heads, s.head_dim_qk) for s in cg.sites]
+        [('blocks.0.attn', 3, 64), ('blocks.1.attn', 3, 64)]
+        >>> sorted({g.kind for g in cg.groups}), cg.refused
+        (['head', 'mlp', 'qk', 'residual', 'v'], {})
+    """
+    from .rewrite import probe as _probe
+    cg = _analysis.analyze(model_or_gm, example_inputs, example_kwargs)
+    if probe:
+        _probe(cg)
+    return cg
 
 
 def _coupling(model_or_gm, example_inputs, example_kwargs) -> CouplingGraph:
@@ -178,10 +203,13 @@ def _unshare(out: fx.GraphModule, original: fx.GraphModule) -> None:
             replace_attr(out, fqn, t.detach().clone(), t)
 
 
-def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> fx.GraphModule:
+def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *, check: bool = True) -> fx.GraphModule:
     """Rewrite the model into a smaller dense GraphModule that keeps what ``plan`` says.
 
-    The model (or GraphModule) passed in is never modified.
+    The model (or GraphModule) passed in is never modified. With ``check`` (the default) the result
+    is held against the zeroing oracle on the example inputs before it is returned, and a wrong
+    rewrite raises :class:`amgfx.RewriteError` naming the groups that break it
+    (:func:`amgfx.rewrite.checked`); ``check=False`` skips that (one forward of each model).
 
     Example:
         >>> import torch, timm, amgfx
@@ -191,20 +219,10 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None) -> 
         >>> tuple(small.get_parameter("blocks.0.mlp.fc1.weight").shape), tuple(small(x).shape)
         ((100, 192), (1, 1000))
     """
+    from .rewrite import checked, rewrite
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
-    out = _rewrite(cg, plan)
+    out = checked(cg, plan) if check else rewrite(cg, plan)
     _unshare(out, cg.gm)
-    return out
-
-
-def _rewrite(cg: CouplingGraph, plan: Plan) -> fx.GraphModule:
-    """Run the passes; unpruned weights stay shared with ``cg.gm`` (the compile backend wants that)."""
-    from .passes import PIPELINE, run
-    resolved = plan.resolve(cg)
-    out = run(copy_module(cg.gm), resolved, PIPELINE)
-    out.eval()                                   # captured in eval mode; the flag follows
-    out.meta[PLAN] = plan
-    out.meta[EXACT] = resolved.exact
     return out
 
 
@@ -239,10 +257,11 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
         if options.get("tokens"):
             raise AmgfxError("schedule= does not prune tokens yet; prune tokens in one shot (no schedule)")
         return _iterate(cg, schedule, target_flops, method=method, calib=calib, loss_fn=loss_fn, **options)
+    check = options.pop("check", True)
     if plan is None:
         plan = plan_for(cg, method=method, target_flops=target_flops, ratios=ratios, calib=calib, loss_fn=loss_fn,
                         **options)
-    return apply(cg, plan)
+    return apply(cg, plan, check=check)
 
 
 def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.GraphModule:

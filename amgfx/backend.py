@@ -191,9 +191,9 @@ def _drop_export_guards(gm: fx.GraphModule) -> None:
 
 def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
     """The torch.compile backend (see the module docstring)."""
-    from .analysis.analyze import analyze
-    from .api import _rewrite
+    from .api import analyze
     from .graph.capture import capture
+    from .rewrite import checked
     opts = _options(options)
     _check_whole(gm)
     lifted, keep = lift_params(gm, example_inputs)
@@ -203,7 +203,7 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         captured = capture(lifted, tuple(user), dynamic_batch=dynamic)
     cg = analyze(captured)
     plan = _plan(cg, opts)
-    pruned = _rewrite(cg, plan)
+    pruned = checked(cg, plan)                   # never compile a wrong model
     _share_pruned(pruned, captured)
     _drop_export_guards(pruned)
     if opts.get("inner", "inductor") == "inductor":

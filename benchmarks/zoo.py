@@ -33,7 +33,7 @@ from ._report import RESULTS, write_md
 
 RATIOS = {"qk": 0.25, "v": 0.25, "head": 0.25, "mlp": 0.25}
 
-# timm: name -> create_model kwargs (tiny), input size
+# timm: name -> create_model kwargs (tiny); ``input`` is the image size where the model takes no img_size
 TIMM = {
     "vit_tiny_patch16_224": dict(img_size=32, depth=2),
     "deit_tiny_distilled_patch16_224": dict(img_size=32, depth=2),
@@ -57,26 +57,26 @@ TIMM = {
     "swinv2_tiny_window8_256": dict(img_size=64, depths=(1, 1, 1, 1)),
     "samvit_base_patch16": dict(img_size=64, depth=2, embed_dim=96, num_heads=4, global_attn_indexes=(1,)),
     "twins_svt_small": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "pvt_v2_b0": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "fastvit_sa12": dict(img_size=64, layers=(1, 1, 1, 1)),
-    "nextvit_small": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "nest_tiny": dict(img_size=64, depths=(1, 1, 1)),
+    "pvt_v2_b0": dict(depths=(1, 1, 1, 1), input=64),
+    "fastvit_sa12": dict(layers=(1, 1, 1, 1), input=64),
+    "nextvit_small": dict(depths=(1, 1, 1, 1), input=64),
+    "nest_tiny": dict(img_size=64),
     "levit_128s": dict(img_size=64),
     "crossvit_tiny_240": dict(img_size=240, depth=((1, 1, 0),)),
     "tnt_s_patch16_224": dict(img_size=32, depth=2),
     "coat_tiny": dict(img_size=64),
     "maxvit_tiny_tf_224": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "davit_tiny": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "gcvit_xxtiny": dict(img_size=64, depths=(1, 1, 1, 1)),
+    "davit_tiny": dict(depths=(1, 1, 1, 1), input=64),
+    "gcvit_xxtiny": dict(img_size=64),
     "hiera_tiny_224": dict(img_size=64),
     "efficientformer_l1": dict(img_size=64, depths=(1, 1, 1, 2)),
-    "mvitv2_tiny": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "tiny_vit_5m_224": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "focalnet_tiny_srf": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "volo_d1_224": dict(img_size=64, layers=(1, 1, 1, 1)),
+    "mvitv2_tiny": dict(img_size=64),
+    "tiny_vit_5m_224": dict(depths=(1, 1, 1, 1), input=64),
+    "focalnet_tiny_srf": dict(input=64),
+    "volo_d1_224": dict(img_size=64),
     "mobilevitv2_050": dict(img_size=64),
-    "edgenext_xx_small": dict(img_size=64, depths=(1, 1, 1, 1)),
-    "efficientvit_b0": dict(img_size=64),
+    "edgenext_xx_small": dict(depths=(1, 1, 1, 1), input=64),
+    "efficientvit_b0": dict(input=64),
 }
 
 
@@ -157,8 +157,8 @@ def build(name: str):
             return m, (torch.randn(1, 16, 32),), {}
     import timm
     kw = dict(TIMM[name])
+    size = kw.pop("input", kw.get("img_size", 224))
     m = timm.create_model(name, pretrained=False, **kw).eval()
-    size = kw.get("img_size", 224)
     return m, (torch.randn(1, 3, size, size),), {}
 
 
@@ -187,6 +187,7 @@ def run_one(name: str) -> dict:
         reasons = [f"{s.name}: {s.reason}" for s in sites if not s.supported]
         reasons += [f"{s.name} {k}: {r}" for s in ok for k, r in s.disabled.items() if k != "tokens"]
         reasons += [f"{k.node} ({k.op}): {k.what}" for k in cg.structure.skipped]
+        reasons += [f"{n}: {r}" for n, r in cg.refused.items() if n.split(":")[0] in ("mlp", "residual")]
         row["reasons"] = reasons
         row["ops"] = attention_ops(cg.gm)
         plan = amgfx.plan_for(cg, method="magnitude", ratios=RATIOS, progress=False)
@@ -198,8 +199,8 @@ def run_one(name: str) -> dict:
             rep = amgfx.verify(cg, plan, pruned=small)
             row["err"] = rep.max_rel
             row["flops"] = amgfx.cost.measure_flops(small) / max(amgfx.cost.measure_flops(cg.gm), 1)
-            whole = all({"qk", "v", "head"} <= {g.split(":")[0] for g in plan.keep if g.endswith(":" + s.name)}
-                        for s in ok)
+            kinds = {g.name for g in cg.groups}
+            whole = all(f"{k}:{s.name}" in kinds for s in ok for k in ("qk", "v", "head")) and not cg.refused
             if row["ops"] > len(sites) + len(cg.structure.skipped):
                 row.update(outcome="silent", why=f"{row['ops']} attention ops, {len(sites)} sites, "
                                                  f"{len(cg.structure.skipped)} reported")
@@ -208,7 +209,7 @@ def run_one(name: str) -> dict:
             elif not reasons and whole and len(ok) == len(sites):
                 row.update(outcome="exact", why="")
             else:
-                row.update(outcome="partial", why="; ".join(reasons[:3]) or "some groups too small to prune")
+                row.update(outcome="partial", why="; ".join(reasons[:3]) or "an attention site without qk, v or head groups")
     except amgfx.AmgfxError as e:
         row.update(outcome="crash", why=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     except Exception as e:  # the sweep records foreign exceptions: each one is a bug to fix

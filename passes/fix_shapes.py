@@ -25,7 +25,7 @@ from ..graph.fx import call, constant, dims_of, keep_symbolic, size_args
 from ..graph.indexprop import _const, shape
 from ..graph.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
 from ..graph.meta import APPROXIMATE, TOKEN_ROWS
-from ..graph.ops import GETITEM, IGNORED_USERS, NORMS, opname, where
+from ..graph.ops import GETITEM, IGNORED_USERS, NORMS, opname, sdpa_args, set_sdpa_arg, where
 from .pipeline import graph_pass
 
 aten = torch.ops.aten
@@ -95,6 +95,8 @@ def _slice(gm, ms, n):
     ranks = torch.cumsum(rows.long(), -1) - 1
     sel = torch.arange(start, end, step)
     picked = [ranks[i, sel][rows[i, sel]] for i in range(rows.shape[0])]
+    if not picked:           # every fiber is empty (narrowed token rows): the kept channels cannot be read
+        raise RewriteError(f"{n.name}: slices a tensor of which nothing survives")
     if any(not torch.equal(p, picked[0]) for p in picked):
         raise RewriteError(f"{n.name}: slice over a pruned dim selects different positions in different heads")
     p = picked[0]
@@ -193,14 +195,20 @@ REWRITES = {
 
 
 # ------------------------------------------------------------------------------------------------
-def _gather(gm, ms, n, pos):
+def _gather(gm, ms, n, pos, target=None):
     """Replace operand ``pos`` of ``n`` (broadcast against ``n``, keeping more than ``n``) by its kept part.
 
     The operand is unpruned, or pruned only along dims it then keeps whole (a residual whose
-    channels were pruned, meeting a partner narrowed to the live token rows).
+    channels were pruned, meeting a partner narrowed to the live token rows). ``target`` is the keep
+    mask to gather to when it is not ``n``'s output (an attention mask: the kept logits); ``pos``
+    ``"mask"`` names SDPA's mask argument.
     """
-    c = n.args[pos]
-    out, new = shape(n), ms.new_shape(n)
+    c = sdpa_args(n).mask if pos == "mask" else n.args[pos]
+    keep = ms.get(n) if target is None else target
+    out = shape(n) if target is None else tuple(target.shape)
+    new = ms.new_shape(n) if target is None else compact_shape(target)
+    if new is None:
+        raise RewriteError(f"{n.name}: the kept logits do not form a dense tensor")
     r = len(out)
     pad = (1,) * (r - len(shape(c)))
     cs, have = pad + shape(c), pad + ms.new_shape(c)
@@ -209,7 +217,7 @@ def _gather(gm, ms, n, pos):
         raise RewriteError(f"{n.name}: {c.name} is pruned along a dim it would also need gathering on")
     if not pruned:
         return
-    coords = kept_coords(ms.get(n), new)                       # [*new, r]
+    coords = kept_coords(keep, new)                            # [*new, r]
     if len(shape(c)) < r:
         c = call(gm, n, aten.view.default, [c, list(have)])
     for k in pruned:
@@ -229,7 +237,10 @@ def _gather(gm, ms, n, pos):
         exp = [out[j] if j in deps else -1 for j in range(r)]
         ce = call(gm, n, aten.expand.default, [c, exp])
         c = call(gm, n, aten.gather.default, [ce, k, constant(gm, n, g.contiguous().clone(), "gather")])
-    _set_arg(n, pos, c)
+    if pos == "mask":
+        set_sdpa_arg(n, "mask", c)
+    else:
+        _set_arg(n, pos, c)
 
 
 def _scatter_outputs(gm, ms, out_node):
@@ -281,7 +292,7 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
         if fn is not None:
             with noted(lambda: where(n)):
                 fn(gm, ms, n)
-    for n, pos in ms.gathers:
-        _gather(gm, ms, n, pos)
+    for n, pos, target in ms.gathers:
+        _gather(gm, ms, n, pos, target)
     gm.meta[APPROXIMATE] = sorted({f"{n.name} ({opname(n.target)})" for n in ms.approximate})
     return gm

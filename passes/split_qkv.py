@@ -50,7 +50,7 @@ def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
     mode = plan.options.get("split_qkv", "auto")
     nodes = {n.name: n for n in gm.graph.nodes}
     # masks of the graph as captured: a split only adds nodes, so other sites' masks stay valid
-    ms = propagate_masks(gm, plan.params) if mode == "auto" and any(a.fused for a in plan.attention.values()) else None
+    ms = propagate_masks(gm, plan.params, dense=False) if mode == "auto" and any(a.fused for a in plan.attention.values()) else None
     rows = {**plan.dead, **plan.tokens}              # sites whose queries and keys keep different positions
     sites = dict(plan.attention)
     sites.update({k: v for k, v in rows.items() if k not in sites})

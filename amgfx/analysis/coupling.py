@@ -121,6 +121,19 @@ class CouplingGraph:
         self.mlps = structure.mlps
         self.residual = structure.residual
         self.groups = build_groups(structure)
+        self.refused: dict = {}                  # group name -> why it cannot be pruned (see refuse)
+        self._graph = None
+
+    def refuse(self, reasons: dict) -> None:
+        """Take groups out (``{name: reason}``): found by :func:`amgfx.rewrite.probe` to break the rewrite.
+        A site's kind (qk, v, head) is also marked disabled with the reason, so inspect says it."""
+        sites = {s.name: s for s in self.sites}
+        for name, why in reasons.items():
+            kind, _, where = name.partition(":")
+            self.refused[name] = why
+            if where in sites and kind in ("qk", "v", "head"):
+                sites[where].disabled.setdefault(kind, why)
+        self.groups = [g for g in self.groups if g.name not in self.refused]
         self._graph = None
 
     def group(self, name: str) -> Group:
@@ -186,6 +199,14 @@ class CouplingGraph:
         parts += ["", f"residual streams: {len(self.residual)}", _fmt_table(rrows, ["stream", "width", "members", "prunable"])]
         c = self.counts()
         parts += ["", "coupling groups: " + ", ".join(f"{k} {v['groups']} ({v['units']} units)" for k, v in c.items())]
+        skipped = self.structure.skipped
+        if skipped:
+            parts += ["", "softmax and attention-like ops that are not attention (not pruned):"]
+            parts += [f"  {k.node} [{k.op}]: {k.what}" for k in skipped]
+        refused = [(n, r) for n, r in self.refused.items() if n.split(":")[0] in ("mlp", "residual")]
+        if refused:
+            parts += ["", "groups left whole (their removal would break the rewrite):"]
+            parts += [f"  {n}: {r}" for n, r in refused]
         bad = [s for s in self.sites if not s.supported]
         if bad:
             parts += ["", "unsupported sites (excluded from pruning):"]
@@ -210,6 +231,8 @@ class CouplingGraph:
                       "fc1": [l.weight for l in m.fc1], "fc2": m.fc2.weight} for m in self.mlps],
             "residual": [asdict(r) for r in self.residual],
             "groups": [g.to_dict(with_index) for g in self.groups],
+            "refused": dict(self.refused),
+            "not_attention": [{"node": k.node, "op": k.op, "what": k.what} for k in self.structure.skipped],
         }
 
     def save(self, path, format: str = "json") -> None:

@@ -28,7 +28,7 @@ def analysed(a, prepare=None):
 
     ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
     """
-    from ..analysis.analyze import analyze
+    from ..api import analyze
     t0 = time.perf_counter()
     loaded = load_model(a)
     if isinstance(loaded, int):

@@ -84,7 +84,8 @@ def kept_coords(m: torch.Tensor, new: tuple) -> torch.Tensor:
 class Masks:
     """Keep masks of a graph under a plan (see the module docstring)."""
     env: dict
-    gathers: list = field(default_factory=list)     # (node, arg position): operand keeps more than its user
+    gathers: list = field(default_factory=list)     # (node, arg position, target): operand keeps more than its
+                                                     # user (target: the keep mask to gather to; None: the user's)
     approximate: list = field(default_factory=list)  # nodes that reduce over pruned elements (means, norms)
     _shapes: dict = field(default_factory=dict)
 
@@ -173,7 +174,7 @@ def _pointwise(n, ms, gm, cache):
             continue
         m = ms.get(a)
         if m is None or not torch.equal(m.broadcast_to(out), ref):
-            ms.gathers.append((n, pos))
+            ms.gathers.append((n, pos, None))
     return ref
 
 
@@ -243,15 +244,23 @@ def _sdpa(n, ms, gm, cache):
         _fail(n, "queries and keys keep different head dims")
     if not torch.equal(*torch.broadcast_tensors(k.any(-1), v.any(-1))):
         _fail(n, "keys and values keep different token positions")
-    mask = a.mask
-    mm = ms.get(mask)
-    if mm is not None:                                # static token pruning: the mask lost the same keys
-        keys = k.any(-1).flatten(0, -2).any(0)
-        if not torch.equal(mm.flatten(0, -2).all(0), keys) or not torch.equal(mm.flatten(0, -2).any(0), keys):
-            _fail(n, "the attention mask is pruned other than along the keys the keys keep")
-    if isinstance(mask, fx.Node) and len(shape(mask)) >= 3 and shape(mask)[-3] > 1 and not bool(heads.all()):
-        _fail(n, "a per-head attention mask would need slicing by head")
+    if isinstance(a.mask, fx.Node):
+        _sdpa_mask(n, ms, a.mask, q, k.any(-1).repeat_interleave(rep, -2))
     return (q.any(-1)[..., None] & vf[..., None, :]).broadcast_to(shape(n))
+
+
+def _sdpa_mask(n, ms, mask, q, krows):
+    """The mask (or bias) of the logits must keep every logit attention keeps: the kept heads and query
+    rows of q, the kept keys. Where it keeps more (a per-query or per-head bias meeting narrowed queries
+    or pruned heads), fix_shapes gathers it to the kept logits."""
+    logits = q.any(-1)[..., :, None] & krows[..., None, :]            # [B, H, Nq, Nk]
+    mm = _m(ms, mask)
+    mm = mm.reshape((1,) * (logits.dim() - mm.dim()) + tuple(mm.shape))
+    logits, full = torch.broadcast_tensors(logits, mm)
+    if not torch.equal(full & logits, logits):
+        _fail(n, "the attention mask drops logits the attention keeps (it is pruned other than along the keys)")
+    if not torch.equal(full, logits):
+        ms.gathers.append((n, "mask", logits))
 
 
 def _matmul(n, ms, gm, cache):
@@ -331,8 +340,11 @@ def param_masks(gm: fx.GraphModule, params: dict) -> dict:
     return out
 
 
-def propagate_masks(gm: fx.GraphModule, params: dict) -> Masks:
-    """Keep masks of every node of ``gm`` when the parameters shrink as ``params`` says."""
+def propagate_masks(gm: fx.GraphModule, params: dict, *, dense: bool = True) -> Masks:
+    """Keep masks of every node of ``gm`` when the parameters shrink as ``params`` says.
+
+    ``dense``: check that every mask packs into a dense tensor (what a rewrite needs); ``split_qkv``
+    turns it off to find the fused projections that do not pack, which it then splits."""
     pm = param_masks(gm, params)
     ms = Masks(env={})
     cache: dict = {}
@@ -376,4 +388,9 @@ def propagate_masks(gm: fx.GraphModule, params: dict) -> Masks:
         ms.env[n] = _norm(list(out) if isinstance(out, (list, tuple)) else out)
         if isinstance(ms.env[n], torch.Tensor) and not isinstance(val(n), torch.Tensor):
             _fail(n, "produced a mask for a non-tensor value")
+    for n, m in (ms.env.items() if dense else ()):
+        # Every tensor of the pruned graph is dense, so every mask must pack: a reshape downstream
+        # that packs while its input does not would silently reorder channels (NesT's heads-last layout).
+        if isinstance(m, torch.Tensor):
+            ms.new_shape(n)
     return ms

@@ -97,26 +97,36 @@ def _feeds(n, target, budget=64):
     return False
 
 
-def _layout(R, T, forced=None):
+def _layout(R, T, lead_shape, forced=None):
     """From row ids ``R`` and token ids ``T[i]`` (one per producer lead dim) at the cut: the rebuild.
 
-    ``forced`` maps cut axes to producer lead dims that must be kept even at size 1 (a dynamic
-    batch that the example happens to give as 1).
-    Returns (rows in packed order, feature sizes, permutation of [lead>1 dims, feature dims]).
+    Every cut axis holds either features (rows vary, tokens do not) or tokens: one producer lead dim,
+    or several flattened in row-major order (Twins' window grid). ``forced`` maps cut axes to producer
+    lead dims that must be kept even at size 1 (a dynamic batch that the example gives as 1).
+    Returns (rows in packed order, feature sizes, permutation of [lead dims, feature dims], lead dims).
     """
     shp = R.shape
-    feat, tok, order = [], dict(forced or {}), []
+    feat, tok = [], {a: [i] for a, i in (forced or {}).items()}
     for a in range(len(shp)):
         if shp[a] == 1 or a in tok:
             continue
         varies = lambda t: not bool((t == t.narrow(a, 0, 1)).all())
-        ti = [i for i, t in enumerate(T) if varies(t)]
+        ti = [i for i, t in enumerate(T) if varies(t) and lead_shape[i] > 1]
         if varies(R) and not ti:
             feat.append(a)
-        elif len(ti) == 1 and not varies(R):
-            tok[a] = ti[0]
-        else:
+            continue
+        if not ti or varies(R):
             return None
+        pos = torch.zeros_like(T[ti[0]])
+        for i in ti:                                 # row-major: the first lead dim is the slowest
+            pos = pos * lead_shape[i] + T[i]
+        along = torch.arange(shp[a]).reshape([-1 if b == a else 1 for b in range(len(shp))]).expand(shp)
+        if not torch.equal(pos, along):
+            return None
+        tok[a] = ti
+    used = [i for a in sorted(tok) for i in tok[a]]
+    if len(used) != len(set(used)) or any(s > 1 and i not in used for i, s in enumerate(lead_shape)):
+        return None
     R0 = R
     for a in range(len(shp)):
         if a not in feat:
@@ -124,10 +134,11 @@ def _layout(R, T, forced=None):
     if not bool((R0.expand(shp) == R).all()):
         return None
     rows = R0.reshape([shp[a] for a in feat]).flatten()
-    lead = sorted(set(tok.values()))
+    lead = sorted(used)
+    order = []
     for a in range(len(shp)):
         if a in tok:
-            order.append(lead.index(tok[a]))
+            order += [lead.index(i) for i in tok[a]]
         elif a in feat:
             order.append(len(lead) + feat.index(a))
     return rows, [shp[a] for a in feat], order, lead
@@ -144,7 +155,7 @@ def split_operand(gm, prod, operand, part, tainted) -> None:
         raise RewriteError(f"{cut.name}: cannot read the layout of the fused projection {prod.name}")
     sym = dims_of(prod)[:-1]
     forced = {a: sym.index(d) for a, d in enumerate(dims_of(cut)) if d is not None and d in sym}
-    lay = _layout(R[0], [t[0] for t in T], forced)
+    lay = _layout(R[0], [t[0] for t in T], lead_shape, forced)
     if lay is None:
         raise RewriteError(f"{cut.name}: the fused projection {prod.name} is laid out in a way the split cannot rebuild")
     rows, fsizes, order, lead = lay
@@ -168,7 +179,7 @@ def split_operand(gm, prod, operand, part, tainted) -> None:
     if order != sorted(order):
         z = call(gm, cut, aten.permute.default, [z, order])
     z = call(gm, cut, aten.reshape.default, [z, size_args(gm, cut, shape(cut), dims_of(cut), [x])])
-    _check(rows, lead_shape, lead, fsizes, order, shape(cut), R[0])
+    _check(rows, lead_shape, lead, fsizes, order, shape(cut), R[0], [t[0] for t in T])
     cut.replace_all_uses_with(z)
 
 
@@ -186,11 +197,16 @@ def _bias_piece(gm, b, rows, before, idx):
     return b, idx
 
 
-def _check(rows, lead_shape, lead, fsizes, order, out_shape, R):
-    """Run the rebuild on row ids and compare with what the fused chain delivered."""
-    y = rows.expand(*lead_shape, rows.numel())
-    z = y.reshape([lead_shape[i] for i in lead] + fsizes).permute(order).reshape(out_shape)
-    if not torch.equal(z, R):
+def _check(rows, lead_shape, lead, fsizes, order, out_shape, R, T):
+    """Run the rebuild on row ids and on each lead dim's positions, and compare with what the fused
+    chain delivered: every element must come from the same row and the same token."""
+    n = rows.numel()
+    rebuild = lambda y: y.reshape([lead_shape[i] for i in lead] + fsizes).permute(order).reshape(out_shape)
+    ok = torch.equal(rebuild(rows.expand(*lead_shape, n)), R)
+    for i in lead:
+        ids = torch.arange(lead_shape[i]).reshape([-1 if j == i else 1 for j in range(len(lead_shape))] + [1])
+        ok = ok and torch.equal(rebuild(ids.expand(*lead_shape, n)), T[i])
+    if not ok:
         raise RewriteError("split_qkv: the rebuilt projection does not reproduce the fused layout")
 
 

@@ -177,15 +177,15 @@ def predict(cg, plan) -> dict:
 def _predict(cg, plan) -> dict:
     r = plan.resolve(cg)
     gm = _row_graph(cg, r)
-    try:
-        ms = propagate_masks(gm, r.params)
+    try:       # the unsplit graph: a fused qkv that split_qkv will split need not pack here
+        ms = propagate_masks(gm, r.params, dense=False)
     except RewriteError:
         if not r.dead:
             raise
         # passes/dead_tokens takes its gathers out when the narrowing cannot flow: so do we
         r = dataclasses.replace(r, dead={})
         gm = _row_graph(cg, r)
-        ms = propagate_masks(gm, r.params)
+        ms = propagate_masks(gm, r.params, dense=False)
     lowering = r.options.get("lowering", "auto")
 
     pruned = 0

@@ -112,6 +112,8 @@ class Plan:
         by_name = {g.name: g for g in cg.groups}
         for name, kept in self.keep.items():
             g = by_name.get(name)
+            if g is None and name in getattr(cg, "refused", {}):
+                raise PlanError(f"group {name!r} cannot be pruned in this model: {cg.refused[name]}")
             if g is None:
                 kind = name.split(":", 1)[0]
                 same = [x.name for x in cg.groups if x.kind == kind]

@@ -1,0 +1,164 @@
+"""The oracles: a pruned model must equal the original with the removed neurons zeroed and
+the dropped key positions masked.
+
+Removing a q/k pair, a value neuron, a head or an MLP neuron is exact in real arithmetic: the
+original model with exactly those neurons zeroed computes the same function. Dropping key
+positions (AMG's static token pruning) equals adding ``-inf`` to the logits of those keys.
+``verify`` runs both and compares every output. Residual channels are different: norms then average over
+fewer channels, so a plan that prunes them is reported as *approximate*, with its measured
+error, and never passes as exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+
+from .graph.fx import constant, copy_module, get_attr, replace_attr
+from .graph.meta import APPROXIMATE, EXACT, EXAMPLE
+from .graph.ops import sdpa_args, set_sdpa_arg
+from .planning.plan import Plan
+
+__all__ = ["VerifyReport", "compare", "zeroed", "masked_keys", "check"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class VerifyReport:
+    """Per-output errors of the pruned model against the zeroed original."""
+    outputs: list = field(default_factory=list)     # [{"output", "shape", "max_abs", "max_rel"}]
+    tol: float = 1e-5
+    exact: bool = True                               # False when the plan prunes residual channels
+    approximate_ops: list = field(default_factory=list)
+    problems: list = field(default_factory=list)     # what could not be compared (a missing output, a shape)
+
+    @property
+    def max_rel(self) -> float:
+        if self.problems or not self.outputs:
+            return float("inf")                      # nothing compared is no evidence
+        return max(o["max_rel"] for o in self.outputs)
+
+    @property
+    def passed(self) -> bool:
+        return self.exact and not self.problems and bool(self.outputs) and self.max_rel <= self.tol
+
+    @property
+    def status(self) -> str:
+        why = "; ".join(self.problems) or ("no output was compared" if not self.outputs else "")
+        if why:
+            return f"FAIL ({why})"
+        if not self.exact:
+            return f"APPROXIMATE (residual channels pruned; max rel error {self.max_rel:.2e})"
+        return f"{'PASS' if self.passed else 'FAIL'} (max rel error {self.max_rel:.2e}, tolerance {self.tol:g})"
+
+    def __str__(self) -> str:
+        rows = [f"  {o['output']:<10} {str(o['shape']):<18} max_abs {o['max_abs']:.3e}  max_rel {o['max_rel']:.3e}"
+                for o in self.outputs]
+        return "\n".join(rows + [f"verify: {self.status}"])
+
+    def to_dict(self) -> dict:
+        return {"outputs": self.outputs, "tol": self.tol, "exact": self.exact, "passed": self.passed,
+                "max_rel": self.max_rel, "approximate_ops": self.approximate_ops, "problems": self.problems}
+
+
+def compare(got, ref, report: VerifyReport) -> VerifyReport:
+    """Fill ``report`` with the error of every leaf of ``got`` against ``ref`` (model outputs, any pytree).
+
+    Both sides must have the same number of leaves, tensors where the other has tensors, and equal
+    shapes and dtypes; anything else is a problem, and a report with problems (or with nothing
+    compared) never passes.
+
+    Example:
+        >>> import torch
+        >>> compare((), (torch.ones(2),), VerifyReport()).status
+        'FAIL (the pruned model gives 0 outputs, the reference 1)'
+    """
+    got, ref = pytree.tree_leaves(got), pytree.tree_leaves(ref)
+    if len(got) != len(ref):
+        report.problems.append(f"the pruned model gives {len(got)} outputs, the reference {len(ref)}")
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+            report.problems.append(f"out[{i}] is a {type(a).__name__} where the reference has a {type(b).__name__}")
+            continue
+        if not isinstance(b, torch.Tensor):
+            if a != b:
+                report.problems.append(f"out[{i}] is {a!r}, the reference {b!r}")
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            report.problems.append(f"out[{i}] is {a.dtype} {list(a.shape)}, the reference {b.dtype} {list(b.shape)}")
+            continue
+        err = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
+        scale = b.double().abs().max().item() if b.numel() else 1.0
+        report.outputs.append({"output": f"out[{i}]", "shape": list(b.shape), "max_abs": err,
+                               "max_rel": err / scale if scale > 0 else err})
+    return report
+
+
+def zeroed(cg, plan: Plan):
+    """A copy of the captured model with every removed unit's members zeroed (the reference)."""
+    ref = copy_module(cg.gm)
+    plan.validate(cg)
+    done = {}
+    for g in cg.groups:
+        r = plan.removed(g)
+        if r.size == 0:
+            continue
+        for m in g.members:
+            if m.param not in done:
+                t = get_attr(ref, m.param)
+                done[m.param] = t.detach().clone()
+                replace_attr(ref, m.param, done[m.param], t)
+            idx = torch.as_tensor(m.index[r].ravel(), dtype=torch.long)
+            done[m.param].index_fill_(m.dim, idx, 0.0)
+    return ref
+
+
+def masked_keys(gm, kept: dict):
+    """A copy of ``gm`` whose attention nodes (by name) attend only to the ``kept`` key positions.
+
+    The other keys get ``-inf`` logits, combined with any mask the node already has. This is the
+    reference static token pruning must equal.
+    """
+    ref = copy_module(gm)
+    for node in list(ref.graph.nodes):
+        if node.name not in kept:
+            continue
+        a = sdpa_args(node)
+        n = a.k.meta["val"].shape[-2]
+        keep = torch.zeros(1, n, dtype=torch.bool)         # SDPA wants a mask of 2 dims at least
+        keep[0, list(kept[node.name])] = True
+        bias = torch.zeros(1, n).masked_fill(~keep, float("-inf"))
+        mask = a.mask
+        if mask is None:
+            new = constant(ref, node, bias, "oracle")
+        elif mask.meta["val"].dtype == torch.bool:
+            k = constant(ref, node, keep, "oracle")
+            with ref.graph.inserting_before(node):
+                new = ref.graph.call_function(aten.logical_and.default, (mask, k))
+        else:
+            b = constant(ref, node, bias, "oracle")
+            with ref.graph.inserting_before(node):
+                new = ref.graph.call_function(aten.add.Tensor, (mask, b))
+        set_sdpa_arg(node, "mask", new)
+    ref.recompile()
+    return ref
+
+
+def _run(gm, example):
+    args, kwargs = example
+    with torch.no_grad():
+        return gm(*args, **kwargs)
+
+
+def check(cg, plan: Plan, pruned, tol: float = 1e-5) -> VerifyReport:
+    """Hold ``pruned`` against the original with the removed units zeroed and the dropped key
+    positions masked, on the example inputs (what :func:`amgfx.verify` and ``prune(check=True)`` run)."""
+    example = cg.gm.meta[EXAMPLE]
+    tokens = {node: t.kept for node, t in plan.resolve(cg).tokens.items()}
+    ref = _run(masked_keys(zeroed(cg, plan), tokens), example)
+    got = _run(pruned, example)
+    report = VerifyReport(tol=tol, exact=bool(pruned.meta.get(EXACT, True)),
+                          approximate_ops=list(pruned.meta.get(APPROXIMATE, [])))
+    return compare(got, ref, report)
