@@ -186,7 +186,7 @@ def _getitem(gm, ms, n):
 
 REWRITES = {
     aten.view.default: _reshape, aten.reshape.default: _reshape, aten._unsafe_view.default: _reshape,
-    aten.expand.default: _expand, aten.unflatten.int: _unflatten,
+    aten.expand.default: _expand, aten.broadcast_to.default: _expand, aten.unflatten.int: _unflatten,
     aten.slice.Tensor: _slice, aten.narrow.default: _narrow, aten.select.int: _select,
     aten.split.Tensor: _split, aten.split_with_sizes.default: _split, aten.chunk.default: _split,
     aten.index_select.default: _index_select, aten.squeeze.default: _squeeze,

@@ -38,7 +38,7 @@ import torch.fx as fx
 from ..graph.indexprop import (_scalar_factor, forward_region, is_layer, layer_input, propagate, seed, shape,
                                tensor_args, trace_back)
 from ..graph.ops import (DATA_MOVEMENT, FUSED_ATTENTION, IDENTITY, IGNORED_USERS, LINEAR_LAYERS, MATMUL, MOVE, NORMS,
-                         POINTWISE_AFFINE, SOFTMAX, opname, sdpa_args)
+                         POINTWISE, POINTWISE_AFFINE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, opname, sdpa_args)
 from .records import (AttentionSite, Ctx, common_prefix, columns, group_heads, id_sets, make_layer, module_path,
                       on_last_axis, rows_of)
 
@@ -96,7 +96,7 @@ def _upstream_matmul(ctx, start: fx.Node, budget: int = 24) -> bool:
         if n in seen or n.op != "call_function":
             continue
         seen.add(n)
-        if n.target in MATMUL and all(a in ctx.tainted for a in n.args[:2]):
+        if n.target in MATMUL and all(a in ctx.data for a in n.args[:2]):
             return True
         if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE_AFFINE or is_layer(n):
             todo.extend(a for a in tensor_args(n) if a in ctx.tainted)
@@ -116,15 +116,15 @@ def _logits_back(ctx, start: fx.Node):
             return None, terms, scale, NotAttention(f"softmax over the output of {opname(n.target)} "
                                                     f"({n.name}), not over q.k products: a router or a gate")
         if n.target in MATMUL:
-            if all(a in ctx.tainted for a in n.args[:2]):
+            if all(a in ctx.tainted and a in ctx.data for a in n.args[:2]):
                 return n, terms, scale, None
             return None, terms, scale, NotAttention("softmax over a product with a constant (a learned query "
                                                     "against data: attention pooling), not over q.k of two projections")
         if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE_AFFINE:
-            nxt = [a for a in tensor_args(n) if a in ctx.tainted]
+            nxt = [a for a in tensor_args(n) if a in ctx.tainted and a in ctx.data]   # the logits: input-dependent
             if len(nxt) != 1:
                 break
-            terms += [a for a in tensor_args(n) if a not in ctx.tainted]
+            terms += [a for a in tensor_args(n) if a not in nxt]
             scale *= _scalar_factor(n, nxt[0])
             n = nxt[0]
             continue
@@ -223,13 +223,32 @@ def trace_operands(ctx: Ctx, ops: AttentionOperands, site: AttentionSite):
                 "query/key neurons are not paired per head")
     for what in ("q", "k", "v"):
         blockers = paths[what].blockers
-        if blockers:
-            names = ", ".join(sorted({opname(b.target) for b in blockers}))
-            if all(b.target in NORMS for b in blockers) and what in ("q", "k"):
-                site.disabled["qk"] = f"{what} is normalised over the head dim ({names}); q/k dims cannot shrink exactly"
-            else:
-                return f"{what} passes through {names} between its projection and attention"
+        if not blockers:
+            continue
+        names = ", ".join(sorted({opname(b.target) for b in blockers}))
+        widths = [_normalised_width(b) for b in blockers]
+        if what in ("q", "k") and all(w is not None for w in widths):
+            d = shape(getattr(ops, what))[-2 if what == "k" and ops.k_transposed else -1]
+            site.disabled["qk"] = f"{what} is normalised over the head dim ({names}); q/k dims cannot shrink exactly"
+            if max(widths) > d:              # over all heads' channels at once (OLMo2): a head's removal changes the rest
+                site.disabled["head"] = f"{what} is normalised across heads ({names}); removing a head changes the others"
+        else:
+            return f"{what} passes through {names} between its projection and attention"
     return lanes, paths
+
+
+def _normalised_width(n: fx.Node) -> int | None:
+    """How many channels a normalisation on the q/k path reduces over (a norm op, or the mean/var/norm of
+    an RMSNorm or F.normalize written out), or None when ``n`` is not one."""
+    if n.target in NORMS:
+        return math.prod(n.args[1])
+    if n.target in REDUCTIONS or n.target in VECTOR_NORMS:
+        x = shape(n.args[0])
+        dims = n.args[1] if n.target in REDUCTIONS else (n.args[2] if len(n.args) > 2 else None)
+        dims = [dims] if isinstance(dims, int) else dims
+        if x and dims is not None and [d % len(x) for d in dims] == [len(x) - 1]:
+            return x[-1]
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,21 +409,23 @@ def per_head_tensors(ctx, terms, logit_shape, head_of_lead, num_heads):
         pad = (1,) * (len(logit_shape) - len(tshape)) + tshape
         if all(pad[ax] == 1 for ax in head_axes):
             continue                              # the same for every head: a mask, not per-head
-        region, todo, params = set(), [term], []
-        while todo:                               # the constant sub-graph feeding the term
+        # the input-independent sub-graph feeding the term: tables, data movement, element-wise maths, and
+        # small layers computing a bias from fixed coordinates (Swin-v2's MLP), whose output rows are heads
+        region, todo, sources = set(), [term], []
+        while todo:
             n = todo.pop()
-            if n in region:
+            if n in region or n in ctx.data:
                 continue
             region.add(n)
-            if n.op == "get_attr":
-                params.append(n)
-            elif n.op == "call_function" and n.target in DATA_MOVEMENT:
+            if n.op == "get_attr" or is_layer(n):
+                sources.append(n)
+            elif n.op == "call_function" and (n.target in DATA_MOVEMENT or n.target in POINTWISE):
                 todo.extend(n.all_input_nodes)
         want = torch.as_tensor(head_of_lead).reshape(lead)
         hit = None
-        for p in params:
+        for p in sources:
             for dim, size in enumerate(shape(p)):
-                if size != num_heads:
+                if size != num_heads or (is_layer(p) and dim != len(shape(p)) - 1):
                     continue
                 env, _ = propagate(ctx.gm, {p: seed(p, torch.arange(size), dim)}, region)
                 got = env.get(term)
@@ -412,12 +433,13 @@ def per_head_tensors(ctx, terms, logit_shape, head_of_lead, num_heads):
                     continue
                 g = got[0].reshape(pad).broadcast_to(logit_shape)
                 if torch.equal(g[..., 0, 0], want.broadcast_to(lead)):
-                    hit = (p.target, dim)
+                    layer = make_layer(ctx.gm, p) if is_layer(p) else None
+                    hit = [(r[0], r[1]) for r in layer.rows([[0]])] if layer else [(p.target, dim)]
                     break
             if hit:
                 break
         if hit:
-            found.append(hit)
+            found += hit
         else:
             problems.append(term.name)
     return found, problems

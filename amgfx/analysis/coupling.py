@@ -95,6 +95,25 @@ def build_groups(st: Structure) -> list[Group]:
     return groups
 
 
+def shared_members(groups) -> dict:
+    """Groups of one kind that claim the same rows of one parameter (T5's position-bias table, computed
+    once and read by every layer): removing a unit from one would remove it from the others too, so
+    none of them may prune on its own. Returns ``{group name: reason}``."""
+    claims: dict = {}
+    for g in groups:
+        if g.kind != "residual":
+            for m in g.members:
+                claims.setdefault((g.kind, m.param, m.dim), []).append((g.name, np.unique(m.index)))
+    clash: dict = {}
+    for (kind, param, dim), who in claims.items():
+        for a in range(len(who)):
+            for b in range(a + 1, len(who)):
+                if who[a][0] != who[b][0] and np.intersect1d(who[a][1], who[b][1]).size:
+                    clash.setdefault(who[a][0], f"shares {param} (dim {dim}) with {who[b][0]}")
+                    clash.setdefault(who[b][0], f"shares {param} (dim {dim}) with {who[a][0]}")
+    return {n: f"{r}: their units would have to be removed together" for n, r in clash.items()}
+
+
 def _fmt_table(rows: list[list], header: list[str]) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     w = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -123,6 +142,7 @@ class CouplingGraph:
         self.groups = build_groups(structure)
         self.refused: dict = {}                  # group name -> why it cannot be pruned (see refuse)
         self._graph = None
+        self.refuse(shared_members(self.groups))
 
     def refuse(self, reasons: dict) -> None:
         """Take groups out (``{name: reason}``): found by :func:`amgfx.rewrite.probe` to break the rewrite.

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..graph.indexprop import activation_taint, layer_weight, param_source, shape
+from ..graph.indexprop import activation_taint, input_dependent, param_source, shape, weight_source
 from ..graph.ops import CONCAT, LAYERS
 
 __all__ = ["Layer", "AttentionSite", "MLP", "ResidualStream", "Structure", "Skipped", "Ctx", "module_path", "make_layer", "common_prefix",
@@ -137,6 +137,7 @@ class Ctx:
         self.gm = gm
         self.graph = gm.graph
         self.tainted = activation_taint(gm.graph)
+        self.data = input_dependent(gm.graph)
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
 
@@ -185,8 +186,10 @@ def bias_pieces(gm: fx.GraphModule, node: fx.Node) -> list:
 
 def make_layer(gm, node: fx.Node) -> Layer:
     spec = LAYERS[node.target]
-    w = layer_weight(node)
+    w, flipped = weight_source(node.args[spec[1]])
     out_dim, in_dim = spec[3], spec[4]
+    if flipped:                                      # x @ W.T: the parameter's rows are the outputs
+        out_dim, in_dim = in_dim, out_dim
     return Layer(node=node.name, weight=w.target, out_dim=out_dim, in_dim=in_dim,
                  out_features=shape(w)[out_dim], bias=bias_pieces(gm, node))
 

@@ -26,7 +26,7 @@ import torch.fx as fx
 from ..errors import noted
 from ..graph.indexprop import _data_args, is_layer, layer_weight, shape, tensor_args, trace_back, val
 from ..graph.ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, LINEAR_LAYERS, MOVE, NORMS, PAD,
-                         POINTWISE, REDUCTIONS, SOFTMAX, VIEWS, opname, where)
+                         POINTWISE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, VIEWS, opname, reduced_dims, where)
 from .records import Ctx, ResidualStream
 
 __all__ = ["RULES", "residual_streams"]
@@ -77,11 +77,11 @@ def _layer(n, st):
         return _unknown(n, st)
     t, out = n.target, shape(n)
     spec = LAYERS[t]
-    w = layer_weight(n)
+    w = n.args[spec[1]]          # the weight as the op sees it: a transpose in between is linked by its own rule
     x = n.args[spec[0]]
     xs = shape(x)
     if t is aten.embedding.default:
-        st.link(n, len(out) - 1, w, 1)
+        st.link(n, len(out) - 1, layer_weight(n), 1)
         return
     conv = t in (aten.conv2d.default, aten.conv1d.default)
     chan, xchan = (1, 1) if conv else (len(out) - 1, len(xs) - 1)
@@ -207,12 +207,9 @@ def _pad(n, st):
 
 def _reduce(n, st):
     a = n.args[0]
-    ins = shape(a)
-    dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else range(len(ins))
-    red = {d % len(ins) for d in ([dims] if isinstance(dims, int) else dims)}
-    keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+    red, keep = reduced_dims(n)
     j = 0
-    for i in range(len(ins)):
+    for i in range(len(shape(a))):
         if i in red:
             j += keep
             continue
@@ -250,7 +247,7 @@ RULES.update({t: _norm for t in NORMS})
 RULES.update({t: _elementwise for t in POINTWISE | IDENTITY | SOFTMAX})
 RULES.update({t: _move for t in MOVE | VIEWS})
 RULES.update({t: _pad for t in PAD})
-RULES.update({t: _reduce for t in REDUCTIONS})
+RULES.update({t: _reduce for t in set(REDUCTIONS) | VECTOR_NORMS})
 RULES.update({t: _concat for t in CONCAT})
 RULES.update({t: _nothing for t in LIKE | IGNORED_USERS | {aten.sym_size.int}})
 RULES[GETITEM] = _getitem

@@ -67,15 +67,34 @@ def layer_weight(node: fx.Node) -> fx.Node | None:
 
 
 def param_source(node) -> fx.Node | None:
-    """The ``get_attr`` behind ``node`` if only identity/transpose ops lie between, else None."""
+    """The ``get_attr`` behind ``node`` if only identity ops and 2-D transposes lie between, else None."""
+    found = weight_source(node)
+    return found[0] if found else None
+
+
+def weight_source(node) -> tuple[fx.Node, bool] | None:
+    """(the ``get_attr`` behind ``node``, whether an odd number of 2-D transposes lies between: ``x @ W.T``
+    as Falcon writes its linears), or None when anything else does."""
+    flipped = False
     while isinstance(node, fx.Node):
         if node.op == "get_attr":
-            return node
-        if node.op == "call_function" and node.target in IDENTITY and node.args:
+            return node, flipped
+        if node.op == "call_function" and node.args and (node.target in IDENTITY or _is_2d_transpose(node)):
+            flipped ^= node.target not in IDENTITY
             node = node.args[0]
             continue
         return None
     return None
+
+
+def _is_2d_transpose(n: fx.Node) -> bool:
+    aten = torch.ops.aten
+    v = val(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+    if not isinstance(v, torch.Tensor) or v.dim() != 2:
+        return False
+    return n.target in (aten.t.default, aten.numpy_T.default) or \
+        (n.target is aten.transpose.int and {a % 2 for a in n.args[1:3]} == {0, 1}) or \
+        (n.target is aten.permute.default and list(n.args[1]) == [1, 0])
 
 
 def layer_input(node: fx.Node) -> fx.Node | None:
@@ -101,6 +120,28 @@ def activation_taint(graph: fx.Graph) -> set[fx.Node]:
         if is_layer(n) or any(a in tainted for a in n.all_input_nodes):
             tainted.add(n)
     return tainted
+
+
+def input_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the graph's inputs (not only on parameters and constants).
+
+    A relative-position bias made by a small MLP from fixed coordinates (Swin-v2) is a layer output,
+    so activation-tainted, but the same for every input: attention logits are told from it by this.
+    """
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            out.add(n)
+        elif n.op == "call_function" and n.target not in SHAPE_ONLY and any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+# Ops that read only the shape of their input (a batch size, a ones_like mask): no data flows through them.
+SHAPE_ONLY = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.zeros_like.default,
+              torch.ops.aten.ones_like.default, torch.ops.aten.empty_like.default, torch.ops.aten.full_like.default,
+              torch.ops.aten.new_zeros.default, torch.ops.aten.new_ones.default, torch.ops.aten.new_empty.default,
+              torch.ops.aten.new_full.default}
 
 
 @dataclass
@@ -285,9 +326,12 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
                         failed.append(n)
                         continue
                     rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
-                    if t is torch.ops.aten.index.Tensor:
+                    if t is torch.ops.aten.index.Tensor:      # None entries index nothing (x[:, idx])
                         rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
-                    if any(r is None or (isinstance(r, list) and any(x is None for x in r)) for r in rest):
+                        missing_const = any(isinstance(a, fx.Node) and r is None for a, r in zip(n.args[1], rest[0]))
+                    else:
+                        missing_const = any(r is None for r in rest)
+                    if missing_const:
                         failed.append(n)
                         continue
                     env[n] = [t(lane, *rest, **n.kwargs) for lane in env[n.args[0]]]

@@ -26,7 +26,7 @@ from .indexprop import _concrete, _const, is_layer, shape, val
 from .meta import TOKEN_ROWS
 from ..errors import noted
 from .ops import (CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, LAYERS, MOVE, NORMS, POINTWISE, REDUCTIONS, SDPA,
-                  SOFTMAX, sdpa_args, where)
+                  SOFTMAX, VECTOR_NORMS, reduced_dims, sdpa_args, where)
 
 aten = torch.ops.aten
 __all__ = ["demand", "live_queries", "frontier", "live_rows"]
@@ -116,9 +116,7 @@ def _sdpa(n, d, gm, cache):
 
 def _reduce(n, d, gm, cache):
     x = n.args[0]
-    dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else list(range(len(shape(x))))
-    dims = [i % len(shape(x)) for i in ([dims] if isinstance(dims, int) else dims)]
-    keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+    dims, keep = reduced_dims(n)
     if not keep:
         for i in sorted(dims):
             d = d.unsqueeze(i)
@@ -132,7 +130,7 @@ RULES.update({t: _concat for t in CONCAT})
 RULES.update({t: _norm for t in NORMS})
 RULES.update({t: _softmax for t in SOFTMAX})
 RULES.update({t: _sdpa for t in SDPA})
-RULES.update({t: _reduce for t in REDUCTIONS})
+RULES.update({t: _reduce for t in set(REDUCTIONS) | VECTOR_NORMS})
 
 
 def _merge(a, b):

@@ -33,7 +33,7 @@ from ..errors import RewriteError, noted
 from .indexprop import _concrete, _const, is_layer, shape, tensor_args, val
 from .meta import TOKEN_ROWS
 from .ops import (CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS, PAD, POINTWISE,
-                  REDUCTIONS, SDPA, SOFTMAX, opname, sdpa_args, where)
+                  REDUCTIONS, SDPA, SOFTMAX, VECTOR_NORMS, opname, reduced_dims, sdpa_args, where)
 
 aten = torch.ops.aten
 
@@ -134,10 +134,16 @@ def _fail(n, why):
 # ------------------------------------------------------------------------------------------------
 # rules: each returns the output mask of ``n`` given the masks of its inputs
 # ------------------------------------------------------------------------------------------------
+POSITIONAL = {aten.slice.Tensor, aten.narrow.default, aten.select.int, aten.index_select.default}
+
+
 def _move(n, ms, gm, cache):
     x = ms.get(n.args[0])
     if x is None:
         _fail(n, "only its index/shape operand is pruned")
+    if n.target in POSITIONAL and x.numel() and not bool(x.any()):
+        # narrowed token rows that an earlier slice emptied: which channels survive cannot be read here
+        _fail(n, "it reads positions of a tensor of which nothing survives")
     if n.target is aten.index.Tensor:
         rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
     else:
@@ -275,11 +281,9 @@ def _matmul(n, ms, gm, cache):
 
 def _reduce(n, ms, gm, cache):
     m = ms.get(n.args[0])
-    dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else list(range(m.ndim))
-    dims = [d % m.ndim for d in ([dims] if isinstance(dims, int) else dims)]
-    keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+    dims, keep = reduced_dims(n)
     new = ms.new_shape(n.args[0])
-    if REDUCTIONS[n.target] and any(new[d] < m.shape[d] for d in dims):
+    if REDUCTIONS.get(n.target, True) and any(new[d] < m.shape[d] for d in dims):   # norms average too
         ms.approximate.append(n)
     return m.any(dim=dims, keepdim=keep) if dims else m
 
@@ -315,7 +319,7 @@ RULES.update({t: _pointwise for t in POINTWISE})
 RULES.update({t: _norm_rule for t in NORMS})
 RULES.update({t: _softmax for t in SOFTMAX})
 RULES.update({t: _sdpa for t in SDPA})
-RULES.update({t: _reduce for t in REDUCTIONS})
+RULES.update({t: _reduce for t in set(REDUCTIONS) | VECTOR_NORMS})
 RULES.update({t: _like for t in LIKE})
 RULES.update({t: _pad for t in PAD})
 RULES.update({aten.sym_size.int: _size})

@@ -27,7 +27,8 @@ MOVE = {
     aten.expand.default, aten.slice.Tensor, aten.select.int, aten.narrow.default,
     aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
     aten.flatten.using_ints, aten.unflatten.int, aten.repeat_interleave.self_int,
-    aten.repeat.default, aten.index_select.default, aten.index.Tensor,
+    aten.repeat.default, aten.index_select.default, aten.index.Tensor, aten.numpy_T.default,
+    aten.broadcast_to.default,
 }
 # Ops that keep every value where it is (casts, copies, eval-mode dropout).
 IDENTITY = {
@@ -45,6 +46,7 @@ POINTWISE_AFFINE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
     aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar,
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.expand_as.default,
+    aten.where.ScalarOther, aten.where.ScalarSelf, aten.add_.Tensor, aten.mul_.Tensor, aten.div_.Tensor,
 }
 # Element-wise non-linearities: what makes "linear -> act -> linear" an MLP.
 POINTWISE_NONLINEAR = {
@@ -52,7 +54,9 @@ POINTWISE_NONLINEAR = {
     aten.tanh.default, aten.erf.default, aten.exp.default, aten.pow.Tensor_Scalar,
     aten.softplus.default, aten.hardswish.default, aten.hardsigmoid.default,
     aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.relu6.default,
-    aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default, aten.square.default,
+    aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.square.default,
+    aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default, aten.log.default, aten.abs.default,
+    aten.sin.default, aten.cos.default, aten.pow.Tensor_Tensor,
 }
 POINTWISE = POINTWISE_AFFINE | POINTWISE_NONLINEAR
 # Norms over the trailing dims with an optional affine weight/bias: (input, weight, bias) arg positions.
@@ -68,6 +72,18 @@ REDUCTIONS = {aten.mean.dim: True, aten.sum.dim_IntList: False, aten.amax.defaul
 LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
         aten.rand_like.default, aten.randn_like.default}
 PAD = {aten.pad.default, aten.constant_pad_nd.default}
+# Vector norms (F.normalize): (input, ord, dims, keepdim), a reduction with its dims at position 2.
+VECTOR_NORMS = {aten.linalg_vector_norm.default}
+
+
+def reduced_dims(n) -> tuple[list, bool]:
+    """(reduced dims, normalised to >= 0; keepdim) of a reduction node (REDUCTIONS or VECTOR_NORMS)."""
+    rank = len(n.args[0].meta["val"].shape)
+    at = 2 if n.target in VECTOR_NORMS else 1
+    dims = n.args[at] if len(n.args) > at and n.args[at] is not None else n.kwargs.get("dim", None)
+    dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    keep = n.args[at + 1] if len(n.args) > at + 1 else n.kwargs.get("keepdim", False)
+    return sorted(d % rank for d in dims), bool(keep)
 MATMUL = {aten.matmul.default, aten.bmm.default}
 # Ops that move data without computing: a neuron keeps its identity through them.
 DATA_MOVEMENT = MOVE | IDENTITY | CONCAT | {GETITEM}
