@@ -12,12 +12,12 @@ from .scoring.calibrate import CalibrationError
 from .scoring.criteria import AMG, SNP, Magnitude, Random, Taylor
 from .planning import cost
 from .planning.plan import Plan
-from .api import Scores, analyze, apply, plan_for, prune, score
+from .api import Scores, analyze, apply, plan_for, prune, reconstruct, score
 from .weights.recover import Iterative, distill_loss, recover
 from .verify import VerifyReport, verify
 from .files import LoadError, export_onnx, load, onnx_parity, ort_session, save
 
 __version__ = "0.1.0"
-__all__ = ["recover", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
+__all__ = ["recover", "reconstruct", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
            "CouplingGraph", "Group", "Member", "SNP", "AMG", "Taylor", "Magnitude", "Random",
            "AmgfxError", "CalibrationError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]

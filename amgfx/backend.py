@@ -14,6 +14,8 @@ Options:
     target_flops: fraction of dense FLOPs to keep (with ``method``, ``calib`` and any other
                   :func:`amgfx.plan_for` option such as ``round_to``); the plan is made once
                   and replayed on recompiles.
+    reconstruct:  refit the kept weights to the dense model on ``calib`` (:func:`amgfx.reconstruct`);
+                  default True when ``calib`` is given, ``False`` turns it off.
     inner:        ``"inductor"`` (default) or ``"eager"``: what compiles the pruned graph.
 
 Example:
@@ -40,7 +42,7 @@ __all__ = ["amgfx_backend", "BackendError"]
 
 PLANNING = ("target_flops", "ratios", "tokens", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep",
             "protect", "same_head_dim", "seed", "progress")
-KNOWN = {"plan", "inner"} | set(PLANNING)
+KNOWN = {"plan", "inner", "reconstruct"} | set(PLANNING)
 _ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
 
 # pruned weights by (source storage, FQN, kept shape): a recompile (new shapes) reuses them
@@ -204,6 +206,9 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     cg = analyze(captured)
     plan = _plan(cg, opts)
     pruned = checked(cg, plan)                   # never compile a wrong model
+    if opts.get("reconstruct", opts.get("calib") is not None) and plan.keep:
+        from .api import reconstruct
+        pruned = reconstruct(pruned, cg, opts.get("calib"), progress=bool(opts.get("progress", False)))
     _share_pruned(pruned, captured)
     _drop_export_guards(pruned)
     if opts.get("inner", "inductor") == "inductor":

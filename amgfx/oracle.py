@@ -33,6 +33,7 @@ class VerifyReport:
     exact: bool = True                               # False when the plan prunes residual channels
     approximate_ops: list = field(default_factory=list)
     problems: list = field(default_factory=list)     # what could not be compared (a missing output, a shape)
+    reconstruction: dict | None = None               # the refit of a reconstructed model (checked: its rewrite)
 
     @property
     def max_rel(self) -> float:

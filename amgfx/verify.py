@@ -2,7 +2,7 @@
 :mod:`amgfx.oracle` (removed neurons zeroed, dropped key positions masked with ``-inf``)."""
 from __future__ import annotations
 
-from .api import _coupling, apply
+from .api import RECONSTRUCTION, _coupling, apply
 from .oracle import VerifyReport, check, compare, masked_keys, zeroed  # noqa: F401 (the oracle's names, here too)
 from .planning.plan import Plan
 
@@ -15,7 +15,9 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
     dropped key positions are masked with ``-inf`` (:func:`masked_keys`).
 
     ``pruned`` defaults to ``amgfx.apply(model, plan)``. The error of an output is
-    ``max|pruned - reference| / max|reference|``.
+    ``max|pruned - reference| / max|reference|``. A reconstructed model (:func:`amgfx.reconstruct`)
+    has refitted weights by design: the structural rewrite of its plan is checked instead, and the
+    report's ``reconstruction`` lists the layers refitted with their calibration errors.
 
     Example:
         >>> import torch, timm, amgfx
@@ -26,6 +28,9 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
         True
     """
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
-    if pruned is None:
+    refit = pruned.meta.get(RECONSTRUCTION) if pruned is not None else None
+    if pruned is None or refit is not None:
         pruned = apply(cg, plan, check=False)
-    return check(cg, plan, pruned, tol)
+    report = check(cg, plan, pruned, tol)
+    report.reconstruction = refit
+    return report

@@ -83,6 +83,19 @@ def test_target_flops_plans_once_across_recompiles(analysed_model, monkeypatch):
     torch.testing.assert_close(fast(x), amgfx.prune(cg, plan=plan)(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reconstruct", [None, False])
+def test_calibration_data_refits_the_compiled_model_unless_told(analysed_model, reconstruct):
+    m, (x,), _, cg = analysed_model("vit")
+    seen = []
+    opts = {"target_flops": 0.7, "method": "magnitude", "inner": "eager", "progress": False,
+            "calib": [torch.randn(4, *x.shape[1:]) for _ in range(2)]}
+    if reconstruct is not None:
+        opts["reconstruct"] = reconstruct
+    fast = _compile(m, opts, seen)
+    assert torch.isfinite(fast(x)).all()
+    assert ("amgfx_reconstruction" in seen[0].meta) == (reconstruct is None)
+
+
 class _Breaks(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -133,6 +133,7 @@ def test_prune_writes_plan_pt2_and_report(tmp_path, capsys):
     assert rep["tokens"]["kept"] == round(0.75 * rep["tokens"]["keys"])
     assert rep["calibration"] == "8 load_digits training images"
     assert rep["verify"].startswith("PASS") and rep["onnx_parity"] < 1e-4
+    assert "reconstruction" not in rep           # the plan removes tokens only: no layer lost an input
     assert set(rep["latency_ms"]) == {"eager dense", "eager pruned", "ort dense", "ort pruned"}
     assert 0 < rep["cosine_to_dense"] <= 1 and rep["cosine_on"] == "32 held-out digits"
     import amgfx
@@ -187,6 +188,22 @@ def test_prune_with_recovery_reports_its_settings_and_both_cosines(tmp_path, cap
     assert 0 < rep["cosine_to_dense"] <= 1
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-reconstruct"]])
+def test_prune_refits_on_the_calibration_data_unless_told(tmp_path, capsys, flag):
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    code = main(["prune", f"{f}:build", "--target-flops", "0.3", "--calib", "digits", "--calib-samples", "8",
+                 "--batch-size", "4", *flag, "--json"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["params"]["pruned"] < rep["params"]["dense"] and rep["verify"].startswith("PASS")
+    if flag:
+        assert "reconstruction" not in rep
+    else:
+        r = rep["reconstruction"]
+        assert r["layers"] > 0 and r["tokens"] > 0 and r["error_after"] <= r["error_before"]
+
+
 def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
     from PIL import Image
     f = tmp_path / "m.py"
@@ -198,9 +215,10 @@ def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
         px = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(px).save(imgs / f"{i}.png")
     code = main(["prune", f"{f}:build", "--target-flops", "0.8", "--calib", str(tmp_path / "imgs"),
-                 "--batch-size", "1", "--json"])
+                 "--batch-size", "1", "--no-reconstruct", "--json"])
     assert code == 0, capsys.readouterr().err
     rep = json.loads(capsys.readouterr().out)
+    assert "reconstruction" not in rep
     assert rep["calibration"].startswith("3 images from") and rep["flops"]["measured"] <= 0.8 * rep["flops"]["dense"]
 
 

@@ -7,10 +7,11 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from ..analysis.tokens import token_sites
-from ..api import apply, plan_for, prune
+from ..api import RECONSTRUCTION, apply, plan_for, prune, reconstruct
 from ..bench import embedding_cosine, latency
 from ..errors import AmgfxError
 from ..files import export_onnx, onnx_parity, save
@@ -33,6 +34,9 @@ calibration sources (--calib):
 
 methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
 scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)
+
+reconstruction: with --calib data the kept weights of every layer that lost inputs are refitted to
+the dense model's outputs on it (layer-wise least squares, no training); --no-reconstruct skips it.
 
 recovery: --recover-steps N distils the dense model into the pruned one (AdamW, cosine decay)
 on --recover-data (default: all of --calib's source), and reports the cosine to dense on
@@ -184,12 +188,24 @@ def cmd_prune(a) -> int:
         t1 = time.perf_counter()
         say("verifying against the zeroing oracle ...")
         check = verify(cg, plan, pruned=recovered)
+        refit = None
+        if recovered is not None and plan.keep and calib["batches"] is not None and not a.no_reconstruct:
+            say(f"reconstructing: refitting the kept weights to the dense model on {calib['note']} ...")
+            t = time.perf_counter()
+            pruned = recovered = reconstruct(recovered, cg, batches, progress=not (a.quiet or a.json))
+            layers = pruned.meta[RECONSTRUCTION]["layers"]
+            refit = {"layers": len(layers), "tokens": max((x["samples"] for x in layers), default=0),
+                     "error_before": round(float(np.mean([x["before"] for x in layers])), 4) if layers else 0.0,
+                     "error_after": round(float(np.mean([x["after"] for x in layers])), 4) if layers else 0.0,
+                     "seconds": round(time.perf_counter() - t, 2)}
         pred = predict(cg, plan)
         report = {"model": a.model, "method": a.method, "calibration": calib["note"],
                   "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
                   "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
                             "measured": measure_flops(pruned)},
                   "verify": check.status, "torch": torch.__version__}
+        if refit is not None:
+            report["reconstruction"] = refit
         if a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
         if plan.tokens:
@@ -228,6 +244,10 @@ def cmd_prune(a) -> int:
             steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
                                              if r["schedule_steps"] > 1 else "")
             print(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
+        if "reconstruction" in report:
+            r = report["reconstruction"]
+            print(f"reconstruction: {r['layers']} layers refitted on {r['tokens']} tokens, mean relative output "
+                  f"error {r['error_before']:.4f} -> {r['error_after']:.4f}, {r['seconds']:.1f}s")
         if "tokens" in report:
             t = report["tokens"]
             print(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")
@@ -252,6 +272,8 @@ def add_parser(sub) -> None:
                         "class/distillation/register tokens kept); counts toward --target-flops")
     r.add_argument("--method", default="snp+amg", help="criterion, or several joined by '+' (default snp+amg)")
     r.add_argument("--calib", default="example", help="text | digits | DIR | example (default example)")
+    r.add_argument("--no-reconstruct", action="store_true",
+                   help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")
     r.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
     r.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     r.add_argument("--seq-len", type=int, default=128, help="tokens per text sample with --calib text (default 128)")

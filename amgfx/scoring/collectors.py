@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from ..graph.indexprop import fetch_attr, layer_input
+from ..graph.ops import LINEAR_LAYERS
 
 __all__ = ["Stats", "Watch", "Seen", "Collector", "AttentionMaps", "QKScores", "MlpActivations", "TokenScores",
-           "TaylorScores", "mlp_input", "standard", "qk_scores"]
+           "TaylorScores", "InputGram", "mlp_input", "standard", "qk_scores"]
 
 
 @dataclass
@@ -239,6 +240,28 @@ class MlpActivations(Collector):
         if h is not None:
             h = h.detach().double().reshape(-1, h.shape[-1])
             st.add(self.key, (h ** 2).sum(0), h.shape[0])
+
+
+class InputGram(Collector):
+    """The Gram matrix ``X^T X`` (float64) of what one layer reads, summed over tokens (the OBS
+    criterion's statistic: its inverse says how well the other inputs can stand in for one)."""
+
+    def __init__(self, cg, layer_node: str):
+        nodes = {n.name: n for n in cg.gm.graph.nodes}
+        self.node = layer_input(nodes[layer_node]).name
+        super().__init__(self.key_for(layer_node), Watch(values={self.node}))
+        self.conv = nodes[layer_node].target not in LINEAR_LAYERS
+
+    @staticmethod
+    def key_for(layer_node: str) -> str:
+        return f"gram:{layer_node}"
+
+    def forward(self, seen, st):
+        x = seen.values.get(self.node)
+        if x is not None:
+            x = x.detach()
+            x = (x.movedim(1, -1) if self.conv else x).reshape(-1, x.shape[1 if self.conv else -1]).double()
+            st.add(self.key, x.T @ x, x.shape[0])
 
 
 class TokenScores(Collector):

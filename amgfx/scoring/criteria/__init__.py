@@ -16,13 +16,14 @@ from ...errors import AmgfxError
 from ._base import Criterion
 from .amg import AMG, token_scores
 from .magnitude import Magnitude
+from .obs import OBS
 from .random import Random
 from .snp import SNP
 from .taylor import Taylor
 
-__all__ = ["Criterion", "SNP", "AMG", "Taylor", "Magnitude", "Random", "CRITERIA", "resolve_method", "token_scores"]
+__all__ = ["Criterion", "SNP", "AMG", "Taylor", "OBS", "Magnitude", "Random", "CRITERIA", "resolve_method", "token_scores"]
 
-CRITERIA = {c.name: c for c in (SNP, AMG, Taylor, Magnitude, Random)}
+CRITERIA = {c.name: c for c in (SNP, AMG, Taylor, OBS, Magnitude, Random)}
 
 
 def _one(c) -> Criterion:

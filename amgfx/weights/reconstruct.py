@@ -1,0 +1,361 @@
+"""Reconstruction: refit the kept weights so the pruned model's layers reproduce the dense ones.
+
+Pruning a unit takes its contribution out of every layer that reads it: the attention output
+projection after v or head removal, the MLP's fc2/down after neuron removal, any layer whose
+*input* columns a group removes. Without retraining, the field's answer (Kwon et al. 2022's mask
+tuning, K-prune, FLAP, SparseGPT/ZipLM) is a layer-wise least-squares refit on calibration data.
+Here, for every such layer (a linear, ``addmm``/``mm``/``matmul`` with a parameter, or a 1x1 conv):
+
+* ``Xp`` is what the layer reads in the pruned model, ``Xd`` what it reads in the dense one, and
+  the target is the dense layer's output ``Y = Xd Wd^T + bd`` at the rows the pruned layer keeps;
+* Gram matrices ``G = Xp^T Xp``, ``C = Xp^T Xd`` and ``D = Xd^T Xd`` (a ones column appended for
+  the bias) are summed over the calibration tokens in float64 (activations are never stored);
+* the kept weights and bias solve ``(G + lam I) W^T = C Wd^T + lam W0^T`` by Cholesky, with ``lam =
+  damp * mean(diag G)`` on the weights (the bias is left free, so it absorbs the mean shift of what
+  was removed, as FLAP's bias compensation does): ridge toward the weights the rewrite kept, so a
+  layer that lost nothing keeps its weights exactly and the fitted error never rises;
+* sequential by default: layers are fitted in graph order, each on the inputs the already refitted
+  layers before it produce, so errors do not compound.
+
+Padding tokens (an ``attention_mask`` of the batch's ``[B, N]`` shape) are left out of the fit.
+q and k have no linear consumer; see :func:`qk_scales` for what is done for them. This module
+changes weights only, never the graph; :func:`amgfx.reconstruct` wires it after the rewrite.
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    >>> x, data = torch.randn(2, 3, 32, 32), [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    >>> cg = amgfx.analyze(m, x)
+    >>> plan = amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(384))}, units={"mlp:blocks.0.mlp": 768},
+    ...                   options={"dead_tokens": "off"})     # every token computed, as in the dense model
+    >>> small = amgfx.apply(cg, plan)
+    >>> fits = refit_layers(small, cg.gm, plan.resolve(cg).params, data, progress=False)
+    >>> [(f.weight, f.columns) for f in fits], all(f.after <= f.before for f in fits)
+    ([('blocks.0.mlp.fc2.weight', (384, 768))], True)
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..analysis.records import make_layer
+from ..errors import AmgfxError
+from ..graph.fx import get_attr, replace_attr
+from ..graph.indexprop import is_layer, layer_input
+from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
+from ..graph.ops import LINEAR_LAYERS
+
+__all__ = ["LayerFit", "refit_layers", "qk_scales", "scale_rows", "chunks"]
+
+aten = torch.ops.aten
+
+
+@dataclass
+class LayerFit:
+    """One refitted layer: its node and weight, kept/dense input width, tokens fitted, and the relative
+    calibration output error ``||Y_pruned - Y_dense||^2 / ||Y_dense||^2`` before and after the refit."""
+    layer: str
+    weight: str
+    columns: tuple
+    samples: int
+    before: float
+    after: float
+    bias: bool
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "columns": list(self.columns)}
+
+
+class _Reached(Exception):
+    """Raised by :class:`_Upto` when the watched nodes have run: the rest of the forward is not needed."""
+
+
+class _Upto(fx.Interpreter):
+    """Runs ``gm`` until every node in ``want`` has its inputs, keeping ``{node: input tensor}``."""
+
+    def __init__(self, gm, want: dict):
+        super().__init__(gm, garbage_collect_values=True)
+        self.want, self.got = want, {}
+
+    def run_node(self, n):
+        if n.name in self.want:
+            self.got[n.name] = self.env[self.want[n.name]]
+            if len(self.got) == len(self.want):
+                raise _Reached
+        return super().run_node(n)
+
+
+def _input_of(gm, node: str, flat) -> torch.Tensor:
+    """What layer ``node`` reads, running ``gm`` only as far as that layer."""
+    n = next(x for x in gm.graph.nodes if x.name == node)
+    run = _Upto(gm, {node: layer_input(n)})
+    with torch.no_grad():
+        try:
+            run.run(*flat)
+        except _Reached:
+            pass
+    return run.got[node]
+
+
+def chunks(gm: fx.GraphModule, calib):
+    """``(flat graph inputs, token mask or None)`` per chunk of ``calib`` at the batch size ``gm`` was
+    captured with (the captured shapes are static unless the batch dim stayed symbolic)."""
+    from torch.fx._pytree import tree_flatten_spec
+
+    from ..scoring.calibrate import _batches, _check
+    ex_args, ex_kwargs = gm.meta[EXAMPLE]
+    b0 = _check(0, ex_args, ex_kwargs, ex_args, ex_kwargs)
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    for args, kwargs, _, bsz in _batches(calib, ex_args, ex_kwargs):
+        step = bsz if gm.meta.get(DYNAMIC_BATCH) else b0
+        if bsz % step:
+            raise AmgfxError(f"a calibration batch has {bsz} samples, not a multiple of the captured batch size {step}")
+        for c in range(0, bsz, step):
+            cut = lambda t: t[c:c + step] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == bsz else t
+            a, k = pytree.tree_map(cut, (tuple(args), dict(kwargs)))
+            flat = tree_flatten_spec((a, k), info.in_spec) if info and info.in_spec else list(a)
+            mask = k.get("attention_mask")
+            yield flat, (mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# layers
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Target:
+    node: str
+    weight: str
+    out_dim: int
+    in_dim: int
+    rows: list            # kept output rows (dense ids)
+    cols: list            # kept input columns (dense ids)
+    bias: str | None      # a single bias parameter covering every output, refitted with the weight
+    conv: bool
+
+
+def _fittable(gm, n: fx.Node) -> bool:
+    if n.target in LINEAR_LAYERS:
+        return True
+    if n.target is aten.conv2d.default or n.target is aten.conv1d.default:
+        w = n.args[1].meta["val"]
+        groups = n.args[6] if len(n.args) > 6 else 1
+        return groups == 1 and all(s == 1 for s in w.shape[2:])
+    return False
+
+
+def targets(gm: fx.GraphModule, params: dict) -> list[_Target]:
+    """The layers of ``gm`` (dense) whose input columns ``params`` (:attr:`Resolved.params`) removes."""
+    users: dict = {}
+    for n in gm.graph.nodes:
+        if is_layer(n):
+            users.setdefault(make_layer(gm, n).weight, []).append(n)
+    out = []
+    for fqn, nodes in users.items():
+        n = nodes[0]
+        layer = make_layer(gm, n)
+        dims = params.get(fqn, {})
+        if len(nodes) != 1 or layer.in_dim not in dims or not _fittable(gm, n):
+            continue
+        w = get_attr(gm, fqn)
+        bias = None
+        if len(layer.bias) == 1 and layer.bias[0][0] != "<computed>":
+            b, off, size = layer.bias[0]
+            bias = b if off == 0 and size == layer.out_features and b not in users else None
+        out.append(_Target(n.name, fqn, layer.out_dim, layer.in_dim,
+                           dims.get(layer.out_dim, list(range(w.shape[layer.out_dim]))), list(dims[layer.in_dim]),
+                           bias, n.target not in LINEAR_LAYERS))
+    return out
+
+
+def _rows2d(t: torch.Tensor, out_dim: int, conv: bool) -> torch.Tensor:
+    """A layer weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``; a 1x1 conv ``[out, in, 1, 1]``)."""
+    return t.reshape(t.shape[0], -1) if conv else t.movedim(out_dim, 0)
+
+
+def _tokens(x: torch.Tensor, conv: bool, mask) -> torch.Tensor:
+    """A layer input as ``[tokens, in features]``, padding tokens left out."""
+    x = x.detach()
+    if conv:
+        x = x.movedim(1, -1)
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask.to(x.device) != 0]
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+
+def _fit(t: _Target, source, dense, calib, damp: float) -> tuple:
+    """Accumulate the Gram matrices of ``t`` (pruned inputs read from ``source``) and solve; returns
+    (new ``[out, in (+1)]`` weights, tokens, error before, error after)."""
+    G = C = D = None
+    n = 0
+    at = _pruned_node(source, t)
+    for flat, mask in chunks(dense, calib):
+        xd = _tokens(_input_of(dense, t.node, flat), t.conv, mask)
+        xp = _tokens(_input_of(source, at, flat), t.conv, mask)
+        if xp.shape[0] != xd.shape[0]:      # token pruning changed the count: nothing to pair up
+            raise AmgfxError(f"{t.node}: the pruned layer reads {xp.shape[0]} tokens, the dense one {xd.shape[0]}; "
+                             "fit a rewrite with options dead_tokens='off' (amgfx.reconstruct does)")
+        if t.bias:                          # a ones column fits the bias with the weights
+            one = torch.ones(xp.shape[0], 1, dtype=torch.float64)
+            xp, xd = torch.cat([xp, one], 1), torch.cat([xd, one], 1)
+        g, c, d = xp.T @ xp, xp.T @ xd, xd.T @ xd
+        G, C, D = (g, c, d) if G is None else (G + g, C + c, D + d)
+        n += xp.shape[0]
+    wd = _rows2d(get_attr(dense, t.weight).detach(), t.out_dim, t.conv).to(torch.float64)[t.rows]
+    w0 = _rows2d(get_attr(source, t.weight).detach(), t.out_dim, t.conv).to(torch.float64)
+    if t.bias:
+        wd = torch.cat([wd, get_attr(dense, t.bias).detach().to(torch.float64)[t.rows, None]], 1)
+        w0 = torch.cat([w0, get_attr(source, t.bias).detach().to(torch.float64)[:, None]], 1)
+    # a bias that is not refitted is the dense one at the kept rows: it cancels from the target
+    cross = C @ wd.T                                                           # Xp^T Y: [k (+1), r]
+    yy = torch.einsum("ij,jk,ik->", wd, D, wd)
+
+    def err(w):
+        return float((torch.einsum("ij,jk,ik->", w, G, w) - 2 * (w * cross.T).sum() + yy) / max(float(yy), 1e-30))
+
+    k = G.shape[0] - (1 if t.bias else 0)
+    lam = torch.full((G.shape[0],), damp * float(G.diagonal()[:k].mean()) + 1e-12, dtype=torch.float64)
+    if t.bias:
+        lam[-1] = 1e-12                      # the bias is free: it takes the mean shift (FLAP's compensation)
+    A = G + torch.diag(lam)
+    rhs = cross + lam[:, None] * w0.T
+    L, info = torch.linalg.cholesky_ex(A)
+    w = (torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution).T
+    before, after = err(w0), err(w)
+    if not np.isfinite(after) or after > before:      # numerically worse than what the rewrite kept: keep that
+        w, after = w0, before
+    return w, n, before, after
+
+
+def _pruned_node(pruned, t: _Target) -> str:
+    found = [n.name for n in pruned.graph.nodes if is_layer(n) and make_layer(pruned, n).weight == t.weight]
+    if len(found) != 1:
+        raise AmgfxError(f"{t.weight}: found {len(found)} layers reading it in the pruned model, expected one")
+    return found[0]
+
+
+def _write(pruned, t: _Target, w: torch.Tensor) -> None:
+    old = get_attr(pruned, t.weight)
+    k = old.shape[1] if t.conv else old.shape[t.in_dim]
+    new = w[:, :k].to(old.dtype)
+    new = new.reshape(old.shape) if t.conv else new.movedim(0, t.out_dim)
+    replace_attr(pruned, t.weight, new.contiguous().to(old.device), old)
+    if t.bias:
+        ob = get_attr(pruned, t.bias)
+        replace_attr(pruned, t.bias, w[:, k].to(ob.dtype).to(ob.device).contiguous(), ob)
+
+
+def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, calib, *, damp: float = 1.0,
+                 sequential: bool = True, progress: bool = True) -> list[LayerFit]:
+    """Refit, in ``pruned`` (its tensors replaced, never written into), every layer whose input columns
+    ``params`` (:attr:`Resolved.params`) removes, so that its output matches ``dense``'s on ``calib``;
+    see the module docstring. ``sequential=False`` fits each layer on the inputs of the model as the
+    rewrite left it (independently, as Kwon et al.'s mask tuning does), so errors compound.
+    """
+    from tqdm.auto import tqdm
+
+    from ..graph.fx import copy_module
+    todo = targets(dense, params)
+    source = pruned if sequential else copy_module(pruned)    # the copy keeps the rewrite's tensors
+    fits = []
+    for t in tqdm(todo, desc="reconstructing", unit="layer", disable=not progress, leave=False):
+        w, n, before, after = _fit(t, source, dense, calib, damp)
+        _write(pruned, t, w)
+        fits.append(LayerFit(t.node, t.weight, (len(t.cols), len(t.cols) + _dropped(dense, t)), n, before, after,
+                             bool(t.bias)))
+    return fits
+
+
+def _dropped(dense, t: _Target) -> int:
+    w = get_attr(dense, t.weight)
+    return (w.shape[1] if t.conv else w.shape[t.in_dim]) - len(t.cols)
+
+
+# ------------------------------------------------------------------------------------------------
+# q/k
+# ------------------------------------------------------------------------------------------------
+class _Operands(fx.Interpreter):
+    """Runs ``gm`` and keeps, per site, the q and k operands of its attention (by node name)."""
+
+    def __init__(self, gm, names: dict):
+        super().__init__(gm, garbage_collect_values=True)
+        self.names, self.got = names, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.got[n.name] = out.detach()
+        return out
+
+
+def qk_scales(dense: fx.GraphModule, zeroed: fx.GraphModule, sites: list, calib) -> dict:
+    """Per site and kv head, the factor that best restores the dense attention logits' scale.
+
+    Removing q/k pairs shrinks every logit ``q . k`` by what the removed pairs contributed; softmax
+    then flattens. The logits have no linear layer after them to refit, so the choice here is the
+    least-squares rescale of each head: ``s_h = <L_pruned, L_dense> / <L_pruned, L_pruned>`` over the
+    calibration tokens (each query's logits centred over its keys, since softmax ignores a shift; padding
+    left out), with ``L_pruned`` read from ``zeroed`` (the dense model with the removed q/k
+    rows zeroed: what the rewrite computes). One factor per kv head (summed over the q heads that share
+    it): multiplying the head's q rows by it is exact under RoPE and GQA, which a fuller bilinear refit
+    of the kept q/k weights is not without per-pair constraints, and it costs one pass. Returns
+    ``{site name: np.ndarray [kv heads]}`` for the ``sites`` given (attention sites whose qk group prunes).
+    """
+    names = {}
+    for s in sites:
+        names[s.operands[0]] = (s, "q")
+        names[s.operands[1]] = (s, "k")
+    num = {s.name: 0.0 for s in sites}
+    den = {s.name: 0.0 for s in sites}
+    for flat, mask in chunks(dense, calib):
+        got = []
+        for gm in (dense, zeroed):
+            r = _Operands(gm, names)
+            with torch.no_grad():
+                r.run(*flat)
+            got.append(r.got)
+        for s in sites:
+            qd, kd = got[0][s.operands[0]], got[0][s.operands[1]]
+            qz, kz = got[1][s.operands[0]], got[1][s.operands[1]]
+            if qd.dim() != 4 or kd.dim() != 4 or qd.shape[1] % kd.shape[1]:
+                continue
+            rep = qd.shape[1] // kd.shape[1]
+            ld = _centred(qd.double() @ kd.double().repeat_interleave(rep, 1).transpose(-1, -2), mask)
+            lz = _centred(qz.double() @ kz.double().repeat_interleave(rep, 1).transpose(-1, -2), mask)
+            num[s.name] = num[s.name] + (lz * ld).sum((0, 2, 3)).reshape(-1, rep).sum(1)
+            den[s.name] = den[s.name] + (lz * lz).sum((0, 2, 3)).reshape(-1, rep).sum(1)
+    out = {}
+    for s in sites:
+        if isinstance(den[s.name], torch.Tensor):
+            d = den[s.name].numpy()
+            out[s.name] = np.where(d > 0, num[s.name].numpy() / np.maximum(d, 1e-300), 1.0)
+    return out
+
+
+def _centred(logits: torch.Tensor, mask) -> torch.Tensor:
+    """Logits ``[B, H, Nq, Nk]`` less their mean over each query's keys (softmax ignores that shift),
+    with padded queries and keys (``mask [B, N]``) set to zero so they do not count."""
+    if mask is None or tuple(mask.shape) != (logits.shape[0], logits.shape[-1]) or logits.shape[-1] != logits.shape[-2]:
+        return logits - logits.mean(-1, keepdim=True)
+    m = (mask != 0).to(logits.dtype)
+    mk, mq = m[:, None, None, :], m[:, None, :, None]
+    mean = (logits * mk).sum(-1, keepdim=True) / mk.sum(-1, keepdim=True).clamp_min(1)
+    return (logits - mean) * mk * mq
+
+
+def scale_rows(gm: fx.GraphModule, group, scales: np.ndarray) -> None:
+    """Multiply the q rows (weight and bias) of each kv head of ``group`` (a qk group) by its scale, in
+    ``gm`` (the tensors are replaced, never written into)."""
+    for m in group.members:
+        if m.role != "q":
+            continue
+        old = get_attr(gm, m.param)
+        f = torch.ones(old.shape[m.dim], dtype=old.dtype)
+        for u, h in enumerate(group.heads):
+            f[torch.as_tensor(m.index[u], dtype=torch.long)] = float(scales[h])
+        shape = [1] * old.dim()
+        shape[m.dim] = -1
+        replace_attr(gm, m.param, (old.detach() * f.reshape(shape).to(old.device)).contiguous(), old)

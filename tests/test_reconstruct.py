@@ -1,0 +1,141 @@
+"""Reconstruction (amgfx.reconstruct, weights/reconstruct.py) and the OBS criterion, against the math."""
+import numpy as np
+import pytest
+import torch
+
+import amgfx
+from amgfx.graph.fx import get_attr
+from amgfx.scoring.criteria.obs import obs_scores
+from amgfx.weights.reconstruct import refit_layers, targets
+
+import models
+
+
+def _calib(args, kwargs, n=16, seed=1):
+    """``n`` random batches shaped like the example inputs (token ids within the example's range)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if args:
+            out.append(tuple(torch.randn(a.shape, generator=g) for a in args))
+        else:
+            ids = kwargs["input_ids"]
+            b = dict(kwargs)
+            b["input_ids"] = torch.randint(0, int(ids.max()) + 1, ids.shape, generator=g)
+            out.append(b)
+    return out
+
+
+def _run(model, batch):
+    out = model(*batch) if isinstance(batch, tuple) else model(**batch)
+    return amgfx.weights.recover.first_output(out).detach()
+
+
+def _error(model, dense, data) -> float:
+    num = sum(float(((_run(model, b) - _run(dense, b)) ** 2).sum()) for b in data)
+    return num / sum(float((_run(dense, b) ** 2).sum()) for b in data)
+
+
+@pytest.mark.parametrize("name", ["vit", "deit_distilled", "eva02", "swin", "bert_minilm", "gpt2", "llama_gqa"])
+def test_reconstruction_fits_every_reader_and_brings_the_output_back(name):
+    m, args, kwargs = models.ALL[name]()
+    cg = amgfx.analyze(m, args, kwargs)
+    data = _calib(args, kwargs)
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5}, progress=False)
+    pruned = amgfx.apply(cg, plan)
+    fit = amgfx.reconstruct(pruned, cg, data, progress=False)
+    rec = fit.meta["amgfx_reconstruction"]
+    readers = {g.name: [mm.param for mm in g.members if mm.role in ("proj", "fc2")] for g in cg.groups
+               if g.name in plan.keep and g.kind in ("v", "mlp")}
+    refit = {layer["weight"] for layer in rec["layers"]}
+    assert refit and all(p in refit for ps in readers.values() for p in ps), (readers, refit)
+    assert all(layer["after"] <= layer["before"] + 1e-12 for layer in rec["layers"])
+    assert _error(fit, cg.gm, data) < _error(pruned, cg.gm, data)
+    # the graph is the rewrite's: the same parameters, shapes and nodes
+    assert {k: v.shape for k, v in fit.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+    assert [n.target for n in fit.graph.nodes] == [n.target for n in pruned.graph.nodes]
+    # the user's model is left alone, and the result shares no tensor with it
+    theirs = {t.data_ptr() for t in m.state_dict().values()}
+    assert not any(t.data_ptr() in theirs for t in fit.state_dict().values() if t.numel())
+
+
+def test_a_layer_that_loses_nothing_keeps_its_weights():
+    m, args, kwargs = models.vit()
+    cg = amgfx.analyze(m, args, kwargs)
+    pruned = amgfx.apply(cg, amgfx.Plan())
+    fc2 = "blocks.0.mlp.fc2.weight"
+    params = {fc2: {1: list(range(get_attr(cg.gm, fc2).shape[1]))}}
+    assert [t.weight for t in targets(cg.gm, params)] == [fc2]
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    fits = refit_layers(pruned, cg.gm, params, _calib(args, kwargs), progress=False)
+    assert len(fits) == 1 and fits[0].before < 1e-12
+    for k, v in pruned.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6)
+
+
+def test_a_plan_that_removes_nothing_changes_no_weight():
+    m, args, kwargs = models.vit()
+    cg = amgfx.analyze(m, args, kwargs)
+    pruned = amgfx.apply(cg, amgfx.Plan())
+    fit = amgfx.reconstruct(pruned, cg, _calib(args, kwargs), progress=False)
+    assert fit.meta["amgfx_reconstruction"]["layers"] == []
+    rewritten, ours = pruned.state_dict(), fit.state_dict()
+    assert set(rewritten) == set(ours)
+    for k, v in rewritten.items():
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=1e-6)
+
+
+def test_removed_neurons_that_copy_kept_ones_are_made_up_for_exactly():
+    """fc1 rows 96..191 copy rows 0..95, so the removed half of the hidden layer equals the kept half on
+    any data: the least-squares refit of fc2 must give back the dense output."""
+    torch.manual_seed(0)
+    m = models.timm_model("vit_tiny_patch16_224", img_size=32, depth=1, mlp_ratio=1.0)
+    fc1 = m.blocks[0].mlp.fc1
+    with torch.no_grad():
+        fc1.weight[96:] = fc1.weight[:96]
+        fc1.bias[96:] = fc1.bias[:96]
+    x = torch.randn(1, 3, 32, 32)
+    cg = amgfx.analyze(m, (x,))
+    plan = amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(96))}, units={"mlp:blocks.0.mlp": 192})
+    pruned = amgfx.apply(cg, plan)
+    data = [(torch.randn(1, 3, 32, 32),) for _ in range(64)]         # 5 tokens each: 320 > 97 unknowns
+    fit = amgfx.reconstruct(pruned, cg, data, damp=1e-10, progress=False)
+    held = [(torch.randn(1, 3, 32, 32),) for _ in range(4)]
+    assert _error(pruned, cg.gm, held) > 1e-3                        # without the refit it is far off
+    rel = max(float((_run(fit, b) - _run(cg.gm, b)).abs().max() / _run(cg.gm, b).abs().max()) for b in held)
+    assert rel < 1e-5, rel
+
+
+def test_obs_score_is_the_error_left_after_refitting_the_rest():
+    """Brute force: remove one unit's columns, refit the others by least squares, measure the output error."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8))           # correlated inputs
+    W = rng.normal(size=(5, 8))
+    units = np.array([[0, 1], [2, 3], [4, 5], [6, 7]])                 # two columns per unit, as in a GQA v unit
+    got = obs_scores(W, X.T @ X, units, damp=0.0)
+    want = []
+    for cols in units:
+        keep = np.setdiff1d(np.arange(8), cols)
+        Y = X @ W.T
+        sol, *_ = np.linalg.lstsq(X[:, keep], Y, rcond=None)
+        want.append(float(((X[:, keep] @ sol - Y) ** 2).sum()))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_obs_composes_with_snp_and_prunes():
+    m, args, kwargs = models.vit()
+    data = _calib(args, kwargs, n=8)
+    small = amgfx.prune(m, args, method="obs+snp", target_flops=0.6, calib=data, progress=False)
+    crit = small.meta["amgfx_plan"].meta["criteria"]
+    assert crit["mlp"].startswith("OBS") and crit["qk"].startswith("SNP")
+    assert small.meta["amgfx_reconstruction"]["layers"]                # calib given: refitted by default
+
+
+def test_prune_reconstructs_only_with_data_unless_told():
+    m, args, kwargs = models.vit()
+    r = {"v": 0.5, "mlp": 0.5}
+    assert "amgfx_reconstruction" not in amgfx.prune(m, args, method="magnitude", ratios=r).meta
+    data = _calib(args, kwargs, n=4)
+    assert "amgfx_reconstruction" not in amgfx.prune(m, args, method="magnitude", ratios=r, calib=data,
+                                                    reconstruct=False, progress=False).meta
+    assert amgfx.prune(m, args, method="magnitude", ratios=r, reconstruct=True).meta["amgfx_reconstruction"]["layers"]
