@@ -233,3 +233,29 @@ def test_hypothesis_draws_the_same_examples_every_run():
     first, drawn[:] = list(drawn), []
     draw()
     assert first == drawn and len(set(first)) > 1
+
+
+def test_a_planted_wrong_rewrite_is_caught_before_prune_returns(monkeypatch):
+    """A shrink pass that silently drops one kept fc1 row (zeroes it: shapes stay valid, the model is
+    wrong): prune() must raise RewriteError naming the MLP group, not hand the model back."""
+    import amgfx.passes as P
+    from amgfx.graph.fx import get_attr, replace_attr
+    from amgfx.passes.pipeline import graph_pass
+
+    real = P.shrink_params
+
+    @graph_pass(requires=tuple(real.requires), ensures=tuple(real.ensures))
+    def shrink_params_dropping_a_row(gm, plan):
+        gm = real(gm, plan)
+        w = get_attr(gm, "blocks.1.mlp.fc1.weight")
+        bad = w.detach().clone()
+        bad[0] = 0
+        replace_attr(gm, "blocks.1.mlp.fc1.weight", bad, w)
+        return gm
+
+    monkeypatch.setattr(P, "PIPELINE", [shrink_params_dropping_a_row if p is real else p for p in P.PIPELINE])
+    m, args, kwargs = models.vit()
+    with pytest.raises(amgfx.RewriteError, match=r"mlp:blocks\.1\.mlp.*differs from the zeroing oracle"):
+        amgfx.prune(m, args, method="magnitude", ratios={"mlp": 0.5})
+    monkeypatch.undo()
+    assert amgfx.prune(m, args, method="magnitude", ratios={"mlp": 0.5}) is not None   # the real pass is fine

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,8 +186,12 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
         lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, round_to)
         if lad is not None:
             ladders.append(lad)
-    if not ladders:
-        raise AmgfxError("nothing to prune: every group is protected, unscored or at its minimum")
+    if not ladders:                             # a valid answer: the model as it is, said out loud
+        warnings.warn("nothing to prune: every group is protected, unscored or at its minimum (see "
+                      "`amgfx inspect` for what was found and why groups were left whole); the plan keeps "
+                      "the model as it is", stacklevel=3)
+        base.meta.update({"target_flops": float(target_flops), "flops": {"dense": dense, "planned": dense}})
+        return base
 
     steps = [(lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps)]
     steps.sort()

@@ -1,0 +1,68 @@
+"""The architecture sweep's CI slice: every model the generality issue lists (benchmarks/zoo.py builds
+them: random weights, tiny configs), pruned by magnitude and held against the zoo's own outcome rules.
+
+Each must end ``exact`` (every attention op a site that prunes qk, v and heads; the oracle passes)
+or ``partial`` (the oracle passes on what is pruned, every site or kind left whole says why); never
+``crash``, ``silent`` (an attention op neither pruned nor reported), ``wrong`` or ``nothing``.
+Where the math allows more than ``partial``, the test says so (``EXACT``).
+"""
+import pytest
+
+from benchmarks import zoo
+
+LISTED = ["vit_small_patch16_rope_224", "vit_base_patch16_rope_mixed_224", "vit_base_patch16_siglip_224",
+          "vit_so400m_patch14_siglip_224", "pit_ti_224", "beit_base_patch16_224", "beitv2_base_patch16_224",
+          "swinv2_tiny_window8_256", "samvit_base_patch16", "twins_svt_small", "pvt_v2_b0", "fastvit_sa12",
+          "hf:SwinModel", "hf:Qwen3Model", "hf:Olmo2Model", "hf:MixtralModel", "hf:FalconModel",
+          "hf:T5EncoderModel", "hf:Wav2Vec2Model"]
+# every attention op prunes qk, v and heads exactly in these
+# (residual streams, opt-in, may still be refused with their reasons). Mixed-frequency RoPE
+# (rope_mixed) learns its frequencies per head: q/k pairs are refused there, with the reason.
+EXACT = {"vit_small_patch16_rope_224", "vit_base_patch16_siglip_224",
+         "vit_so400m_patch14_siglip_224", "beit_base_patch16_224", "beitv2_base_patch16_224", "twins_svt_small",
+         "pvt_v2_b0", "fastvit_sa12", "hf:FalconModel", "hf:Wav2Vec2Model"}
+
+
+@pytest.mark.parametrize("name", LISTED)
+def test_listed_architecture_prunes_exactly_or_says_why(name):
+    row = zoo.run_one(name)
+    assert row["outcome"] in ("exact", "partial"), row
+    assert row["err"] <= 1e-5, row
+    if name in EXACT:
+        assert all(r.startswith("residual:") for r in row["reasons"]), row
+    else:
+        assert row["reasons"], row                 # what is left whole has its reason
+
+
+@pytest.mark.parametrize("name, heads", [("hf:Qwen3Model", True), ("hf:Olmo2Model", False)])
+def test_qk_norm_sites_prune_v_heads_and_mlps_and_say_why_not_qk(name, heads):
+    """Qwen3 normalises q and k per head (heads still prune); OLMo2 over the whole projection, across
+    heads, so removing a head would change the others: heads are disabled there, with that reason."""
+    import amgfx
+    m, args, kwargs = zoo.build(name)
+    cg = amgfx.analyze(m, args, kwargs)
+    kinds = {g.kind for g in cg.groups}
+    assert {"v", "mlp"} <= kinds and "qk" not in kinds and ("head" in kinds) == heads
+    for s in cg.sites:
+        assert "normalised over the head dim" in s.disabled["qk"]
+        assert heads or "normalised across heads" in s.disabled["head"]
+
+
+def test_moe_router_is_reported_as_a_router_not_attention():
+    import amgfx
+    m, args, kwargs = zoo.build("hf:MixtralModel")
+    cg = amgfx.analyze(m, args, kwargs)
+    routers = [k for k in cg.structure.skipped if "router" in k.what]
+    assert routers and len([s for s in cg.sites if s.supported]) == 2
+
+
+def test_a_model_with_nothing_to_prune_comes_back_whole_with_a_warning():
+    import torch
+
+    import amgfx
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="nothing to prune"):
+        small = amgfx.prune(m, x, method="magnitude", target_flops=0.5)
+    assert small.meta["amgfx_plan"].keep == {}
+    torch.testing.assert_close(small(x), m(x), rtol=0, atol=0)
