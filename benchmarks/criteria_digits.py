@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 
 import torch
@@ -30,7 +31,7 @@ from amgfx.planning.cost import measure_flops
 from ._report import RESULTS, write_md
 from .digits_vit import accuracy, task
 
-METHODS = ["snp", "snp+amg", "taylor", "magnitude", "random"]
+METHODS = ["snp", "snp+amg", "taylor", "obs", "obs+snp", "magnitude", "random"]
 
 
 def flops(model, x) -> int:
@@ -79,12 +80,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.5, help="fraction of dense FLOPs to keep (default 0.5)")
     ap.add_argument("--calib", type=int, default=64, help="calibration images (default 64)")
+    ap.add_argument("--out", default=f"{RESULTS}/criteria_digits.md", help="result file")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     dense, example, _, calib_x, calib, xte, yte = task(a.calib)
     cg = amgfx.analyze(dense, example)
     dense_flops = flops(dense, example)
-    rows = [("dense", "-", 1.0, accuracy(dense, xte, yte), 0.0, "-")]
+    rows = [("dense", "-", 1.0, accuracy(dense, xte, yte), None, 0.0, "-")]
     print(f"dense: {rows[0][3]:.4f}", flush=True)
     amg_flops = []
     for method in METHODS:
@@ -95,28 +97,36 @@ def main(argv=None):
         f = flops(pruned, example)
         amg_flops.append(f)
         acc = accuracy(pruned, xte, yte, batch=1)
-        rows.append((f"amgfx {method}", _criteria(plan.meta["criteria"]), f / dense_flops, acc, dt,
-                     _shape(cg, plan)))
+        fit = amgfx.reconstruct(pruned, cg, calib, progress=False)
+        rows.append((f"amgfx {method}", _criteria(plan.meta["criteria"]), f / dense_flops, acc,
+                     accuracy(fit, xte, yte, batch=1), dt, _shape(cg, plan)))
         print(rows[-1], flush=True)
     goal = int(sum(amg_flops) / len(amg_flops))
     for kind in ("magnitude", "taylor"):
         t = time.perf_counter()
         m, f, ratio = tp_at(dense, goal, kind, calib_x, example)
         dt = time.perf_counter() - t
-        rows.append((f"Torch-Pruning {kind}", f"ratio {ratio:.3f}", f / dense_flops, accuracy(m, xte, yte), dt, "embed "
+        rows.append((f"Torch-Pruning {kind}", f"ratio {ratio:.3f}", f / dense_flops, accuracy(m, xte, yte), None, dt, "embed "
                      f"{m.cls_token.shape[-1]}, heads x dim {m.blocks[0].attn.num_heads}x{m.blocks[0].attn.head_dim}, "
                      f"mlp {m.blocks[0].mlp.fc1.out_features}"))
         print(rows[-1], flush=True)
     lines = ["# Criteria on the trained digits ViT, no fine-tuning", "",
-             f"`python -m benchmarks.criteria_digits --target {a.target}`: the digits ViT (4 blocks, dim 128, 4 heads; "
+             f"`python -m benchmarks.criteria_digits --target {a.target}{_out_flag(a.out)}` on torch {torch.__version__}: the digits ViT (4 blocks, dim 128, 4 heads; "
              f"trained from seed 0) pruned to {a.target:.0%} of dense FLOPs (`FlopCounterMode`, measured on the pruned "
              f"model), calibrated on {a.calib} training images, top-1 on the 450 held-out test images. Every row from this "
              "one run. Torch-Pruning needs manual `num_heads`/`head_dim`/`attn_dim` fix-ups after pruning (written in "
-             "the benchmark) and prunes embedding channels too; its ratio is bisected to the same FLOPs (within 2%).", "",
-             "| method | setting | FLOPs kept | test top-1 | time to prune (s) | shape of block 0 |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.4f} | {r[4]:.1f} | {r[5]} |" for r in rows]
-    write_md(f"{RESULTS}/criteria_digits.md", lines)
+             "the benchmark) and prunes embedding channels too; its ratio is bisected to the same FLOPs (within 2%). "
+             "\"reconstructed\": the same amgfx plan after `amgfx.reconstruct` on the calibration images.", "",
+             "| method | setting | FLOPs kept | test top-1 | test top-1, reconstructed | time to prune (s) "
+             "| shape of block 0 |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.4f} | {'-' if r[4] is None else f'{r[4]:.4f}'} | {r[5]:.1f} "
+              f"| {r[6]} |" for r in rows]
+    write_md(a.out, lines)
+
+
+def _out_flag(out: str) -> str:
+    default = f"{RESULTS}/criteria_digits.md"
+    return "" if os.path.abspath(out) == os.path.abspath(default) else f" --out {os.path.relpath(out, os.path.dirname(RESULTS) + '/..')}"
 
 
 def _criteria(by_kind: dict) -> str:

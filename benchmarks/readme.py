@@ -116,6 +116,14 @@ def tool_cost() -> list[str]:
         [l for l in lines if l.startswith("|")]
 
 
+def zoo() -> list[str]:
+    """The architecture sweep's outcome counts, with the command that made them."""
+    lines = _read("zoo.md")
+    counts = next(l for l in lines if l.startswith("**Outcomes:"))
+    return [f"{counts} ({_command(lines)}, random weights, tiny configs; per model in "
+            "[benchmarks/results/zoo.md](benchmarks/results/zoo.md))"]
+
+
 def copy(name: str) -> list[str]:
     """A result file as it is, less its title: for the README sections that show one whole."""
     body = _read(f"{name}.md")
@@ -137,7 +145,7 @@ def block(name: str) -> list[str]:
         case, runtime, b = arg.rsplit("-", 2)
         return profile_table(case, runtime, int(b))
     return {"verdict": speed_verdict, "gpu": gpu_line, "tool_cost": tool_cost, "levers": levers,
-            "levers_accuracy": levers_accuracy}[kind]()
+            "levers_accuracy": levers_accuracy, "zoo": zoo}[kind]()
 
 
 def render(text: str, prefix: str = "") -> str:
