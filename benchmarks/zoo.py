@@ -59,7 +59,7 @@ TIMM = {
     "twins_svt_small": dict(img_size=64, depths=(1, 1, 1, 1)),
     "pvt_v2_b0": dict(depths=(1, 1, 1, 1), input=64),
     "fastvit_sa12": dict(layers=(1, 1, 1, 1), input=64),
-    "nextvit_small": dict(depths=(1, 1, 1, 1), input=64),
+    "nextvit_small": dict(input=64),          # timm builds it only at its default depths
     "nest_tiny": dict(img_size=64),
     "levit_128s": dict(img_size=64),
     "crossvit_tiny_240": dict(img_size=240, depth=((1, 1, 0),)),

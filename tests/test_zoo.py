@@ -13,6 +13,7 @@ from benchmarks import zoo
 LISTED = ["vit_small_patch16_rope_224", "vit_base_patch16_rope_mixed_224", "vit_base_patch16_siglip_224",
           "vit_so400m_patch14_siglip_224", "pit_ti_224", "beit_base_patch16_224", "beitv2_base_patch16_224",
           "swinv2_tiny_window8_256", "samvit_base_patch16", "twins_svt_small", "pvt_v2_b0", "fastvit_sa12",
+          "nextvit_small",
           "hf:SwinModel", "hf:Qwen3Model", "hf:Olmo2Model", "hf:MixtralModel", "hf:FalconModel",
           "hf:T5EncoderModel", "hf:Wav2Vec2Model"]
 # every attention op prunes qk, v and heads exactly in these
@@ -20,7 +21,7 @@ LISTED = ["vit_small_patch16_rope_224", "vit_base_patch16_rope_mixed_224", "vit_
 # (rope_mixed) learns its frequencies per head: q/k pairs are refused there, with the reason.
 EXACT = {"vit_small_patch16_rope_224", "vit_base_patch16_siglip_224",
          "vit_so400m_patch14_siglip_224", "beit_base_patch16_224", "beitv2_base_patch16_224", "twins_svt_small",
-         "pvt_v2_b0", "fastvit_sa12", "hf:FalconModel", "hf:Wav2Vec2Model"}
+         "pvt_v2_b0", "fastvit_sa12", "nextvit_small", "hf:FalconModel", "hf:Wav2Vec2Model"}
 
 
 @pytest.mark.parametrize("name", LISTED)
