@@ -57,14 +57,15 @@ aten = torch.ops.aten
 @dataclass
 class LayerFit:
     """One refitted layer: its node and weight, kept/dense input width, tokens fitted, and the relative
-    calibration output error ``||Y_pruned - Y_dense||^2 / ||Y_dense||^2`` before and after the refit."""
+    calibration output error ``||Y_pruned - Y_dense||^2 / ||Y_dense||^2`` before and after the refit; ``bias``
+    is the bias refitted with the weights (None: the layer's bias, if any, is kept as it is)."""
     layer: str
     weight: str
     columns: tuple
     samples: int
     before: float
     after: float
-    bias: bool
+    bias: str | None
 
     def to_dict(self) -> dict:
         return {**asdict(self), "columns": list(self.columns)}
@@ -264,14 +265,10 @@ def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, ca
     for t in tqdm(todo, desc="reconstructing", unit="layer", disable=not progress, leave=False):
         w, n, before, after = _fit(t, source, dense, calib, damp)
         _write(pruned, t, w)
-        fits.append(LayerFit(t.node, t.weight, (len(t.cols), len(t.cols) + _dropped(dense, t)), n, before, after,
-                             bool(t.bias)))
+        w_dense = get_attr(dense, t.weight)
+        fits.append(LayerFit(t.node, t.weight, (len(t.cols), w_dense.shape[1 if t.conv else t.in_dim]), n, before,
+                             after, t.bias))
     return fits
-
-
-def _dropped(dense, t: _Target) -> int:
-    w = get_attr(dense, t.weight)
-    return (w.shape[1] if t.conv else w.shape[t.in_dim]) - len(t.cols)
 
 
 # ------------------------------------------------------------------------------------------------
