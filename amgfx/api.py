@@ -352,3 +352,41 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
 
 
 _refit = reconstruct     # prune()'s ``reconstruct`` flag shadows the function's name there
+
+
+def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.GraphModule:
+    """Prune toward ``target`` in ``schedule.steps`` steps, recovering after each; compose the plans."""
+    from .weights.recover import Iterative, iterative_config, recover
+    if not isinstance(schedule, Iterative):
+        raise AmgfxError(f"schedule must be an amgfx.Iterative, got {type(schedule).__name__}")
+    data = schedule.data if schedule.data is not None else plan_options.get("calib")
+    if schedule.recover_steps and data is None:
+        raise AmgfxError("Iterative(recover_steps=...) needs data: give Iterative(data=...) or calib=")
+    args, kwargs = cg0.gm.meta[EXAMPLE]
+    ids = {g.name: np.arange(g.units) for g in cg0.groups}     # original unit ids still alive, per group
+    cg, dense, history, pruned = cg0, None, [], None
+    for goal in schedule.targets(target):
+        if pruned is not None:                                   # score what the last step left
+            cg = analyze(pruned, args, kwargs)
+        now = 1.0 if dense is None else history[-1]["flops"]
+        plan = plan_for(cg, target_flops=min(1.0, goal / now), **plan_options)
+        dense = dense or plan.meta["flops"]["dense"]
+        alive = plan.survivors(cg)
+        for name, units in alive.items():
+            if name in ids:
+                ids[name] = ids[name][units]
+        pruned = apply(cg, plan)
+        step = {"target": goal, "flops": now * plan.meta["flops"]["planned"] / plan.meta["flops"]["dense"]}
+        if schedule.recover_steps:
+            opts = {"progress": plan_options.get("progress", True), **schedule.recover}
+            pruned = recover(pruned, cg0.gm, data, steps=schedule.recover_steps, inplace=True, **opts)
+            step["recovery"] = pruned.meta["amgfx_recovery"]
+        history.append(step)
+    composed = Plan(keep={g.name: ids[g.name].tolist() for g in cg0.groups if len(ids[g.name]) < g.units},
+                    units={g.name: g.units for g in cg0.groups if len(ids[g.name]) < g.units},
+                    options=dict(plan.options), model={"fingerprint": fingerprint(cg0.gm)},
+                    meta={**plan.meta, "target_flops": float(target),
+                          "flops": {"dense": dense, "planned": history[-1]["flops"] * dense},
+                          "schedule": {**iterative_config(schedule), "steps_taken": history}})
+    pruned.meta[PLAN] = composed
+    return pruned

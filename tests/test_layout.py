@@ -122,3 +122,13 @@ def test_links_between_pages_resolve(page):
             if anchor not in slugs:
                 bad.append(target)
     assert not bad, f"{page}: broken links {bad}"
+
+
+def test_no_undefined_or_unused_name():
+    """pyflakes' rules over the package, passes, tests and benchmarks: a name a refactor deleted but a
+    caller still uses (``_iterate`` once) fails here in seconds instead of deep inside one slow test."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "F", "--output-format",
+                          "concise", "amgfx", "passes", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
