@@ -65,6 +65,7 @@ class Scores:
     tokens: dict = field(default_factory=dict)      # site name -> np.ndarray [N_k], sums to 1
     criteria: dict = field(default_factory=dict)    # kind -> criterion config (repr)
     samples: int = 0
+    extra: dict = field(default_factory=dict)       # group name -> what its criterion explains (AMG: entropy)
 
 
 def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, loss_fn=None, seed: int = 0,
@@ -108,6 +109,9 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
             out.units[g.name] = np.asarray(by_kind[g.kind].score(cg, g, stats, seed=seed), dtype=np.float64)
         except ValueError as e:
             raise AmgfxError(str(e)) from None
+        extra = by_kind[g.kind].explain(cg, g, stats)
+        if extra:
+            out.extra[g.name] = {k: np.asarray(v) for k, v in extra.items()}
     if "tokens" in kinds and stats is not None:
         out.tokens = token_scores(cg, stats)
     return out

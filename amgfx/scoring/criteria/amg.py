@@ -86,3 +86,8 @@ class AMG(Criterion):
         per_group = np.array([ent[site.kv_group == g].mean() for g in range(group.units)])
         alpha = 1.0 + self.depth_factor * layer
         return np.exp(-alpha * per_group)
+
+    def explain(self, cg, group, stats) -> dict:
+        """The normalised entropy of every query head (the score falls as it rises)."""
+        ent = head_entropy(site_of(cg, group), stats)
+        return {} if ent is None else {"entropy": ent}

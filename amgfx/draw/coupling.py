@@ -1,12 +1,16 @@
 """Draw one block's coupling: which q rows pair with which k rows, v rows with proj columns,
-and MLP hidden rows with fc2 columns, coloured by head."""
+and MLP hidden rows with fc2 columns, coloured by head.
+
+For a plain ViT or BERT every line is horizontal (q row i pairs with k row i), so unless a block
+is asked for, the site drawn is the first whose pairing says something: RoPE pairs, grouped-query
+heads, a fused qkv projection; the title says which and why.
+"""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..planning.layers import by_layer
+from ._mpl import plt, save
 
 
 def _column(ax, x, n, label, colors):
@@ -14,11 +18,31 @@ def _column(ax, x, n, label, colors):
     ax.text(x, -0.04 * n - 1, label, ha="center", va="top", fontsize=8)
 
 
-def draw_block(cg, path, block: int = 0) -> str:
-    """Render site ``block`` (and the MLP after it) to ``path``; returns the site name."""
+def informative(sites) -> tuple[int, str]:
+    """(index, why) of the first site whose pairing is not the identity, else (0, "")."""
+    tests = [(lambda s: bool(s.rope), lambda s: f"RoPE ({s.rope}): q/k units pair rotated rows"),
+             (lambda s: 0 < s.num_kv_heads < s.num_heads,
+              lambda s: f"grouped-query: {s.q_per_kv} query heads share each kv head"),
+             (lambda s: s.q is not None and s.k is not None and s.q.node == s.k.node,
+              lambda s: "fused qkv: q, k and v rows are slices of one projection")]
+    for test, why in tests:
+        for i, s in enumerate(sites):
+            if test(s):
+                return i, why(s)
+    return 0, ""
+
+
+def draw_block(cg, path, block: int | None = None) -> str:
+    """Render site ``block`` (and the MLP after it) to ``path``; returns the site name.
+
+    ``block=None`` picks the first site where the pairing is informative (:func:`informative`).
+    """
     sites = [s for s in cg.sites if s.supported]
     if not sites:
         raise ValueError("no supported attention site to draw")
+    why = ""
+    if block is None:
+        block, why = informative(sites)
     s = sites[min(block, len(sites) - 1)]
     cmap = plt.get_cmap("tab20")
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.5), gridspec_kw={"width_ratios": [3, 2]})
@@ -53,13 +77,14 @@ def draw_block(cg, path, block: int = 0) -> str:
         _column(ax, 3, len(ocols), "proj cols", "k")
         ax.set_xlim(-0.5, 3.5)
     rope = f", RoPE {s.rope}" if s.rope else ""
+    picked = f"\ndrawn because it is the first site with {why}" if why else ""
     ax.set_title(f"{s.name}: {s.num_heads} heads / {s.num_kv_heads} kv, qk {s.head_dim_qk}, v {s.head_dim_v}{rope}\n"
-                 "qk units pair q row i with k row i of one head; v units pair v row i with proj column i",
-                 fontsize=9)
+                 "qk units pair q row i with k row i of one head; v units pair v row i with proj column i"
+                 f"{picked}", fontsize=9)
     ax.axis("off")
     ax = axes[1]
-    prefix = s.name.rsplit(".", 1)[0]
-    mlp = next((m for m in cg.mlps if m.name.startswith(prefix)), cg.mlps[0] if cg.mlps else None)
+    mlps = next(ms for site, ms in by_layer(cg) if site.name == s.name)
+    mlp = mlps[0] if mlps else (cg.mlps[0] if cg.mlps else None)
     if mlp is not None:
         n = mlp.hidden
         step = max(1, n // 96)
@@ -77,8 +102,7 @@ def draw_block(cg, path, block: int = 0) -> str:
     res = ", ".join(f"{r.name}: width {r.width}, {len(r.members)} members" for r in cg.residual)
     fig.text(0.5, 0.01, f"residual streams: {res}", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, {"site": s.name, "why": why})
     return s.name
 
 
