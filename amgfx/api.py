@@ -151,8 +151,8 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
 
 def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
              ratios: dict | None = None, tokens: float | None = None, calib=None, loss_fn=None, kinds=None,
-             round_to: int = 1, min_keep: float = 0.1, protect=(), same_head_dim: bool = False, seed: int = 0,
-             progress: bool = True) -> Plan:
+             round_to: int = 1, min_keep: float = 0.1, protect=(), same_head_dim: bool = False, blocks: bool = False,
+             seed: int = 0, progress: bool = True) -> Plan:
     """Score the model's coupling groups and decide what to keep; nothing is rewritten.
 
     ``model_or_gm`` may be an nn.Module (captured with ``example_inputs``), a captured
@@ -162,7 +162,9 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
     pruned (default qk, v, head, mlp: residual channels are opt-in). With ``target_flops``,
     ``round_to`` rounds kept widths up to a multiple and ``same_head_dim=True`` gives each site's
     q/k and v one width per head, which runtimes take without splitting or padding (faster on CPU
-    at the same FLOPs, see ``benchmarks/results/levers.md``).
+    at the same FLOPs, see ``benchmarks/results/levers.md``). ``blocks=True`` lets a whole attention
+    or MLP branch go when its units rank lowest (block removal: fewer ops, not only narrower ones;
+    the plan lists such a group with no unit kept).
 
     Example:
         >>> import torch, timm, amgfx
@@ -195,7 +197,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(target_flops), round_to=round_to, min_keep=min_keep, protect=protect,
-                        base=base, same_head_dim=same_head_dim)
+                        base=base, same_head_dim=same_head_dim, blocks=blocks)
     plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
                       "seed": seed, "calibration_samples": s.samples})
     return plan
@@ -239,7 +241,7 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
 
     Give ``target_flops`` (fraction of dense FLOPs kept) or ``ratios`` (``{kind: fraction
     removed}`` per site), or a ready ``plan`` to replay. ``options`` go to :func:`plan_for`
-    (``kinds``, ``round_to``, ``min_keep``, ``protect``, ``same_head_dim``, ``seed``, ``progress``).
+    (``kinds``, ``round_to``, ``min_keep``, ``protect``, ``same_head_dim``, ``blocks``, ``seed``, ``progress``).
 
     With ``calib`` the kept weights are then refitted to the dense model on it (:func:`reconstruct`;
     ``reconstruct=False`` skips that, ``reconstruct=True`` without ``calib`` fits on the example inputs).

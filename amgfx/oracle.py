@@ -34,6 +34,7 @@ class VerifyReport:
     approximate_ops: list = field(default_factory=list)
     problems: list = field(default_factory=list)     # what could not be compared (a missing output, a shape)
     reconstruction: dict | None = None               # the refit of a reconstructed model (checked: its rewrite)
+    removed: list = field(default_factory=list)      # branches the plan removed whole (block removal)
 
     @property
     def max_rel(self) -> float:
@@ -52,7 +53,8 @@ class VerifyReport:
             return f"FAIL ({why})"
         if not self.exact:
             return f"APPROXIMATE (residual channels pruned; max rel error {self.max_rel:.2e})"
-        return f"{'PASS' if self.passed else 'FAIL'} (max rel error {self.max_rel:.2e}, tolerance {self.tol:g})"
+        gone = f"; {len(self.removed)} branch(es) removed whole" if self.removed else ""
+        return f"{'PASS' if self.passed else 'FAIL'} (max rel error {self.max_rel:.2e}, tolerance {self.tol:g}{gone})"
 
     def __str__(self) -> str:
         rows = [f"  {o['output']:<10} {str(o['shape']):<18} max_abs {o['max_abs']:.3e}  max_rel {o['max_rel']:.3e}"
@@ -61,7 +63,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"outputs": self.outputs, "tol": self.tol, "exact": self.exact, "passed": self.passed,
-                "max_rel": self.max_rel, "approximate_ops": self.approximate_ops, "problems": self.problems}
+                "max_rel": self.max_rel, "approximate_ops": self.approximate_ops, "problems": self.problems,
+                "removed": self.removed}
 
 
 def compare(got, ref, report: VerifyReport) -> VerifyReport:
@@ -161,5 +164,6 @@ def check(cg, plan: Plan, pruned, tol: float = 1e-5) -> VerifyReport:
     ref = _run(masked_keys(zeroed(cg, plan), tokens), example)
     got = _run(pruned, example)
     report = VerifyReport(tol=tol, exact=bool(pruned.meta.get(EXACT, True)),
-                          approximate_ops=list(pruned.meta.get(APPROXIMATE, [])))
+                          approximate_ops=list(pruned.meta.get(APPROXIMATE, [])),
+                          removed=sorted(plan.removed_branches(cg)))
     return compare(got, ref, report)

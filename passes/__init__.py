@@ -15,13 +15,14 @@ from .cleanup import cleanup
 from .dead_tokens import dead_tokens
 from .fix_shapes import fix_shapes
 from .lower_attention import lower_attention
+from .remove_branch import remove_branch
 from .shrink_params import shrink_params
 from .softmax_scale import softmax_scale
 from .split_qkv import split_qkv
 from .token_gather import token_gather
 
-PIPELINE = [split_qkv, token_gather, dead_tokens, shrink_params, fix_shapes, softmax_scale, lower_attention, cleanup]
+PIPELINE = [remove_branch, split_qkv, token_gather, dead_tokens, shrink_params, fix_shapes, softmax_scale, lower_attention, cleanup]
 check_order(PIPELINE)
 
-__all__ = ["PIPELINE", "cleanup", "dead_tokens", "fix_shapes", "lower_attention", "shrink_params", "softmax_scale",
+__all__ = ["PIPELINE", "cleanup", "dead_tokens", "fix_shapes", "lower_attention", "remove_branch", "shrink_params", "softmax_scale",
            "split_qkv", "token_gather", "graph_pass", "check_order", "run", "PassOrderError"]

@@ -8,21 +8,22 @@ true. :func:`check_order` refuses a pipeline that runs a pass before what it req
 
 Properties (strings, declared once here):
 
-===============  ==========================================================================
-``qkv_split``    a fused q/k/v projection that cannot be rewritten whole is split per operand
-``token_rows``   static token gathers sit before the K/V projections (AMG)
-``live_rows``    dead-token gathers sit before the layers whose outputs are read at some rows
-``params_shrunk``  every parameter holds only its kept indices
-``shapes_fixed`` every size and position constant matches the shrunk tensors
-``scale_pinned`` attention whose q/k dim changed states its original softmax scale
-``lowered``      attention with unequal q/k and v dims is padded for the kernel (or left, by option)
-``folded``       weight slices are folded into parameters; dead code and attributes are gone
-===============  ==========================================================================
+==================== ==========================================================================
+``branches_removed`` branches removed whole (block removal) are gone, their constant added
+``qkv_split``        a fused q/k/v projection that cannot be rewritten whole is split per operand
+``token_rows``       static token gathers sit before the K/V projections (AMG)
+``live_rows``        dead-token gathers sit before the layers whose outputs are read at some rows
+``params_shrunk``    every parameter holds only its kept indices
+``shapes_fixed``     every size and position constant matches the shrunk tensors
+``scale_pinned``     attention whose q/k dim changed states its original softmax scale
+``lowered``          attention with unequal q/k and v dims is padded for the kernel (or left, by option)
+``folded``           weight slices are folded into parameters; dead code and attributes are gone
+==================== ==========================================================================
 
 Example:
     >>> from amgfx.passes import PIPELINE
     >>> check_order(PIPELINE)
-    >>> check_order(PIPELINE[3:4] + PIPELINE[:3])
+    >>> check_order(PIPELINE[4:5] + PIPELINE[1:4])
     Traceback (most recent call last):
     ...
     amgfx.passes.pipeline.PassOrderError: shrink_params requires qkv_split, which no earlier pass ensures (order: shrink_params, split_qkv, token_gather, dead_tokens)
@@ -36,7 +37,7 @@ from ..errors import RewriteError, foreign_errors
 
 __all__ = ["Pass", "graph_pass", "check_order", "run", "PassOrderError", "PROPERTIES"]
 
-PROPERTIES = ("qkv_split", "token_rows", "live_rows", "params_shrunk", "shapes_fixed", "scale_pinned", "lowered",
+PROPERTIES = ("branches_removed", "qkv_split", "token_rows", "live_rows", "params_shrunk", "shapes_fixed", "scale_pinned", "lowered",
               "folded")
 
 

@@ -45,7 +45,7 @@ def _irregular(gm, ms, prod, operands) -> bool:
     return any(isinstance(ms.get(n), torch.Tensor) and compact_shape(ms.get(n)) is None for n in region)
 
 
-@graph_pass(requires=(), ensures=("qkv_split",))
+@graph_pass(requires=("branches_removed",), ensures=("qkv_split",))
 def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
     mode = plan.options.get("split_qkv", "auto")
     nodes = {n.name: n for n in gm.graph.nodes}

@@ -51,11 +51,13 @@ def cmd_inspect(a) -> int:
         except AmgfxError as e:
             return err(f"{a.plan}: {str(e).splitlines()[0]}")
     if a.json:
-        print(json.dumps({**cg.to_dict(with_index=False), "tokens": token_report(cg)}, default=str))
+        print(json.dumps({**cg.to_dict(with_index=False), "tokens": token_report(cg), "blocks": block_report(cg)},
+                         default=str))
     elif not a.quiet:
         print(f"{a.model}: {loaded.description}, analysed in {dt:.1f}s\n")
         print(cg.summary())
         print("\n" + describe(cg))
+        print(describe_blocks(cg))
     if a.format and not a.out:
         return err("--format needs --out FILE")
     if a.out:
@@ -110,6 +112,25 @@ def token_report(cg) -> dict:
             "dead": {names[n]: {"live": live, "queries": next(t.keys for t in ts.values() if t.node == n)}
                      for n, live in live_queries(cg).items()},
             "dead_saving": 1 - flops["pruned"] / flops["dense"] if flops else 0.0}
+
+
+def block_report(cg) -> dict:
+    """Which attention and MLP branches a plan may remove whole (``prune --remove-blocks``), and why not."""
+    from ..analysis.branches import branches
+    b = branches(cg)
+    return {"removable": sorted(n for n, x in b.items() if x.removable),
+            "kept": {n: x.reason for n, x in sorted(b.items()) if not x.removable}}
+
+
+def describe_blocks(cg) -> str:
+    """:func:`block_report` as text."""
+    r = block_report(cg)
+    n = len(r["removable"]) + len(r["kept"])
+    line = f"blocks (whole branches, --remove-blocks): {len(r['removable'])} of {n} attention/MLP branches can go"
+    if r["kept"]:
+        first, why = next(iter(r["kept"].items()))
+        line += f"; {len(r['kept'])} cannot ({first}{', ...' if len(r['kept']) > 1 else ''}: {why})"
+    return line
 
 
 def describe(cg) -> str:

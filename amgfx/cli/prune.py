@@ -174,7 +174,8 @@ def cmd_prune(a) -> int:
         return recovery
     t0 = time.perf_counter()
     options = dict(method=a.method, calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
-                   protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed, progress=not (a.quiet or a.json))
+                   protect=a.protect, same_head_dim=a.same_head_dim, blocks=a.remove_blocks, seed=a.seed,
+                   progress=not (a.quiet or a.json))
     try:
         if a.iterative > 1:
             say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
@@ -215,6 +216,9 @@ def cmd_prune(a) -> int:
             report["reconstruction"] = refit
         if a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
+        gone = sorted(n for n, k in plan.keep.items() if not k)
+        if gone:
+            report["removed"] = gone
         if plan.tokens:
             keys = {t.site: t.keys for t in token_sites(cg).values()}
             report["tokens"] = {"sites": len(plan.tokens), "keys": sum(keys[s] for s in plan.tokens),
@@ -258,6 +262,9 @@ def cmd_prune(a) -> int:
         if "tokens" in report:
             t = report["tokens"]
             print(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")
+        if "removed" in report:
+            g = report["removed"]
+            print(f"blocks: {len(g)} branch(es) removed whole: {', '.join(g[:4])}{', ...' if len(g) > 4 else ''}")
         print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
         sec = report["seconds"]
         print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
@@ -287,6 +294,8 @@ def add_parser(sub) -> None:
     r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
     r.add_argument("--same-head-dim", action="store_true",
                    help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU)")
+    r.add_argument("--remove-blocks", action="store_true",
+                   help="let whole attention/MLP branches go when their units rank lowest (block removal)")
     r.add_argument("--protect", action="append", default=[], metavar="GLOB",
                    help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
     r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")

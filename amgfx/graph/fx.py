@@ -134,8 +134,21 @@ def refresh_meta(gm: fx.GraphModule) -> None:
     FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat])
 
 
+_DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
+             torch.ops.aten.alpha_dropout.default}
+
+
 def keep_node(n: fx.Node) -> bool:
-    """What dead-code elimination must keep: inputs, outputs, module calls and side effects."""
+    """What dead-code elimination must keep: inputs, outputs, module calls and side effects.
+
+    An eval-mode dropout (``train=False``) and attention with ``dropout_p=0`` draw nothing (torch
+    tags them random all the same), so an unread one is dead like any other op (block removal).
+    """
+    from .ops import FUSED_ATTENTION, sdpa_args
+    if n.target in _DROPOUTS and len(n.args) > 2 and n.args[2] is False:
+        return False
+    if n.target in FUSED_ATTENTION and not (sdpa_args(n).dropout_p or 0.0):
+        return False
     return n.op in ("placeholder", "output", "call_module") or n.is_impure()
 
 

@@ -42,9 +42,13 @@ class Ladder:
     order: list            # per head (one "head" for non-qk/v kinds): unit ids, weakest first
     importance: np.ndarray  # [steps] normalised importance of each step
     max_steps: int
+    whole: bool = False     # the last step removes the branch (every unit left)
 
     def keep(self, steps: int, round_to: int) -> list[int]:
         """Unit ids kept after ``steps`` steps, kept counts rounded up to ``round_to``."""
+        if self.whole and steps >= self.max_steps:
+            return []
+        steps = min(steps, self.max_steps - self.whole)
         kept = []
         for units in self.order:
             n = len(units) - steps
@@ -54,7 +58,7 @@ class Ladder:
         return sorted(int(u) for u in kept)
 
 
-def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int) -> Ladder | None:
+def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int, whole: float | None = None) -> Ladder | None:
     s = np.asarray(s, dtype=np.float64)
     if not np.isfinite(s).all():
         raise AmgfxError(f"{g.name}: scores are not finite")
@@ -62,12 +66,14 @@ def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int) -> La
     order = [list(u[np.argsort(s[u], kind="stable")]) for u in heads]
     per = len(order[0])
     floor = max(1, math.ceil(min_keep * per), min(round_to, per) if g.kind != "head" else 1)
-    steps = per - floor
-    if steps <= 0:
-        return None
+    steps = max(per - floor, 0)
     sn = s / norm if norm > 0 else np.ones_like(s)
-    imp = np.array([np.mean([sn[o[k]] for o in order]) for k in range(steps)])
-    return Ladder(g, order, imp, steps)
+    imp = [np.mean([sn[o[k]] for o in order]) for k in range(steps)]
+    if whole is not None:   # a last step takes the branch away: the floor's mean score against its kind's mean
+        imp.append(float(np.mean(s[order[0][steps:]]) / whole) if whole > 0 else 1.0)
+    if not imp:
+        return None
+    return Ladder(g, order, np.array(imp), len(imp), whole is not None)
 
 
 def _plan(ladders, steps: dict, round_to: int, base: Plan) -> Plan:
@@ -145,7 +151,7 @@ def _head_pairs(cg) -> list[tuple[str, str]]:
 
 
 def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_keep: float = 0.1,
-             protect=(), base: Plan | None = None, same_head_dim: bool = False) -> Plan:
+             protect=(), base: Plan | None = None, same_head_dim: bool = False, blocks: bool = False) -> Plan:
     """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense.
 
     Args:
@@ -159,6 +165,10 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
         base: a plan to build on (its token positions count toward the target).
         same_head_dim: q/k and v of a site keep the same width per head, the larger of the two
             (a group that is not pruned keeps the other whole too; RoPE sites are left as they are).
+        blocks: a head or MLP group may also go whole (block removal, :mod:`amgfx.passes.remove_branch`):
+            below its ``min_keep`` floor the next step removes the branch, ranked by the mean score
+            of the units it takes over the mean score of its kind in every layer (so a layer weak
+            as a whole goes first). Only branches :mod:`amgfx.analysis.branches` finds removable.
 
     Example:
         >>> import torch, timm, amgfx
@@ -181,9 +191,17 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
     head_scores = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == "head"]
     head_norm = float(np.mean(np.concatenate(head_scores))) if head_scores else 1.0
     ladders = []
+    removable, kind_mean = set(), {}
+    if blocks:
+        from ..analysis.branches import branches
+        removable = {n for n, b in branches(cg).items() if b.removable}
+        for kind in ("head", "mlp"):     # a whole branch is weighed against its kind everywhere (a weak layer)
+            got = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == kind]
+            kind_mean[kind] = float(np.mean(np.concatenate(got))) if got else 1.0
     for g in groups:
         s = np.asarray(scores[g.name], dtype=float)
-        lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, round_to)
+        lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, round_to,
+                      whole=kind_mean[g.kind] if g.name in removable else None)
         if lad is not None:
             ladders.append(lad)
     if not ladders:                             # a valid answer: the model as it is, said out loud
@@ -198,10 +216,15 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
 
     pairs = _head_pairs(cg) if same_head_dim else []
 
+    whole = {lad.group.name: lad.max_steps for lad in ladders if lad.whole}
+
     def plan_at(m: int) -> Plan:
         counts: dict = {}
-        for _, name, _ in steps[:m]:
-            counts[name] = counts.get(name, 0) + 1
+        for _, name, k in steps[:m]:
+            if whole.get(name) == k + 1:      # the branch's own step: it goes, whatever else of it ranked later
+                counts[name] = float("inf")
+            else:
+                counts[name] = counts.get(name, 0) + 1
         for qk, v in pairs:                     # the less pruned side sets both: min stays monotone in m
             counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
         return _plan(ladders, counts, round_to, base)
@@ -221,6 +244,7 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
             lo = mid + 1
     plan = plan_at(lo)
     plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
-                      "protect": list(protect), "same_head_dim": bool(same_head_dim),
+                      "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
+                      "removed": sorted(n for n, k in plan.keep.items() if not k),
                       "flops": {"dense": dense, "planned": flops(lo)}})
     return plan

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InternalError, RewriteError, foreign_errors
+from ..graph.branches import remove_branch
 from ..graph.fx import copy_module
 from ..graph.indexprop import shape, val
 from ..graph.masks import propagate_masks
@@ -144,19 +145,22 @@ def count_params(gm) -> int:
 
 
 def _row_graph(cg, r):
-    """The captured graph with the row gathers of ``r`` inserted (token pruning, dead tokens).
+    """The captured graph with the row gathers of ``r`` inserted (token pruning, dead tokens) and
+    the branches it removes whole taken out.
 
     Masks follow channels through any graph, but which rows a fused q/k/v projection computes
     is decided by where the gathers sit, so the prediction runs the row passes themselves on a
     copy of the graph (cached per token plan: the budget asks again and again).
     """
-    if not r.tokens and not r.dead:
+    if not r.tokens and not r.dead and not r.removed:
         return cg.gm
-    key = repr((sorted((k, v.kept) for k, v in r.tokens.items()), sorted(r.dead)))
+    key = repr((sorted((k, v.kept) for k, v in r.tokens.items()), sorted(r.dead), sorted(r.removed)))
     cache = cg.__dict__.setdefault("_row_graphs", {})
     if key not in cache:
         cache.clear()                            # one at a time: a graph copy per model is enough
         gm = copy_module(cg.gm)
+        for b in r.removed.values():             # what passes/remove_branch does: those nodes cost nothing
+            remove_branch(gm, b.out, b.chain, b.add)
         nodes = {n.name: n for n in gm.graph.nodes}
         for site in {**r.dead, **r.tokens}.values():    # what passes/split_qkv does where rows differ
             if site.fused:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import PlanError
 from ..graph.indexprop import fetch_attr
-from .resolved import AttentionChange, LiveQueries, Resolved, TokenKeep
+from .resolved import AttentionChange, LiveQueries, RemovedBranch, Resolved, TokenKeep
 
 __all__ = ["Plan", "Resolved", "fingerprint"]
 
@@ -129,7 +129,7 @@ class Plan:
             if len(set(k.tolist())) != k.size:
                 raise PlanError(f"group {name!r}: a unit is listed twice")
             if k.size == 0:
-                raise PlanError(f"group {name!r}: the plan keeps no unit; keep at least one")
+                self._check_removal(cg, g)
         for s in cg.sites:
             self._check_site(s, by_name)
         want = self.model.get("fingerprint")
@@ -138,9 +138,35 @@ class Plan:
             raise PlanError(f"plan was made for another model: group {first!r} exists here, but the parameters differ "
                             f"(fingerprint {want} != {fingerprint(cg.gm)}); make a plan for this model")
 
+    def _check_removal(self, cg, g) -> None:
+        """An empty ``keep`` removes a branch whole: only for heads and MLPs, and where it can go."""
+        from ..analysis.branches import branches
+        if g.kind in ("qk", "v"):
+            raise PlanError(f"group {g.name!r}: the plan keeps no unit; to remove the attention branch, keep no "
+                            f"head (\"head:{g.where}\": [])")
+        b = branches(cg).get(g.name) if g.kind in ("head", "mlp") else None
+        if b is None:
+            raise PlanError(f"group {g.name!r}: the plan keeps no unit; keep at least one")
+        if not b.removable:
+            raise PlanError(f"group {g.name!r}: the plan keeps no unit, but this branch cannot be removed whole "
+                            f"({b.reason}); keep at least one")
+
+    def removed_branches(self, cg) -> dict:
+        """Group name -> :class:`~amgfx.analysis.branches.Branch` of every branch the plan removes whole."""
+        from ..analysis.branches import branches
+        return {n: branches(cg)[n] for n, k in self.keep.items() if len(k) == 0 and n in branches(cg)}
+
+    def _gone(self, cg) -> set:
+        """Groups that vanish with a removed branch: an MLP's own, every group of a removed site."""
+        removed = self.removed_branches(cg)
+        sites = {n.split(":", 1)[1] for n in removed if n.startswith("head:")}
+        return set(removed) | {g.name for g in cg.groups if g.kind in ("qk", "v", "head") and g.where in sites}
+
     def _check_site(self, s, by_name) -> None:
         """Inside one site every kept head keeps the same number of q/k and of v units."""
         heads = self.kept_heads(s, by_name)
+        if not heads:                           # the attention branch is removed whole
+            return
         for kind in ("qk", "v"):
             g = by_name.get(f"{kind}:{s.name}")
             if g is None or g.name not in self.keep:
@@ -179,8 +205,12 @@ class Plan:
             ([0, 2], 128, 768)
         """
         params = self.resolve(cg).params
+        gone = self._gone(cg)
         out = {}
         for g in cg.groups:
+            if g.name in gone:
+                out[g.name] = np.zeros(0, dtype=int)
+                continue
             alive = np.ones(g.units, dtype=bool)
             for m in g.members:
                 kept = params.get(m.param, {}).get(m.dim)
@@ -195,9 +225,10 @@ class Plan:
         self.validate(cg)
         removed: dict = {}
         exact = True
+        gone = self._gone(cg)                    # their parameters are not sliced: the branch is deleted
         for g in cg.groups:
             r = self.removed(g)
-            if r.size == 0:
+            if r.size == 0 or g.name in gone:
                 continue
             exact &= g.exact
             for m in g.members:
@@ -208,8 +239,9 @@ class Plan:
             params[fqn] = {d: sorted(set(range(t.shape[d])) - rm) for d, rm in dims.items()}
         attention = {}
         by_name = {g.name: g for g in cg.groups}
+        gone_sites = {g.where for g in cg.groups if g.name in gone and g.kind == "head"}
         for s in cg.sites:
-            if not s.supported or s.q is None:
+            if not s.supported or s.q is None or s.name in gone_sites:
                 continue
             q_kept = params.get(s.q.weight, {}).get(s.q.out_dim)
             v_kept = params.get(s.v.weight, {}).get(s.v.out_dim)
@@ -229,8 +261,11 @@ class Plan:
                 heads=len(heads) * s.q_per_kv, kv_heads=len(heads),
                 qk_dim=head_dim("qk", s.head_dim_qk), v_dim=head_dim("v", s.head_dim_v),
                 fused=_fused(s), operands=tuple(s.operands))
+        branches = {n: RemovedBranch(n, b.out, b.chain, b.add) for n, b in self.removed_branches(cg).items()}
+        keep_site = lambda d: {k: v for k, v in d.items() if v.site not in gone_sites}
         return Resolved(params=params, attention=attention, options=dict(self.options), exact=exact,
-                        tokens=self._resolve_tokens(cg), dead=self._resolve_dead(cg))
+                        tokens=keep_site(self._resolve_tokens(cg)), dead=keep_site(self._resolve_dead(cg)),
+                        removed=branches)
 
     def _resolve_dead(self, cg) -> dict:
         """Attention sites whose queries reach the outputs at some positions only (dead-token elimination)."""

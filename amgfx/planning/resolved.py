@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Resolved", "AttentionChange", "TokenKeep", "LiveQueries"]
+__all__ = ["Resolved", "AttentionChange", "TokenKeep", "LiveQueries", "RemovedBranch"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,17 @@ class TokenKeep:
 
 
 @dataclass(frozen=True)
+class RemovedBranch:
+    """A residual branch removed whole (every head of a site, every neuron of an MLP): ``out`` is its
+    output layer's node, ``chain`` the element-wise nodes to the residual ``add`` (see
+    :mod:`amgfx.analysis.branches`)."""
+    group: str
+    out: str
+    chain: tuple
+    add: str
+
+
+@dataclass(frozen=True)
 class LiveQueries:
     """Dead-token elimination at one attention node: the query positions that reach an output."""
     site: str
@@ -62,6 +73,7 @@ class Resolved:
     ``attention``, ``tokens``, ``dead``: attention node name -> :class:`AttentionChange`,
     :class:`TokenKeep`, :class:`LiveQueries`. ``options``: the plan's rewrite options.
     ``exact``: whether the zeroing oracle must hold exactly (no residual channels pruned).
+    ``removed``: group name -> :class:`RemovedBranch` for every branch removed whole.
     """
     params: dict
     attention: dict
@@ -69,3 +81,4 @@ class Resolved:
     exact: bool
     tokens: dict = field(default_factory=dict)
     dead: dict = field(default_factory=dict)
+    removed: dict = field(default_factory=dict)
