@@ -14,6 +14,9 @@ from what :mod:`benchmarks.speed` uses (``speed.PLAN``: ``round_to=16``, ``same_
 * ``split_qkv="always"``: q, k and v as three linears instead of the fused one;
 * ``+residual``: residual channels pruned too (shrinks the norms, adds and patch embedding that
   otherwise stay whole; not exact, so opt-in);
+* ``+blocks``: whole attention/MLP branches may go (block removal, ``blocks=True``): fewer ops;
+* ``defaults``: ``allocate``'s own defaults (``round_to=1``, ``same_head_dim`` off), what a user
+  who sets nothing gets, with and without ``+blocks``;
 * inductor with ``freezing=True`` (weights become prepacked constants), dense compiled the same way.
 
 Timing as in :mod:`benchmarks.speed` (interleaved, paired with dense, several runs in a row). The
@@ -45,6 +48,9 @@ LEVERS = {                                   # name: changes to speed.PLAN (and 
     "same_head_dim off, lowering=none": {"same_head_dim": False, "options": {"lowering": "none"}},
     "split_qkv=always": {"options": {"split_qkv": "always"}},
     "+residual": {"kinds": ALL},
+    "+blocks": {"blocks": True},
+    "defaults (round_to=1, same_head_dim off)": {"round_to": 1, "same_head_dim": False},
+    "defaults +blocks": {"round_to": 1, "same_head_dim": False, "blocks": True},
 }
 EXACT_RUNTIME_ONLY = ("options",)            # knobs that change how the graph runs, not what it computes
 
@@ -56,8 +62,9 @@ def plans(cg, units: dict, target: float = 0.5) -> dict:
     out = {}
     for name, change in LEVERS.items():
         k = {**PLAN, "kinds": DEFAULT, "options": {}, **change}
+        extra = {"blocks": True} if k.get("blocks") else {}
         plan = allocate(cg, {g: s for g, s in units.items() if kind[g] in k["kinds"]}, target,
-                        round_to=k["round_to"], same_head_dim=k["same_head_dim"])
+                        round_to=k["round_to"], same_head_dim=k["same_head_dim"], **extra)
         plan.options.update(k["options"])
         out[name] = plan
     return out

@@ -58,6 +58,7 @@ def test_levers_each_change_what_they_name(monkeypatch):
     assert got[base] == (sorted(levers.DEFAULT), speed.PLAN)
     assert got["+residual"][0] == sorted(levers.ALL) and got["round_to=8"][1]["round_to"] == 8
     assert got["same_head_dim off"][1] == {**speed.PLAN, "same_head_dim": False}
+    assert got["+blocks"][1] == {**speed.PLAN, "blocks": True} and "blocks" not in got[base][1]
     dims = {name: [(a.qk_dim, a.v_dim) for a in p.resolve(cg).attention.values()] for name, p in plans.items()}
     assert all(q == v for q, v in dims[base]) and any(q != v for q, v in dims["same_head_dim off, round_to=8"])
     for name, p in plans.items():

@@ -150,7 +150,7 @@ def test_plan_from_another_model_names_the_group():
     (lambda k: k["qk:blocks.0.attn"].append(10_000), r"qk:blocks\.0\.attn.*unit 10000 is out of range"),
     (lambda k: k["qk:blocks.0.attn"].pop(0), r"qk:blocks\.0\.attn.*per head differ"),
     (lambda k: k["mlp:blocks.1.mlp"].append(k["mlp:blocks.1.mlp"][0]), r"mlp:blocks\.1\.mlp.*twice"),
-    (lambda k: k.__setitem__("mlp:blocks.1.mlp", []), r"mlp:blocks\.1\.mlp.*keeps no unit"),
+    (lambda k: k.__setitem__("qk:blocks.1.attn", []), r"qk:blocks\.1\.attn.*keeps no unit.*head:blocks\.1\.attn"),
 ])
 def test_hand_edited_plan_errors_name_the_group(edit, match):
     _, _, _, cg = analysed("vit")

@@ -128,6 +128,22 @@ def _batches(calib, ex_args, ex_kwargs):
         yield a, k, b, _check(i, a, k, ex_args, ex_kwargs)
 
 
+def batch_chunks(gm, calib):
+    """Per calibration batch, ``(batch size, [(args, kwargs, raw), ...])``: the batch cut into chunks
+    of the batch size ``gm`` was captured with (its shapes are static unless the batch dim stayed
+    symbolic). Calibration and reconstruction both read their data through this.
+    """
+    ex_args, ex_kwargs = gm.meta[EXAMPLE]
+    b0 = _check(0, ex_args, ex_kwargs, ex_args, ex_kwargs)
+    for i, (args, kwargs, raw, bsz) in enumerate(_batches(calib, ex_args, ex_kwargs)):
+        step = bsz if gm.meta.get(DYNAMIC_BATCH) else b0
+        if bsz % step:
+            raise CalibrationError(f"calibration batch {i} has {bsz} samples, not a multiple of the example "
+                                   f"inputs' batch size {step} (the captured graph's shapes are static)")
+        cut = lambda t, c: t[c:c + step] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == bsz else t
+        yield bsz, [pytree.tree_map(lambda t: cut(t, c), (args, kwargs, raw)) for c in range(0, bsz, step)]
+
+
 def _content_seed(seed: int, args, kwargs) -> int:
     t = next((x for x in list(args) + list(kwargs.values()) if isinstance(x, torch.Tensor)), None)
     data = t.detach().cpu().contiguous().numpy().tobytes() if t is not None else b""
@@ -224,27 +240,18 @@ def calibrate(cg, calib, *, collectors=None, needs: set = frozenset(), loss_fn=N
     """
     from tqdm.auto import tqdm
     collectors = _dedupe(list(collectors or []) + standard(cg, set(needs), gamma=gamma, taylor_groups=taylor_groups))
-    ex_args, ex_kwargs = cg.gm.meta[EXAMPLE]
     watch = Watch()
     for c in collectors:
         watch = watch | c.watch
     st = Stats()
     run = _Run(cg, st, {s.node: s for s in cg.sites if s.supported and s.operands}, tuple(collectors), watch,
                param_leaves(cg, collectors), loss_fn, seed)
-    b0 = _check(0, ex_args, ex_kwargs, ex_args, ex_kwargs)
     total = len(calib) if hasattr(calib, "__len__") else None
-    bar = tqdm(_batches(calib, ex_args, ex_kwargs), total=total, desc="calibrating", unit="batch",
+    bar = tqdm(batch_chunks(cg.gm, calib), total=total, desc="calibrating", unit="batch",
                disable=not progress, leave=False)
-    for i, (args, kwargs, raw, bsz) in enumerate(bar):
-        if cg.gm.meta.get(DYNAMIC_BATCH):
-            b0 = bsz
-        if bsz % b0:
-            raise CalibrationError(f"calibration batch {i} has {bsz} samples, not a multiple of the example "
-                                   f"inputs' batch size {b0} (the captured graph's shapes are static)")
+    for bsz, pieces in bar:
         acc: dict = {}
-        for c in range(0, bsz, b0):      # the graph runs at the batch size it was captured with
-            cut = lambda t: t[c:c + b0] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == bsz else t
-            a_c, k_c, raw_c = pytree.tree_map(cut, (args, kwargs, raw))
+        for a_c, k_c, raw_c in pieces:
             _run_chunk(run, a_c, k_c, raw_c, acc)
         for col in collectors:           # per-batch terms (AMG's |sum|, Taylor's square)
             col.batch_end(acc, st)

@@ -40,13 +40,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from ..analysis.records import make_layer
 from ..errors import AmgfxError
 from ..graph.fx import get_attr, replace_attr
 from ..graph.indexprop import is_layer, layer_input
-from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
 from ..graph.ops import LINEAR_LAYERS
 
 __all__ = ["LayerFit", "refit_layers", "qk_scales", "scale_rows", "chunks"]
@@ -107,17 +105,11 @@ def chunks(gm: fx.GraphModule, calib):
     captured with (the captured shapes are static unless the batch dim stayed symbolic)."""
     from torch.fx._pytree import tree_flatten_spec
 
-    from ..scoring.calibrate import _batches, _check
-    ex_args, ex_kwargs = gm.meta[EXAMPLE]
-    b0 = _check(0, ex_args, ex_kwargs, ex_args, ex_kwargs)
+    from ..scoring.calibrate import batch_chunks
     info = getattr(gm.graph._codegen, "pytree_info", None)
-    for args, kwargs, _, bsz in _batches(calib, ex_args, ex_kwargs):
-        step = bsz if gm.meta.get(DYNAMIC_BATCH) else b0
-        if bsz % step:
-            raise AmgfxError(f"a calibration batch has {bsz} samples, not a multiple of the captured batch size {step}")
-        for c in range(0, bsz, step):
-            cut = lambda t: t[c:c + step] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == bsz else t
-            a, k = pytree.tree_map(cut, (tuple(args), dict(kwargs)))
+    for _, pieces in batch_chunks(gm, calib):
+        for a, k, _ in pieces:
+            a, k = tuple(a), dict(k)
             flat = tree_flatten_spec((a, k), info.in_spec) if info and info.in_spec else list(a)
             mask = k.get("attention_mask")
             yield flat, (mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
