@@ -48,8 +48,9 @@ $(ALT_VENV)/.installed: $(VENV)/.installed
 # the part of the suite a torch release can change (capture, FLOP counts, the passes' exactness, tokens);
 # the rest runs in `make test` only, to keep CI within its time
 MATRIX_TESTS := tests/test_install.py tests/test_capture.py tests/test_passes.py tests/test_tokens.py \
-	tests/test_criteria.py tests/test_oracle.py amgfx/planning/cost.py
-MATRIX_K := cost or flops or predicted or percent or keep_all or capture or install or unchanged or independent_oracle
+	tests/test_criteria.py tests/test_oracle.py tests/test_blocks.py amgfx/planning/cost.py
+MATRIX_K := cost or flops or predicted or percent or keep_all or capture or install or unchanged or independent_oracle \
+	or exact_and_deletes
 test-matrix: $(ALT_VENV)/.installed
 	$(ALT_PY) -m pytest -q -m "not slow" $(MATRIX_TESTS) -k "$(MATRIX_K)"
 
