@@ -24,19 +24,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..graph.branches import keeps_channels
+from ..graph.branches import ADDS, SCALES, keeps_channels
 from ..graph.indexprop import input_dependent, shape
 from ..graph.ops import IDENTITY, IGNORED_USERS, LAYERS
 
-aten = torch.ops.aten
-__all__ = ["Branch", "branches", "ADDS", "SCALES"]
+__all__ = ["Branch", "branches"]
 
-ADDS = {aten.add.Tensor, aten.add_.Tensor}
 # element-wise ops a branch's constant output may pass on its way to the residual add
-SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.mul_.Tensor, aten.add.Tensor,
-          aten.add_.Tensor} | IDENTITY
+PASSABLE = SCALES | ADDS | IDENTITY
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ def _walk(group: str, out, data) -> Branch:
         if u.target in ADDS and len(others) == 1 and others[0] in data and n in u.args[:2] \
                 and shape(others[0]) == shape(u):     # the residual has the sum's shape: a constant broadcasts
             return Branch(group, out.name, tuple(c.name for c in chain), u.name)
-        if keeps_channels(u) or u.target in SCALES and not any(a in data for a in others):
+        if keeps_channels(u) or u.target in PASSABLE and not any(a in data for a in others):
             chain.append(u)
             n = u
             continue

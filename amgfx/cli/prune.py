@@ -216,7 +216,7 @@ def cmd_prune(a) -> int:
             report["reconstruction"] = refit
         if a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
-        gone = sorted(n for n, k in plan.keep.items() if not k)
+        gone = sorted(plan.removed_branches(cg))
         if gone:
             report["removed"] = gone
         if plan.tokens:

@@ -28,14 +28,13 @@ import torch.fx as fx
 
 from ..errors import RewriteError
 from .fx import call, eliminate_dead_code
-from .ops import IDENTITY, LAYERS
+from .ops import IDENTITY, LAYERS, VIEWS
 
 aten = torch.ops.aten
-__all__ = ["remove_branch", "keeps_channels"]
+__all__ = ["remove_branch", "keeps_channels", "ADDS", "SCALES"]
 
-_ADDS = {aten.add.Tensor, aten.add_.Tensor}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-          aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
+ADDS = {aten.add.Tensor, aten.add_.Tensor}
+SCALES = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.div.Tensor, aten.div.Scalar}   # x * c, x / c
 _ALONG = {aten.roll.default: 2, aten.slice.Tensor: 1, aten.narrow.default: 1, aten.select.int: 1}   # dim arg
 
 
@@ -48,7 +47,7 @@ def keeps_channels(n: fx.Node) -> bool:
         return False
     if v.shape[-1] != iv.shape[-1]:
         return False
-    if n.target in _VIEWS:
+    if n.target in VIEWS:
         return True
     last = iv.dim() - 1
     if n.target is aten.permute.default:
@@ -87,10 +86,9 @@ def remove_branch(gm: fx.GraphModule, out: str, chain: tuple, add: str) -> fx.Gr
         c = nodes[name]
         if keeps_channels(c):                            # moves tokens, not channels: the constant stays
             pass
-        elif value is None and c.target in _ADDS:        # zero + constant: the constant
+        elif value is None and c.target in ADDS:         # zero + constant: the constant
             value = next(a for a in c.args[:2] if a is not prev)
-        elif value is None and (c.target in IDENTITY or c.target in (aten.mul.Tensor, aten.mul.Scalar,
-                                                                     aten.div.Tensor, aten.div.Scalar)):
+        elif value is None and (c.target in IDENTITY or c.target in SCALES):
             pass                                         # zero stays zero
         elif value is not None:
             args = tuple(value if a is prev else a for a in c.args)

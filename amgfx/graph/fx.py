@@ -11,6 +11,7 @@ import torch.utils._pytree as pytree
 from ..errors import RewriteError
 from .indexprop import fetch_attr as get_attr
 from .meta import DIMS, EXAMPLE
+from .ops import FUSED_ATTENTION, sdpa_args
 
 aten = torch.ops.aten
 
@@ -144,7 +145,6 @@ def keep_node(n: fx.Node) -> bool:
     An eval-mode dropout (``train=False``) and attention with ``dropout_p=0`` draw nothing (torch
     tags them random all the same), so an unread one is dead like any other op (block removal).
     """
-    from .ops import FUSED_ATTENTION, sdpa_args
     if n.target in _DROPOUTS and len(n.args) > 2 and n.args[2] is False:
         return False
     if n.target in FUSED_ATTENTION and not (sdpa_args(n).dropout_p or 0.0):

@@ -245,6 +245,6 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
     plan = plan_at(lo)
     plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
                       "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
-                      "removed": sorted(n for n, k in plan.keep.items() if not k),
+                      "removed": sorted(plan.removed_branches(cg)),
                       "flops": {"dense": dense, "planned": flops(lo)}})
     return plan
