@@ -151,7 +151,7 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
 
 def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
              ratios: dict | None = None, tokens: float | None = None, calib=None, loss_fn=None, kinds=None,
-             round_to: int = 1, min_keep: float = 0.1, protect=(), same_head_dim: bool = False, blocks: bool = False,
+             round_to: int | str = "auto", min_keep: float = 0.1, protect=(), same_head_dim: bool = True, blocks: bool = False,
              seed: int = 0, progress: bool = True) -> Plan:
     """Score the model's coupling groups and decide what to keep; nothing is rewritten.
 
@@ -160,9 +160,12 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
     the dense FLOPs; per-site amounts are derived from the scores, see :mod:`amgfx.planning.budget`) or
     ``ratios`` (the fraction removed per kind in every site). ``kinds`` limits what is
     pruned (default qk, v, head, mlp: residual channels are opt-in). With ``target_flops``,
-    ``round_to`` rounds kept widths up to a multiple and ``same_head_dim=True`` gives each site's
-    q/k and v one width per head, which runtimes take without splitting or padding (faster on CPU
-    at the same FLOPs, see ``benchmarks/results/levers.md``). ``blocks=True`` lets a whole attention
+    ``round_to`` rounds kept widths up to a multiple and ``same_head_dim`` gives each site's
+    q/k and v one width per head, which runtimes take without splitting or padding. Both default
+    to the fast choice (``"auto"``: multiples of 16 where a group is wide enough, see
+    :func:`amgfx.planning.budget.kernel_multiple`; ``True``), faster on CPU at the same FLOPs and
+    no less accurate (``benchmarks/results/levers.md``); SNP's paper-faithful plan, every width
+    chosen freely, is ``round_to=1, same_head_dim=False``. ``blocks=True`` lets a whole attention
     or MLP branch go when its units rank lowest (block removal: fewer ops, not only narrower ones;
     the plan lists such a group with no unit kept).
 

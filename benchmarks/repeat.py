@@ -58,7 +58,7 @@ def main(argv=None) -> list:
              f"`python -m benchmarks.repeat --repeats {a.repeats} --runs {a.runs} --batches "
              f"{' '.join(map(str, a.batches))} --runtimes {' '.join(a.runtimes)}` on {platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; {time.perf_counter() - t0:.0f} s. "
-             f"Models as in `benchmarks.speed` (amgfx plans: {', '.join(f'`{k}={v}`' for k, v in PLAN.items())}), "
+             f"Models as in `benchmarks.speed` (amgfx plans: {', '.join(f'`{k}={v}`' for k, v in PLAN.items()) or 'default options'}), "
              "built once; each repeat is one full interleaved measurement, as one run of `benchmarks.speed` makes.",
              ""] + summary(rows)
     write_md(a.out, lines)

@@ -10,9 +10,10 @@ Cases: timm ``deit_small_patch16_224`` at 70/50/30% of dense FLOPs, ``vit_base_p
 Variants at each target, all made from the same model:
 
 * **dense**: the model as it is (eager), its captured graph for ONNX;
-* **amgfx snp**: ``plan_for(method="snp", target_flops=t, **PLAN)``, ``PLAN`` being
-  ``round_to=16, same_head_dim=True``: the fastest at equal FLOPs of the knobs in
-  :mod:`benchmarks.levers`, which also shows they cost no accuracy on the digits ViT;
+* **amgfx snp**: ``plan_for(method="snp", target_flops=t)`` with the default plan options
+  (``PLAN`` is empty: ``round_to="auto"``, 16 on every group of these models, and
+  ``same_head_dim=True``), the fastest at equal FLOPs of the knobs in :mod:`benchmarks.levers`,
+  which also shows they cost no accuracy on the digits ViT;
 * **amgfx snp+amg**: the same with AMG heads and ``tokens=0.25`` (static key positions);
 * **Torch-Pruning**: magnitude importance, its ratio bisected until its FLOPs are within 2% of
   amgfx snp's. It does not rewrite timm's forward: ``num_heads``, ``head_dim`` and ``attn_dim``
@@ -47,8 +48,9 @@ import amgfx
 from ._report import RESULTS, pyplot, write_md
 
 TOKENS = 0.25
-# kept widths in multiples of 16, one q/k/v width per head (no qkv split, no padding): see benchmarks.levers
-PLAN = dict(round_to=16, same_head_dim=True)
+# plan_for's defaults, the fast ones (widths rounded for the kernels, one q/k/v width per head): see
+# benchmarks.levers; a knob set here would be named in every result file's header
+PLAN: dict = {}
 
 
 def in_a_row(batch: int) -> int:
@@ -265,7 +267,7 @@ def main(argv=None) -> list:
              "(1.00: every FLOP saved became time saved). Torch-Pruning: magnitude, ratio bisected to amgfx snp's FLOPs "
              "(within 2%), `num_heads`/`head_dim`/`attn_dim` patched by hand after pruning. amgfx snp+amg also removes "
              f"{TOKENS:.0%} of the key positions. amgfx plans: "
-             + ", ".join(f"`{k}={v}`" for k, v in PLAN.items()) + " (see `levers.md`). inductor: "
+             + (", ".join(f"`{k}={v}`" for k, v in PLAN.items()) or "default options") + " (see `levers.md`). inductor: "
              "`torch.compile(m, dynamic=False)`, default config. onnxruntime: default (spinning) thread pool. "
              f"Each round runs a variant {in_a_row(1)} times in a row at batch 1 ({in_a_row(8)} above) and keeps "
              "the median.", ""] + table(rows)

@@ -63,9 +63,11 @@ def test_levers_each_change_what_they_name(monkeypatch):
     assert all(q == v for q, v in dims[base]) and any(q != v for q, v in dims["same_head_dim off, round_to=8"])
     for name, p in plans.items():
         assert p.meta["flops"]["planned"] <= 0.5 * p.meta["flops"]["dense"], name
-        widths = [len(k) // len(np.unique(cg.group(g).heads)) if cg.group(g).kind in ("qk", "v") else len(k)
-                  for g, k in p.keep.items() if cg.group(g).kind != "head"]
-        assert all(w % p.meta["round_to"] == 0 for w in widths), name
+        per = lambda g, n: n // len(np.unique(cg.group(g).heads)) if cg.group(g).kind in ("qk", "v") else n
+        widths = [(per(g, len(k)), per(g, cg.group(g).units)) for g, k in p.keep.items() if cg.group(g).kind != "head"]
+        step = p.meta["round_to"]
+        assert all(w % (budget.kernel_multiple(w0) if step == "auto" else step) == 0
+                   for w, w0 in widths), name
     assert plans["split_qkv=always"].options == {**plans[base].options, "split_qkv": "always"} != plans[base].options
 
 

