@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import amgfx
 from amgfx.analysis import residual
 from amgfx.graph import indexprop, liveness, masks
-from amgfx.graph.ops import (CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, LAYERS, LIKE, MOVE, NORMS, PAD, POINTWISE,
+from amgfx.graph.ops import (ADD_MATMUL, CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, LAYERS, LIKE, MOVE, NORMS, PAD, POINTWISE,
                              REDUCTIONS, SOFTMAX, VECTOR_NORMS, VIEWS, register_fused_attention)
 from amgfx.scoring.collectors import Collector, Watch
 from amgfx.scoring.criteria import Criterion
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, rules, must", [
     ("masks", masks.RULES, MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | SOFTMAX | set(REDUCTIONS) | LIKE | PAD
-     | set(FUSED_ATTENTION) | VECTOR_NORMS),
+     | set(FUSED_ATTENTION) | VECTOR_NORMS | set(ADD_MATMUL)),
     ("liveness", liveness.RULES, MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | SOFTMAX | set(REDUCTIONS)
      | set(FUSED_ATTENTION) | VECTOR_NORMS),
     ("residual", residual.RULES, MOVE | VIEWS | IDENTITY | CONCAT | POINTWISE | set(NORMS) | SOFTMAX | set(REDUCTIONS)

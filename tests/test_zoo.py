@@ -35,6 +35,39 @@ def test_listed_architecture_prunes_exactly_or_says_why(name):
         assert row["reasons"], row                 # what is left whole has its reason
 
 
+# Beyond the issue's table, each failed on a mechanism the sweep found, not on its family:
+BEYOND = {
+    "hf:GPTNeoModel": "a view of the permuted, contiguous attention output (ids skip the contiguous copy)",
+    "hf:DebertaV2Model": "the same view, after a bmm",
+    "hf:CLIPTextModel": "the pooled token, picked by an input-dependent index (argmax of the ids)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEYOND))
+def test_found_beyond_the_table_prune_exactly(name):
+    row = zoo.run_one(name)
+    assert row["outcome"] == "exact", (BEYOND[name], row)
+    assert row["err"] <= 1e-5, row
+
+
+def test_logits_written_as_baddbmm_are_a_qk_product():
+    """BLOOM: ``alibi.baddbmm(q, k^T, alpha=1/sqrt(d))``. q/k pairs and v prune exactly; heads are left
+    whole because ALiBi is built in forward (slopes from ``arange``/``pow``), not read from a parameter."""
+    import math
+
+    import amgfx
+    m, args, kwargs = zoo.build("hf:BloomModel")
+    cg = amgfx.analyze(m, args, kwargs)
+    assert len(cg.sites) == 2 and all(s.supported and s.kind == "matmul" for s in cg.sites)
+    assert all(math.isclose(s.scale, 1 / math.sqrt(s.head_dim_qk), rel_tol=1e-6) for s in cg.sites)
+    assert all("built in forward from constants" in s.disabled["head"] for s in cg.sites)
+    assert {"qk", "v", "mlp"} <= {g.kind for g in cg.groups}
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.25, "v": 0.25}, progress=False)
+    assert any(k.startswith("qk:") for k in plan.keep)
+    rep = amgfx.verify(cg, plan, pruned=amgfx.apply(cg, plan))
+    assert rep.passed and rep.max_rel <= 1e-5, rep.status
+
+
 @pytest.mark.parametrize("name, heads", [("hf:Qwen3Model", True), ("hf:Olmo2Model", False)])
 def test_qk_norm_sites_prune_v_heads_and_mlps_and_say_why_not_qk(name, heads):
     """Qwen3 normalises q and k per head (heads still prune); OLMo2 over the whole projection, across

@@ -37,8 +37,9 @@ import torch.fx as fx
 
 from ..graph.indexprop import (_scalar_factor, forward_region, is_layer, layer_input, propagate, seed, shape,
                                tensor_args, trace_back)
-from ..graph.ops import (DATA_MOVEMENT, FUSED_ATTENTION, IDENTITY, IGNORED_USERS, LINEAR_LAYERS, MATMUL, MOVE, NORMS,
-                         POINTWISE, POINTWISE_AFFINE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, opname, sdpa_args)
+from ..graph.ops import (ADD_MATMUL, DATA_MOVEMENT, FUSED_ATTENTION, IDENTITY, IGNORED_USERS, LINEAR_LAYERS, MATMUL,
+                         MOVE, NORMS, POINTWISE, POINTWISE_AFFINE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, add_matmul_args,
+                         opname, sdpa_args)
 from .records import (AttentionSite, Ctx, common_prefix, columns, group_heads, id_sets, make_layer, module_path,
                       on_last_axis, rows_of)
 
@@ -98,13 +99,17 @@ def _upstream_matmul(ctx, start: fx.Node, budget: int = 24) -> bool:
         seen.add(n)
         if n.target in MATMUL and all(a in ctx.data for a in n.args[:2]):
             return True
+        if n.target in ADD_MATMUL and all(a in ctx.data for a in add_matmul_args(n)[1:3]):
+            return True
         if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE_AFFINE or is_layer(n):
             todo.extend(a for a in tensor_args(n) if a in ctx.tainted)
     return False
 
 
 def _logits_back(ctx, start: fx.Node):
-    """From the softmax input back to the QK matmul: (qk, off-path terms, scale, result if not attention)."""
+    """From the softmax input back to the QK product: ((q, k^T), off-path terms, scale, result if not attention).
+
+    A product with an added term (``baddbmm``) is the QK product too; its added input is a logit term."""
     terms, scale, n = [], 1.0, start
     for _ in range(64):
         if n.op != "call_function":
@@ -115,9 +120,15 @@ def _logits_back(ctx, start: fx.Node):
                                                    "(talking heads), so heads are not independent")
             return None, terms, scale, NotAttention(f"softmax over the output of {opname(n.target)} "
                                                     f"({n.name}), not over q.k products: a router or a gate")
-        if n.target in MATMUL:
-            if all(a in ctx.tainted and a in ctx.data for a in n.args[:2]):
-                return n, terms, scale, None
+        if n.target in MATMUL or n.target in ADD_MATMUL:
+            if n.target in ADD_MATMUL:
+                term, a, b, beta, alpha = add_matmul_args(n)
+                terms += [term] if isinstance(term, fx.Node) and beta != 0 else []
+                scale *= float(alpha)
+            else:
+                a, b = n.args[:2]
+            if all(x in ctx.tainted and x in ctx.data for x in (a, b)):
+                return (a, b), terms, scale, None
             return None, terms, scale, NotAttention("softmax over a product with a constant (a learned query "
                                                     "against data: attention pooling), not over q.k of two projections")
         if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE_AFFINE:
@@ -163,7 +174,7 @@ def matmul_adapter(ctx: Ctx, node: fx.Node):
     av, other = _probs_forward(ctx, node)
     if other is not None:
         return other
-    return AttentionOperands(kind="matmul", q=qk.args[0], k=qk.args[1], v=av.args[1], out=av, terms=tuple(terms),
+    return AttentionOperands(kind="matmul", q=qk[0], k=qk[1], v=av.args[1], out=av, terms=tuple(terms),
                              scale=logit_scale, scale_explicit=True, k_transposed=True)
 
 
@@ -411,9 +422,10 @@ def per_head_tensors(ctx, terms, logit_shape, head_of_lead, num_heads):
             continue                              # the same for every head: a mask, not per-head
         # the input-independent sub-graph feeding the term: tables, data movement, element-wise maths, and
         # small layers computing a bias from fixed coordinates (Swin-v2's MLP), whose output rows are heads
-        region, todo, sources = set(), [term], []
+        region, todo, sources, from_inputs = set(), [term], [], False
         while todo:
             n = todo.pop()
+            from_inputs |= n in ctx.data
             if n in region or n in ctx.data:
                 continue
             region.add(n)
@@ -440,8 +452,9 @@ def per_head_tensors(ctx, terms, logit_shape, head_of_lead, num_heads):
                 break
         if hit:
             found += hit
-        else:
-            problems.append(term.name)
+        else:   # slicing a tensor built in forward per head would need a rule for each op that builds it
+            problems.append(f"{term.name} (computed from the inputs)" if from_inputs else
+                            f"{term.name} (built in forward from constants, e.g. ALiBi slopes)" if not sources else term.name)
     return found, problems
 
 

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..errors import noted
 from .ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, MOVE, NORMS, POINTWISE,
-                  POINTWISE_NONLINEAR, TRANSPARENT, where)
+                  POINTWISE_NONLINEAR, TRANSPARENT, run_move, where)
 
 Lanes = list  # list[Tensor] or, for multi-output ops, list[list[Tensor]]
 
@@ -295,6 +295,23 @@ def _concrete(a):
     return a
 
 
+def index_operands(n: fx.Node, x: torch.Tensor, gm: fx.GraphModule, cache: dict) -> list | None:
+    """The indices of ``aten.index.Tensor`` node ``n`` to run on stand-in values ``x`` (ids, masks).
+
+    Constant indices are used as they are. An input-dependent one (CLIP's pooled token,
+    ``x[arange(B), ids.argmax(-1)]``) picks positions along a dim that carries no neuron, which is
+    fine when ``x`` is the same all along that dim: position 0 stands in for it. None otherwise."""
+    out = []
+    for d, a in enumerate(n.args[1]):
+        c = _const(a, gm, cache) if isinstance(a, fx.Node) else a
+        if c is None and isinstance(a, fx.Node):
+            if not torch.equal(x, x.narrow(d, 0, 1).expand_as(x)) or shape(a) is None:
+                return None
+            c = torch.zeros(shape(a), dtype=torch.long)
+        out.append(c)
+    return out
+
+
 # The ops propagate() runs on ids: data movement (executed as is), element-wise ops and norms (positions kept).
 FOLLOWS = frozenset(MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | {GETITEM})
 
@@ -325,16 +342,18 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
                     if n.args[0] not in env:
                         failed.append(n)
                         continue
-                    rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
                     if t is torch.ops.aten.index.Tensor:      # None entries index nothing (x[:, idx])
-                        rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
-                        missing_const = any(isinstance(a, fx.Node) and r is None for a, r in zip(n.args[1], rest[0]))
-                    else:
-                        missing_const = any(r is None for r in rest)
-                    if missing_const:
+                        idx = [index_operands(n, lane, gm, cache) for lane in env[n.args[0]]]
+                        if any(i is None for i in idx):
+                            failed.append(n)
+                        else:
+                            env[n] = [t(lane, i) for lane, i in zip(env[n.args[0]], idx)]
+                        continue
+                    rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
+                    if any(r is None for r in rest):
                         failed.append(n)
                         continue
-                    env[n] = [t(lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
+                    env[n] = [run_move(t, lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
                 elif t in CONCAT:
                     parts = []
                     for a in n.args[0]:

@@ -30,10 +30,10 @@ import torch
 import torch.fx as fx
 
 from ..errors import RewriteError, noted
-from .indexprop import _concrete, _const, is_layer, shape, tensor_args, val
+from .indexprop import _concrete, _const, index_operands, is_layer, shape, tensor_args, val
 from .meta import TOKEN_ROWS
-from .ops import (CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS, PAD, POINTWISE,
-                  REDUCTIONS, SDPA, SOFTMAX, VECTOR_NORMS, opname, reduced_dims, sdpa_args, where)
+from .ops import (ADD_MATMUL, CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS, PAD, POINTWISE,
+                  REDUCTIONS, SDPA, SOFTMAX, VECTOR_NORMS, add_matmul_args, opname, reduced_dims, run_move, sdpa_args, where)
 
 aten = torch.ops.aten
 
@@ -145,12 +145,15 @@ def _move(n, ms, gm, cache):
         # narrowed token rows that an earlier slice emptied: which channels survive cannot be read here
         _fail(n, "it reads positions of a tensor of which nothing survives")
     if n.target is aten.index.Tensor:
-        rest = [[_const(a, gm, cache) if isinstance(a, fx.Node) else a for a in n.args[1]]]
+        idx = index_operands(n, x, gm, cache)
+        if idx is None:
+            _fail(n, "it picks input-dependent positions along a dim that is pruned")
+        rest = [idx]
     else:
         rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
     if n.target is aten.expand.default:
         return x.expand(*rest[0])
-    return n.target(x, *rest, **n.kwargs)
+    return run_move(n.target, x, *rest, **n.kwargs)
 
 
 def _identity(n, ms, gm, cache):
@@ -270,7 +273,23 @@ def _sdpa_mask(n, ms, mask, q, krows):
 
 
 def _matmul(n, ms, gm, cache):
-    a, b = (_m(ms, x) for x in n.args[:2])
+    return _product(n, ms, *n.args[:2])
+
+
+def _add_matmul(n, ms, gm, cache):
+    """``beta * input + alpha * a @ b``: the product's mask; an added input keeping more is gathered to it."""
+    term, a, b, _, _ = add_matmul_args(n)
+    out = _product(n, ms, a, b)
+    tm = ms.get(term)
+    if tm is not None and not torch.equal(tm.broadcast_to(out.shape) | out, tm.broadcast_to(out.shape)):
+        _fail(n, f"its added input {term.name} drops elements the product keeps")
+    if isinstance(term, fx.Node) and not torch.equal(_m(ms, term).broadcast_to(out.shape), out):
+        ms.gathers.append((n, ADD_MATMUL[n.target][0], None))
+    return out
+
+
+def _product(n, ms, a_node, b_node):
+    a, b = (_m(ms, x) for x in (a_node, b_node))
     ka, kb = torch.broadcast_tensors(a.any(-2), b.any(-1))
     lead = torch.broadcast_tensors(a.any(-1).any(-1, keepdim=True), b.any(-2).any(-1, keepdim=True))
     live = lead[0] & lead[1]
@@ -321,6 +340,7 @@ RULES.update({t: _softmax for t in SOFTMAX})
 RULES.update({t: _sdpa for t in SDPA})
 RULES.update({t: _reduce for t in set(REDUCTIONS) | VECTOR_NORMS})
 RULES.update({t: _like for t in LIKE})
+RULES.update({t: _add_matmul for t in ADD_MATMUL})
 RULES.update({t: _pad for t in PAD})
 RULES.update({aten.sym_size.int: _size})
 

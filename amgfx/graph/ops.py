@@ -41,6 +41,15 @@ IDENTITY = {
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
          aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
 CONCAT = {aten.cat.default, aten.stack.default}
+# ``view`` needs a layout its input may not have when the values are stand-ins (neuron ids, keep
+# masks): an expanded or permuted one. The graph had a ``contiguous`` there, which such values
+# skip as an identity. What a view means for the values is a reshape, so that is what runs.
+_BY_VALUE = {aten.view.default: aten.reshape.default, aten._unsafe_view.default: aten.reshape.default}
+
+
+def run_move(target, x, *args, **kwargs):
+    """Run a :data:`MOVE` op on stand-in values ``x`` (ids or masks): a view runs as a reshape."""
+    return _BY_VALUE.get(target, target)(x, *args, **kwargs)
 # Element-wise ops that are affine in each operand (scale, bias, mask, rotation).
 POINTWISE_AFFINE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
@@ -85,6 +94,17 @@ def reduced_dims(n) -> tuple[list, bool]:
     keep = n.args[at + 1] if len(n.args) > at + 1 else n.kwargs.get("keepdim", False)
     return sorted(d % rank for d in dims), bool(keep)
 MATMUL = {aten.matmul.default, aten.bmm.default}
+# Products with an added term, ``beta * input + alpha * (a @ b)``: (input, a, b) arg positions.
+# BLOOM writes its attention logits as ``alibi.baddbmm(q, k^T, alpha=1/sqrt(d))``.
+ADD_MATMUL = {aten.baddbmm.default: (0, 1, 2)}
+
+
+def add_matmul_args(n) -> tuple:
+    """(input, a, b, beta, alpha) of an :data:`ADD_MATMUL` node."""
+    i, a, b = ADD_MATMUL[n.target]
+    beta = n.args[3] if len(n.args) > 3 else n.kwargs.get("beta", 1)
+    alpha = n.args[4] if len(n.args) > 4 else n.kwargs.get("alpha", 1)
+    return n.args[i], n.args[a], n.args[b], beta, alpha
 # Ops that move data without computing: a neuron keeps its identity through them.
 DATA_MOVEMENT = MOVE | IDENTITY | CONCAT | {GETITEM}
 # Ops a neuron can be followed through: data movement plus element-wise maths.
