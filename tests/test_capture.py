@@ -80,3 +80,52 @@ def test_capture_error_names_the_module():
 def test_capture_rejects_non_modules():
     with pytest.raises(amgfx.CaptureError):
         amgfx.capture(lambda x: x, torch.randn(2))
+
+
+class LinearNorm(torch.nn.Module):
+    """LeViT's layer: a linear without bias, then a batch norm over the flattened tokens."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.linear, self.bn = torch.nn.Linear(i, o, bias=False), torch.nn.BatchNorm1d(o)
+        self.bn.running_mean.normal_()
+        self.bn.running_var.uniform_(0.5, 2.0)
+        self.bn.weight.data.normal_()
+        self.bn.bias.data.normal_()
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class NormedMLPs(torch.nn.Module):
+    def __init__(self, d=16, h=32):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, d, 4, 4)
+        self.cbn = torch.nn.BatchNorm2d(d)
+        self.cbn.running_var.uniform_(0.5, 2.0)
+        self.fc1, self.fc2 = LinearNorm(d, h), LinearNorm(h, d)
+
+    def forward(self, x):
+        x = self.cbn(self.conv(x)).flatten(2).transpose(1, 2)
+        return x + self.fc2(torch.nn.functional.hardswish(self.fc1(x)))
+
+
+def test_eval_batch_norms_fold_into_their_layers_and_the_user_model_is_untouched():
+    m = NormedMLPs().eval()
+    x = torch.randn(2, 3, 16, 16)
+    snap = snapshot(m)
+    gm = amgfx.capture(m, x)
+    assert not any("batch_norm" in str(n.target) for n in gm.graph.nodes)
+    assert not any(".bn." in k or k.startswith("cbn.") for k in gm.state_dict())
+    torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)
+    assert_same(m, snap)
+    cg = amgfx.analyze(m, x)
+    (mlp,) = cg.mlps
+    assert mlp.hidden == 32 and mlp.exact
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"mlp": 0.25}, progress=False)
+    small = amgfx.apply(cg, plan)
+    rep = amgfx.verify(cg, plan, pruned=small)
+    assert rep.passed and rep.max_rel <= 1e-5
+    assert small.get_submodule("fc1.linear").weight.shape[0] == 24
+    assert_same(m, snap)

@@ -216,3 +216,70 @@ def test_no_module_names_needed():
     assert [(m.hidden, m.fc2.weight) for m in cg.mlps] == [(96, "q.0.f.weight"), (96, "q.1.f.weight")]
     (r,) = cg.residual
     assert r.prunable and r.width == 48 and ("p.weight", 0) in r.members and ("r.weight", 1) in r.members
+
+
+class ConvMLP(torch.nn.Module):
+    """An MLP of convs over NCHW maps: 1x1 fc1, a depthwise 3x3 mixing positions, GELU, 1x1 fc2."""
+
+    def __init__(self, c=8, h=24):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, c, 2, 2)
+        self.fc1, self.fc2 = torch.nn.Conv2d(c, h, 1), torch.nn.Conv2d(h, c, 1)
+        self.dw = torch.nn.Conv2d(h, h, 3, padding=1, groups=h)
+        self.head = torch.nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.fc2(torch.nn.functional.gelu(self.dw(self.fc1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_an_mlp_of_convs_with_a_depthwise_conv_inside_prunes_exactly():
+    import amgfx
+    m, x = ConvMLP().eval(), torch.randn(2, 3, 16, 16)
+    cg = amgfx.analyze(m, x)
+    (mlp,) = cg.mlps
+    assert mlp.hidden == 24 and mlp.fc1[0].weight == "fc1.weight" and mlp.fc2.weight == "fc2.weight"
+    assert {f for f, _, _ in mlp.channelwise} == {"dw.weight", "dw.bias"}
+    keep = [0, 2, 3, 5, 7, 11, 12, 13, 17, 19, 20, 23]
+    plan = amgfx.Plan(keep={f"mlp:{mlp.name}": keep})
+    small = amgfx.apply(cg, plan)
+    assert small.get_submodule("dw").weight.shape == (12, 1, 3, 3)
+    # the same neurons zeroed by hand in the nn.Module: fc1 rows (and bias), dw channels, fc2 columns
+    ref = ConvMLP().eval()
+    ref.load_state_dict(m.state_dict())
+    drop = [c for c in range(24) if c not in keep]
+    with torch.no_grad():
+        ref.fc1.weight[drop] = 0
+        ref.fc1.bias[drop] = 0
+        ref.dw.bias[drop] = 0
+        ref.fc2.weight[:, drop] = 0
+    torch.testing.assert_close(small(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+class PooledQueries(torch.nn.Module):
+    """Hiera's query pooling: q is max-pooled over a stride of positions before attention."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.view(B, self.h, 2, N // 2, C // self.h).amax(dim=2)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(a.transpose(1, 2).reshape(B, N // 2, C))
+
+
+def test_pooled_queries_are_still_the_projections_rows():
+    import amgfx
+    m, x = PooledQueries().eval(), torch.randn(1, 8, 32)
+    cg = amgfx.analyze(m, x)
+    (s,) = cg.sites
+    assert s.supported and s.q.weight == "qkv.weight" and not s.disabled
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.25, "v": 0.25, "head": 0.25}, progress=False)
+    assert {k.split(":")[0] for k in plan.keep} == {"qk", "v", "head"}
+    rep = amgfx.verify(cg, plan, pruned=amgfx.apply(cg, plan))
+    assert rep.passed and rep.max_rel <= 1e-5, rep.status

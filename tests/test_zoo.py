@@ -40,7 +40,19 @@ BEYOND = {
     "hf:GPTNeoModel": "a view of the permuted, contiguous attention output (ids skip the contiguous copy)",
     "hf:DebertaV2Model": "the same view, after a bmm",
     "hf:CLIPTextModel": "the pooled token, picked by an input-dependent index (argmax of the ids)",
+    "levit_128s": "every layer a linear followed by an eval batch norm (folded at capture), reshape_as",
 }
+
+
+@pytest.mark.parametrize("name, depthwise", [("pvt_v2_b0", True), ("fastvit_sa12", False)])
+def test_mlps_of_convs_and_with_a_depthwise_conv_inside_are_mlps(name, depthwise):
+    """PVT-v2: fc1 -> depthwise conv -> GELU -> fc2; FastViT: 1x1 conv -> GELU -> 1x1 conv (after a folded BN)."""
+    import amgfx
+    m, args, kwargs = zoo.build(name)
+    want = sum(1 for n, _ in m.named_modules() if n.endswith(".mlp"))    # the model's own blocks, as the oracle
+    cg = amgfx.analyze(m, args, kwargs)
+    assert len(cg.mlps) == want > 0
+    assert all(bool(mlp.channelwise) == depthwise for mlp in cg.mlps)
 
 
 @pytest.mark.parametrize("name", sorted(BEYOND))

@@ -97,9 +97,8 @@ def _upstream_matmul(ctx, start: fx.Node, budget: int = 24) -> bool:
         if n in seen or n.op != "call_function":
             continue
         seen.add(n)
-        if n.target in MATMUL and all(a in ctx.data for a in n.args[:2]):
-            return True
-        if n.target in ADD_MATMUL and all(a in ctx.data for a in add_matmul_args(n)[1:3]):
+        ab = n.args[:2] if n.target in MATMUL else add_matmul_args(n)[1:3] if n.target in ADD_MATMUL else None
+        if ab is not None and all(a in ctx.data for a in ab):
             return True
         if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE_AFFINE or is_layer(n):
             todo.extend(a for a in tensor_args(n) if a in ctx.tainted)
@@ -121,12 +120,8 @@ def _logits_back(ctx, start: fx.Node):
             return None, terms, scale, NotAttention(f"softmax over the output of {opname(n.target)} "
                                                     f"({n.name}), not over q.k products: a router or a gate")
         if n.target in MATMUL or n.target in ADD_MATMUL:
-            if n.target in ADD_MATMUL:
-                term, a, b, beta, alpha = add_matmul_args(n)
-                terms += [term] if isinstance(term, fx.Node) and beta != 0 else []
-                scale *= float(alpha)
-            else:
-                a, b = n.args[:2]
+            term, a, b, beta, alpha = add_matmul_args(n) if n.target in ADD_MATMUL else (None, *n.args[:2], 0, 1)
+            terms, scale = terms + ([term] if isinstance(term, fx.Node) and beta != 0 else []), scale * float(alpha)
             if all(x in ctx.tainted and x in ctx.data for x in (a, b)):
                 return (a, b), terms, scale, None
             return None, terms, scale, NotAttention("softmax over a product with a constant (a learned query "
@@ -453,8 +448,8 @@ def per_head_tensors(ctx, terms, logit_shape, head_of_lead, num_heads):
         if hit:
             found += hit
         else:   # slicing a tensor built in forward per head would need a rule for each op that builds it
-            problems.append(f"{term.name} (computed from the inputs)" if from_inputs else
-                            f"{term.name} (built in forward from constants, e.g. ALiBi slopes)" if not sources else term.name)
+            problems.append(term.name + (" (computed from the inputs)" if from_inputs else "" if sources
+                                         else " (built in forward from constants, e.g. ALiBi slopes)"))
     return found, problems
 
 

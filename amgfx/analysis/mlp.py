@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..graph.indexprop import layer_input, param_source, propagate, seed, shape, trace_back
-from ..graph.ops import LINEAR_LAYERS, NORMS, POINTWISE, POINTWISE_AFFINE, opname
+from ..graph.ops import LINEAR_LAYERS, NORMS, POINTWISE, POINTWISE_AFFINE, channel_dim, is_pointwise_conv, opname
 from .records import MLP, Ctx, columns, common_prefix, make_layer, module_path
 
 __all__ = ["mlp_at"]
@@ -30,22 +30,25 @@ def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
     x = layer_input(node)
     if x not in ctx.tainted or node.name in taken:
         return None
-    path = trace_back(x, ctx.tainted, allow_norms=True, budget=80)
+    path = trace_back(x, ctx.tainted, allow_norms=True, allow_channelwise=True, budget=80)
     if path.blockers or not path.producers or not path.nonlinear:
         return None
-    if any(p.target not in LINEAR_LAYERS or p.name in taken for p in path.producers):
+    if any(not (p.target in LINEAR_LAYERS or is_pointwise_conv(p)) or p.name in taken for p in path.producers):
         return None
     offs, seeds, off = [], {}, 0
     for p in path.producers:
-        n = shape(p)[-1]
-        seeds[p] = seed(p, torch.arange(n) + off)
+        n = shape(p)[channel_dim(p)]
+        seeds[p] = seed(p, torch.arange(n) + off, channel_dim(p))
         offs.append((off, n))
         off += n
     env, failed = propagate(ctx.gm, seeds, path.nodes | {x})
     if x not in env:
         return None
-    ids = columns(env[x])
+    ids = _columns_at(env[x], channel_dim(node))
     if ids is None:
+        return None
+    channelwise = _channelwise_members(ctx, path, env, ids)
+    if channelwise is None:
         return None
     starts = np.array([o for o, _ in offs])
     valid = ids >= 0
@@ -68,4 +71,29 @@ def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
             if pos is not None and len(nn_.args) > pos and param_source(nn_.args[pos]) is not None:
                 norm.append((param_source(nn_.args[pos]).target, 0))
     return MLP(name=name, fc1=fc1, fc2=make_layer(ctx.gm, node), hidden=len(units), activation="+".join(acts),
-               gated=len(path.producers) > 1 or len(units[0]) > 1, exact=not path.norms, units=units, norm=norm)
+               gated=len(path.producers) > 1 or len(units[0]) > 1, exact=not path.norms, units=units, norm=norm,
+               channelwise=channelwise)
+
+
+def _columns_at(lanes, dim: int):
+    """:func:`columns` of a tensor whose channels lie along ``dim`` (1 for a conv's NCHW input)."""
+    return columns([l.movedim(dim, -1) for l in lanes])
+
+
+def _channelwise_members(ctx: Ctx, path, env, ids) -> list | None:
+    """The weight and bias rows of each depthwise conv inside the MLP, as (FQN, dim, [hidden, 1] index):
+    conv channel *c* belongs to the hidden neuron whose fc1 rows reach it. None when a channel matches no
+    neuron (the conv would then mix what the MLP keeps apart)."""
+    unit_of = {tuple(int(i) for i in row if i >= 0): u for u, row in enumerate(ids)}
+    out = []
+    for dw in path.channelwise:
+        src = _columns_at(env.get(dw.args[0], []), 1) if dw.args[0] in env else None
+        if src is None or len(src) != len(ids):
+            return None
+        chan = [unit_of.get(tuple(int(i) for i in row if i >= 0)) for row in src]
+        if None in chan or sorted(chan) != list(range(len(ids))):
+            return None
+        idx = np.argsort(chan)[:, None]              # hidden unit u -> the conv channel that carries it
+        layer = make_layer(ctx.gm, dw)
+        out += [(fqn, d, idx) for fqn, d, _ in layer.rows(np.zeros((1, 1), dtype=int))]
+    return out

@@ -102,6 +102,7 @@ class MLP:
     exact: bool = True
     units: list = field(default_factory=list)  # per fc2 column c: [(layer_idx, row), ...]
     norm: list = field(default_factory=list)   # [(FQN, dim)] of norms over the hidden dim
+    channelwise: list = field(default_factory=list)  # [(FQN, dim, [hidden, 1] index)]: depthwise convs inside
 
 
 @dataclass

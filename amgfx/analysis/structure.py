@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from ..graph.indexprop import is_layer
 from ..errors import noted
-from ..graph.ops import LINEAR_LAYERS, opname, where
+from ..graph.ops import LINEAR_LAYERS, is_pointwise_conv, opname, where
 from .attention import NotAttention, attention_site
 from .mlp import mlp_at
 from .records import MLP, AttentionSite, Ctx, Layer, ResidualStream, Skipped, Structure
@@ -47,7 +47,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
     taken = {l.node for s in sites for l in (s.q, s.k, s.v, s.proj) if l is not None}
     mlps = []
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in LINEAR_LAYERS and is_layer(n):
+        if n.op == "call_function" and (n.target in LINEAR_LAYERS or is_pointwise_conv(n)) and is_layer(n):
             with noted(lambda: where(n)):
                 m = mlp_at(ctx, n, taken)
             if m is not None:

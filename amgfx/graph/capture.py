@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ..errors import CaptureError, foreign_errors
+from .canonical import spell_out_shape_of
+from .fold import fold_batch_norms
 from .fx import refresh_meta
 from .meta import CAPTURED, DIMS, DYNAMIC_BATCH, EXAMPLE
 
@@ -197,6 +199,8 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and "val" not in n.meta]
     if missing:
         raise CaptureError(f"captured graph lacks shapes on nodes {missing[:5]}; this torch version is unsupported")
+    spell_out_shape_of(gm)    # x.reshape_as(y) as a reshape to y's sizes (see amgfx.graph.canonical)
+    fold_batch_norms(gm)      # eval batch norms after a layer become part of it (see amgfx.graph.fold)
     gm.meta[EXAMPLE] = (args, kwargs)
     if dynamic:
         _record_dims(gm)

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..errors import noted
 from .ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, MOVE, NORMS, POINTWISE,
-                  POINTWISE_NONLINEAR, TRANSPARENT, run_move, where)
+                  POINTWISE_NONLINEAR, REDUCTIONS, TRANSPARENT, is_depthwise_conv, reduced_dims, run_move, where)
 
 Lanes = list  # list[Tensor] or, for multi-output ops, list[list[Tensor]]
 
@@ -151,6 +151,7 @@ class Path:
     nodes: set = field(default_factory=set)          # transparent nodes on the way
     blockers: list = field(default_factory=list)     # non-transparent nodes that carry neurons
     norms: list = field(default_factory=list)        # norms crossed (allowed only when asked)
+    channelwise: list = field(default_factory=list)  # depthwise convs crossed (allowed only when asked)
     nonlinear: bool = False                          # crossed an activation
     scale: float = 1.0                               # product of scalar factors on the way
 
@@ -177,8 +178,41 @@ def _scalar_factor(n: fx.Node, on_path) -> float:
     return 1.0
 
 
-def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budget: int = 400) -> Path:
-    """Walk back from ``start`` through transparent ops to the layers producing it."""
+def pools(n: fx.Node) -> bool:
+    """A reduction over dims other than the last (channel) one: a max- or mean-pool over positions
+    (Hiera pools its queries with ``amax``). Each channel stays itself, so neurons pass through."""
+    if n.op != "call_function" or n.target not in REDUCTIONS or shape(n.args[0]) is None:
+        return False
+    dims, _ = reduced_dims(n)
+    return bool(dims) and len(shape(n.args[0])) - 1 not in dims
+
+
+def _pool_ids(n: fx.Node, lane: torch.Tensor) -> torch.Tensor | None:
+    """The ids of a pooling node's output: the ids of one position, when every pooled position holds them."""
+    dims, keep = reduced_dims(n)
+    out = lane
+    for d in dims:
+        first = out.narrow(d, 0, 1)
+        if not torch.equal(out, first.expand_as(out)):
+            return None
+        out = first
+    return out if keep else out.squeeze(tuple(dims))
+
+
+def _channel_ids(n: fx.Node, lane: torch.Tensor) -> torch.Tensor | None:
+    """The ids of a depthwise conv's output: channel *c* keeps the ids of input channel *c*, which must be
+    the same at every position (the conv mixes positions)."""
+    flat = lane.flatten(2) if lane.dim() > 2 else lane.unsqueeze(-1)
+    if not torch.equal(flat, flat[..., :1].expand_as(flat)):
+        return None
+    out = shape(n)
+    return flat[..., :1].reshape(flat.shape[:2] + (1,) * (len(out) - 2)).expand(out).clone()
+
+
+def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, allow_channelwise: bool = False,
+               budget: int = 400) -> Path:
+    """Walk back from ``start`` through transparent ops to the layers producing it (``allow_norms``: and
+    through one norm; ``allow_channelwise``: and through depthwise convs, whose weights the caller prunes)."""
     path = Path()
     seen: set = set()
     todo = deque([start])
@@ -190,6 +224,11 @@ def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budge
         if len(seen) > budget:
             path.blockers.append(n)
             break
+        if allow_channelwise and is_depthwise_conv(n) and is_layer(n):
+            path.nodes.add(n)
+            path.channelwise.append(n)
+            todo.append(n.args[0])
+            continue
         if is_layer(n):
             path.producers.append(n)
             continue
@@ -203,6 +242,9 @@ def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, budge
             if len(srcs) == 1:
                 path.scale *= _scalar_factor(n, srcs[0])
             todo.extend(srcs)
+        elif pools(n):
+            path.nodes.add(n)
+            todo.append(n.args[0])
         elif n.op == "call_function" and t in NORMS and allow_norms and not path.norms:
             path.nodes.add(n)
             path.norms.append(n)
@@ -312,7 +354,8 @@ def index_operands(n: fx.Node, x: torch.Tensor, gm: fx.GraphModule, cache: dict)
     return out
 
 
-# The ops propagate() runs on ids: data movement (executed as is), element-wise ops and norms (positions kept).
+# The ops propagate() runs on ids: data movement (executed as is), element-wise ops and norms (positions kept);
+# also pooling reductions (see pools), which keep the channels.
 FOLLOWS = frozenset(MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | {GETITEM})
 
 
@@ -354,6 +397,18 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
                         failed.append(n)
                         continue
                     env[n] = [run_move(t, lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
+                elif is_depthwise_conv(n):
+                    out = [_channel_ids(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None]
+                    if any(o is None for o in out):
+                        failed.append(n)
+                    else:
+                        env[n] = _dedupe(out)
+                elif pools(n):
+                    out = [_pool_ids(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None]
+                    if any(o is None for o in out):
+                        failed.append(n)
+                    else:
+                        env[n] = _dedupe(out)
                 elif t in CONCAT:
                     parts = []
                     for a in n.args[0]:

@@ -33,7 +33,8 @@ from ..errors import RewriteError, noted
 from .indexprop import _concrete, _const, index_operands, is_layer, shape, tensor_args, val
 from .meta import TOKEN_ROWS
 from .ops import (ADD_MATMUL, CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS, PAD, POINTWISE,
-                  REDUCTIONS, SDPA, SOFTMAX, VECTOR_NORMS, add_matmul_args, opname, reduced_dims, run_move, sdpa_args, where)
+                  REDUCTIONS, SDPA, SOFTMAX, VECTOR_NORMS, add_matmul_args, is_depthwise_conv, opname, reduced_dims, run_move,
+                  sdpa_args, where)
 
 aten = torch.ops.aten
 
@@ -233,6 +234,20 @@ def _layer(n, ms, gm, cache):
     return kept
 
 
+def _depthwise(n, ms, gm, cache):
+    """A depthwise conv keeps the channels its input and its weight rows both keep (they must agree)."""
+    x, w = n.args[0], n.args[1]
+    xm, wm = ms.get(x), _m(ms, w)
+    wo = wm.flatten(1).any(1)
+    if not torch.equal(wm, wo.reshape([-1] + [1] * (wm.dim() - 1)).expand(wm.shape)):
+        _fail(n, "its weight mask is not a set of kept channels")
+    kept = xm.movedim(1, -1).reshape(-1, xm.shape[1]) if xm is not None else wo[None]
+    kept = kept[kept.any(-1)]
+    if kept.shape[0] and not bool((kept == wo).all()):
+        _fail(n, f"its input keeps channels its weight {w.name} does not (or the reverse)")
+    return wo.reshape([1, -1] + [1] * (len(shape(n)) - 2)).expand(shape(n))
+
+
 def _outer(wo, wi, out_dim, in_dim, full):
     v_o = [1] * len(full)
     v_o[out_dim] = -1
@@ -399,7 +414,9 @@ def propagate_masks(gm: fx.GraphModule, params: dict, *, dense: bool = True) -> 
             continue
         if t in IGNORED_USERS:
             continue
-        if is_layer(n) or (t in LAYERS and t not in MATMUL and t is not aten.mm.default):
+        if is_depthwise_conv(n):
+            rule = _depthwise
+        elif is_layer(n) or (t in LAYERS and t not in MATMUL and t is not aten.mm.default):
             rule = _layer                            # a weight sliced by split_qkv is still a weight
         elif t in MATMUL or t is aten.mm.default:
             rule = _matmul

@@ -126,6 +126,43 @@ LAYERS = {
 }
 # The subset whose output channel is a plain linear function of the input channel vector.
 LINEAR_LAYERS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+CONVS = {aten.conv1d.default, aten.conv2d.default}
+# conv args after (input, weight, bias): stride, padding, dilation, groups
+_CONV_GROUPS = 6
+
+
+def _conv_weight_shape(n):
+    w = n.args[1]
+    v = w.meta.get("val") if isinstance(w, fx.Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def conv_groups(n) -> int:
+    return int(n.args[_CONV_GROUPS]) if len(n.args) > _CONV_GROUPS else int(n.kwargs.get("groups", 1))
+
+
+def is_pointwise_conv(n) -> bool:
+    """A 1x1 conv (stride 1, no padding, one group): a linear layer over the channel dim (dim 1)."""
+    if n.op != "call_function" or n.target not in CONVS or conv_groups(n) != 1:
+        return False
+    w = _conv_weight_shape(n)
+    flat = lambda a, one: all(x == one for x in (a if isinstance(a, (list, tuple)) else [a]))
+    args = list(n.args) + [None] * 7
+    return w is not None and all(k == 1 for k in w[2:]) and flat(args[3] or 1, 1) and flat(args[4] or 0, 0)
+
+
+def is_depthwise_conv(n) -> bool:
+    """A conv with one group per channel: channel *c* of the output reads channel *c* of the input only
+    (PVT-v2's and FastViT's MLPs mix positions with one between fc1 and fc2)."""
+    if n.op != "call_function" or n.target not in CONVS:
+        return False
+    w = _conv_weight_shape(n)
+    return w is not None and w[1] == 1 and conv_groups(n) == w[0] > 1
+
+
+def channel_dim(n) -> int:
+    """The dim of a layer's output that indexes its output channels (units)."""
+    return 1 if n.target in CONVS else -1
 
 
 def where(n) -> str:
