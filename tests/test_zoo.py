@@ -41,7 +41,21 @@ BEYOND = {
     "hf:DebertaV2Model": "the same view, after a bmm",
     "hf:CLIPTextModel": "the pooled token, picked by an input-dependent index (argmax of the ids)",
     "levit_128s": "every layer a linear followed by an eval batch norm (folded at capture), reshape_as",
+    "hf:Gemma2Model": "tanh soft-capping of the logits (element-wise: heads stay apart)",
+    "hf:XGLMModel": "logits clamped from below with aten.max.other",
+    "hf:RoFormerModel": "a sinusoidal position table (an embedding of position ids) beside the q/k projection",
+    "visformer_tiny": "q, k and v from one 1x1 conv over an NCHW map",
 }
+
+
+def test_a_layer_norm_on_q_and_k_disables_qk_only():
+    """Persimmon normalises q and k per head with a LayerNorm: heads still prune, qk says why not."""
+    import amgfx
+    m, args, kwargs = zoo.build("hf:PersimmonModel")
+    cg = amgfx.analyze(m, args, kwargs)
+    assert cg.sites and all(s.supported for s in cg.sites)
+    assert all("normalised over the head dim (aten.layer_norm)" in s.disabled["qk"] for s in cg.sites)
+    assert {"head", "mlp"} <= {g.kind for g in cg.groups} and "qk" not in {g.kind for g in cg.groups}
 
 
 @pytest.mark.parametrize("name, depthwise", [("pvt_v2_b0", True), ("fastvit_sa12", False)])
@@ -49,10 +63,11 @@ def test_mlps_of_convs_and_with_a_depthwise_conv_inside_are_mlps(name, depthwise
     """PVT-v2: fc1 -> depthwise conv -> GELU -> fc2; FastViT: 1x1 conv -> GELU -> 1x1 conv (after a folded BN)."""
     import amgfx
     m, args, kwargs = zoo.build(name)
-    want = sum(1 for n, _ in m.named_modules() if n.endswith(".mlp"))    # the model's own blocks, as the oracle
+    want = {n for n, _ in m.named_modules() if n.endswith(".mlp")}       # the model's own blocks, as the oracle
     cg = amgfx.analyze(m, args, kwargs)
-    assert len(cg.mlps) == want > 0
-    assert all(bool(mlp.channelwise) == depthwise for mlp in cg.mlps)
+    found = {mlp.name: mlp for mlp in cg.mlps}
+    assert want and want <= set(found)        # (FastViT's squeeze-excite, 1x1 conv -> ReLU -> 1x1 conv, is one too)
+    assert all(bool(found[n].channelwise) == depthwise for n in want)
 
 
 @pytest.mark.parametrize("name", sorted(BEYOND))

@@ -37,9 +37,10 @@ import torch.fx as fx
 
 from ..graph.indexprop import (_scalar_factor, forward_region, is_layer, layer_input, propagate, seed, shape,
                                tensor_args, trace_back)
-from ..graph.ops import (ADD_MATMUL, DATA_MOVEMENT, FUSED_ATTENTION, IDENTITY, IGNORED_USERS, LINEAR_LAYERS, MATMUL,
+from ..graph.ops import (ADD_MATMUL, FUSED_ATTENTION, IDENTITY, IGNORED_USERS, LINEAR_LAYERS, MATMUL,
                          MOVE, NORMS, POINTWISE, POINTWISE_AFFINE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, add_matmul_args,
-                         opname, sdpa_args)
+                         channel_dim, is_pointwise_conv, opname, sdpa_args)
+from .head_tensors import per_head_tensors
 from .records import (AttentionSite, Ctx, common_prefix, columns, group_heads, id_sets, make_layer, module_path,
                       on_last_axis, rows_of)
 
@@ -126,7 +127,8 @@ def _logits_back(ctx, start: fx.Node):
                 return (a, b), terms, scale, None
             return None, terms, scale, NotAttention("softmax over a product with a constant (a learned query "
                                                     "against data: attention pooling), not over q.k of two projections")
-        if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE_AFFINE:
+        # element-wise maths on the logits (a scale, a bias, tanh soft-capping, a clamp) keeps heads apart
+        if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE:
             nxt = [a for a in tensor_args(n) if a in ctx.tainted and a in ctx.data]   # the logits: input-dependent
             if len(nxt) != 1:
                 break
@@ -193,16 +195,18 @@ def adapter_for(op):
 # ------------------------------------------------------------------------------------------------
 def _operand_lanes(ctx, node: fx.Node, what: str):
     """Trace an attention operand back to its single projection and propagate its neuron ids."""
-    path = trace_back(node, ctx.tainted)
-    linears = [p for p in path.producers if p.target in LINEAR_LAYERS]
+    path = trace_back(node, ctx.tainted, allow_norms=True)
+    if any(p in ctx.data for p in path.producers):   # a position table beside the projection (RoFormer) is no neuron
+        path.producers = [p for p in path.producers if p in ctx.data]
+    linears = [p for p in path.producers if p.target in LINEAR_LAYERS or is_pointwise_conv(p)]
     if len(path.producers) != 1 or not linears:
         found = ", ".join(sorted({opname(p.target) for p in path.producers})) or "no layer"
         return None, path, f"{what} is not produced by exactly one linear projection (found: {found})"
     prod = linears[0]
-    n_out = shape(prod)[-1]
-    env, failed = propagate(ctx.gm, {prod: seed(prod, torch.arange(n_out))}, path.nodes | {node})
+    ids = seed(prod, torch.arange(shape(prod)[channel_dim(prod)]), channel_dim(prod))
+    env, failed = propagate(ctx.gm, {prod: ids}, path.nodes | {node})
     if node is prod:
-        env[node] = seed(prod, torch.arange(n_out))
+        env[node] = ids
     if node not in env:
         bad = ", ".join(opname(f.target) for f in failed[:3]) or "unknown op"
         return None, path, f"cannot follow {what} neurons through {bad}"
@@ -228,7 +232,7 @@ def trace_operands(ctx: Ctx, ops: AttentionOperands, site: AttentionSite):
         return ("attention contracts over tokens, not channels (cross-covariance attention): "
                 "query/key neurons are not paired per head")
     for what in ("q", "k", "v"):
-        blockers = paths[what].blockers
+        blockers = paths[what].blockers + paths[what].norms
         if not blockers:
             continue
         names = ", ".join(sorted({opname(b.target) for b in blockers}))
@@ -365,7 +369,7 @@ def projection_units(ctx: Ctx, site: AttentionSite, ops: AttentionOperands, head
     out, H = ops.out, heads.H
     region, consumers, blockers = forward_region(out, ctx.tainted)
     oshape = shape(out)
-    if len(consumers) != 1 or blockers or consumers[0].target not in LINEAR_LAYERS:
+    if len(consumers) != 1 or blockers or not (consumers[0].target in LINEAR_LAYERS or is_pointwise_conv(consumers[0])):
         site.disabled["v"] = site.disabled["head"] = "attention output does not reach a single linear projection"
         return
     proj = consumers[0]
@@ -377,7 +381,7 @@ def projection_units(ctx: Ctx, site: AttentionSite, ops: AttentionOperands, head
         return
     site.proj = make_layer(ctx.gm, proj)
     site.name = common_prefix([site.name, module_path(proj)]) or site.name
-    ids = columns(env[pin])
+    ids = columns([lane.movedim(channel_dim(proj), -1) for lane in env[pin]])
     if ids is None or ((ids >= 0).sum(1) != 1).any():
         site.disabled["v"] = site.disabled["head"] = "projection columns mix attention outputs"
         return
@@ -400,57 +404,6 @@ def projection_units(ctx: Ctx, site: AttentionSite, ops: AttentionOperands, head
                                 for g in range(Hk)])
     if any(q_to_v[h] != q_to_k[h] for h in range(H)):
         site.disabled["head"] = "key and value heads are grouped differently"
-
-
-def per_head_tensors(ctx, terms, logit_shape, head_of_lead, num_heads):
-    """Off-path tensors added to (or multiplying) the logits that vary per head -> [(FQN, dim)]."""
-    found, problems = [], []
-    lead = logit_shape[:-2]
-    ids = np.asarray(head_of_lead).reshape(lead)
-    head_axes = [ax for ax in range(len(lead)) if lead[ax] > 1 and not (ids == ids.take([0], axis=ax)).all()]
-    for term in terms:
-        tshape = shape(term)
-        if tshape is None:
-            continue
-        pad = (1,) * (len(logit_shape) - len(tshape)) + tshape
-        if all(pad[ax] == 1 for ax in head_axes):
-            continue                              # the same for every head: a mask, not per-head
-        # the input-independent sub-graph feeding the term: tables, data movement, element-wise maths, and
-        # small layers computing a bias from fixed coordinates (Swin-v2's MLP), whose output rows are heads
-        region, todo, sources, from_inputs = set(), [term], [], False
-        while todo:
-            n = todo.pop()
-            from_inputs |= n in ctx.data
-            if n in region or n in ctx.data:
-                continue
-            region.add(n)
-            if n.op == "get_attr" or is_layer(n):
-                sources.append(n)
-            elif n.op == "call_function" and (n.target in DATA_MOVEMENT or n.target in POINTWISE):
-                todo.extend(n.all_input_nodes)
-        want = torch.as_tensor(head_of_lead).reshape(lead)
-        hit = None
-        for p in sources:
-            for dim, size in enumerate(shape(p)):
-                if size != num_heads or (is_layer(p) and dim != len(shape(p)) - 1):
-                    continue
-                env, _ = propagate(ctx.gm, {p: seed(p, torch.arange(size), dim)}, region)
-                got = env.get(term)
-                if not got:
-                    continue
-                g = got[0].reshape(pad).broadcast_to(logit_shape)
-                if torch.equal(g[..., 0, 0], want.broadcast_to(lead)):
-                    layer = make_layer(ctx.gm, p) if is_layer(p) else None
-                    hit = [(r[0], r[1]) for r in layer.rows([[0]])] if layer else [(p.target, dim)]
-                    break
-            if hit:
-                break
-        if hit:
-            found += hit
-        else:   # slicing a tensor built in forward per head would need a rule for each op that builds it
-            problems.append(term.name + (" (computed from the inputs)" if from_inputs else "" if sources
-                                         else " (built in forward from constants, e.g. ALiBi slopes)"))
-    return found, problems
 
 
 # ------------------------------------------------------------------------------------------------

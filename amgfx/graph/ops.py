@@ -66,6 +66,7 @@ POINTWISE_NONLINEAR = {
     aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.square.default,
     aten.rsqrt.default, aten.sqrt.default, aten.reciprocal.default, aten.log.default, aten.abs.default,
     aten.sin.default, aten.cos.default, aten.pow.Tensor_Tensor,
+    aten.maximum.default, aten.minimum.default, aten.max.other, aten.min.other,
 }
 
 
