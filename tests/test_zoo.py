@@ -48,6 +48,28 @@ BEYOND = {
 }
 
 
+@pytest.mark.parametrize("name", ["hf:GPTNeoXModel", "hf:PhiModel"])
+def test_partial_rope_prunes_the_unrotated_dims_and_keeps_the_rotated_whole(name):
+    """Only part of each head is rotated: qk prunes the unrotated dims (here the larger class), the rotated
+    pairs stay, so every head still splits at the rotated width. SNP scores them; the oracle holds."""
+    import torch
+
+    import amgfx
+    m, args, kwargs = zoo.build(name)
+    cg = amgfx.analyze(m, args, kwargs)
+    for s in cg.sites:
+        assert "partial RoPE" in s.disabled["rope"] and "qk" not in s.disabled
+        rotated = int((s.qk_cols < 0).sum(1)[0])
+        assert 0 < rotated < s.head_dim_qk and ((s.qk_cols < 0).sum(1) == rotated).all()
+        assert cg.group(f"qk:{s.name}").units == s.num_kv_heads * (s.head_dim_qk - rotated)
+    g = torch.Generator().manual_seed(1)
+    calib = [{"input_ids": torch.randint(0, 128, (2, 9), generator=g)} for _ in range(2)]
+    plan = amgfx.plan_for(cg, method="snp", ratios={"qk": 0.25, "v": 0.25}, calib=calib, progress=False)
+    assert any(k.startswith("qk:") for k in plan.keep)
+    rep = amgfx.verify(cg, plan, pruned=amgfx.apply(cg, plan))
+    assert rep.passed and rep.max_rel <= 1e-5, rep.status
+
+
 def test_a_layer_norm_on_q_and_k_disables_qk_only():
     """Persimmon normalises q and k per head with a LayerNorm: heads still prune, qk says why not."""
     import amgfx

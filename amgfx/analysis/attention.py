@@ -340,6 +340,7 @@ def qk_units(site: AttentionSite, heads: Heads):
         if len(owner) != 1 or not qr:
             return "query/key coupling does not stay inside one key head"
         units.setdefault(owner.pop(), []).append((qr, kr))
+    units = _one_unit_size(units, site)
     shapes_ = {(len(u), len(u[0][0]), len(u[0][1])) for u in units.values()} if units else set()
     if len(shapes_) != 1 or len(units) != Hk or any(len({(len(a), len(b)) for a, b in u}) != 1 for u in units.values()):
         site.disabled.setdefault("qk", "query/key coupling is irregular across heads")
@@ -349,14 +350,29 @@ def qk_units(site: AttentionSite, heads: Heads):
         site.qk_k = np.array([[b for _, b in sorted(units[kh], key=lambda t: t[1][0])] for kh in order])
         U = site.qk_q.shape[1]
         unit_of_row = {int(r): gi * U + u for gi in range(len(order)) for u in range(U) for r in site.qk_q[gi, u]}
-        site.qk_cols = np.array([[unit_of_row[int(next(x for x in heads.qsets[h, j] if x >= 0))]
-                                  for j in range(d)] for h in range(H)])
+        site.qk_cols = np.array([[unit_of_row.get(int(next(x for x in heads.qsets[h, j] if x >= 0)), -1)
+                                  for j in range(d)] for h in range(H)])      # -1: a column no unit prunes
     partners = [(r, s) for h in range(H) for j in range(d)
                 for r in [x for x in heads.qsets[h, j] if x >= 0] for s in [x for x in heads.qsets[h, j] if x >= 0] if r < s]
     if partners:
         deltas = {(s - r) % d for r, s in partners}
         site.rope = "rotate_half" if deltas == {d // 2} else "interleaved" if deltas == {1} else "paired"
     return None
+
+
+def _one_unit_size(units: dict, site: AttentionSite) -> dict:
+    """Partial RoPE (GPT-NeoX, GPT-J, Phi rotate only part of each head) gives units of two sizes: rotated
+    pairs and single unrotated dims. A slice then splits each head at the rotated width, so every head must
+    keep as many of each; the qk group holds the size class with the most dims, and the other stays whole."""
+    sizes = [sorted(len(a) for a, _ in u) for u in units.values()]
+    if not units or len({len(a) for u in units.values() for a, _ in u}) < 2 or any(x != sizes[0] for x in sizes):
+        return units
+    dims = {n: sizes[0].count(n) * n for n in set(sizes[0])}
+    pick = max(dims, key=lambda n: (dims[n], -n))
+    kind = "rotated pairs" if pick > min(dims) else "unrotated dims"
+    site.disabled["rope"] = (f"partial RoPE: qk prunes only the {kind} of each head; the other "
+                             f"{sum(v for n, v in dims.items() if n != pick)} q rows per key head stay whole")
+    return {kh: [(a, b) for a, b in u if len(a) == pick] for kh, u in units.items()}
 
 
 # ------------------------------------------------------------------------------------------------

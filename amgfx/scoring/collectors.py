@@ -157,7 +157,8 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor, units: int, 
     else:
         e = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True).clamp_min(1e-300)
         keep = (e - s ** 2 / (s ** 2).sum(-1, keepdim=True).clamp_min(1e-300)) < gamma   # up to and incl. reaching gamma
-    E = torch.nn.functional.one_hot(cols, units).double()  # [H, d, U]
+    # [H, d, U]; a column of no unit (-1: a rotated dim partial RoPE keeps whole) scores for none
+    E = torch.nn.functional.one_hot(torch.where(cols < 0, units, cols), units + 1)[..., :units].double()
     num = torch.einsum("phjd,hdu->phju", a * b, E).abs()   # |u_j^T Q_U K_U^T v_j|
     num = (num * keep[..., None]).sum(-2)               # [P, H, U]
     gram = (q.transpose(-1, -2) @ q) * (k.transpose(-1, -2) @ k)   # [P, H, d, d]
