@@ -224,6 +224,10 @@ class CouplingGraph:
         if skipped:
             parts += ["", "softmax and attention-like ops that are not attention (not pruned):"]
             parts += [f"  {k.node} [{k.op}]: {k.what}" for k in skipped]
+        unknown = self.structure.unknown
+        if unknown:
+            parts += ["", "ops with parameters amgfx has no rule for (their weights are left whole):"]
+            parts += [f"  {k.node} [{k.op}]: {k.what}" for k in unknown]
         refused = [(n, r) for n, r in self.refused.items() if n.split(":")[0] in ("mlp", "residual")]
         if refused:
             parts += ["", "groups left whole (their removal would break the rewrite):"]
@@ -254,6 +258,7 @@ class CouplingGraph:
             "groups": [g.to_dict(with_index) for g in self.groups],
             "refused": dict(self.refused),
             "not_attention": [{"node": k.node, "op": k.op, "what": k.what} for k in self.structure.skipped],
+            "unknown_weights": [{"node": k.node, "op": k.op, "what": k.what} for k in self.structure.unknown],
         }
 
     def save(self, path, format: str = "json") -> None:

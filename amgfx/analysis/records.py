@@ -129,6 +129,7 @@ class Structure:
     mlps: list
     residual: list
     skipped: list = field(default_factory=list)    # [Skipped]: softmaxes that are not attention
+    unknown: list = field(default_factory=list)    # [Skipped]: ops reading a parameter amgfx has no rule for
 
 
 class Ctx:

@@ -10,13 +10,15 @@ import torch.fx as fx
 
 from ..graph.indexprop import is_layer
 from ..errors import noted
-from ..graph.ops import LINEAR_LAYERS, is_pointwise_conv, opname, where
+from ..graph.fold import BATCH_NORMS
+from ..graph.ops import (ADD_MATMUL, DATA_MOVEMENT, FUSED_ATTENTION, IGNORED_USERS, LAYERS, LIKE, LINEAR_LAYERS, MATMUL,
+                         NORMS, PAD, POINTWISE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, is_pointwise_conv, opname, where)
 from .attention import NotAttention, attention_site
 from .mlp import mlp_at
 from .records import MLP, AttentionSite, Ctx, Layer, ResidualStream, Skipped, Structure
 from .residual import residual_streams
 
-__all__ = ["Layer", "AttentionSite", "MLP", "ResidualStream", "Skipped", "Structure", "find_structure"]
+__all__ = ["Layer", "AttentionSite", "MLP", "ResidualStream", "Skipped", "Structure", "find_structure", "unknown_weights"]
 
 
 def find_structure(gm: fx.GraphModule) -> Structure:
@@ -54,4 +56,35 @@ def find_structure(gm: fx.GraphModule) -> Structure:
                 mlps.append(m)
     with noted("finding residual streams"):
         residual = residual_streams(ctx)
-    return Structure(sites=sites, mlps=mlps, residual=residual, skipped=skipped)
+    return Structure(sites=sites, mlps=mlps, residual=residual, skipped=skipped, unknown=unknown_weights(gm))
+
+
+# ops that may read a parameter and have rules (layers, norms, element-wise maths, data movement)
+_KNOWN = (set(LAYERS) | set(NORMS) | POINTWISE | DATA_MOVEMENT | set(REDUCTIONS) | VECTOR_NORMS | SOFTMAX | LIKE
+          | PAD | set(BATCH_NORMS) | set(FUSED_ATTENTION) | MATMUL | set(ADD_MATMUL) | IGNORED_USERS)
+
+
+def unknown_weights(gm: fx.GraphModule) -> list[Skipped]:
+    """Ops that read a parameter (through data movement) but are no op amgfx has a rule for, so their
+    weights are left whole: reported, not skipped in silence (an MoE's grouped matmul over stacked experts).
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+        >>> unknown_weights(amgfx.capture(m, torch.randn(1, 3, 32, 32)))
+        []
+    """
+    params = {n for n, _ in gm.named_parameters()}
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target in _KNOWN:
+            continue
+        for a in n.all_input_nodes:
+            while a.op == "call_function" and a.target in DATA_MOVEMENT and a.args and isinstance(a.args[0], fx.Node):
+                a = a.args[0]
+            if a.op == "get_attr" and a.target in params:
+                out.append(Skipped(node=n.name, op=opname(n.target),
+                                   what=f"reads parameter {a.target}, and amgfx has no rule for this op: "
+                                        "its weights are left whole"))
+                break
+    return out
