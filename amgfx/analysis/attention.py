@@ -64,6 +64,7 @@ class AttentionOperands:
     causal: bool = False
     gqa: bool = False              # k/v heads are shared by groups of query heads inside the op
     k_transposed: bool = False     # k arrives as k^T ([..., d, N]), as ``q @ k.transpose`` writes it
+    v_transposed: bool = False     # v and the output are [..., d, N]: ``v @ attn^T`` (LeViT's conv layout)
 
 
 @dataclass(frozen=True)
@@ -141,24 +142,35 @@ def _logits_back(ctx, start: fx.Node):
                                             "not by a q.k matmul")
 
 
+def _swaps_last_two(n: fx.Node) -> bool:
+    r = len(shape(n.args[0]) or ())
+    if n.target is torch.ops.aten.transpose.int:
+        return r >= 2 and {a % r for a in n.args[1:3]} == {r - 1, r - 2}
+    if n.target is torch.ops.aten.permute.default:
+        return list(n.args[1]) == list(range(r - 2)) + [r - 1, r - 2]
+    return False
+
+
 def _probs_forward(ctx, start: fx.Node):
-    """From the softmax output forward to the AV matmul: (av, result if not attention)."""
-    n = start
+    """From the softmax output forward to the AV product: (av, v transposed?, result if not attention).
+    ``attn @ v``, or ``v @ attn^T`` (the probabilities transposed on the way, as conv layouts write it)."""
+    n, flipped = start, False
     for _ in range(32):
         users = [u for u in n.users if u.op == "call_function" and u.target not in IGNORED_USERS]
         if len(users) != 1:
-            return None, NotAttention(f"its probabilities are read by {len(users)} ops, not by one A.v product")
+            return None, False, NotAttention(f"its probabilities are read by {len(users)} ops, not by one A.v product")
         u = users[0]
         if is_layer(u):
-            return None, Refused(f"attention probabilities are mixed by {opname(u.target)} after softmax "
-                                 "(talking heads), so heads are not independent")
-        if u.target in MATMUL and u.args[0] is n:
-            return u, None
+            return None, False, Refused(f"attention probabilities are mixed by {opname(u.target)} after softmax "
+                                        "(talking heads), so heads are not independent")
+        if u.target in MATMUL and u.args[1 if flipped else 0] is n:
+            return u, flipped, None
         if u.target in MOVE or u.target in IDENTITY or u.target in POINTWISE_AFFINE:
+            flipped ^= u.target in MOVE and _swaps_last_two(u)
             n = u
             continue
-        return None, NotAttention(f"its probabilities go to {opname(u.target)} ({u.name}), not to an A.v product")
-    return None, NotAttention("no A.v product follows the softmax")
+        return None, False, NotAttention(f"its probabilities go to {opname(u.target)} ({u.name}), not to an A.v product")
+    return None, False, NotAttention("no A.v product follows the softmax")
 
 
 def matmul_adapter(ctx: Ctx, node: fx.Node):
@@ -168,11 +180,12 @@ def matmul_adapter(ctx: Ctx, node: fx.Node):
     qk, terms, logit_scale, other = _logits_back(ctx, node.args[0])
     if other is not None:
         return other
-    av, other = _probs_forward(ctx, node)
+    av, flipped, other = _probs_forward(ctx, node)
     if other is not None:
         return other
-    return AttentionOperands(kind="matmul", q=qk[0], k=qk[1], v=av.args[1], out=av, terms=tuple(terms),
-                             scale=logit_scale, scale_explicit=True, k_transposed=True)
+    return AttentionOperands(kind="matmul", q=qk[0], k=qk[1], v=av.args[0 if flipped else 1], out=av,
+                             terms=tuple(terms), scale=logit_scale, scale_explicit=True, k_transposed=True,
+                             v_transposed=flipped)
 
 
 ADAPTERS: dict = {op: matmul_adapter for op in SOFTMAX}
@@ -224,7 +237,7 @@ def trace_operands(ctx: Ctx, ops: AttentionOperands, site: AttentionSite):
         l, path, err = _operand_lanes(ctx, t, what)
         if err:
             return err
-        if what == "k" and ops.k_transposed:
+        if (what == "k" and ops.k_transposed) or (what == "v" and ops.v_transposed):
             l = [x.transpose(-1, -2) for x in l]
         lanes[what], paths[what] = l, path
     q0 = lanes["q"][0]
@@ -284,7 +297,8 @@ def find_heads(ops: AttentionOperands, lanes: dict, site: AttentionSite):
     """Group lead positions into heads by the neurons they carry; pair each query head with the one
     key and value head it meets (broadcast, or GQA grouping inside the op). Fills the site's head
     counts and calibration maps; returns :class:`Heads`, or a reason the site is unsupported."""
-    qshape, kshape, vshape = shape(ops.q), tuple(lanes["k"][0].shape), shape(ops.v)
+    qshape, kshape = shape(ops.q), tuple(lanes["k"][0].shape)
+    vshape = tuple(lanes["v"][0].shape) if ops.v_transposed else shape(ops.v)
     lead = qshape[:-2]
     qsets, q_head_of = group_heads(id_sets(lanes["q"], qshape))
     ksets, k_head_of = group_heads(id_sets(lanes["k"], kshape))
@@ -389,8 +403,11 @@ def projection_units(ctx: Ctx, site: AttentionSite, ops: AttentionOperands, head
         site.disabled["v"] = site.disabled["head"] = "attention output does not reach a single linear projection"
         return
     proj = consumers[0]
-    coord = torch.as_tensor(heads.q_head_of).reshape(heads.lead)[..., None, None] * oshape[-1] + torch.arange(oshape[-1])
-    env, _ = propagate(ctx.gm, {out: [coord.expand(oshape).clone()]}, region | {proj})
+    std = oshape[:-2] + oshape[:-3:-1] if ops.v_transposed else oshape      # as [..., N, dv]
+    dv = std[-1]
+    coord = (torch.as_tensor(heads.q_head_of).reshape(heads.lead)[..., None, None] * dv + torch.arange(dv)).expand(std)
+    coord = coord.transpose(-1, -2) if ops.v_transposed else coord
+    env, _ = propagate(ctx.gm, {out: [coord.clone()]}, region | {proj})
     pin = layer_input(proj)
     if pin not in env:
         site.disabled["v"] = site.disabled["head"] = "cannot follow the attention output to its projection"
@@ -402,7 +419,7 @@ def projection_units(ctx: Ctx, site: AttentionSite, ops: AttentionOperands, head
         site.disabled["v"] = site.disabled["head"] = "projection columns mix attention outputs"
         return
     ids = ids.max(1)
-    cols = {divmod(int(i), oshape[-1]): c for c, i in enumerate(ids.tolist())}
+    cols = {divmod(int(i), dv): c for c, i in enumerate(ids.tolist())}
     q_to_k, q_to_v, qsets, ksets, vsets = heads.q_to_k, heads.q_to_v, heads.qsets, heads.ksets, heads.vsets
     Hk, Hv = len(ksets), len(vsets)
     v_units = []
@@ -440,6 +457,8 @@ def attention_site(ctx: Ctx, node: fx.Node):
                          operands=(ops.q.name, ops.k.name, ops.v.name))
     if ops.causal:
         site.disabled["tokens"] = "causal attention"
+    if ops.v_transposed:
+        site.disabled["tokens"] = "values laid out channels first (v @ attn^T): key gathering is not written for it"
 
     def fail(reason):
         site.supported, site.reason = False, reason
@@ -463,7 +482,7 @@ def attention_site(ctx: Ctx, node: fx.Node):
         return fail(err)
     projection_units(ctx, site, ops, heads)
     keys = shape(ops.k)[-1 if ops.k_transposed else -2]
-    site.per_head, problems = per_head_tensors(ctx, ops.terms, shape(ops.out)[:-1] + (keys,), heads.q_head_of, heads.H)
+    site.per_head, problems = per_head_tensors(ctx, ops.terms, shape(ops.q)[:-1] + (keys,), heads.q_head_of, heads.H)
     if problems:
         site.disabled["head"] = f"per-head tensor(s) {', '.join(problems)} could not be traced to a parameter"
     return site
