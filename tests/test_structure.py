@@ -283,3 +283,37 @@ def test_pooled_queries_are_still_the_projections_rows():
     assert {k.split(":")[0] for k in plan.keep} == {"qk", "v", "head"}
     rep = amgfx.verify(cg, plan, pruned=amgfx.apply(cg, plan))
     assert rep.passed and rep.max_rel <= 1e-5, rep.status
+
+
+class DepthwiseQ(torch.nn.Module):
+    """EfficientViT-MSRA's layout: q/k/v from one 1x1 conv over an NCHW map, q mixed over positions by a
+    depthwise conv, logits q^T k, output v @ attn^T, a 1x1-conv projection."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.proj = torch.nn.Conv2d(c, 3 * c, 1), torch.nn.Conv2d(c, c, 1)
+        self.dw = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).split(C, dim=1)
+        q, k, v = (t.reshape(B, self.h, C // self.h, H * W) for t in (self.dw(q), k, v))
+        attn = (q.transpose(-2, -1) @ k * 0.3).softmax(-1)
+        return x + self.proj((v @ attn.transpose(-2, -1)).reshape(B, C, H, W))
+
+
+def test_a_depthwise_conv_on_q_prunes_with_the_q_rows():
+    import amgfx
+    m, x = DepthwiseQ().eval(), torch.randn(2, 16, 4, 4)
+    cg = amgfx.analyze(m, x)
+    (s,) = cg.sites
+    assert s.supported and not s.disabled.keys() - {"tokens"}, s.disabled
+    for kind in ("qk", "head"):
+        roles = {(mb.param, mb.role) for mb in cg.group(f"{kind}:{s.name}").members}
+        assert {("dw.weight", "q"), ("dw.bias", "q")} <= roles
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.25, "v": 0.25}, progress=False)
+    small = amgfx.apply(cg, plan)
+    assert small.get_submodule("dw").weight.shape[0] == 12
+    rep = amgfx.verify(cg, plan, pruned=small)
+    assert rep.passed and rep.max_rel <= 1e-5, rep.status

@@ -208,7 +208,7 @@ def adapter_for(op):
 # ------------------------------------------------------------------------------------------------
 def _operand_lanes(ctx, node: fx.Node, what: str):
     """Trace an attention operand back to its single projection and propagate its neuron ids."""
-    path = trace_back(node, ctx.tainted, allow_norms=True)
+    path = trace_back(node, ctx.tainted, allow_norms=True, allow_channelwise=True)
     if any(p in ctx.data for p in path.producers):   # a position table beside the projection (RoFormer) is no neuron
         path.producers = [p for p in path.producers if p in ctx.data]
     linears = [p for p in path.producers if p.target in LINEAR_LAYERS or is_pointwise_conv(p)]
@@ -223,6 +223,14 @@ def _operand_lanes(ctx, node: fx.Node, what: str):
     if node not in env:
         bad = ", ".join(opname(f.target) for f in failed[:3]) or "unknown op"
         return None, path, f"cannot follow {what} neurons through {bad}"
+    path.channel_of = {}                  # depthwise conv -> the channel each projection row reaches
+    for dw in path.channelwise:
+        sets = columns([lane.movedim(1, -1) for lane in env.get(dw.args[0], [])]) if dw.args[0] in env else None
+        if sets is None or ((sets >= 0).sum(1) != 1).any():
+            return None, path, f"{what} channels are mixed before {opname(dw.target)} ({dw.name})"
+        chan = np.full(shape(prod)[channel_dim(prod)], -1)
+        chan[sets.max(1)] = np.arange(len(sets))
+        path.channel_of[dw] = chan
     return env[node], path, None
 
 
@@ -472,6 +480,10 @@ def attention_site(ctx: Ctx, node: fx.Node):
     if isinstance(heads, str):
         return fail(heads)
     site.q, site.k, site.v = (make_layer(ctx.gm, paths[w].producers[0]) for w in ("q", "k", "v"))
+    for w in ("q", "k", "v"):                         # a depthwise conv on an operand: its channels go with the rows
+        for dw, chan in paths[w].channel_of.items():
+            layer = getattr(site, w)
+            layer.channelwise += [(fqn, d, chan) for fqn, d, _ in make_layer(ctx.gm, dw).rows(np.zeros((1, 1), int))]
     site.name = common_prefix([module_path(paths[w].producers[0]) for w in ("q", "k", "v")]) or site.name
     if site.scale is None and ops.kind == "sdpa":
         site.scale = 1.0 / math.sqrt(site.head_dim_qk)

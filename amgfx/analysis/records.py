@@ -28,9 +28,12 @@ class Layer:
     in_dim: int | None
     out_features: int
     bias: list = field(default_factory=list)  # [(FQN, offset, length)] pieces along the output dim
+    # [(FQN, dim, channel of each output row, -1 where none)]: a depthwise conv after the layer, per channel
+    channelwise: list = field(default_factory=list)
 
     def rows(self, idx) -> list[tuple[str, int, np.ndarray]]:
-        """(param, dim, index) slices of this layer's outputs ``idx`` [units, k]: weight rows + bias.
+        """(param, dim, index) slices of this layer's outputs ``idx`` [units, k]: weight rows + bias, and the
+        channels of a depthwise conv applied to them (EfficientViT-MSRA's q).
 
         A bias made by concatenating parameters (EVA's q_bias/k_bias/v_bias) is sliced piece by piece.
         """
@@ -42,6 +45,12 @@ class Layer:
                 out.append((fqn, 0, idx - off))
             elif inside.any():
                 raise ValueError(f"{self.node}: outputs straddle bias pieces")
+        for fqn, dim, chan in self.channelwise:
+            c = np.asarray(chan)[idx]
+            if (c >= 0).all():
+                out.append((fqn, dim, c))
+            elif (c >= 0).any():
+                raise ValueError(f"{self.node}: some outputs pass through {fqn} and some do not")
         return out
 
 
