@@ -46,6 +46,7 @@ BEYOND = {
     "hf:RoFormerModel": "a sinusoidal position table (an embedding of position ids) beside the q/k projection",
     "visformer_tiny": "q, k and v from one 1x1 conv over an NCHW map",
     "levit_conv_128s": "attention in a channels-first layout: logits q^T k, output v @ attn^T",
+    "hf:DebertaModel": "q and v biases added after the head split (parameters sliced with the rows they meet)",
 }
 
 

@@ -9,7 +9,7 @@ softmax ops by the matmul adapter (``q @ k^T -> softmax -> @ v``). An adapter ma
 op is attention amgfx cannot prune (:class:`Refused`) or no attention at all (:class:`NotAttention`,
 an MoE router's softmax): both are reported, never skipped in silence.
 
-**Then four steps**, the same for every adapter: :func:`trace_operands` (each operand to its one
+**Then four steps**, the same for every adapter: :func:`~amgfx.analysis.operands.trace_operands` (each operand to its one
 projection, neuron ids propagated), :func:`find_heads` (lead positions carrying the same neurons
 are one head; which k/v head each query head meets), :func:`qk_units` (q row *i* with k row *i*;
 RoPE adds the partner) and :func:`projection_units` (value neurons with the output projection
@@ -35,12 +35,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..graph.indexprop import (_scalar_factor, forward_region, is_layer, layer_input, propagate, seed, shape,
-                               tensor_args, trace_back)
+from ..graph.indexprop import (_scalar_factor, forward_region, is_layer, layer_input, propagate, shape,
+                               tensor_args)
 from ..graph.ops import (ADD_MATMUL, FUSED_ATTENTION, IDENTITY, IGNORED_USERS, LINEAR_LAYERS, MATMUL,
-                         MOVE, NORMS, POINTWISE, POINTWISE_AFFINE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, add_matmul_args,
+                         MOVE, POINTWISE, POINTWISE_AFFINE, SOFTMAX, add_matmul_args,
                          channel_dim, is_pointwise_conv, opname, sdpa_args)
 from .head_tensors import per_head_tensors
+from .operands import trace_operands
 from .records import (AttentionSite, Ctx, common_prefix, columns, group_heads, id_sets, make_layer, module_path,
                       on_last_axis, rows_of)
 
@@ -201,85 +202,6 @@ def adapter_for(op):
     if op in ADAPTERS:
         return ADAPTERS[op]
     return sdpa_adapter if op in FUSED_ATTENTION else None
-
-
-# ------------------------------------------------------------------------------------------------
-# step 1: operands to projections
-# ------------------------------------------------------------------------------------------------
-def _operand_lanes(ctx, node: fx.Node, what: str):
-    """Trace an attention operand back to its single projection and propagate its neuron ids."""
-    path = trace_back(node, ctx.tainted, allow_norms=True, allow_channelwise=True)
-    if any(p in ctx.data for p in path.producers):   # a position table beside the projection (RoFormer) is no neuron
-        path.producers = [p for p in path.producers if p in ctx.data]
-    linears = [p for p in path.producers if p.target in LINEAR_LAYERS or is_pointwise_conv(p)]
-    if len(path.producers) != 1 or not linears:
-        found = ", ".join(sorted({opname(p.target) for p in path.producers})) or "no layer"
-        return None, path, f"{what} is not produced by exactly one linear projection (found: {found})"
-    prod = linears[0]
-    ids = seed(prod, torch.arange(shape(prod)[channel_dim(prod)]), channel_dim(prod))
-    env, failed = propagate(ctx.gm, {prod: ids}, path.nodes | {node})
-    if node is prod:
-        env[node] = ids
-    if node not in env:
-        bad = ", ".join(opname(f.target) for f in failed[:3]) or "unknown op"
-        return None, path, f"cannot follow {what} neurons through {bad}"
-    path.channel_of = {}                  # depthwise conv -> the channel each projection row reaches
-    for dw in path.channelwise:
-        sets = columns([lane.movedim(1, -1) for lane in env.get(dw.args[0], [])]) if dw.args[0] in env else None
-        if sets is None or ((sets >= 0).sum(1) != 1).any():
-            return None, path, f"{what} channels are mixed before {opname(dw.target)} ({dw.name})"
-        chan = np.full(shape(prod)[channel_dim(prod)], -1)
-        chan[sets.max(1)] = np.arange(len(sets))
-        path.channel_of[dw] = chan
-    return env[node], path, None
-
-
-def trace_operands(ctx: Ctx, ops: AttentionOperands, site: AttentionSite):
-    """q, k, v to their projections: ``(lanes, paths)``, or a reason the site is unsupported.
-
-    Norms between a projection and q/k disable qk only (the norm over the head dim changes with
-    its width); anything else in the way refuses the site.
-    """
-    lanes, paths = {}, {}
-    for what, t in (("q", ops.q), ("k", ops.k), ("v", ops.v)):
-        l, path, err = _operand_lanes(ctx, t, what)
-        if err:
-            return err
-        if (what == "k" and ops.k_transposed) or (what == "v" and ops.v_transposed):
-            l = [x.transpose(-1, -2) for x in l]
-        lanes[what], paths[what] = l, path
-    q0 = lanes["q"][0]
-    if not torch.equal(q0, q0[..., :1, :].expand_as(q0)) or torch.equal(q0, q0[..., :1].expand_as(q0)):
-        return ("attention contracts over tokens, not channels (cross-covariance attention): "
-                "query/key neurons are not paired per head")
-    for what in ("q", "k", "v"):
-        blockers = paths[what].blockers + paths[what].norms
-        if not blockers:
-            continue
-        names = ", ".join(sorted({opname(b.target) for b in blockers}))
-        widths = [_normalised_width(b) for b in blockers]
-        if what in ("q", "k") and all(w is not None for w in widths):
-            d = shape(getattr(ops, what))[-2 if what == "k" and ops.k_transposed else -1]
-            site.disabled["qk"] = f"{what} is normalised over the head dim ({names}); q/k dims cannot shrink exactly"
-            if max(widths) > d:              # over all heads' channels at once (OLMo2): a head's removal changes the rest
-                site.disabled["head"] = f"{what} is normalised across heads ({names}); removing a head changes the others"
-        else:
-            return f"{what} passes through {names} between its projection and attention"
-    return lanes, paths
-
-
-def _normalised_width(n: fx.Node) -> int | None:
-    """How many channels a normalisation on the q/k path reduces over (a norm op, or the mean/var/norm of
-    an RMSNorm or F.normalize written out), or None when ``n`` is not one."""
-    if n.target in NORMS:
-        return math.prod(n.args[1])
-    if n.target in REDUCTIONS or n.target in VECTOR_NORMS:
-        x = shape(n.args[0])
-        dims = n.args[1] if n.target in REDUCTIONS else (n.args[2] if len(n.args) > 2 else None)
-        dims = [dims] if isinstance(dims, int) else dims
-        if x and dims is not None and [d % len(x) for d in dims] == [len(x) - 1]:
-            return x[-1]
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,10 +402,8 @@ def attention_site(ctx: Ctx, node: fx.Node):
     if isinstance(heads, str):
         return fail(heads)
     site.q, site.k, site.v = (make_layer(ctx.gm, paths[w].producers[0]) for w in ("q", "k", "v"))
-    for w in ("q", "k", "v"):                         # a depthwise conv on an operand: its channels go with the rows
-        for dw, chan in paths[w].channel_of.items():
-            layer = getattr(site, w)
-            layer.channelwise += [(fqn, d, chan) for fqn, d, _ in make_layer(ctx.gm, dw).rows(np.zeros((1, 1), int))]
+    for w in ("q", "k", "v"):          # a depthwise conv or a bias on an operand: its channels go with the rows
+        getattr(site, w).channelwise += paths[w].row_params
     site.name = common_prefix([module_path(paths[w].producers[0]) for w in ("q", "k", "v")]) or site.name
     if site.scale is None and ops.kind == "sdpa":
         site.scale = 1.0 / math.sqrt(site.head_dim_qk)
