@@ -397,14 +397,9 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
                         failed.append(n)
                         continue
                     env[n] = [run_move(t, lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
-                elif is_depthwise_conv(n):
-                    out = [_channel_ids(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None]
-                    if any(o is None for o in out):
-                        failed.append(n)
-                    else:
-                        env[n] = _dedupe(out)
-                elif pools(n):
-                    out = [_pool_ids(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None]
+                elif is_depthwise_conv(n) or pools(n):       # channels kept, positions mixed or pooled
+                    rule = _channel_ids if is_depthwise_conv(n) else _pool_ids
+                    out = [rule(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None]
                     if any(o is None for o in out):
                         failed.append(n)
                     else:
