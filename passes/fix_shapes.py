@@ -25,7 +25,7 @@ from ..graph.fx import call, constant, dims_of, keep_symbolic, size_args
 from ..graph.indexprop import _const, shape
 from ..graph.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
 from ..graph.meta import APPROXIMATE, TOKEN_ROWS
-from ..graph.ops import GETITEM, IGNORED_USERS, NORMS, is_depthwise_conv, opname, sdpa_args, set_sdpa_arg, where
+from ..graph.ops import CONV_GROUPS, GETITEM, IGNORED_USERS, NORMS, is_depthwise_conv, opname, sdpa_args, set_sdpa_arg, where
 from .pipeline import graph_pass
 
 aten = torch.ops.aten
@@ -187,8 +187,8 @@ def _getitem(gm, ms, n):
 def _groups(gm, ms, n):
     # a depthwise conv has one group per channel: as many as it keeps
     if is_depthwise_conv(n) and _dim_pruned(ms, n, 1):
-        if len(n.args) > 6:
-            _set_arg(n, 6, ms.new_shape(n)[1])
+        if len(n.args) > CONV_GROUPS:
+            _set_arg(n, CONV_GROUPS, ms.new_shape(n)[1])
         else:
             n.kwargs = {**n.kwargs, "groups": ms.new_shape(n)[1]}
 

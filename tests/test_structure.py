@@ -240,7 +240,7 @@ def test_an_mlp_of_convs_with_a_depthwise_conv_inside_prunes_exactly():
     cg = amgfx.analyze(m, x)
     (mlp,) = cg.mlps
     assert mlp.hidden == 24 and mlp.fc1[0].weight == "fc1.weight" and mlp.fc2.weight == "fc2.weight"
-    assert {f for f, _, _ in mlp.channelwise} == {"dw.weight", "dw.bias"}
+    assert {f for f, _, _ in mlp.fc1[0].channelwise} == {"dw.weight", "dw.bias"}
     keep = [0, 2, 3, 5, 7, 11, 12, 13, 17, 19, 20, 23]
     plan = amgfx.Plan(keep={f"mlp:{mlp.name}": keep})
     small = amgfx.apply(cg, plan)

@@ -86,7 +86,6 @@ def build_groups(st: Structure) -> list[Group]:
             if rows.size:
                 members += _layer_members(layer, rows, "fc1" if li == 0 else "gate")
         members += [Member(p, d, np.arange(m.hidden)[:, None], "norm") for p, d in m.norm]
-        members += [Member(p, d, np.asarray(idx), "channelwise") for p, d, idx in m.channelwise]
         groups.append(Group(f"mlp:{m.name}", "mlp", m.name, members, exact=m.exact))
     for r in st.residual:
         if r.prunable:

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..graph.indexprop import layer_input, param_source, propagate, seed, shape, trace_back
 from ..graph.ops import LINEAR_LAYERS, NORMS, POINTWISE, POINTWISE_AFFINE, channel_dim, is_pointwise_conv, opname
-from .records import MLP, Ctx, columns, common_prefix, make_layer, module_path
+from .records import MLP, Ctx, columns, common_prefix, depthwise_rows, make_layer, module_path
 
 __all__ = ["mlp_at"]
 
@@ -47,9 +47,6 @@ def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
     ids = _columns_at(env[x], channel_dim(node))
     if ids is None:
         return None
-    channelwise = _channelwise_members(ctx, path, env, ids)
-    if channelwise is None:
-        return None
     starts = np.array([o for o, _ in offs])
     valid = ids >= 0
     li = np.searchsorted(starts, ids, side="right") - 1
@@ -62,6 +59,17 @@ def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
         return None
     acts = sorted({opname(n.target) for n in path.nodes if n.target in POINTWISE and n.target not in POINTWISE_AFFINE})
     fc1 = [make_layer(ctx.gm, p) for p in path.producers]
+    unit_ids = {int(i) for row in ids for i in row if i >= 0}
+    for dw in path.channelwise:                # a depthwise conv inside: its channels go with the fc1 rows
+        found = [depthwise_rows(ctx.gm, dw, env.get(dw.args[0]), n, o) for o, n in offs]
+        if None in found:
+            return None
+        carried = {o + int(r) for f, (o, _) in zip(found, offs) for r in np.nonzero(f[0][2] >= 0)[0]}
+        # one channel per hidden neuron, each neuron a single fc1 row: else the conv mixes what the MLP keeps apart
+        if (ids >= 0).sum(1).max() != 1 or carried != unit_ids or shape(dw)[1] != len(ids):
+            return None
+        for layer, f in zip(fc1, found):
+            layer.channelwise += [e for e in f if (e[2] >= 0).any()]
     names = [module_path(p) for p in path.producers] + [module_path(node)]
     name = common_prefix([n for n in names if n]) or node.name
     norm = []
@@ -71,29 +79,10 @@ def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
             if pos is not None and len(nn_.args) > pos and param_source(nn_.args[pos]) is not None:
                 norm.append((param_source(nn_.args[pos]).target, 0))
     return MLP(name=name, fc1=fc1, fc2=make_layer(ctx.gm, node), hidden=len(units), activation="+".join(acts),
-               gated=len(path.producers) > 1 or len(units[0]) > 1, exact=not path.norms, units=units, norm=norm,
-               channelwise=channelwise)
+               gated=len(path.producers) > 1 or len(units[0]) > 1, exact=not path.norms, units=units, norm=norm)
 
 
 def _columns_at(lanes, dim: int):
     """:func:`columns` of a tensor whose channels lie along ``dim`` (1 for a conv's NCHW input)."""
     return columns([l.movedim(dim, -1) for l in lanes])
 
-
-def _channelwise_members(ctx: Ctx, path, env, ids) -> list | None:
-    """The weight and bias rows of each depthwise conv inside the MLP, as (FQN, dim, [hidden, 1] index):
-    conv channel *c* belongs to the hidden neuron whose fc1 rows reach it. None when a channel matches no
-    neuron (the conv would then mix what the MLP keeps apart)."""
-    unit_of = {tuple(int(i) for i in row if i >= 0): u for u, row in enumerate(ids)}
-    out = []
-    for dw in path.channelwise:
-        src = _columns_at(env.get(dw.args[0], []), 1) if dw.args[0] in env else None
-        if src is None or len(src) != len(ids):
-            return None
-        chan = [unit_of.get(tuple(int(i) for i in row if i >= 0)) for row in src]
-        if None in chan or sorted(chan) != list(range(len(ids))):
-            return None
-        idx = np.argsort(chan)[:, None]              # hidden unit u -> the conv channel that carries it
-        layer = make_layer(ctx.gm, dw)
-        out += [(fqn, d, idx) for fqn, d, _ in layer.rows(np.zeros((1, 1), dtype=int))]
-    return out

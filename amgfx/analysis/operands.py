@@ -22,7 +22,7 @@ import torch.fx as fx
 from ..graph.indexprop import propagate, seed, shape, tensor_args, trace_back
 from ..graph.ops import (IDENTITY, LINEAR_LAYERS, MOVE, NORMS, POINTWISE_AFFINE, REDUCTIONS, VECTOR_NORMS,
                          channel_dim, is_pointwise_conv, opname)
-from .records import AttentionSite, Ctx, columns, make_layer
+from .records import AttentionSite, Ctx, depthwise_rows
 
 __all__ = ["trace_operands"]
 
@@ -46,12 +46,10 @@ def _operand_lanes(ctx, node: fx.Node, what: str):
         return None, path, f"cannot follow {what} neurons through {bad}"
     path.row_params = []                  # (FQN, dim, index of each projection row) sliced with the rows
     for dw in path.channelwise:
-        sets = columns([lane.movedim(1, -1) for lane in env.get(dw.args[0], [])]) if dw.args[0] in env else None
-        if sets is None or ((sets >= 0).sum(1) != 1).any():
+        found = depthwise_rows(ctx.gm, dw, env.get(dw.args[0]), shape(prod)[channel_dim(prod)])
+        if found is None:
             return None, path, f"{what} channels are mixed before {opname(dw.target)} ({dw.name})"
-        chan = np.full(shape(prod)[channel_dim(prod)], -1)
-        chan[sets.max(1)] = np.arange(len(sets))
-        path.row_params += [(fqn, d, chan) for fqn, d, _ in make_layer(ctx.gm, dw).rows(np.zeros((1, 1), int))]
+        path.row_params += found
     path.row_params += _added_row_params(ctx, path, env, shape(prod)[channel_dim(prod)])
     return env[node], path, None
 

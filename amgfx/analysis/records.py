@@ -111,7 +111,6 @@ class MLP:
     exact: bool = True
     units: list = field(default_factory=list)  # per fc2 column c: [(layer_idx, row), ...]
     norm: list = field(default_factory=list)   # [(FQN, dim)] of norms over the hidden dim
-    channelwise: list = field(default_factory=list)  # [(FQN, dim, [hidden, 1] index)]: depthwise convs inside
 
 
 @dataclass
@@ -256,6 +255,20 @@ def on_last_axis(per_position, lead) -> np.ndarray | None:
     """
     a = np.asarray(per_position).reshape(lead).reshape(-1, lead[-1])
     return a[0].copy() if (a == a[:1]).all() else None
+
+
+def depthwise_rows(gm, dw: fx.Node, lanes, rows: int, offset: int = 0) -> list | None:
+    """The weight and bias of depthwise conv ``dw`` as :attr:`Layer.channelwise` entries of the layer whose
+    ``rows`` outputs (ids ``offset`` on) reach it: (FQN, dim, the conv channel of each row, -1 where none),
+    read from the neuron ids ``lanes`` at the conv's input. None when a channel carries more than one row."""
+    sets = columns([lane.movedim(1, -1) for lane in lanes]) if lanes else None
+    if sets is None or ((sets >= 0).sum(1) != 1).any():
+        return None
+    ids = sets.max(1) - offset
+    inside = (ids >= 0) & (ids < rows)
+    chan = np.full(rows, -1)
+    chan[ids[inside]] = np.arange(len(sets))[inside]
+    return [(fqn, d, chan) for fqn, d, _ in make_layer(gm, dw).rows(np.zeros((1, 1), dtype=int))]
 
 
 def rows_of(s) -> list[int]:

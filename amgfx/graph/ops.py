@@ -144,7 +144,7 @@ LAYERS = {
 LINEAR_LAYERS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 CONVS = {aten.conv1d.default, aten.conv2d.default}
 # conv args after (input, weight, bias): stride, padding, dilation, groups
-_CONV_GROUPS = 6
+CONV_GROUPS = 6
 
 
 def _conv_weight_shape(n):
@@ -154,7 +154,7 @@ def _conv_weight_shape(n):
 
 
 def conv_groups(n) -> int:
-    return int(n.args[_CONV_GROUPS]) if len(n.args) > _CONV_GROUPS else int(n.kwargs.get("groups", 1))
+    return int(n.args[CONV_GROUPS]) if len(n.args) > CONV_GROUPS else int(n.kwargs.get("groups", 1))
 
 
 def is_pointwise_conv(n) -> bool:
