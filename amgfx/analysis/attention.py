@@ -344,7 +344,7 @@ def projection_units(ctx: Ctx, site: AttentionSite, ops: AttentionOperands, head
         return
     site.proj = make_layer(ctx.gm, proj)
     site.name = common_prefix([site.name, module_path(proj)]) or site.name
-    ids = columns([lane.movedim(channel_dim(proj), -1) for lane in env[pin]])
+    ids = columns(env[pin], channel_dim(proj))
     if ids is None or ((ids >= 0).sum(1) != 1).any():
         site.disabled["v"] = site.disabled["head"] = "projection columns mix attention outputs"
         return

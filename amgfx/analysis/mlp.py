@@ -44,7 +44,7 @@ def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
     env, failed = propagate(ctx.gm, seeds, path.nodes | {x})
     if x not in env:
         return None
-    ids = _columns_at(env[x], channel_dim(node))
+    ids = columns(env[x], channel_dim(node))
     if ids is None:
         return None
     starts = np.array([o for o, _ in offs])
@@ -80,9 +80,3 @@ def mlp_at(ctx: Ctx, node: fx.Node, taken: set) -> MLP | None:
                 norm.append((param_source(nn_.args[pos]).target, 0))
     return MLP(name=name, fc1=fc1, fc2=make_layer(ctx.gm, node), hidden=len(units), activation="+".join(acts),
                gated=len(path.producers) > 1 or len(units[0]) > 1, exact=not path.norms, units=units, norm=norm)
-
-
-def _columns_at(lanes, dim: int):
-    """:func:`columns` of a tensor whose channels lie along ``dim`` (1 for a conv's NCHW input)."""
-    return columns([l.movedim(dim, -1) for l in lanes])
-

@@ -236,11 +236,13 @@ def group_heads(sets):
     return sets[rep].numpy(), head_of                                     # [H, d, S], [P]
 
 
-def columns(lanes) -> np.ndarray | None:
-    """Neuron ids reaching each column of a layer input: [C, S] (-1 padded).
+def columns(lanes, dim: int = -1) -> np.ndarray | None:
+    """Neuron ids reaching each column of a layer input: [C, S] (-1 padded); ``dim``: where the columns lie
+    (1 for a conv's NCHW input).
 
     None when the ids differ between positions (tokens), which a per-channel map cannot express.
     """
+    lanes = [l.movedim(dim, -1) for l in lanes]
     sets = id_sets([l.unsqueeze(-2) for l in lanes], tuple(lanes[0].shape[:-1]) + (1, lanes[0].shape[-1]))
     if not bool((sets == sets[:1]).all()):
         return None
@@ -261,7 +263,7 @@ def depthwise_rows(gm, dw: fx.Node, lanes, rows: int, offset: int = 0) -> list |
     """The weight and bias of depthwise conv ``dw`` as :attr:`Layer.channelwise` entries of the layer whose
     ``rows`` outputs (ids ``offset`` on) reach it: (FQN, dim, the conv channel of each row, -1 where none),
     read from the neuron ids ``lanes`` at the conv's input. None when a channel carries more than one row."""
-    sets = columns([lane.movedim(1, -1) for lane in lanes]) if lanes else None
+    sets = columns(lanes, 1) if lanes else None
     if sets is None or ((sets >= 0).sum(1) != 1).any():
         return None
     ids = sets.max(1) - offset
