@@ -180,21 +180,11 @@ def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
             _PRUNED[key] = t
 
 
-def _drop_export_guards(gm: fx.GraphModule) -> None:
-    """torch.export's input check (``_guards_fn``): dynamo guards the inputs already, and inductor
-    cannot put the check's closure in its cache key."""
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
-            gm.graph.erase_node(n)
-    if hasattr(gm, "_guards_fn"):
-        delattr(gm, "_guards_fn")
-    gm.recompile()
-
-
 def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
     """The torch.compile backend (see the module docstring)."""
     from .api import analyze
     from .graph.capture import capture
+    from .graph.fx import drop_export_guards
     from .rewrite import checked
     opts = _options(options)
     _check_whole(gm)
@@ -210,7 +200,7 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         from .api import reconstruct
         pruned = reconstruct(pruned, cg, opts.get("calib"), progress=bool(opts.get("progress", False)))
     _share_pruned(pruned, captured)
-    _drop_export_guards(pruned)
+    drop_export_guards(pruned)      # dynamo guards the inputs; inductor cannot cache-key the check's closure
     if opts.get("inner", "inductor") == "inductor":
         from torch._inductor.compile_fx import compile_fx
         inner = compile_fx(pruned, list(user))

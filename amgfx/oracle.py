@@ -16,7 +16,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from .graph.fx import constant, copy_module, get_attr, replace_attr
-from .graph.meta import APPROXIMATE, EXACT, EXAMPLE
+from .graph.masks import compact_shape
+from .graph.meta import APPROXIMATE, EXACT, EXAMPLE, STATE
 from .graph.ops import sdpa_args, set_sdpa_arg
 from .planning.plan import Plan
 
@@ -159,13 +160,35 @@ def _run(gm, example):
         return gm(*args, **kwargs)
 
 
+def _state_zeroed(example, state):
+    """The example with the removed elements of every state input (a KV cache) zeroed: the history the
+    zeroed model itself would have written."""
+    if not state:
+        return example
+    flat, spec = pytree.tree_flatten(example)
+    flat = [t * state["inputs"][i] if i in state["inputs"] else t for i, t in enumerate(flat)]
+    return pytree.tree_unflatten(flat, spec)
+
+
+def _state_kept(out, state):
+    """The reference outputs with every returned state reduced to the elements the pruned graph keeps."""
+    if not state:
+        return out
+    flat, spec = pytree.tree_flatten(out)
+    flat = [t[state["outputs"][i]].reshape(compact_shape(state["outputs"][i])) if i in state["outputs"] else t
+            for i, t in enumerate(flat)]
+    return pytree.tree_unflatten(flat, spec)
+
+
 def check(cg, plan: Plan, pruned, tol: float = 1e-5) -> VerifyReport:
     """Hold ``pruned`` against the original with the removed units zeroed and the dropped key
     positions masked, on the example inputs (what :func:`amgfx.verify` and ``prune(check=True)`` run)."""
     example = cg.gm.meta[EXAMPLE]
     tokens = {node: t.kept for node, t in plan.resolve(cg).tokens.items()}
-    ref = _run(masked_keys(zeroed(cg, plan), tokens), example)
-    got = _run(pruned, example)
+    state = pruned.meta.get(STATE)
+    ref = _run(masked_keys(zeroed(cg, plan), tokens), _state_zeroed(example, state))
+    got = _run(pruned, pruned.meta[EXAMPLE] if state else example)
+    ref = _state_kept(ref, state)
     report = VerifyReport(tol=tol, exact=bool(pruned.meta.get(EXACT, True)),
                           approximate_ops=list(pruned.meta.get(APPROXIMATE, [])),
                           removed=sorted(plan.removed_branches(cg)))

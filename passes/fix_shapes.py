@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from ..errors import RewriteError, noted
-from ..graph.fx import call, constant, dims_of, keep_symbolic, size_args
+from ..graph.fx import call, constant, dims_of, drop_export_guards, keep_symbolic, size_args
 from ..graph.indexprop import _const, shape
 from ..graph.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
-from ..graph.meta import APPROXIMATE, TOKEN_ROWS
-from ..graph.ops import CONV_GROUPS, GETITEM, IGNORED_USERS, NORMS, is_depthwise_conv, opname, sdpa_args, set_sdpa_arg, where
+from ..graph.meta import APPROXIMATE, EXAMPLE, STATE, TOKEN_ROWS
+from ..graph.ops import (CONV_GROUPS, GETITEM, IGNORED_USERS, NORMS, STATE_WRITE, is_depthwise_conv, opname, sdpa_args,
+                         set_sdpa_arg, state_write_args, where)
 from .pipeline import graph_pass
 
 aten = torch.ops.aten
@@ -253,10 +255,15 @@ def _gather(gm, ms, n, pos, target=None):
         _set_arg(n, pos, c)
 
 
+def _is_state(ms, a) -> bool:
+    return a.op == "call_function" and a.target in STATE_WRITE and state_write_args(a)[0] in ms.states
+
+
 def _scatter_outputs(gm, ms, out_node):
-    """Graph outputs keep their original shape: pruned channels come back as zeros."""
+    """Graph outputs keep their original shape: pruned channels come back as zeros. A state the graph
+    returns (an updated KV cache) stays small, as it is read back in at the next step."""
     def fix(a):
-        if not (isinstance(a, fx.Node) and ms.pruned(a)):
+        if not (isinstance(a, fx.Node) and ms.pruned(a)) or _is_state(ms, a):
             return a
         m, new = ms.get(a), ms.new_shape(a)
         dims = [k for k in range(m.ndim) if new[k] != m.shape[k]]
@@ -270,6 +277,26 @@ def _scatter_outputs(gm, ms, out_node):
         z = call(gm, out_node, aten.new_zeros.default, [a, size_args(gm, out_node, list(m.shape), dims_of(a), [a])])
         return call(gm, out_node, aten.index_copy.default, [z, k, constant(gm, out_node, idx[0].clone(), "out"), a])
     out_node.args = fx.node.map_aggregate(out_node.args, fix)
+
+
+def _shrink_states(gm, ms) -> None:
+    """The state inputs shrink: the example holds their kept part, and ``gm.meta[STATE]`` the keep mask of
+    each state input and output, by position among the flat inputs and outputs (what the oracle and
+    :func:`amgfx.generate` read)."""
+    if not ms.states:
+        return
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    outs = [a for a in pytree.tree_leaves(next(n for n in gm.graph.nodes if n.op == "output").args)
+            if isinstance(a, fx.Node)]
+    state = {"inputs": {inputs.index(s): ms.get(s) for s in ms.states},
+             "outputs": {i: ms.get(a) for i, a in enumerate(outs) if _is_state(ms, a)}}
+    args, kwargs = gm.meta[EXAMPLE]
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    flat = [t[state["inputs"][i]].reshape(ms.new_shape(inputs[i])) if i in state["inputs"] else t
+            for i, t in enumerate(flat)]
+    gm.meta[EXAMPLE] = pytree.tree_unflatten(flat, spec)
+    gm.meta[STATE] = state
+    drop_export_guards(gm)                   # it checks the captured cache sizes
 
 
 @graph_pass(requires=("params_shrunk", "token_rows", "live_rows"), ensures=("shapes_fixed",))
@@ -304,5 +331,6 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
                 fn(gm, ms, n)
     for n, pos, target in ms.gathers:
         _gather(gm, ms, n, pos, target)
+    _shrink_states(gm, ms)
     gm.meta[APPROXIMATE] = sorted({f"{n.name} ({opname(n.target)})" for n in ms.approximate})
     return gm

@@ -13,7 +13,7 @@ import amgfx
 from amgfx.analysis import residual
 from amgfx.graph import indexprop, liveness, masks
 from amgfx.graph.ops import (ADD_MATMUL, CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, LAYERS, LIKE, MOVE, NORMS, PAD, POINTWISE,
-                             REDUCTIONS, SOFTMAX, VECTOR_NORMS, VIEWS, register_fused_attention)
+                             REDUCTIONS, SOFTMAX, STATE_WRITE, VECTOR_NORMS, VIEWS, register_fused_attention)
 from amgfx.scoring.collectors import Collector, Watch
 from amgfx.scoring.criteria import Criterion
 
@@ -25,12 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, rules, must", [
     ("masks", masks.RULES, MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | SOFTMAX | set(REDUCTIONS) | LIKE | PAD
-     | set(FUSED_ATTENTION) | VECTOR_NORMS | set(ADD_MATMUL)),
+     | set(FUSED_ATTENTION) | VECTOR_NORMS | set(ADD_MATMUL) | set(STATE_WRITE)),
     ("liveness", liveness.RULES, MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | SOFTMAX | set(REDUCTIONS)
      | set(FUSED_ATTENTION) | VECTOR_NORMS),
     ("residual", residual.RULES, MOVE | VIEWS | IDENTITY | CONCAT | POINTWISE | set(NORMS) | SOFTMAX | set(REDUCTIONS)
      | LIKE | PAD | set(LAYERS) | {GETITEM} | VECTOR_NORMS),
-    ("index propagation", indexprop.FOLLOWS, MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | {GETITEM}),
+    ("index propagation", indexprop.FOLLOWS, MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | set(STATE_WRITE)
+     | {GETITEM}),
 ])
 def test_every_op_of_the_tables_has_a_rule(name, rules, must):
     missing = sorted(str(op) for op in must if op not in rules)

@@ -122,6 +122,17 @@ def keep_symbolic(old_args, old_sizes, new_sizes) -> list:
     return [o if c == s else c for o, s, c in zip(old_args, old_sizes, new_sizes)]
 
 
+def drop_export_guards(gm: fx.GraphModule) -> None:
+    """Remove torch.export's check of the captured input sizes (``_guards_fn``), for a graph that no longer
+    takes inputs of those sizes, or whose caller checks them itself."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn" and not n.users:
+            gm.graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
+
+
 def refresh_meta(gm: fx.GraphModule) -> None:
     """Re-run shape propagation with fake tensors so ``meta['val']`` describes the graph as it is now
     (at the example inputs ``gm.meta['amgfx_example']``)."""

@@ -30,7 +30,8 @@ import torch.fx as fx
 
 from ..errors import noted
 from .ops import (CONCAT, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, MOVE, NORMS, POINTWISE,
-                  POINTWISE_NONLINEAR, REDUCTIONS, TRANSPARENT, is_depthwise_conv, reduced_dims, run_move, where)
+                  POINTWISE_NONLINEAR, REDUCTIONS, STATE_WRITE, TRANSPARENT, is_depthwise_conv, reduced_dims, run_move,
+                  state_write_args, where)
 
 Lanes = list  # list[Tensor] or, for multi-output ops, list[list[Tensor]]
 
@@ -209,6 +210,16 @@ def _channel_ids(n: fx.Node, lane: torch.Tensor) -> torch.Tensor | None:
     return flat[..., :1].reshape(flat.shape[:2] + (1,) * (len(out) - 2)).expand(out).clone()
 
 
+def _state_ids(n: fx.Node, lane: torch.Tensor) -> torch.Tensor | None:
+    """A state write (a KV cache update) holds at every position the neurons its source holds: the source's
+    ids spread along the written dim, or None where they differ between the positions written."""
+    _, dim, _ = state_write_args(n)
+    first = lane.narrow(dim, 0, 1)
+    if not torch.equal(lane, first.expand_as(lane)):
+        return None
+    return first.expand(shape(n)).clone()
+
+
 def trace_back(start: fx.Node, tainted: set, *, allow_norms: bool = False, allow_channelwise: bool = False,
                budget: int = 400) -> Path:
     """Walk back from ``start`` through transparent ops to the layers producing it (``allow_norms``: and
@@ -356,7 +367,7 @@ def index_operands(n: fx.Node, x: torch.Tensor, gm: fx.GraphModule, cache: dict)
 
 # The ops propagate() runs on ids: data movement (executed as is), element-wise ops and norms (positions kept);
 # also pooling reductions (see pools), which keep the channels.
-FOLLOWS = frozenset(MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | {GETITEM})
+FOLLOWS = frozenset(MOVE | IDENTITY | CONCAT | POINTWISE | set(NORMS) | set(STATE_WRITE) | {GETITEM})
 
 
 def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1) -> tuple[dict, list]:
@@ -400,6 +411,13 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
                 elif is_depthwise_conv(n) or pools(n):       # channels kept, positions mixed or pooled
                     rule = _channel_ids if is_depthwise_conv(n) else _pool_ids
                     out = [rule(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None]
+                    if any(o is None for o in out):
+                        failed.append(n)
+                    else:
+                        env[n] = _dedupe(out)
+                elif t in STATE_WRITE:
+                    out = [_state_ids(n, lane) for lane in env[state_write_args(n)[2]]] \
+                        if state_write_args(n)[2] in env else [None]
                     if any(o is None for o in out):
                         failed.append(n)
                     else:

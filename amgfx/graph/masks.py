@@ -32,9 +32,9 @@ import torch.fx as fx
 from ..errors import RewriteError, noted
 from .indexprop import _concrete, _const, index_operands, is_layer, shape, tensor_args, val
 from .meta import TOKEN_ROWS
-from .ops import (ADD_MATMUL, CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS, PAD, POINTWISE,
-                  REDUCTIONS, SDPA, SOFTMAX, VECTOR_NORMS, add_matmul_args, is_depthwise_conv, opname, reduced_dims, run_move,
-                  sdpa_args, where)
+from .ops import (ADD_MATMUL, CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS,
+                  PAD, POINTWISE, REDUCTIONS, SDPA, SOFTMAX, STATE_WRITE, VECTOR_NORMS, add_matmul_args, is_depthwise_conv,
+                  opname, reduced_dims, run_move, sdpa_args, state_write_args, where)
 
 aten = torch.ops.aten
 
@@ -88,6 +88,7 @@ class Masks:
     gathers: list = field(default_factory=list)     # (node, arg position, target): operand keeps more than its
                                                      # user (target: the keep mask to gather to; None: the user's)
     approximate: list = field(default_factory=list)  # nodes that reduce over pruned elements (means, norms)
+    states: list = field(default_factory=list)       # state inputs (KV caches) that shrink with what is written
     _shapes: dict = field(default_factory=dict)
 
     def get(self, node):
@@ -322,6 +323,27 @@ def _reduce(n, ms, gm, cache):
     return m.any(dim=dims, keepdim=keep) if dims else m
 
 
+def _state_write(n, ms, gm, cache):
+    """A cache update keeps, at every position, what its source keeps. The state it writes into is a graph
+    input read nowhere else: it takes the same mask, so the pruned graph reads and returns a smaller cache."""
+    st, dim, src = state_write_args(n)
+    sm = ms.get(src)
+    if sm is None:
+        _fail(n, "it writes an unpruned source into a pruned state")
+    along = sm.any(dim, keepdim=True)
+    if not torch.equal(along.expand_as(sm), sm):
+        _fail(n, "the positions it writes keep different elements")
+    out = along.expand(shape(n))
+    if isinstance(st, fx.Node) and st.op == "placeholder":
+        if any(u is not n and u.op == "call_function" and u.target not in IGNORED_USERS for u in st.users):
+            _fail(n, f"its state input {st.name} is read by other ops too")
+        ms.env[st] = out.clone()
+        ms.states.append(st)
+    elif not torch.equal(_m(ms, st), out):
+        _fail(n, "the state it writes into keeps other elements than the source")
+    return out
+
+
 def _pad(n, ms, gm, cache):
     m = ms.get(n.args[0])
     pads = list(n.args[1])
@@ -357,6 +379,7 @@ RULES.update({t: _reduce for t in set(REDUCTIONS) | VECTOR_NORMS})
 RULES.update({t: _like for t in LIKE})
 RULES.update({t: _add_matmul for t in ADD_MATMUL})
 RULES.update({t: _pad for t in PAD})
+RULES.update({t: _state_write for t in STATE_WRITE})
 RULES.update({aten.sym_size.int: _size})
 
 

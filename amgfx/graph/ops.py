@@ -121,8 +121,21 @@ def add_matmul_args(n) -> tuple:
     beta = n.args[3] if len(n.args) > 3 else n.kwargs.get("beta", 1)
     alpha = n.args[4] if len(n.args) > 4 else n.kwargs.get("alpha", 1)
     return n.args[i], n.args[a], n.args[b], beta, alpha
+# Writes of new entries into a state tensor that the graph takes as an input and returns (a KV cache):
+# (state, dim, source) arg positions. Along every other dim the state holds what the source holds, so a
+# cache's head and head-dim axes carry the k/v projections' neurons and shrink with them.
+STATE_WRITE = {aten.index_copy.default: (0, 1, 3)}
+
+
+def state_write_args(n) -> tuple:
+    """(state, dim, source) of a :data:`STATE_WRITE` node, dim normalised to >= 0."""
+    s, d, src = STATE_WRITE[n.target]
+    dim = n.args[d]
+    return n.args[s], dim % len(n.meta["val"].shape), n.args[src]
+
+
 # Ops that move data without computing: a neuron keeps its identity through them.
-DATA_MOVEMENT = MOVE | IDENTITY | CONCAT | {GETITEM}
+DATA_MOVEMENT = MOVE | IDENTITY | CONCAT | set(STATE_WRITE) | {GETITEM}
 # Ops a neuron can be followed through: data movement plus element-wise maths.
 TRANSPARENT = DATA_MOVEMENT | POINTWISE
 # Side-effect-only nodes that read a tensor but produce nothing a pass must care about.
