@@ -59,11 +59,10 @@ def _lm(name):
     torch.manual_seed(0)
     common = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=128,
                   max_position_embeddings=64)
-    if name == "llama_gqa":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common)).eval(), 2, 16
-    if name == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=2, **common)).eval(), 2, 16
-    raise KeyError(name)
+    lm = {"llama_gqa": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common)),
+          "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=2, **common))}[name]().eval()
+    cfg = lm.config
+    return lm, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
 
 
 def _step_inputs(tok, pos, cache):

@@ -416,8 +416,8 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
                     else:
                         env[n] = _dedupe(out)
                 elif t in STATE_WRITE:
-                    out = [_state_ids(n, lane) for lane in env[state_write_args(n)[2]]] \
-                        if state_write_args(n)[2] in env else [None]
+                    src = state_write_args(n)[2]
+                    out = [_state_ids(n, lane) for lane in env[src]] if src in env else [None]
                     if any(o is None for o in out):
                         failed.append(n)
                     else:

@@ -88,11 +88,16 @@ class Masks:
     gathers: list = field(default_factory=list)     # (node, arg position, target): operand keeps more than its
                                                      # user (target: the keep mask to gather to; None: the user's)
     approximate: list = field(default_factory=list)  # nodes that reduce over pruned elements (means, norms)
-    states: list = field(default_factory=list)       # state inputs (KV caches) that shrink with what is written
     _shapes: dict = field(default_factory=dict)
 
     def get(self, node):
         return self.env.get(node) if isinstance(node, fx.Node) else None
+
+    @property
+    def states(self) -> list:
+        """The state inputs (KV caches) that shrink with what is written into them: the only graph inputs
+        with a mask (see :func:`_state_write`)."""
+        return [n for n in self.env if n.op == "placeholder"]
 
     def new_shape(self, node) -> tuple | None:
         """Packed shape of ``node``'s output (its original shape when nothing was dropped)."""
@@ -338,7 +343,6 @@ def _state_write(n, ms, gm, cache):
         if any(u is not n and u.op == "call_function" and u.target not in IGNORED_USERS for u in st.users):
             _fail(n, f"its state input {st.name} is read by other ops too")
         ms.env[st] = out.clone()
-        ms.states.append(st)
     elif not torch.equal(_m(ms, st), out):
         _fail(n, "the state it writes into keeps other elements than the source")
     return out
