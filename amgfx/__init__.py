@@ -15,9 +15,10 @@ from .planning.plan import Plan
 from .api import Scores, analyze, apply, plan_for, prune, reconstruct, score
 from .weights.recover import Iterative, distill_loss, recover
 from .verify import VerifyReport, verify
+from .decode import Decoder, decoder, generate
 from .files import LoadError, export_onnx, load, onnx_parity, ort_session, save
 
 __version__ = "0.1.0"
-__all__ = ["recover", "reconstruct", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
+__all__ = ["decoder", "generate", "Decoder", "recover", "reconstruct", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
            "CouplingGraph", "Group", "Member", "SNP", "AMG", "Taylor", "Magnitude", "Random",
            "AmgfxError", "CalibrationError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]

@@ -250,6 +250,10 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
     ``reconstruct=False`` skips that, ``reconstruct=True`` without ``calib`` fits on the example inputs).
     ``check`` (default True) holds the structural rewrite against the oracle before any refit.
 
+    ``model`` may also be an :func:`amgfx.decoder` (a causal LM's prefill and decode step over a KV cache):
+    then ``calib`` holds ``[batch, prompt_len]`` token ids, both graphs are rewritten by the one plan, the
+    cache shrinks with it, and the result is a Decoder for :func:`amgfx.generate`.
+
     ``schedule=amgfx.Iterative(steps=k, recover_steps=n)`` reaches ``target_flops`` in ``k``
     steps, re-scoring the pruned model and recovering it (:func:`amgfx.recover`, against the
     dense model) after each. The result's plan is then the composition of the steps, in the
@@ -265,6 +269,9 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
         >>> round(n(small) / n(m), 2), tuple(small(x).shape)
         (0.67, (1, 1000))
     """
+    if hasattr(model, "amgfx_prune"):      # a model of several graphs prunes itself (amgfx.Decoder)
+        return model.amgfx_prune(method=method, target_flops=target_flops, ratios=ratios, calib=calib,
+                                 loss_fn=loss_fn, plan=plan, reconstruct=reconstruct, schedule=schedule, **options)
     cg = _coupling(model, example_inputs, example_kwargs)
     if schedule is not None:
         if plan is not None or target_flops is None:

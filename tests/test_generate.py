@@ -1,0 +1,90 @@
+"""Pruned decoders generate: ``amgfx.decoder`` -> ``amgfx.prune`` -> ``amgfx.generate``, token for token
+the zeroed dense model's greedy decoding, with a cache smaller by what the plan keeps."""
+import pytest
+import torch
+
+import amgfx
+from amgfx.oracle import zeroed
+
+tf = pytest.importorskip("transformers")
+
+PLAN = {"qk": .25, "v": .25, "head": .5, "mlp": .25}
+PROMPTS = [[5, 17, 99, 2], [1, 2, 3, 4, 5, 6, 7]]       # two lengths: one row is left-padded
+
+
+def _lm(name):
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4, vocab_size=128,
+                  max_position_embeddings=64)
+    return {"llama_gqa": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common)),
+            "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=2, **common)),
+            "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=2, **common)),
+            "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128,
+                                                              n_positions=64)),
+            }[name]().eval()
+
+
+def _zeroed(dense, small):
+    """The dense decoder with the removed units zeroed in both graphs: what the pruned one must equal."""
+    cgs = small.meta["coupling"]
+    return amgfx.Decoder(prefill=zeroed(cgs["prefill"], small.plan), decode=zeroed(cgs["decode"], small.plan),
+                         batch=dense.batch, prompt_len=dense.prompt_len, max_len=dense.max_len,
+                         cache_shapes=dense.cache_shapes, vocab_size=dense.vocab_size)
+
+
+def _predicted_cache_bytes(dense, small):
+    """Per token slot, from the plan alone: every k/v unit that outlives the rewrite keeps its share of the cache."""
+    cg = small.meta["coupling"]["prefill"]
+    alive = small.plan.survivors(cg)
+    per_layer = sum(s[1] * s[3] for s in dense.cache_shapes) // len(dense.cache_shapes)   # one k (or v) tensor
+    return 4 * sum(len(alive[g.name]) * per_layer // g.units for g in cg.groups if g.kind in ("qk", "v"))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "mistral", "gpt2"])
+def test_a_pruned_decoder_generates_what_the_zeroed_model_generates(name):
+    dense = amgfx.decoder(_lm(name), max_len=48, prompt_len=8, batch=2)
+    small = amgfx.prune(dense, method="magnitude", ratios=PLAN, progress=False)
+    kinds = {k.split(":")[0] for k in small.plan.keep}
+    assert kinds == {"qk", "v", "head", "mlp"}, kinds
+    got = amgfx.generate(small, PROMPTS, max_new_tokens=32, eos_token_id=None)
+    want = amgfx.generate(_zeroed(dense, small), PROMPTS, max_new_tokens=32, eos_token_id=None)
+    assert got == want and all(len(r) == 32 for r in got)
+    assert small.cache_bytes_per_token() == _predicted_cache_bytes(dense, small) < dense.cache_bytes_per_token()
+    assert [tuple(t.shape) for t in small.empty_cache()] == small.cache_shapes
+
+
+def test_the_dense_decoder_decodes_as_hf_generate_and_a_padded_row_as_it_would_alone():
+    lm = _lm("llama_gqa")
+    dense = amgfx.decoder(lm, max_len=48, prompt_len=8, batch=2)
+    both = amgfx.generate(dense, PROMPTS, max_new_tokens=12, eos_token_id=None)
+    alone = amgfx.generate(dense, [PROMPTS[0]], max_new_tokens=12, eos_token_id=None)
+    assert both[0] == alone[0]
+    hf = lm.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=12, do_sample=False)
+    assert both[1] == hf[0, len(PROMPTS[1]):].tolist()
+
+
+def test_sampling_is_seeded_and_eos_stops_a_row():
+    dense = amgfx.decoder(_lm("llama_gqa"), max_len=48, prompt_len=8)
+    a, b, c = (amgfx.generate(dense, PROMPTS, max_new_tokens=16, do_sample=True, top_k=20, seed=s, eos_token_id=None)
+               for s in (1, 1, 2))
+    assert a == b != c
+    greedy = amgfx.generate(dense, PROMPTS, max_new_tokens=16, eos_token_id=None)
+    stop = greedy[0][3]
+    cut = amgfx.generate(dense, PROMPTS, max_new_tokens=16, eos_token_id=stop)
+    assert cut[0] == greedy[0][:greedy[0].index(stop) + 1]
+    other = greedy[1][:greedy[1].index(stop) + 1] if stop in greedy[1] else greedy[1]
+    assert cut[1] == other                          # the other row decodes on until its own EOS
+
+
+def test_bad_decoder_input_gets_one_clear_error():
+    dense = amgfx.decoder(_lm("gpt2"), max_len=16, prompt_len=4)
+    with pytest.raises(amgfx.AmgfxError, match="longer than the decoder's prompt_len=4"):
+        amgfx.generate(dense, [[1, 2, 3, 4, 5]], max_new_tokens=4)
+    with pytest.raises(amgfx.AmgfxError, match="do not fit the cache's max_len=16"):
+        amgfx.generate(dense, [[1, 2]], max_new_tokens=20)
+    with pytest.raises(amgfx.AmgfxError, match="outside the vocabulary"):
+        amgfx.generate(dense, [[1, 999]], max_new_tokens=4)
+    bert = tf.BertModel(tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=64))
+    with pytest.raises(amgfx.ModelSpecError, match="not a decoder-only causal LM"):
+        amgfx.decoder(bert)
