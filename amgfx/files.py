@@ -69,8 +69,13 @@ def _spec(ep) -> dict:
 
 
 def save(pruned: fx.GraphModule, directory) -> dict:
-    """Write ``model.pt2``, ``plan.json`` and ``manifest.json`` to ``directory``; returns the manifest."""
+    """Write ``model.pt2``, ``plan.json`` and ``manifest.json`` to ``directory``; returns the manifest.
+
+    A pruned :class:`amgfx.Decoder` is written as ``decoder.pt2`` holding both its programs (``prefill`` and
+    ``decode``), with its cache layout in the manifest (:func:`_save_decoder`)."""
     from importlib.metadata import version
+    if hasattr(pruned, "cache_shapes") and hasattr(pruned, "decode"):
+        return _save_decoder(pruned, directory)
     if not isinstance(pruned, fx.GraphModule) or EXAMPLE not in pruned.meta:
         raise AmgfxError("amgfx.save takes the GraphModule amgfx.prune/apply returned")
     os.makedirs(directory, exist_ok=True)
@@ -87,6 +92,75 @@ def save(pruned: fx.GraphModule, directory) -> dict:
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+DECODER = "amgfx.decoder/1"
+DECODER_FIELDS = ("batch", "prompt_len", "max_len", "cache_shapes", "vocab_size", "eos_token_id", "pad_token_id")
+
+
+def _save_decoder(dec, directory) -> dict:
+    """``decoder.pt2`` (programs ``prefill`` and ``decode``, each exported at its static example), plan, manifest."""
+    from importlib.metadata import version
+
+    from torch.export.pt2_archive._package import package_pt2
+    if not all(isinstance(m, fx.GraphModule) and EXAMPLE in m.meta for m in (dec.prefill, dec.decode)):
+        raise AmgfxError("amgfx.save takes a Decoder that amgfx.prune returned (its graphs are captured)")
+    os.makedirs(directory, exist_ok=True)
+    with foreign_errors(AmgfxError, "export of the decoder"):
+        eps = {"prefill": _export(dec.prefill), "decode": _export(dec.decode)}
+        package_pt2(os.path.join(directory, "decoder.pt2"), exported_programs=eps)
+    if dec.plan is not None:
+        dec.plan.save(os.path.join(directory, "plan.json"))
+    manifest = {"format": DECODER, "amgfx": version("amgfx"), "torch": torch.__version__,
+                **{k: getattr(dec, k) for k in DECODER_FIELDS}, "tokenizer": dec.meta.get("tokenizer"),
+                "programs": {k: _spec(ep) for k, ep in eps.items()},
+                "files": ["decoder.pt2"] + (["plan.json"] if dec.plan is not None else [])}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+class _OrtProgram:
+    """An onnxruntime session called like the graph it was exported from: tensors in, tensors out."""
+
+    def __init__(self, path):
+        self.session = ort_session(path)
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *args):
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, args)}
+        return [torch.from_numpy(a) for a in self.session.run(None, feed)]
+
+
+def _load_decoder(directory: str, manifest: dict, runtime: str = "torch"):
+    from torch.export.pt2_archive._package import load_pt2
+
+    from .decode.step import Decoder
+    from .graph.fx import tie_tensors
+    from .planning.plan import Plan
+    pt2 = os.path.join(directory, "decoder.pt2")
+    if not os.path.isfile(pt2):
+        raise LoadError(f"{pt2} not found; the manifest says this directory holds a decoder")
+    _refuse_pickles(pt2)
+    if runtime == "ort":
+        paths = [os.path.join(directory, f"{k}.onnx") for k in ("prefill", "decode")]
+        if not all(os.path.isfile(p) for p in paths):
+            raise LoadError(f"{directory} has no prefill.onnx and decode.onnx; write them with "
+                            "amgfx.export_onnx(decoder, directory) or amgfx prune ... --onnx")
+        prefill, step = (_OrtProgram(p) for p in paths)
+    elif runtime == "torch":
+        with foreign_errors(LoadError, describe=lambda e: f"{pt2}: cannot load ({type(e).__name__})"):
+            eps = load_pt2(pt2).exported_programs
+            prefill, step = eps["prefill"].module(), eps["decode"].module()
+        tie_tensors(prefill, step)             # the archive holds each program's weights; run on one copy
+    else:
+        raise LoadError(f"runtime must be 'torch' or 'ort', got {runtime!r}")
+    plan_path = os.path.join(directory, "plan.json")
+    fields = {k: manifest[k] for k in DECODER_FIELDS}
+    fields["cache_shapes"] = [tuple(s) for s in fields["cache_shapes"]]
+    return Decoder(prefill=prefill, decode=step, **fields,
+                   plan=Plan.load(plan_path) if os.path.isfile(plan_path) else None,
+                   meta={"tokenizer": manifest.get("tokenizer"), "manifest": manifest, "path": directory})
 
 
 def _refuse_pickles(path: str) -> None:
@@ -112,13 +186,26 @@ def _refuse_pickles(path: str) -> None:
                     raise LoadError(f"{path}: {fqn!r} is stored as a pickle; amgfx never unpickles (it could run code)")
 
 
-def load(path) -> fx.GraphModule:
+def load(path, *, runtime: str = "torch") -> fx.GraphModule:
     """Load what :func:`save` wrote (a directory, or its ``model.pt2``) as a GraphModule.
+
+    A saved decoder directory loads as an :class:`amgfx.Decoder` for :func:`amgfx.generate`; with
+    ``runtime="ort"`` its two graphs run in onnxruntime, from the ``prefill.onnx`` and ``decode.onnx``
+    that :func:`export_onnx` wrote beside it.
 
     ``result.meta`` holds ``amgfx_plan`` (a :class:`amgfx.Plan`, when saved) and ``amgfx_manifest``.
     """
     from .planning.plan import Plan
     path = os.fspath(path)
+    manifest_path = os.path.join(path, "manifest.json")
+    if os.path.isdir(path) and os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            try:
+                manifest = json.load(f)
+            except ValueError as e:
+                raise LoadError(f"{manifest_path}: not JSON ({e})") from None
+        if manifest.get("format") == DECODER:
+            return _load_decoder(path, manifest, runtime)
     directory, pt2 = (path, os.path.join(path, "model.pt2")) if os.path.isdir(path) else (os.path.dirname(path), path)
     if not os.path.isfile(pt2):
         raise LoadError(f"{pt2} not found; give a directory written by amgfx.save or amgfx prune --out")
@@ -174,12 +261,21 @@ def _for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
 def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
     """Export a pruned GraphModule (or an ExportedProgram) to ONNX at ``opset``, batch dynamic.
 
+    A pruned :class:`amgfx.Decoder` goes to the directory ``path`` as ``prefill.onnx`` and ``decode.onnx``
+    (static shapes, as captured), which ``amgfx.load(path, runtime="ort")`` runs.
+
     With ``lowering="auto"`` (the default), q/k padding that only serves PyTorch's CPU attention
     kernel is left out of the ONNX graph (:func:`_for_onnx`).
 
     The directory of ``path`` must exist (nothing is created behind the user's back).
     """
     path = os.fspath(path)
+    if hasattr(program_or_gm, "cache_shapes") and hasattr(program_or_gm, "decode"):   # an amgfx.Decoder
+        if not os.path.isdir(path):
+            raise AmgfxError(f"a decoder exports to a directory (prefill.onnx, decode.onnx); {path} is not one")
+        for k in ("prefill", "decode"):
+            export_onnx(getattr(program_or_gm, k), os.path.join(path, f"{k}.onnx"), opset=opset)
+        return path
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise AmgfxError(f"cannot write {path}: directory {parent} does not exist")

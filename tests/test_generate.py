@@ -88,3 +88,16 @@ def test_bad_decoder_input_gets_one_clear_error():
                                       intermediate_size=64, vocab_size=64))
     with pytest.raises(amgfx.ModelSpecError, match="not a decoder-only causal LM"):
         amgfx.decoder(bert)
+
+
+def test_a_saved_decoder_generates_the_same_from_pt2_and_from_onnxruntime(tmp_path):
+    dense = amgfx.decoder(_lm("qwen2"), max_len=32, prompt_len=8, batch=2)
+    small = amgfx.prune(dense, method="magnitude", ratios=PLAN, progress=False)
+    manifest = amgfx.save(small, tmp_path)
+    assert manifest["files"] == ["decoder.pt2", "plan.json"] and manifest["cache_shapes"] == small.cache_shapes
+    amgfx.export_onnx(small, tmp_path)
+    want = amgfx.generate(small, PROMPTS, max_new_tokens=16, eos_token_id=None)
+    back = amgfx.load(tmp_path)
+    assert isinstance(back, amgfx.Decoder) and back.plan.keep == small.plan.keep
+    assert amgfx.generate(back, PROMPTS, max_new_tokens=16, eos_token_id=None) == want
+    assert amgfx.generate(amgfx.load(tmp_path, runtime="ort"), PROMPTS, max_new_tokens=16, eos_token_id=None) == want

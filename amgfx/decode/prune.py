@@ -12,7 +12,7 @@ import dataclasses
 import torch
 
 from ..errors import AmgfxError, ModelSpecError
-from ..graph.fx import get_attr, replace_attr
+from ..graph.fx import tie_tensors
 from ..graph.meta import STATE
 
 __all__ = ["capture_decoder", "prune_decoder"]
@@ -45,17 +45,6 @@ def capture_decoder(dec, *, seed: int = 0):
     return cgs[0], cgs[1]
 
 
-def _tie(src, dst) -> None:
-    """Make ``dst`` use ``src``'s tensors wherever a parameter or buffer has the same name and shape."""
-    for fqn, t in list(src.named_parameters()) + list(src.named_buffers()):
-        try:
-            old = get_attr(dst, fqn)
-        except AttributeError:
-            continue
-        if isinstance(old, torch.Tensor) and old.shape == t.shape and old.dtype == t.dtype:
-            replace_attr(dst, fqn, t, old)
-
-
 def prune_decoder(dec, *, method="snp", target_flops=None, ratios=None, calib=None, loss_fn=None, plan=None,
                   reconstruct=None, check: bool = True, **options):
     """:func:`amgfx.prune` for a :class:`Decoder`: plan on the prefill, rewrite prefill and decode step.
@@ -78,7 +67,7 @@ def prune_decoder(dec, *, method="snp", target_flops=None, ratios=None, calib=No
     prefill, step = apply(cg_p, plan, check=check), apply(cg_d, plan, check=check)
     if (calib is not None if reconstruct is None else reconstruct) and plan.keep:
         prefill = refit(prefill, cg_p, calib_in, progress=options.get("progress", True))
-    _tie(prefill, step)                       # one set of weights (refitted ones included) for both graphs
+    tie_tensors(prefill, step)                     # one set of weights (refitted ones included) for both graphs
     states = [(prefill.meta.get(STATE) or {}).get("inputs", {}), (step.meta.get(STATE) or {}).get("inputs", {})]
     shapes = list(dec.cache_shapes)
     places = [n for n in prefill.graph.nodes if n.op == "placeholder"]

@@ -15,7 +15,7 @@ from .ops import FUSED_ATTENTION, sdpa_args
 
 aten = torch.ops.aten
 
-__all__ = ["get_attr", "set_attr", "replace_attr", "copy_module", "del_attr", "constant", "call", "size_args",
+__all__ = ["get_attr", "set_attr", "replace_attr", "tie_tensors", "copy_module", "del_attr", "constant", "call", "size_args",
            "keep_symbolic", "dims_of", "refresh_meta", "remove_marked"]
 
 
@@ -38,6 +38,21 @@ def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
 def replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor, old: torch.Tensor) -> None:
     """Put ``value`` at ``fqn`` as the same kind of attribute ``old`` was (trainable Parameter or buffer)."""
     set_attr(gm, fqn, nn.Parameter(value, old.requires_grad) if isinstance(old, nn.Parameter) else value)
+
+
+def tie_tensors(src: nn.Module, dst: nn.Module) -> int:
+    """Make ``dst`` hold ``src``'s tensors wherever a parameter or buffer has the same name, shape and dtype
+    (two graphs of one model, e.g. a decoder's prefill and decode step); returns how many were tied."""
+    tied = 0
+    for fqn, t in list(src.named_parameters()) + list(src.named_buffers()):
+        try:
+            old = get_attr(dst, fqn)
+        except AttributeError:
+            continue
+        if isinstance(old, torch.Tensor) and old.shape == t.shape and old.dtype == t.dtype:
+            replace_attr(dst, fqn, t.data if isinstance(t, nn.Parameter) else t, old)
+            tied += 1
+    return tied
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
