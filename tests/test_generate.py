@@ -101,3 +101,62 @@ def test_a_saved_decoder_generates_the_same_from_pt2_and_from_onnxruntime(tmp_pa
     assert isinstance(back, amgfx.Decoder) and back.plan.keep == small.plan.keep
     assert amgfx.generate(back, PROMPTS, max_new_tokens=16, eos_token_id=None) == want
     assert amgfx.generate(amgfx.load(tmp_path, runtime="ort"), PROMPTS, max_new_tokens=16, eos_token_id=None) == want
+
+
+def _byte_lm():
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+
+
+def test_amgfx_generate_prunes_saves_and_decodes_again_from_the_saved_directory(tmp_path, capsys, monkeypatch):
+    from amgfx.cli import main
+    from amgfx.decode import lm
+    monkeypatch.setattr(lm, "bench_lm", lambda progress=True: _byte_lm())     # the trained LM, minus minutes
+    out = tmp_path / "lm"
+    assert main(["generate", "amgfx-lm", "--prompt", "Return the", "--max-new-tokens", "8", "--prompt-len", "16",
+                 "--ratios", "qk=0.25,v=0.25,mlp=0.5", "--calib-samples", "4", "--out", str(out), "--json"]) == 0
+    first = __import__("json").loads(capsys.readouterr().out)
+    assert first["pruned"]["cache_bytes_per_token"] < first["dense"]["cache_bytes_per_token"]
+    assert len(first["pruned"]["tokens"][0]) == 8
+    assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "8", "--json"]) == 0
+    again = __import__("json").loads(capsys.readouterr().out)
+    assert again["saved"]["tokens"] == first["pruned"]["tokens"]
+    assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4", "-q"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("   saved: ")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--prompt", "x" * 40, "--max-new-tokens", "4"], "longer than the decoder's prompt_len=16"),
+    (["--prompt", "hi", "--max-new-tokens", "40"], "do not fit the cache's max_len"),
+])
+def test_amgfx_generate_says_in_one_line_what_is_wrong_with_the_input(tmp_path, capsys, argv, says):
+    from amgfx.cli import main
+    dense = amgfx.decoder(_byte_lm(), max_len=24, prompt_len=16)
+    small = amgfx.prune(dense, method="magnitude", ratios={"mlp": .5}, progress=False)
+    amgfx.save(small, tmp_path)
+    assert main(["generate", str(tmp_path), *argv]) == 2
+    msg = capsys.readouterr().err.strip()
+    assert says in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_amgfx_generate_refuses_a_model_that_is_not_a_decoder_in_one_line(tmp_path, capsys):
+    from amgfx.cli import main
+    tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                  vocab_size=64).save_pretrained(tmp_path / "bert")
+    assert main(["generate", "vit_tiny_patch16_224", "--prompt", "hi"]) == 2
+    assert "is not amgfx-lm" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "bert"), "--prompt", "hi"]) == 2
+    msg = capsys.readouterr().err.strip()
+    assert len(msg.splitlines()) == 1 and ("not a decoder-only causal LM" in msg or "not a causal LM" in msg), msg
+
+
+def test_a_decoder_calibrated_on_token_windows_is_refit_and_both_graphs_read_the_refit_weights():
+    dense = amgfx.decoder(_lm("llama_gqa"), max_len=24, prompt_len=8, batch=2)
+    calib = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    small = amgfx.prune(dense, method="snp", ratios=PLAN, calib=calib, progress=False)
+    fits = small.prefill.meta["amgfx_reconstruction"]["layers"]
+    assert fits and all(f["after"] <= f["before"] for f in fits)
+    for f in fits:                                  # the decode step runs on the same refit tensors
+        assert small.decode.get_parameter(f["weight"]).data_ptr() == small.prefill.get_parameter(f["weight"]).data_ptr()
+    assert len(amgfx.generate(small, PROMPTS, max_new_tokens=8, eos_token_id=None)[1]) == 8

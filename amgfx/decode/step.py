@@ -100,6 +100,20 @@ def _layout(lm: nn.Module) -> tuple[int, int, int]:
     return layers, kv, head_dim
 
 
+@torch.no_grad()
+def _check_causal(lm: nn.Module, vocab: int) -> None:
+    """Refuse a model whose earlier positions see later tokens (an encoder with an LM head, e.g. BERT's
+    ``BertLMHeadModel`` without ``is_decoder``): a KV cache would change what it computes."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab, (1, 4), generator=g)
+    b = a.clone()
+    b[0, -1] = (a[0, -1] + 1) % vocab
+    la, lb = (lm(input_ids=x, use_cache=False).logits[0, :-1] for x in (a, b))
+    if not torch.allclose(la, lb, atol=1e-5, rtol=1e-4):
+        raise ModelSpecError(f"{type(lm).__name__} is not a decoder-only causal LM: its earlier positions see later "
+                             "tokens, so a KV cache cannot serve it")
+
+
 @dataclass
 class Decoder:
     """A causal LM as two static graphs over one KV cache: ``prefill`` (``prompt_len`` tokens) and
@@ -119,6 +133,11 @@ class Decoder:
     pad_token_id: int = 0
     plan: object = None                  # the amgfx.Plan both graphs were pruned by, when pruned
     meta: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        state = "pruned" if self.plan is not None else "dense"
+        return (f"Decoder({state}, batch={self.batch}, prompt_len={self.prompt_len}, max_len={self.max_len}, "
+                f"{len(self.cache_shapes) // 2} layers, cache {self.cache_bytes_per_token():,} bytes/token)")
 
     def amgfx_prune(self, **options) -> "Decoder":
         """What :func:`amgfx.prune` calls for a Decoder (see :func:`amgfx.decode.prune.prune_decoder`)."""
@@ -161,6 +180,7 @@ def decoder(lm: nn.Module, *, max_len: int = 64, prompt_len: int = 16, batch: in
     if not 0 < prompt_len < max_len:
         raise ModelSpecError(f"need 0 < prompt_len < max_len, got prompt_len={prompt_len}, max_len={max_len}")
     layers, kv, hd = _layout(lm)
+    _check_causal(lm, lm.config.vocab_size)
     step = Step(lm).eval()
     cfg = lm.config
     eos = getattr(cfg, "eos_token_id", None)

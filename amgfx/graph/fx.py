@@ -15,7 +15,7 @@ from .ops import FUSED_ATTENTION, sdpa_args
 
 aten = torch.ops.aten
 
-__all__ = ["get_attr", "set_attr", "replace_attr", "tie_tensors", "copy_module", "del_attr", "constant", "call", "size_args",
+__all__ = ["get_attr", "set_attr", "replace_attr", "tie_tensors", "state_inputs", "copy_module", "del_attr", "constant", "call", "size_args",
            "keep_symbolic", "dims_of", "refresh_meta", "remove_marked"]
 
 
@@ -53,6 +53,22 @@ def tie_tensors(src: nn.Module, dst: nn.Module) -> int:
             replace_attr(dst, fqn, t.data if isinstance(t, nn.Parameter) else t, old)
             tied += 1
     return tied
+
+
+def state_inputs(gm: fx.GraphModule, flat: list) -> list:
+    """Flat inputs at the dense model's shapes, with every state input (a KV cache) the pruned ``gm``
+    reads smaller (``gm.meta[STATE]``) cut to its kept elements: how data made for the dense model (a
+    reconstruction's calibration, a recovery's batches) feeds the pruned one. Other inputs pass as they are."""
+    from .meta import STATE
+    masks = (gm.meta.get(STATE) or {}).get("inputs")
+    if not masks:
+        return list(flat)
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = list(flat)
+    for i, mask in masks.items():
+        if isinstance(out[i], torch.Tensor) and out[i].shape == mask.shape:
+            out[i] = out[i][mask].reshape(places[i].meta["val"].shape)
+    return out
 
 
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -78,9 +78,17 @@ def _check(i: int, args, kwargs, ex_args, ex_kwargs) -> int:
     got = list(args) + [kwargs.get(k) for k in ex_kwargs]
     want = list(ex_args) + list(ex_kwargs.values())
     names = [f"input {j}" for j in range(len(ex_args))] + [repr(k) for k in ex_kwargs]
+    # the batch is dim 0 of the inputs that share the first input's leading size; another input (a
+    # decode step's cache slots) has no batch dim and must be as in the example
+    lead = next((w.shape[0] for w in want if isinstance(w, torch.Tensor) and w.dim()), None)
     batch = None
     for name, g, w in zip(names, got, want):
         if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(g, torch.Tensor) and (w.dim() == 0 or w.shape[0] != lead):
+            if tuple(g.shape) != tuple(w.shape):
+                raise CalibrationError(f"calibration batch {i}: {name} has shape {list(g.shape)}, but the example "
+                                       f"inputs have {list(w.shape)} (it has no batch dim)")
             continue
         if not isinstance(g, torch.Tensor):
             raise CalibrationError(f"calibration batch {i}: {name} is missing (expected a tensor of shape "

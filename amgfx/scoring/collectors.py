@@ -148,7 +148,8 @@ def qk_scores(q: torch.Tensor, k: torch.Tensor, cols: torch.Tensor, units: int, 
     q, k = q.double(), k.double()
     _, rq = torch.linalg.qr(q)                          # [P, H, r, d]
     _, rk = torch.linalg.qr(k)
-    p, s, wh = torch.linalg.svd(rq @ rk.transpose(-1, -2))   # rq rk^T = P diag(s) W^T
+    # thin: with fewer queries than keys (a prefill over a longer cache) rq and rk have unequal rows
+    p, s, wh = torch.linalg.svd(rq @ rk.transpose(-1, -2), full_matrices=False)   # rq rk^T = P diag(s) W^T
     a = p.transpose(-1, -2) @ rq                        # [P, H, r, d]: u_j^T Q_c
     b = wh @ rk                                         # v_j^T K_c
     if isinstance(gamma, int) or gamma >= 1:

@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from ..analysis.records import make_layer
 from ..errors import AmgfxError
-from ..graph.fx import get_attr, replace_attr
+from ..graph.fx import get_attr, replace_attr, state_inputs
 from ..graph.indexprop import is_layer, layer_input
 from ..graph.ops import LINEAR_LAYERS
 
@@ -94,7 +94,7 @@ def _input_of(gm, node: str, flat) -> torch.Tensor:
     run = _Upto(gm, {node: layer_input(n)})
     with torch.no_grad():
         try:
-            run.run(*flat)
+            run.run(*state_inputs(gm, flat))
         except _Reached:
             pass
     return run.got[node]

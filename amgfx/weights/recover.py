@@ -40,11 +40,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 import torch.utils._pytree as pytree
 
 from ..errors import AmgfxError
+from ..graph.fx import state_inputs
 from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
 
 __all__ = ["recover", "distill_loss", "Iterative", "LOSSES"]
@@ -115,6 +117,11 @@ def _check_batch(student, args, kwargs) -> None:
     if want is not None and got is not None and want.shape[0] != got.shape[0]:
         raise AmgfxError(f"this pruned model was captured with a static batch of {want.shape[0]}, but a recovery "
                          f"batch has {got.shape[0]}; use batches of {want.shape[0]}")
+
+
+def _own(student, args) -> tuple:
+    """The student's positional inputs: a state input (KV cache) it reads smaller is cut to its kept elements."""
+    return tuple(state_inputs(student, list(args))) if isinstance(student, fx.GraphModule) else args
 
 
 def _n_args(student) -> int:
@@ -203,7 +210,7 @@ def distill_loss(student, teacher, data, *, loss: str = "kd", temperature: float
     with _eval(teacher), _eval(student):
         for b in data:
             args, kwargs, _ = _parts(b, n_args)
-            s, t = first_output(student(*args, **kwargs)), first_output(teacher(*args, **kwargs))
+            s, t = first_output(student(*_own(student, args), **kwargs)), first_output(teacher(*args, **kwargs))
             total += float(_distil(loss, s, t, temperature, kwargs)) * s.shape[0]
             n += s.shape[0]
     if not n:
@@ -285,7 +292,7 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
                 _check_batch(student, args, kwargs)
             with torch.no_grad():
                 t = first_output(teacher(*args, **kwargs))
-            out = student(*args, **kwargs)
+            out = student(*_own(student, args), **kwargs)
             value = alpha * _distil(loss, first_output(out), t, temperature, kwargs) if alpha else 0.0
             if alpha < 1.0:
                 value = value + (1.0 - alpha) * _task(task_loss, out, labels)

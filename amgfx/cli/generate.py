@@ -1,0 +1,180 @@
+"""``amgfx generate``: decode text with a causal LM, dense and (optionally) pruned, side by side."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from ..errors import AmgfxError
+from ._common import err, fraction, ratios
+
+GENERATE_HELP = """Decode text from MODEL with a KV cache: the prompt is prefilled once, then one decode step
+per new token. With --target-flops or --ratios the model is first pruned (the prefill and the decode
+step by one plan, the cache shrinking with the kv heads and head dims removed) and both the dense and
+the pruned model generate; --out saves the pruned decoder (decoder.pt2 with both programs).
+
+MODEL is one of:
+  amgfx-lm   a byte-level LLaMA-shaped LM (3M parameters) trained on standard-library docstrings;
+             trained on first use (a few minutes on 2 cores) and cached in ~/.cache/amgfx
+  DIR        a Hugging Face causal LM directory (config.json, tokenizer; random weights if none)
+  DIR        a decoder saved by amgfx generate --out or amgfx.save (add --ort to run its ONNX files)
+
+calibration (when pruning): --calib-samples windows of the standard-library training text."""
+
+EXAMPLES = """examples:
+  amgfx generate amgfx-lm --prompt "Return the number of"
+  amgfx generate amgfx-lm --prompt "Return the number of" --target-flops 0.7 --out lm70 --onnx
+  amgfx generate lm70 --prompt "Create a new" --max-new-tokens 48
+  amgfx generate lm70 --prompt "Create a new" --ort --sample --top-k 20 --seed 1
+"""
+
+
+def _tokenizer(spec):
+    """(encode, decode, name) for ``"bytes"`` or a Hugging Face directory."""
+    if spec in (None, "bytes"):
+        from ..decode.lm import decode, encode
+        return encode, decode, "bytes"
+    import transformers as tf
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AmgfxError(f"{spec} has no usable tokenizer ({type(e).__name__}); amgfx generate needs one") from None
+    return (lambda t: tok(t, add_special_tokens=False)["input_ids"]), tok.decode, spec
+
+
+def _source(a):
+    """(dense Decoder or None, saved Decoder or None, tokenizer spec, description)."""
+    from .. import files
+    from ..decode import lm
+    if a.model == lm.NAME:
+        model = lm.bench_lm(progress=not a.quiet)
+        return model, None, "bytes", f"{lm.NAME}: byte-level LLaMA ({sum(p.numel() for p in model.parameters()):,} " \
+                                     "params, trained on standard-library docstrings)"
+    if not os.path.isdir(a.model):
+        raise AmgfxError(f"{a.model!r} is not {lm.NAME}, a Hugging Face causal LM directory or a saved decoder")
+    manifest = os.path.join(a.model, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            kind = json.load(f).get("format")
+        if kind != files.DECODER:
+            raise AmgfxError(f"{a.model} is a saved amgfx model, not a decoder (prune decoders with amgfx generate --out)")
+        saved = files.load(a.model, runtime="ort" if a.ort else "torch")
+        return None, saved, saved.meta.get("tokenizer"), f"saved decoder {a.model}"
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        raise AmgfxError(f"{a.model} is a directory without config.json or manifest.json")
+    import transformers as tf
+    has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(a.model))
+    try:
+        cfg = tf.AutoConfig.from_pretrained(a.model)
+        model = (tf.AutoModelForCausalLM.from_pretrained(a.model) if has_weights else
+                 tf.AutoModelForCausalLM.from_config(cfg)).eval()
+    except (ValueError, KeyError) as e:
+        raise AmgfxError(f"{a.model} is not a causal LM ({str(e).splitlines()[0][:120]})") from None
+    return model, None, a.model, f"HF {type(model).__name__}" + ("" if has_weights else " (random weights)")
+
+
+def _calib(enc_name, encode, prompt_len, n, batch):
+    import torch
+
+    from .. import data
+    from ..decode import lm
+    if enc_name == "bytes":
+        w = lm.windows("train", prompt_len, n, stride=997)
+    else:
+        rows = [encode(t)[:prompt_len] for t in data.text("calib", n)]
+        rows = [r for r in rows if len(r) == prompt_len] or rows
+        w = torch.tensor([r + [0] * (prompt_len - len(r)) for r in rows])
+    return [w[i:i + batch] for i in range(0, len(w) - batch + 1, batch)]
+
+
+def _run(dec, rows, a):
+    from ..decode import generate
+    t0 = time.perf_counter()
+    out = generate(dec, rows, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
+                   top_k=a.top_k, seed=a.seed)
+    return out, sum(len(r) for r in out) / max(time.perf_counter() - t0, 1e-9)
+
+
+def cmd_generate(a) -> int:
+    from ..decode import decoder
+    from ..files import export_onnx, save
+    if a.ort and (a.target_flops or a.ratios):
+        return err("--ort runs a saved decoder's ONNX files; prune without it, with --out DIR --onnx")
+    try:
+        dense_lm, saved, tok_spec, what = _source(a)
+        if saved is None:
+            dense = decoder(dense_lm, max_len=a.prompt_len + a.max_new_tokens, prompt_len=a.prompt_len)
+        encode, decode_text, tok_name = _tokenizer(tok_spec)
+        rows = [encode(p) for p in a.prompt]
+        if saved is None:
+            prompt_len = max([a.prompt_len] + [len(r) for r in rows])
+            if prompt_len > a.prompt_len:
+                dense = decoder(dense_lm, max_len=prompt_len + a.max_new_tokens, prompt_len=prompt_len)
+            dense.meta["tokenizer"] = tok_name
+        runs = {}
+        if saved is not None:
+            runs["saved"] = saved
+        else:
+            runs["dense"] = dense
+        if a.target_flops or a.ratios:
+            import amgfx
+            calib = _calib(tok_name, encode, dense.prompt_len, a.calib_samples, dense.batch)
+            small = amgfx.prune(dense, method=a.method, target_flops=a.target_flops, ratios=a.ratios, calib=calib,
+                                reconstruct=not a.no_reconstruct, progress=not a.quiet)
+            small.meta["tokenizer"] = tok_name
+            runs["pruned"] = small
+            if a.out:
+                save(small, a.out)
+                if a.onnx:
+                    export_onnx(small, a.out)
+        elif a.out:
+            return err("--out saves a pruned decoder: give --target-flops or --ratios")
+        texts = {k: _run(d, rows, a) for k, d in runs.items()}
+    except AmgfxError as e:
+        return err(str(e).splitlines()[0])
+    if a.json:
+        print(json.dumps({"model": a.model, "prompts": a.prompt,
+                          **{k: {"tokens": t, "text": [decode_text(r) for r in t], "tokens_per_s": round(s, 1),
+                                 "cache_bytes_per_token": runs[k].cache_bytes_per_token()}
+                             for k, (t, s) in texts.items()}}))
+        return 0
+    if not a.quiet:
+        print(what)
+        if "pruned" in runs:
+            flops = runs["pruned"].plan.meta.get("flops", {})
+            kept = f"FLOPs {flops['planned'] / flops['dense']:.1%} of dense, " if flops else ""
+            print(f"pruned: {kept}KV cache {runs['dense'].cache_bytes_per_token():,} -> "
+                  f"{runs['pruned'].cache_bytes_per_token():,} bytes per token"
+                  + (f"; saved to {a.out}" if a.out else ""))
+    for i, p in enumerate(a.prompt):
+        print(f"prompt: {p!r}")
+        for k, (toks, speed) in texts.items():
+            print(f"  {k:>6}: {decode_text(toks[i])!r}" + ("" if a.quiet else f"   ({speed:.0f} tokens/s)"))
+    return 0
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="decode text with a KV cache, dense and pruned side by side",
+                       description=GENERATE_HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("model", help="amgfx-lm | HF causal LM dir | saved decoder dir")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    g.add_argument("--prompt-len", type=int, default=64,
+                   help="prompt slots of a decoder built here; shorter prompts are left-padded (default 64)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest tokens only")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p = g.add_argument_group("pruning (the decoder is pruned first when one of these is given)")
+    p.add_argument("--target-flops", type=fraction, default=None, help="fraction of dense FLOPs to keep")
+    p.add_argument("--ratios", type=ratios, default=None, help="fraction removed per kind, e.g. qk=0.25,v=0.25,mlp=0.5")
+    p.add_argument("--method", default="snp", help="criterion (default snp)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares refit of the kept weights")
+    p.add_argument("--out", metavar="DIR", help="save the pruned decoder here (decoder.pt2, plan.json, manifest.json)")
+    p.add_argument("--onnx", action="store_true", help="with --out: also write DIR/prefill.onnx and DIR/decode.onnx")
+    g.add_argument("--ort", action="store_true", help="run a saved decoder's ONNX files in onnxruntime")
+    g.add_argument("--json", action="store_true", help="print tokens, text and speed as JSON")
+    g.add_argument("--quiet", "-q", action="store_true", help="print the generated text only")
+    g.set_defaults(func=cmd_generate)
