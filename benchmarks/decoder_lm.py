@@ -75,7 +75,7 @@ def main(argv=None):
             small = amgfx.prune(dense, method=method, target_flops=target, calib=calib, reconstruct=False,
                                 progress=False)
             cg = small.meta["coupling"]["prefill"]
-            calib_in = [small.prefill_inputs(x) for x in calib]
+            calib_in = [dense.prefill_inputs(x) for x in calib]   # dense-shaped: the refit runs both
             fit = amgfx.reconstruct(small.prefill, cg, calib_in, progress=False)
             f = small.plan.meta["flops"]
             row = {"name": method, "target": target, "flops": amgfx.cost.measure_flops(small.prefill) / amgfx.cost.measure_flops(cg.gm),
@@ -86,7 +86,7 @@ def main(argv=None):
             if target == 0.5 and (best is None or row["ppl_fit"] < best[0]["ppl_fit"]):
                 best = (row, small, fit)
     row, small, fit = best
-    rec = amgfx.recover(fit, small.meta["coupling"]["prefill"].gm, [small.prefill_inputs(x) for x in calib],
+    rec = amgfx.recover(fit, small.meta["coupling"]["prefill"].gm, [dense.prefill_inputs(x) for x in calib],
                         steps=a.recover_steps, lr=1e-3, progress=False)
     ppl_rec = ppl(rec, small, ev)
     print("recovered", ppl_rec, flush=True)

@@ -25,8 +25,8 @@ calibration (when pruning): --calib-samples windows of the standard-library trai
 EXAMPLES = """examples:
   amgfx generate amgfx-lm --prompt "Return the number of"
   amgfx generate amgfx-lm --prompt "Return the number of" --target-flops 0.7 --out lm70 --onnx
-  amgfx generate lm70 --prompt "Create a new" --max-new-tokens 48
-  amgfx generate lm70 --prompt "Create a new" --ort --sample --top-k 20 --seed 1
+  amgfx generate lm70 --prompt "Create a new" --max-new-tokens 24
+  amgfx generate lm70 --prompt "Create a new" --ort --sample --top-k 5 --seed 1
 """
 
 
