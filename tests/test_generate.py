@@ -160,3 +160,17 @@ def test_a_decoder_calibrated_on_token_windows_is_refit_and_both_graphs_read_the
     for f in fits:                                  # the decode step runs on the same refit tensors
         assert small.decode.get_parameter(f["weight"]).data_ptr() == small.prefill.get_parameter(f["weight"]).data_ptr()
     assert len(amgfx.generate(small, PROMPTS, max_new_tokens=8, eos_token_id=None)[1]) == 8
+
+
+@pytest.mark.slow
+def test_amgfx_generate_trains_the_benchmark_lm_on_first_use_and_prunes_it(tmp_path, monkeypatch):
+    """From a fresh clone: amgfx-lm is trained (minutes) into an empty cache, then pruned and decoded."""
+    import subprocess
+    import sys
+    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "amgfx", "generate", "amgfx-lm", "--prompt", "Return the",
+                          "--target-flops", "0.7", "--out", str(tmp_path / "lm70"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = __import__("json").loads(run.stdout)
+    assert len(out["pruned"]["tokens"][0]) == 32 and (tmp_path / "lm70" / "decoder.pt2").is_file()
