@@ -19,6 +19,8 @@ def _lm(name):
     return {"llama_gqa": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common)),
             "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=2, **common)),
             "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=2, **common)),
+            "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4,
+                                                                      num_experts_per_tok=2, **common)),
             "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128,
                                                               n_positions=64)),
             }[name]().eval()
@@ -40,7 +42,7 @@ def _predicted_cache_bytes(dense, small):
     return 4 * sum(len(alive[g.name]) * per_layer // g.units for g in cg.groups if g.kind in ("qk", "v"))
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "mistral", "gpt2", "mixtral"])
 def test_a_pruned_decoder_generates_what_the_zeroed_model_generates(name):
     dense = amgfx.decoder(_lm(name), max_len=48, prompt_len=8, batch=2)
     small = amgfx.prune(dense, method="magnitude", ratios=PLAN, progress=False)

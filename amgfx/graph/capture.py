@@ -17,6 +17,7 @@ from .canonical import spell_out_shape_of
 from .fold import fold_batch_norms
 from .fx import refresh_meta
 from .meta import CAPTURED, DIMS, DYNAMIC_BATCH, EXAMPLE
+from .ops import register_library_layers
 
 __all__ = ["capture", "as_args"]
 
@@ -195,6 +196,7 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
         warnings.simplefilter("ignore")
         ep, dynamic = _export(model, args, kwargs, dynamic_batch, lambda exc: _describe_failure(model, exc, stack))
     gm = ep.module()
+    register_library_layers()     # ops a library registered while the model ran (MoE grouped matmuls)
     missing = [n.name for n in gm.graph.nodes
                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and "val" not in n.meta]
     if missing:

@@ -89,13 +89,15 @@ def weight_source(node) -> tuple[fx.Node, bool] | None:
 
 
 def _is_2d_transpose(n: fx.Node) -> bool:
+    """A swap of the last two dims (of a 2-D weight, or of stacked expert weights ``[E, out, in]``)."""
     aten = torch.ops.aten
     v = val(n.args[0]) if isinstance(n.args[0], fx.Node) else None
-    if not isinstance(v, torch.Tensor) or v.dim() != 2:
+    if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3):
         return False
-    return n.target in (aten.t.default, aten.numpy_T.default) or \
-        (n.target is aten.transpose.int and {a % 2 for a in n.args[1:3]} == {0, 1}) or \
-        (n.target is aten.permute.default and list(n.args[1]) == [1, 0])
+    d = v.dim()
+    return (d == 2 and n.target in (aten.t.default, aten.numpy_T.default)) or \
+        (n.target is aten.transpose.int and {a % d for a in n.args[1:3]} == {d - 2, d - 1}) or \
+        (n.target is aten.permute.default and list(n.args[1]) == [*range(d - 2), d - 1, d - 2])
 
 
 def layer_input(node: fx.Node) -> fx.Node | None:

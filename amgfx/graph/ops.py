@@ -155,6 +155,29 @@ LAYERS = {
 }
 # The subset whose output channel is a plain linear function of the input channel vector.
 LINEAR_LAYERS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+
+# Grouped matmuls over stacked expert weights (MoE): ``x [tokens, in] @ W[e] [in, out]`` for the experts'
+# token ranges, W ``[E, in, out]``. Per token a linear layer whose output channel j is the same
+# channel of every expert, so expert MLPs prune as one MLP whose neuron j spans all experts.
+#   (namespace, op name): LAYERS spec
+# (aten._grouped_mm is not listed yet: on CPU it needs 16-byte strides, which pruned widths need not keep)
+GROUPED_LAYERS = {("transformers", "grouped_mm_fallback"): (0, 1, None, 2, 1)}
+
+
+GROUPED: set = set()                 # the GROUPED_LAYERS ops registered so far (register_library_layers)
+
+
+def register_library_layers() -> None:
+    """Add the :data:`GROUPED_LAYERS` ops that are registered now (a library defines them on import) to
+    LAYERS and LINEAR_LAYERS; capture calls this, so a model's own op is known when its graph is read."""
+    for (ns, name), spec in GROUPED_LAYERS.items():
+        try:
+            op = getattr(getattr(torch.ops, ns), name).default
+        except (AttributeError, RuntimeError):
+            continue
+        LAYERS.setdefault(op, spec)
+        LINEAR_LAYERS.add(op)
+        GROUPED.add(op)
 CONVS = {aten.conv1d.default, aten.conv2d.default}
 # conv args after (input, weight, bias): stride, padding, dilation, groups
 CONV_GROUPS = 6

@@ -32,6 +32,7 @@ from ..errors import InternalError, RewriteError, foreign_errors
 from ..graph.branches import remove_branch
 from ..graph.fx import copy_module
 from ..graph.indexprop import shape, val
+from ..graph.ops import GROUPED
 from ..graph.masks import propagate_masks
 from ..graph.meta import EXAMPLE
 from ..graph.ops import SDPA, sdpa_args
@@ -84,15 +85,26 @@ def _build(spec, mode):
     return spec[1]
 
 
+def _grouped_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """A grouped matmul multiplies every token with one expert's ``[in, out]`` weight: 2 x tokens x in x out."""
+    return 2 * math.prod(x_shape[:-1]) * w_shape[-2] * w_shape[-1]
+
+
+def counter():
+    """``FlopCounterMode`` with formulas for the library ops it does not know (MoE grouped matmuls,
+    :data:`amgfx.graph.ops.GROUPED`), which it would otherwise count as free."""
+    from torch.utils.flop_counter import FlopCounterMode
+    return FlopCounterMode(display=False, custom_mapping={op._overloadpacket: _grouped_flops for op in GROUPED})
+
+
 def _count(target, args_spec, kwargs_spec) -> int:
     """FLOPs ``FlopCounterMode`` counts for one call of ``target`` on fake tensors of these specs."""
     key = (target, args_spec, kwargs_spec)
     if key not in _COUNTS:
-        from torch.utils.flop_counter import FlopCounterMode
         mode = _fake_mode()
         args = [_build(s, mode) for s in args_spec]
         kwargs = {k: _build(s, mode) for k, s in kwargs_spec}
-        with mode, FlopCounterMode(display=False) as fc:
+        with mode, counter() as fc:
             target(*args, **kwargs)
         _COUNTS[key] = int(fc.get_total_flops())
     return _COUNTS[key]
@@ -222,9 +234,8 @@ def _predict(cg, plan, per_node: bool = False) -> dict:
 
 
 def measure_flops(gm, example=None) -> int:
-    """FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward (:func:`counter`)."""
     args, kwargs = example if example is not None else gm.meta[EXAMPLE]
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), counter() as fc:
         gm(*args, **kwargs)
     return fc.get_total_flops()

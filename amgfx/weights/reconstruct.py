@@ -45,7 +45,7 @@ from ..analysis.records import make_layer
 from ..errors import AmgfxError
 from ..graph.fx import get_attr, replace_attr, state_inputs
 from ..graph.indexprop import is_layer, layer_input
-from ..graph.ops import LINEAR_LAYERS
+from ..graph.ops import LAYERS, LINEAR_LAYERS
 
 __all__ = ["LayerFit", "refit_layers", "qk_scales", "scale_rows", "chunks"]
 
@@ -132,7 +132,9 @@ class _Target:
 
 def _fittable(gm, n: fx.Node) -> bool:
     if n.target in LINEAR_LAYERS:
-        return True
+        # stacked expert weights (a grouped matmul) would need one fit per expert on its own tokens: not yet
+        w = n.args[LAYERS[n.target][1]]
+        return not isinstance(w, fx.Node) or w.meta["val"].dim() == 2
     if n.target is aten.conv2d.default or n.target is aten.conv1d.default:
         w = n.args[1].meta["val"]
         groups = n.args[6] if len(n.args) > 6 else 1
