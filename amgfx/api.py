@@ -4,6 +4,7 @@ The flow runs one way: model -> graph -> coupling groups -> scores -> plan -> pa
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -152,6 +153,7 @@ def select(cg: CouplingGraph, scores: dict, ratios: dict) -> Plan:
 def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="snp", target_flops: float | None = None,
              ratios: dict | None = None, tokens: float | None = None, calib=None, loss_fn=None, kinds=None,
              round_to: int | str = "auto", min_keep: float = 0.1, protect=(), same_head_dim: bool = True, blocks: bool = False,
+             target_latency: float | None = None, runtime: str = "eager", measure_latency: bool = True,
              seed: int = 0, progress: bool = True) -> Plan:
     """Score the model's coupling groups and decide what to keep; nothing is rewritten.
 
@@ -169,6 +171,15 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
     or MLP branch go when its units rank lowest (block removal: fewer ops, not only narrower ones;
     the plan lists such a group with no unit kept).
 
+    ``target_latency`` (instead of ``target_flops``) is a fraction of the dense model's time at the
+    example inputs (their batch size) in ``runtime`` (``"eager"``, ``"inductor"`` or ``"ort"``). The
+    budget then spends predicted milliseconds, not FLOPs (:mod:`amgfx.planning.latency`: op times
+    measured once on this machine, cached on disk); with ``measure_latency`` (the default) the plan
+    is then rewritten and timed beside the dense model in that runtime, and where the measured
+    fraction misses the target by more than 0.01 the goal is scaled by target over measured (by
+    at most 1.5x or 2/3x a round) and planned again (up to 4 rounds). ``plan.meta["latency"]`` holds predicted and measured fractions
+    and every round.
+
     Example:
         >>> import torch, timm, amgfx
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
@@ -179,10 +190,17 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         True
     """
     from .planning.budget import allocate, select_tokens
-    if target_flops is not None and ratios is not None:
-        raise AmgfxError("give target_flops or ratios, not both")
+    if sum(x is not None for x in (target_flops, ratios, target_latency)) > 1:
+        raise AmgfxError("give one of target_flops, target_latency or ratios")
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
-    if target_flops is None:
+    if target_latency is not None:
+        if not isinstance(target_latency, (int, float)) or not 0.0 < float(target_latency) <= 1.0:
+            raise AmgfxError(f"target_latency must be a fraction in (0, 1], got {target_latency!r}")
+        from .bench import RUNTIMES
+        if runtime not in RUNTIMES:
+            raise AmgfxError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
+    elif target_flops is None:
         ratios = (DEFAULT_RATIOS if tokens is None else {}) if ratios is None else ratios
         kinds = tuple(k for k in KINDS if ratios.get(k, 0) and (kinds is None or k in kinds))
     else:
@@ -195,7 +213,11 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
     if tokens:
         base.tokens = select_tokens(cg, s.tokens, float(tokens), min_keep=min_keep, protect=protect)
         base.meta["tokens"] = float(tokens)
-    if target_flops is None:
+    if target_latency is not None:
+        plan = _latency_plan(cg, s.units, float(target_latency), runtime, measure_latency, progress,
+                             dict(round_to=round_to, min_keep=min_keep, protect=protect, base=base,
+                                  same_head_dim=same_head_dim, blocks=blocks))
+    elif target_flops is None:
         plan = select(cg, s.units, ratios)
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
@@ -203,6 +225,62 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
                         base=base, same_head_dim=same_head_dim, blocks=blocks)
     plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
                       "seed": seed, "calibration_samples": s.samples})
+    return plan
+
+
+LATENCY_ROUNDS = 4        # plans measured at most, per target_latency
+LATENCY_TOLERANCE = 0.01  # a measured fraction this close to the target is on it
+
+
+def _latency_plan(cg, units: dict, target: float, runtime: str, measure: bool, progress: bool, options: dict) -> Plan:
+    """The plan of :func:`amgfx.planning.budget.allocate` at ``target_latency``, measured in ``runtime``.
+
+    The prediction sums eager op times; a runtime that fuses ops (or a noisy machine) runs the plan
+    faster or slower than predicted, so the goal is scaled by target / measured and planned again
+    until the measured fraction is within :data:`LATENCY_TOLERANCE` of the target. Of the plans
+    measured, the slowest one within target + tolerance is returned (the least pruned that meets it).
+    """
+    import tempfile
+
+    from .bench import paired, runner
+    from .planning.budget import allocate
+    from .planning.latency import OpTimes
+    times = OpTimes()
+    goal, rounds, plans = target, [], []
+    plan = allocate(cg, units, target_latency=goal, times=times, **options)
+    lat = plan.meta["latency"]
+    predicted = lambda p: p.meta["latency"]["planned_ms"] / p.meta["latency"]["dense_ms"]
+    if not measure:
+        lat.update({"runtime": runtime, "predicted": round(predicted(plan), 4)})
+        return plan
+    args, kwargs = cg.gm.meta[EXAMPLE]
+    work = tempfile.mkdtemp(prefix="amgfx-latency-")
+    dense = runner(cg.gm, runtime, work)
+    say = (lambda *x: print(*x, file=sys.stderr, flush=True)) if progress else (lambda *x: None)
+    for i in range(LATENCY_ROUNDS):
+        if i:
+            try:
+                plan = allocate(cg, units, target_latency=goal, times=times, **options)
+            except AmgfxError:        # the corrected goal is below the smallest plan: keep what was measured
+                break
+        m = paired(dense, runner(apply(cg, plan, check=False), runtime, work), args, kwargs)
+        rounds.append({"goal": round(goal, 4), "predicted": round(predicted(plan), 4), "measured": round(m["ratio"], 4),
+                       "dense_ms": round(m["dense_ms"], 3), "pruned_ms": round(m["pruned_ms"], 3)})
+        plans.append(plan)
+        say(f"latency round {i + 1}: goal {goal:.3f} of predicted time, measured {m['ratio']:.3f} of dense in {runtime}")
+        if abs(m["ratio"] - target) <= LATENCY_TOLERANCE:
+            break
+        # damped: one noisy measurement must not throw the goal to 1 (or to 0)
+        goal = min(1.0, max(0.02, goal * min(1.5, max(2 / 3, target / m["ratio"]))))
+    within = [i for i, r in enumerate(rounds) if r["measured"] <= target + LATENCY_TOLERANCE]
+    pick = max(within, key=lambda i: rounds[i]["measured"]) if within else min(
+        range(len(rounds)), key=lambda i: rounds[i]["measured"])
+    if not within:
+        warnings.warn(f"target_latency={target} in {runtime} was not reached: the fastest plan measured runs at "
+                      f"{rounds[pick]['measured']:.3f} of dense", stacklevel=3)
+    plan = plans[pick]
+    plan.meta["latency"].update({"runtime": runtime, "predicted": rounds[pick]["predicted"],
+                                 "measured": rounds[pick]["measured"], "rounds": rounds})
     return plan
 
 

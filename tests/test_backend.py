@@ -34,7 +34,7 @@ def test_entry_point_is_discovered_from_the_installed_package():
     assert ep.load() is be.amgfx_backend
 
 
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])   # inductor: 76 s
 def test_vit_matches_prune_and_recompiles_on_new_shapes(analysed_model, inner):
     m, (x,), _, cg = analysed_model("vit")
     plan = amgfx.plan_for(cg, method="magnitude", ratios=RATIOS, progress=False)

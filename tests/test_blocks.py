@@ -98,6 +98,7 @@ def test_a_plan_says_why_a_group_cannot_go_to_zero(analysed_model):
         amgfx.Plan(keep={f"qk:{site.name}": []}).validate(cg)
 
 
+@pytest.mark.slow      # 56 s on 2 cores: two budget searches with blocks on and off
 def test_the_budget_removes_a_weak_block_only_when_asked(analysed_model):
     _, _, _, cg = analysed_model("bert_minilm")
     scores = {g.name: np.linspace(0.5, 1.5, g.units) for g in cg.groups if g.kind in ("qk", "v", "head", "mlp")}

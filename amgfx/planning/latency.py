@@ -1,0 +1,270 @@
+"""Latency model: a plan's milliseconds, from op times measured once on this machine and cached.
+
+A captured graph runs its aten ops one after another, so its time is close to the sum of its
+ops' times. Every op is timed in eager PyTorch on real tensors of the shapes it has (the captured
+ones for the dense model; for a plan, the shapes :func:`amgfx.planning.cost.planned` gives from
+the keep masks, so nothing is rewritten), and each time is stored on disk
+(``$XDG_CACHE_HOME/amgfx/latency/``, one file per machine, torch release and thread count), so it
+is measured once, not once per plan.
+
+- **Ops that count FLOPs** (linears, matmuls, convolutions, attention): a width the plan narrows
+  is snapped to the grid of sixteenths of its dense size and the time is interpolated between the
+  grid points around it, multilinear over up to three narrowed sizes (a linear narrows two: its in
+  and out features). A whole budget search then measures each op at a few grid shapes, not at
+  every width it tries.
+- **The rest** (norms, adds, activations, data movement): their arguments hold the captured sizes
+  (a reshape's target shape), so they cannot run at planned shapes; each is timed at its captured
+  shape and scaled by the fraction of its output the plan keeps, never below the time of the
+  cheapest op (a kernel launch costs that whatever the size).
+
+The sum is a forecast for eager PyTorch. inductor and onnxruntime fuse the element-wise ops and
+pick other GEMM kernels, so for them it ranks plans but does not forecast them;
+:func:`amgfx.plan_for` with ``target_latency`` measures the plan in that runtime and corrects the
+goal (see :func:`amgfx.api.plan_for`).
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+    >>> times = OpTimes(path=None)                      # in memory only
+    >>> t = predict_ms(cg, amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(96))}), times)
+    >>> 0 < t["pruned"] < t["dense"]
+    True
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.fx as fx
+
+from ..errors import InternalError, RewriteError, foreign_errors
+from ..graph.indexprop import shape, val
+from .cost import _costly, _spec, attention_override, planned
+
+__all__ = ["OpTimes", "predict_ms", "default_path"]
+
+GRID = 16            # narrowed widths snap to sixteenths of the dense width
+MAX_VARIABLES = 3    # more narrowed sizes than this in one op: measured at its exact shape
+
+
+def default_path() -> str:
+    """The cache file of this machine, torch release and thread count."""
+    key = "|".join([platform.machine(), platform.processor(), str(os.cpu_count()), torch.__version__,
+                    str(torch.get_num_threads())])
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "amgfx", "latency", f"ops-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json")
+
+
+def _tensor(spec):
+    shp, dtype, device = spec[1], spec[2], spec[3]
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shp, dtype=dtype, device=device)
+    if dtype == torch.bool:
+        return torch.ones(shp, dtype=dtype, device=device)
+    return torch.zeros(shp, dtype=dtype, device=device)      # index tensors: 0 is always in range
+
+
+def _real(spec):
+    kind = spec[0]
+    if kind == "T":
+        return _tensor(spec)
+    if kind == "L":
+        items = [_real(x) for x in spec[2]]
+        return tuple(items) if spec[1] == "tuple" else items
+    return spec[1]
+
+
+def _clock(fn, runs: int = 5, least_s: float = 2e-3) -> float:
+    """Median milliseconds of ``fn()``: at least ``runs`` runs and ``least_s`` seconds, after two warm-ups."""
+    fn()
+    fn()
+    ts: list = []
+    while len(ts) < runs or (sum(ts) < least_s and len(ts) < 200):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+class OpTimes:
+    """Measured milliseconds of aten ops at given argument specs, kept in a JSON file.
+
+    ``path=None`` keeps them in memory only. :attr:`measured` counts the ops timed by this object
+    (not read from the file), so a caller can see the cache at work.
+
+    Example:
+        >>> t = OpTimes(path=None)
+        >>> spec = (("T", (64, 64), torch.float32, "cpu"), ("T", (64, 64), torch.float32, "cpu"))
+        >>> ms = t.time(torch.ops.aten.mm.default, spec, ())
+        >>> ms > 0, t.time(torch.ops.aten.mm.default, spec, ()) == ms, t.measured
+        (True, True, 1)
+    """
+
+    def __init__(self, path: str | None = "default"):
+        self.path = default_path() if path == "default" else path
+        self.measured = 0
+        self._dirty = False
+        self._ms: dict = {}
+        if self.path and os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    self._ms = json.load(f)
+            except (OSError, ValueError):     # a torn or foreign file: measure again
+                self._ms = {}
+
+    def time(self, target, args_spec, kwargs_spec) -> float | None:
+        """Milliseconds of one call, or None where the op cannot run on made-up tensors of these specs."""
+        key = f"{target}|{args_spec!r}|{kwargs_spec!r}"
+        if key not in self._ms:
+            try:
+                with torch.inference_mode():
+                    args = [_real(s) for s in args_spec]
+                    kwargs = {k: _real(s) for k, s in kwargs_spec}
+                    self._ms[key] = _clock(lambda: target(*args, **kwargs))
+            except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+                self._ms[key] = None
+            self.measured += 1
+            self._dirty = True
+        return self._ms[key]
+
+    def floor(self) -> float:
+        """The time of the cheapest op (an add of two scalars): what any kernel launch costs."""
+        s = ("T", (), torch.float32, "cpu")
+        return self.time(torch.ops.aten.add.Tensor, (s, s), ()) or 0.0
+
+    def save(self) -> None:
+        if not (self.path and self._dirty):
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self._ms, f)
+        os.replace(tmp, self.path)        # atomic: a parallel run reads the old file or the new one
+        self._dirty = False
+
+
+def _specs(n: fx.Node, shp, override: dict):
+    from .cost import _device
+    device = _device(n)
+    args = tuple(_spec(a, shp, override, device) for a in n.args)
+    kwargs = tuple(sorted((k, _spec(v, shp, override, device)) for k, v in n.kwargs.items()))
+    return args, kwargs
+
+
+def _snap(dense: int, width: int) -> tuple[int, int]:
+    """The grid points around ``width`` (equal when it is on the grid)."""
+    step = max(1, -(-dense // GRID))
+    lo = max(1, (width // step) * step)
+    if lo == width:
+        return lo, lo
+    return lo, min(dense, lo + step)
+
+
+def _swap(spec, dense_spec, corner: dict):
+    """``spec`` with every size that differs from ``dense_spec`` replaced by ``corner[(dense, planned)]``."""
+    if spec[0] == "T":
+        return ("T", tuple(corner.get((d, s), s) if d != s else s for s, d in zip(spec[1], dense_spec[1])),
+                spec[2], spec[3])
+    if spec[0] == "L":
+        return ("L", spec[1], tuple(_swap(a, b, corner) for a, b in zip(spec[2], dense_spec[2])))
+    return spec
+
+
+def _narrowed(spec, dense_spec, out: set) -> None:
+    if spec[0] == "T" and len(spec[1]) == len(dense_spec[1]):
+        out.update((d, s) for s, d in zip(spec[1], dense_spec[1]) if d != s)
+    elif spec[0] == "L" and len(spec[2]) == len(dense_spec[2]):
+        for a, b in zip(spec[2], dense_spec[2]):
+            _narrowed(a, b, out)
+
+
+def _interpolated(times: OpTimes, n: fx.Node, spec, dense_spec) -> float | None:
+    """Time of a FLOP-counting op at planned ``spec``: multilinear between grid shapes around it."""
+    sizes: set = set()
+    for a, b in zip(spec[0], dense_spec[0]):
+        _narrowed(a, b, sizes)
+    for (_, a), (_, b) in zip(spec[1], dense_spec[1]):
+        _narrowed(a, b, sizes)
+    sizes = sorted(sizes)
+    if not sizes or len(sizes) > MAX_VARIABLES:
+        return times.time(n.target, *spec)
+    grid = [_snap(d, s) for d, s in sizes]
+    total = 0.0
+    for pick in itertools.product((0, 1), repeat=len(sizes)):
+        w, corner = 1.0, {}
+        for (d, s), (lo, hi), p in zip(sizes, grid, pick):
+            x = 0.0 if hi == lo else (s - lo) / (hi - lo)
+            w *= x if p else 1.0 - x
+            corner[(d, s)] = hi if p else lo
+        if w == 0.0:
+            continue
+        args = tuple(_swap(a, b, corner) for a, b in zip(spec[0], dense_spec[0]))
+        kwargs = tuple((k, _swap(a, b, corner)) for (k, a), (_, b) in zip(spec[1], dense_spec[1]))
+        t = times.time(n.target, args, kwargs)
+        if t is None:
+            return None
+        total += w * t
+    return total
+
+
+def _timed(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and not n.name.startswith("_guards")]
+
+
+def _numel(s) -> int:
+    return math.prod(s) if s is not None else 1
+
+
+def _dense_ms(times: OpTimes, n: fx.Node) -> float:
+    return times.time(n.target, *_specs(n, shape, {})) or 0.0
+
+
+def predict_ms(cg, plan, times: OpTimes | None = None, *, per_node: bool = False) -> dict:
+    """Milliseconds of one forward at the example inputs, dense and after ``plan`` (eager PyTorch).
+
+    Returns ``{"dense": ms, "pruned": ms}`` (and ``"nodes"``: ``{"dense": {node: ms}, "pruned": {...}}``
+    with ``per_node``). ``times`` defaults to this machine's cache file, which is written back.
+    """
+    times = times if times is not None else OpTimes()
+    with foreign_errors(InternalError, "latency prediction"):
+        out = _predict_ms(cg, plan, times, per_node)
+    times.save()
+    return out
+
+
+def _predict_ms(cg, plan, times: OpTimes, per_node: bool) -> dict:
+    floor = times.floor()
+    cached = cg.__dict__.get("_dense_ms")               # the budget asks again and again
+    if cached is None or cached[0] is not times:
+        cached = cg.__dict__["_dense_ms"] = (times, {n.name: _dense_ms(times, n) for n in _timed(cg.gm)})
+    dense = cached[1]
+    r, gm, ms = planned(cg, plan)
+    costly = set(_costly(gm))
+    pruned = {}
+    for n in _timed(gm):
+        base = dense.get(n.name)
+        if base is None:                        # a gather the row passes inserted: timed as it is captured
+            base = _dense_ms(times, n)
+        try:
+            new = ms.new_shape(n) if isinstance(val(n), torch.Tensor) else None
+        except RewriteError:                    # an unpacked intermediate of an unsplit fused qkv
+            new = shape(n)
+        if n in costly:
+            t = _interpolated(times, n, _specs(n, ms.new_shape, attention_override(n, r, ms)), _specs(n, shape, {}))
+            pruned[n.name] = t if t is not None else base * _numel(new) / max(1, _numel(shape(n)))
+        else:
+            frac = _numel(new) / max(1, _numel(shape(n))) if isinstance(val(n), torch.Tensor) else 1.0
+            pruned[n.name] = max(min(floor, base), base * frac)
+    out = {"dense": sum(dense.values()), "pruned": sum(pruned.values())}
+    if per_node:
+        out["nodes"] = {"dense": dense, "pruned": pruned}
+    return out
