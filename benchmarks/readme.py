@@ -124,6 +124,14 @@ def zoo() -> list[str]:
             "[benchmarks/results/zoo.md](benchmarks/results/zoo.md))"]
 
 
+def latency_budget() -> list[str]:
+    """How many latency plans ran within the target, with the command that timed them."""
+    lines = _read("latency_budget.md")
+    counts = next(l for l in lines if l.startswith("**Within"))
+    return [f"{counts} ({_command(lines)}; DeiT-S and MiniLM, eager / onnxruntime / inductor, batch 1 and 8; "
+            "per row in [benchmarks/results/latency_budget.md](benchmarks/results/latency_budget.md))"]
+
+
 def copy(name: str) -> list[str]:
     """A result file as it is, less its title: for the README sections that show one whole."""
     body = _read(f"{name}.md")
@@ -145,7 +153,7 @@ def block(name: str) -> list[str]:
         case, runtime, b = arg.rsplit("-", 2)
         return profile_table(case, runtime, int(b))
     return {"verdict": speed_verdict, "gpu": gpu_line, "tool_cost": tool_cost, "levers": levers,
-            "levers_accuracy": levers_accuracy, "zoo": zoo}[kind]()
+            "levers_accuracy": levers_accuracy, "zoo": zoo, "latency_budget": latency_budget}[kind]()
 
 
 def render(text: str, prefix: str = "") -> str:
