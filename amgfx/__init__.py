@@ -16,7 +16,8 @@ from .api import Scores, analyze, apply, plan_for, prune, reconstruct, score
 from .weights.recover import Iterative, distill_loss, recover
 from .verify import VerifyReport, verify
 from .decode import Decoder, decoder, generate
-from .files import LoadError, export_onnx, load, onnx_parity, ort_session, save
+from .files import LoadError, load, save
+from .runtime import export_onnx, onnx_parity, ort_session
 
 __version__ = "0.1.0"
 __all__ = ["decoder", "generate", "Decoder", "recover", "reconstruct", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",

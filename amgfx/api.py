@@ -196,7 +196,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
     if target_latency is not None:
         if not isinstance(target_latency, (int, float)) or not 0.0 < float(target_latency) <= 1.0:
             raise AmgfxError(f"target_latency must be a fraction in (0, 1], got {target_latency!r}")
-        from .bench import RUNTIMES
+        from .runtime import RUNTIMES
         if runtime not in RUNTIMES:
             raise AmgfxError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
@@ -242,7 +242,7 @@ def _latency_plan(cg, units: dict, target: float, runtime: str, measure: bool, p
     """
     import tempfile
 
-    from .bench import paired, runner
+    from .runtime import paired, runner
     from .planning.budget import allocate
     from .planning.latency import OpTimes
     times = OpTimes()
@@ -279,7 +279,8 @@ def _latency_plan(cg, units: dict, target: float, runtime: str, measure: bool, p
         warnings.warn(f"target_latency={target} in {runtime} was not reached: the fastest plan measured runs at "
                       f"{rounds[pick]['measured']:.3f} of dense", stacklevel=3)
     plan = plans[pick]
-    plan.meta["latency"].update({"runtime": runtime, "predicted": rounds[pick]["predicted"],
+    plan.meta["target_latency"] = target         # allocate recorded the corrected goal it was given
+    plan.meta["latency"].update({"runtime": runtime, "goal": rounds[pick]["goal"], "predicted": rounds[pick]["predicted"],
                                  "measured": rounds[pick]["measured"], "rounds": rounds})
     return plan
 

@@ -28,31 +28,21 @@ import json
 import os
 import zipfile
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import AmgfxError, foreign_errors
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
+from .runtime import export_program, ort_session
 
-__all__ = ["save", "load", "export_onnx", "ort_session", "onnx_parity", "example_inputs", "LoadError"]
+__all__ = ["save", "load", "example_inputs", "LoadError"]
 
 MANIFEST = "amgfx.saved/1"
 
 
 class LoadError(AmgfxError):
     """A saved directory or .pt2 archive that cannot (or must not) be loaded."""
-
-
-def _export(gm: fx.GraphModule):
-    """torch.export of a pruned GraphModule at its example inputs, batch dynamic when captured so."""
-    from .graph.capture import _batch_spec
-    args, kwargs = gm.meta[EXAMPLE]
-    spec = _batch_spec(gm, args, kwargs) if gm.meta.get(DYNAMIC_BATCH) else None
-    if spec is not None:
-        return torch.export.export(gm, spec[0], spec[1], dynamic_shapes=spec[2], strict=False)
-    return torch.export.export(gm, args, kwargs, strict=False)
 
 
 def _spec(ep) -> dict:
@@ -79,7 +69,7 @@ def save(pruned: fx.GraphModule, directory) -> dict:
     if not isinstance(pruned, fx.GraphModule) or EXAMPLE not in pruned.meta:
         raise AmgfxError("amgfx.save takes the GraphModule amgfx.prune/apply returned")
     os.makedirs(directory, exist_ok=True)
-    ep = _export(pruned)
+    ep = export_program(pruned)
     torch.export.save(ep, os.path.join(directory, "model.pt2"))
     plan = pruned.meta.get(PLAN)
     if plan is not None:
@@ -107,7 +97,7 @@ def _save_decoder(dec, directory) -> dict:
         raise AmgfxError("amgfx.save takes a Decoder that amgfx.prune returned (its graphs are captured)")
     os.makedirs(directory, exist_ok=True)
     with foreign_errors(AmgfxError, "export of the decoder"):
-        eps = {"prefill": _export(dec.prefill), "decode": _export(dec.decode)}
+        eps = {"prefill": export_program(dec.prefill), "decode": export_program(dec.decode)}
         package_pt2(os.path.join(directory, "decoder.pt2"), exported_programs=eps)
     if dec.plan is not None:
         dec.plan.save(os.path.join(directory, "plan.json"))
@@ -244,98 +234,3 @@ def example_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, vocab: int
         else:
             leaves.append(torch.randint(0, vocab, shape, generator=g, dtype=dtype))
     return pytree.tree_unflatten(leaves, ep.call_spec.in_spec)
-
-
-def _for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
-    """The graph to hand the ONNX exporter: without the q/k (or v) zero-padding ``lower_attention``
-    adds for PyTorch's CPU flash kernel (``lowering="auto"``). onnxruntime's Attention takes unequal
-    head dims, and ran 4-5% faster without the padding on MiniLM and DeiT-S at 50% FLOPs, batch 8."""
-    from .graph.fx import copy_module
-    from .passes.lower_attention import is_lowered, unlower
-    plan = gm.meta.get(PLAN)
-    if not is_lowered(gm) or plan is None or plan.options.get("lowering", "auto") != "auto":
-        return gm
-    return unlower(copy_module(gm))
-
-
-def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
-    """Export a pruned GraphModule (or an ExportedProgram) to ONNX at ``opset``, batch dynamic.
-
-    A pruned :class:`amgfx.Decoder` goes to the directory ``path`` as ``prefill.onnx`` and ``decode.onnx``
-    (static shapes, as captured), which ``amgfx.load(path, runtime="ort")`` runs.
-
-    With ``lowering="auto"`` (the default), q/k padding that only serves PyTorch's CPU attention
-    kernel is left out of the ONNX graph (:func:`_for_onnx`).
-
-    The directory of ``path`` must exist (nothing is created behind the user's back).
-    """
-    path = os.fspath(path)
-    if hasattr(program_or_gm, "cache_shapes") and hasattr(program_or_gm, "decode"):   # an amgfx.Decoder
-        if not os.path.isdir(path):
-            raise AmgfxError(f"a decoder exports to a directory (prefill.onnx, decode.onnx); {path} is not one")
-        for k in ("prefill", "decode"):
-            export_onnx(getattr(program_or_gm, k), os.path.join(path, f"{k}.onnx"), opset=opset)
-        return path
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise AmgfxError(f"cannot write {path}: directory {parent} does not exist")
-    ep = program_or_gm if isinstance(program_or_gm, torch.export.ExportedProgram) else \
-        program_or_gm.meta.get("amgfx_program") or _export(_for_onnx(program_or_gm))
-    import contextlib
-    import io
-    import warnings
-
-    from .graph.capture import _quiet_torch_logs
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
-        warnings.simplefilter("ignore")       # the exporter reports every optimisation step it tries
-        with foreign_errors(AmgfxError, "ONNX export"):
-            torch.onnx.export(ep, (), path, dynamo=True, opset_version=opset, external_data=False, verbose=False)
-    return path
-
-
-def ort_session(path, *, threads: int | None = None, profile: bool = False, spinning: bool = True):
-    """An onnxruntime session tuned for inference: all graph optimisations, one intra-op thread per
-    available core, sequential execution, CUDA when present. ``spinning=False`` stops idle worker
-    threads from busy-waiting, which would steal cores from whatever runs next (side-by-side timing).
-
-    Example:
-        >>> import tempfile, os, torch, timm, amgfx
-        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
-        >>> small = amgfx.prune(m, torch.randn(1, 3, 32, 32), method="magnitude", ratios={"mlp": 0.5})
-        >>> p = amgfx.export_onnx(small, os.path.join(tempfile.mkdtemp(), "m.onnx"))
-        >>> s = amgfx.ort_session(p)
-        >>> s.run(None, {s.get_inputs()[0].name: torch.randn(4, 3, 32, 32).numpy()})[0].shape
-        (4, 1000)
-    """
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    so.intra_op_num_threads = threads or cores
-    so.inter_op_num_threads = 1
-    so.enable_profiling = profile
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(os.fspath(path), so, providers=providers)
-
-
-def onnx_parity(onnx_path, gm, args=(), kwargs=None) -> float:
-    """Largest error of onnxruntime against ``gm(*args, **kwargs)``, relative to the largest output magnitude."""
-    sess = ort_session(onnx_path)
-    leaves = [t for t in pytree.tree_leaves((tuple(args), dict(kwargs or {}))) if isinstance(t, torch.Tensor)]
-    names = [i.name for i in sess.get_inputs()]
-    if len(names) != len(leaves):
-        raise AmgfxError(f"the ONNX model takes {len(names)} inputs, the torch model {len(leaves)}")
-    got = sess.run(None, {n: t.numpy() for n, t in zip(names, leaves)})
-    with torch.no_grad():
-        want = [t for t in pytree.tree_leaves(gm(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
-    if len(got) != len(want):
-        raise AmgfxError(f"onnxruntime gave {len(got)} outputs, torch {len(want)}")
-    err = 0.0
-    for a, b in zip(got, want):
-        b = b.numpy()
-        err = max(err, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
-    return err

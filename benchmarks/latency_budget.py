@@ -23,7 +23,7 @@ import time
 import torch
 
 import amgfx
-from amgfx.bench import paired, runner
+from amgfx.runtime import paired, runner
 from amgfx.planning.cost import measure_flops
 
 from ._report import RESULTS, write_md

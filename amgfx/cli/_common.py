@@ -134,7 +134,7 @@ def ort_runner(path, args, kwargs):
     """A zero-argument call of an onnxruntime session on the torch inputs (flattened in order)."""
     import torch.utils._pytree as pytree
 
-    from ..files import ort_session
+    from ..runtime import ort_session
     sess = ort_session(path, spinning=False)       # idle ORT threads must not spin during torch's turn
     feed = dict(zip([i.name for i in sess.get_inputs()],
                     [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]))

@@ -9,7 +9,8 @@ import tempfile
 from ..api import apply
 from ..bench import latency
 from ..errors import AmgfxError
-from ..files import export_onnx, onnx_parity, save
+from ..files import save
+from ..runtime import export_onnx, onnx_parity
 from ..planning.plan import Plan
 from ._common import analysed, err, graph_of, inputs_at, load_model, model_args, ort_runner
 

@@ -98,7 +98,8 @@ def _run(dec, rows, a):
 
 def cmd_generate(a) -> int:
     from ..decode import decoder
-    from ..files import export_onnx, save
+    from ..files import save
+    from ..runtime import export_onnx
     if a.ort and (a.target_flops or a.ratios):
         return err("--ort runs a saved decoder's ONNX files; prune without it, with --out DIR --onnx")
     try:

@@ -14,7 +14,8 @@ from ..analysis.tokens import token_sites
 from ..api import RECONSTRUCTION, apply, plan_for, prune, reconstruct
 from ..bench import embedding_cosine, latency
 from ..errors import AmgfxError
-from ..files import export_onnx, onnx_parity, save
+from ..files import save
+from ..runtime import export_onnx, onnx_parity
 from ..graph.meta import EXAMPLE, PLAN
 from ..planning.cost import count_params, measure_flops, predict
 from ..verify import verify
