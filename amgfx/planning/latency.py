@@ -47,7 +47,7 @@ import torch.fx as fx
 
 from ..errors import InternalError, RewriteError, foreign_errors
 from ..graph.indexprop import shape, val
-from .cost import _costly, _spec, attention_override, planned
+from .cost import _costly, _device, _spec, attention_override, planned
 
 __all__ = ["OpTimes", "predict_ms", "default_path"]
 
@@ -152,7 +152,6 @@ class OpTimes:
 
 
 def _specs(n: fx.Node, shp, override: dict):
-    from .cost import _device
     device = _device(n)
     args = tuple(_spec(a, shp, override, device) for a in n.args)
     kwargs = tuple(sorted((k, _spec(v, shp, override, device)) for k, v in n.kwargs.items()))
