@@ -370,16 +370,19 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
     return out
 
 
-def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, damp: float = 1.0,
-                sequential: bool = True, progress: bool = True) -> fx.GraphModule:
+def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, damp: float | None = None,
+                sequential: bool = True, residual: bool = True, progress: bool = True) -> fx.GraphModule:
     """Refit the kept weights of ``pruned`` so its layers reproduce ``dense`` on ``calib``, with no training.
 
     Every layer whose input columns the plan removes (attention output projections, fc2/down, any
     linear or 1x1 conv a group's input side names) gets the ridge least-squares fit of
     :mod:`amgfx.weights.reconstruct`, layer by layer in graph order (``sequential``), each on what the
-    already refitted layers produce. ``damp`` is the ridge toward the rewrite's weights, relative to
-    the mean diagonal of each layer's Gram matrix; the default 1.0 was the best of 0.1 / 1 / 10 on 64
-    MiniLM paragraphs (2161 tokens for a 1536-wide fc2: weaker damping overfits them). With ``qk``
+    already refitted layers produce; with ``residual`` a layer that writes into a residual ``add`` is
+    fitted to the dense *sum* there, so it also makes up for what the skip input lost upstream.
+    ``damp`` is the ridge toward the rewrite's weights, relative to the mean diagonal of each layer's
+    Gram matrix; ``None`` (default) picks it per layer by two-fold cross-validation over the
+    calibration chunks (on 64 MiniLM paragraphs, 2161 tokens, a fixed 1.0 held-out cosine 0.773, the
+    per-layer choice 0.780, ``snp`` at 50% FLOPs; weak damping overfits so few tokens). With ``qk``
     every head whose q/k pairs shrink also has its q rows rescaled so its logits keep their scale
     (:func:`amgfx.weights.reconstruct.qk_scales`); it is off by default because on MiniLM at 50% FLOPs
     it lowered the held-out cosine (0.757 to 0.728, ``obs+snp``; see ``docs/reconstruction.md``). The graph
@@ -434,7 +437,7 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
         out = rewrite(src, plan) if scales else copy_module(pruned)
         fit_model = rewrite(src, fit_plan) if live else out
         fits = refit_layers(fit_model, cg.gm, resolved.params, calib, damp=damp, sequential=sequential,
-                            progress=progress)
+                            residual=residual, progress=progress)
         if fit_model is not out:
             for f in fits:
                 for fqn in (f.weight, *([f.bias] if f.bias else [])):
@@ -442,7 +445,8 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
     _unshare(out, cg.gm)
     out.meta = {**out.meta, RECONSTRUCTION: {
         "layers": [f.to_dict() for f in fits], "qk_scales": {k: [round(float(x), 6) for x in v] for k, v in scales.items()},
-        "samples": max((f.samples for f in fits), default=0), "damp": damp, "sequential": sequential}}
+        "samples": max((f.samples for f in fits), default=0), "damp": damp, "sequential": sequential,
+        "residual": residual}}
     return out
 
 

@@ -6,7 +6,7 @@ import torch
 import amgfx
 from amgfx.graph.fx import get_attr
 from amgfx.scoring.criteria.obs import obs_scores
-from amgfx.weights.reconstruct import refit_layers, targets
+from amgfx.weights.reconstruct import DAMPS, _inputs_of, chunks, refit_layers, skip_add, targets
 
 import models
 
@@ -106,6 +106,74 @@ def test_removed_neurons_that_copy_kept_ones_are_made_up_for_exactly():
     assert _error(pruned, cg.gm, held) > 1e-3                        # without the refit it is far off
     rel = max(float((_run(fit, b) - _run(cg.gm, b)).abs().max() / _run(cg.gm, b).abs().max()) for b in held)
     assert rel < 1e-5, rel
+
+
+def test_skip_add_follows_reshapes_to_the_residual_add_only():
+    for name, out, inner in [("vit", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc1.weight"),
+                             ("gpt2", "h.0.mlp.c_proj.weight", "h.0.mlp.c_fc.weight")]:
+        m, args, kwargs = models.ALL[name]()
+        gm = amgfx.analyze(m, args, kwargs).gm
+        node = {amgfx.analysis.records.make_layer(gm, n).weight: n.name for n in gm.graph.nodes
+                if amgfx.graph.indexprop.is_layer(n)}
+        add, skip = skip_add(gm, node[out])
+        assert add.startswith("add") and skip != node[out], (name, add, skip)
+        assert skip_add(gm, node[inner]) is None          # fc1 feeds the activation, not a residual add
+
+
+def _sum_error(fit, dense, data, layer):
+    """``||sum_p - sum_d||^2 / ||sum_d - skip_p||^2`` at the residual add after ``layer``, on ``data``."""
+    by_w = lambda gm: {amgfx.analysis.records.make_layer(gm, n).weight: n.name for n in gm.graph.nodes  # noqa: E731
+                       if amgfx.graph.indexprop.is_layer(n)}
+    (ad, _), (ap, sp) = skip_add(dense, by_w(dense)[layer]), skip_add(fit, by_w(fit)[layer])
+    num = den = 0.0
+    for flat, _ in chunks(dense, data):
+        nodes_p = {n.name: n for n in fit.graph.nodes}
+        sd = _run_to(dense, ad, flat)
+        spp = _run_to(fit, ap, flat)
+        skip = _inputs_of(fit, {ap: nodes_p[sp]}, flat)[ap]
+        num += float(((spp - sd) ** 2).sum())
+        den += float(((sd - skip) ** 2).sum())
+    return num / den
+
+
+def _run_to(gm, name, flat):
+    """The value of node ``name`` in ``gm`` (run only as far as its first reader)."""
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    reader = next(iter(node.users))
+    return _inputs_of(gm, {reader.name: node}, flat)[reader.name].double()
+
+
+def test_a_layer_before_a_residual_add_is_fitted_to_the_dense_sum():
+    """Block 0's MLP is pruned and refitted; block 1's fc2 loses nothing of its own inputs but 1 neuron,
+    and with ``residual`` its target is the dense sum at the add, so what it reports is the error of that
+    sum (skip input included), which the fit without ``residual`` does not minimise."""
+    m, args, kwargs = models.vit()
+    cg = amgfx.analyze(m, args, kwargs)
+    width = get_attr(cg.gm, "blocks.0.mlp.fc2.weight").shape[1]
+    plan = amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(width // 4)), "mlp:blocks.1.mlp": list(range(width - 1))},
+                      units={"mlp:blocks.0.mlp": width, "mlp:blocks.1.mlp": width},
+                      options={"dead_tokens": "off"})        # the sums compared token for token
+    pruned = amgfx.apply(cg, plan)
+    data = _calib(args, kwargs)
+    fits = {}
+    for residual in (True, False):
+        fit = amgfx.reconstruct(pruned, cg, data, residual=residual, damp=1e-3, progress=False)
+        fits[residual] = fit
+        last = next(x for x in fit.meta["amgfx_reconstruction"]["layers"] if x["weight"] == "blocks.1.mlp.fc2.weight")
+        if residual:
+            assert _sum_error(fit, cg.gm, data, "blocks.1.mlp.fc2.weight") == pytest.approx(last["after"], rel=1e-3)
+    e = {r: _sum_error(f, cg.gm, data, "blocks.1.mlp.fc2.weight") for r, f in fits.items()}
+    assert e[True] < e[False], e
+
+
+def test_damp_is_chosen_per_layer_from_the_grid():
+    m, args, kwargs = models.vit()
+    cg = amgfx.analyze(m, args, kwargs)
+    plan = amgfx.plan_for(cg, method="magnitude", ratios={"v": 0.5, "mlp": 0.5}, progress=False)
+    fit = amgfx.reconstruct(amgfx.apply(cg, plan), cg, _calib(args, kwargs), progress=False)
+    rec = fit.meta["amgfx_reconstruction"]
+    assert rec["damp"] is None and rec["residual"] is True
+    assert rec["layers"] and all(x["damp"] in DAMPS for x in rec["layers"])
 
 
 def test_obs_score_is_the_error_left_after_refitting_the_rest():
