@@ -57,6 +57,7 @@ def test_vit_matches_prune_and_recompiles_on_new_shapes(analysed_model, inner):
     assert shrunk and all(a[f].data_ptr() == b2[f].data_ptr() for f in shrunk)    # not made twice
 
 
+@pytest.mark.slow        # 20 s on 2 cores; the ViT tests above cover the backend's path in make test
 def test_bert_matches_prune_with_a_plan_file(analysed_model, tmp_path):
     m, _, kw, cg = analysed_model("bert_minilm")
     plan = amgfx.plan_for(cg, method="magnitude", ratios=RATIOS, progress=False)
