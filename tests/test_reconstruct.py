@@ -209,3 +209,27 @@ def test_prune_reconstructs_only_with_data_unless_told():
     assert "amgfx_reconstruction" not in amgfx.prune(m, args, method="magnitude", ratios=r, calib=data,
                                                     reconstruct=False, progress=False).meta
     assert amgfx.prune(m, args, method="magnitude", ratios=r, reconstruct=True).meta["amgfx_reconstruction"]["layers"]
+
+
+def test_the_cursor_sees_a_refit_weight_even_where_it_was_transposed_before_the_layer():
+    # the sequential refit resumes a paused forward: a value made from the old weight alone (here its
+    # transpose, computed before the matmul that reads it) must be the new weight's after refresh()
+    from amgfx.graph.fx import replace_attr
+    from amgfx.weights.reconstruct import _Cursor
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    w = g.get_attr("w")
+    wt = g.call_function(torch.ops.aten.permute.default, (w, [1, 0]))
+    y = g.call_function(torch.ops.aten.mm.default, (x, wt))
+    g.output(y)
+    root = torch.nn.Module()
+    root.w = torch.nn.Parameter(torch.randn(3, 4), requires_grad=False)
+    gm = torch.fx.GraphModule(root, g)
+    run = _Cursor(gm, [torch.randn(2, 4)])
+    run.before(y)
+    new = torch.randn(3, 4)
+    replace_attr(gm, "w", new, gm.w)
+    run.refresh()
+    assert torch.equal(run.env[wt], new.T)
+    assert torch.equal(run.before(y)[wt], new.T)

@@ -108,10 +108,47 @@ def _inputs_of(gm, want: dict, flat) -> dict:
     return run.got
 
 
-def _input_of(gm, node: str, flat) -> torch.Tensor:
-    """What layer ``node`` reads, running ``gm`` only as far as that layer."""
-    n = next(x for x in gm.graph.nodes if x.name == node)
-    return _inputs_of(gm, {node: layer_input(n)}, flat)[node]
+class _Cursor(fx.Interpreter):
+    """``gm`` run on one chunk of inputs node by node, paused before a layer: the next layer's fit
+    resumes from there instead of running the graph again from its inputs (each layer costs the
+    forward from the previous one, not from the start). Only live values are held, as in a forward."""
+
+    def __init__(self, gm: fx.GraphModule, flat):
+        super().__init__(gm, garbage_collect_values=True)
+        self.flat, self.order = list(flat), list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self._restart()
+
+    def _restart(self):
+        self.env, self.args_iter, self.at = {}, iter(self.flat), 0
+
+    def before(self, node: fx.Node) -> dict:
+        """Run every node before ``node`` (from the start again if the cursor is past it); the values live
+        there, ``{node: value}``."""
+        if self.index[node] < self.at:
+            self._restart()
+        with torch.no_grad():
+            while self.at < self.index[node]:
+                n = self.order[self.at]
+                self.env[n] = self.run_node(n)
+                for dead in self.user_to_last_uses.get(n, []):
+                    del self.env[dead]
+                self.at += 1
+        return self.env
+
+    def refresh(self) -> None:
+        """Read the parameters again, and recompute what was made from parameters alone (a transposed
+        weight): a fit replaced some, and a held value would still be the old one."""
+        const: dict = {}        # node -> its value from the current parameters
+        with torch.no_grad():
+            for n in self.order[:self.at]:
+                if n.op == "get_attr":
+                    const[n] = self.fetch_attr(n.target)
+                elif n.op == "call_function" and n.all_input_nodes and all(a in const for a in n.all_input_nodes):
+                    args, kwargs = fx.node.map_arg((n.args, n.kwargs), const.__getitem__)
+                    const[n] = n.target(*args, **kwargs)
+                if n in const and n in self.env:
+                    self.env[n] = const[n]
 
 
 def skip_add(gm: fx.GraphModule, node: str) -> tuple | None:
@@ -256,8 +293,9 @@ class _Normal:
         return (torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution).T
 
 
-def _fit(t: _Target, source, dense, calib, damp: float | None, residual: bool = True) -> tuple:
-    """Accumulate the normal equations of ``t`` (pruned inputs read from ``source``) and solve; returns
+def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bool = True) -> tuple:
+    """Accumulate the normal equations of ``t`` (pruned inputs read from ``source``) over ``runs`` (a
+    dense and a pruned :class:`_Cursor` and the token mask, per calibration chunk) and solve; returns
     (new ``[out, in (+1)]`` weights, tokens, error before, error after, damp used).
 
     The target is the dense layer's output at the kept rows; with ``residual`` and a layer that writes
@@ -274,14 +312,12 @@ def _fit(t: _Target, source, dense, calib, damp: float | None, residual: bool = 
     skips = None if None in skips else skips
     nodes_d = {x.name: x for x in dense.graph.nodes}
     nodes_p = {x.name: x for x in source.graph.nodes}
+    layer_d, layer_p = nodes_d[t.node], nodes_p[at]
     folds = [_Normal(), _Normal()]
-    for i, (flat, mask) in enumerate(chunks(dense, calib)):
-        want_d, want_p = {t.node: layer_input(nodes_d[t.node])}, {at: layer_input(nodes_p[at])}
-        if skips:
-            want_d[skips[0][0]], want_p[skips[1][0]] = skips[0][1], skips[1][1]
-        got_d, got_p = _inputs_of(dense, want_d, flat), _inputs_of(source, want_p, flat)
-        xd = _tokens(got_d[t.node], t.conv, mask)
-        xp = _tokens(got_p[at], t.conv, mask)
+    for i, (run_d, run_p, mask) in enumerate(runs):
+        env_d, env_p = run_d.before(layer_d), run_p.before(layer_p)
+        xd = _tokens(env_d[layer_input(layer_d)], t.conv, mask)
+        xp = _tokens(env_p[layer_input(layer_p)], t.conv, mask)
         if xp.shape[0] != xd.shape[0]:      # token pruning changed the count: nothing to pair up
             raise AmgfxError(f"{t.node}: the pruned layer reads {xp.shape[0]} tokens, the dense one {xd.shape[0]}; "
                              "fit a rewrite with options dead_tokens='off' (amgfx.reconstruct does)")
@@ -290,8 +326,10 @@ def _fit(t: _Target, source, dense, calib, damp: float | None, residual: bool = 
             xp, xd = torch.cat([xp, one], 1), torch.cat([xd, one], 1)
         # a bias that is not refitted is the dense one at the kept rows: it cancels from the target
         y = xd @ wd.T
-        if skips:
-            delta = _tokens(got_d[skips[0][0]][..., t.rows], False, mask) - _tokens(got_p[skips[1][0]], False, mask)
+        # the residual (the add's other operand) is computed before the layer in a block; if not, no correction
+        skip_d, skip_p = (nodes_d[skips[0][1]], nodes_p[skips[1][1]]) if skips else (None, None)
+        if skips and skip_d in env_d and skip_p in env_p:
+            delta = _tokens(env_d[skip_d][..., t.rows], False, mask) - _tokens(env_p[skip_p], False, mask)
             if delta.shape == y.shape:
                 y = y + delta
         folds[i % 2].add(xp, y)
@@ -340,10 +378,15 @@ def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, ca
     from ..graph.fx import copy_module
     todo = targets(dense, params)
     source = pruned if sequential else copy_module(pruned)    # the copy keeps the rewrite's tensors
+    runs = [(_Cursor(dense, state_inputs(dense, flat)), _Cursor(source, state_inputs(source, flat)), mask)
+            for flat, mask in chunks(dense, calib)]
     fits = []
     for t in tqdm(todo, desc="reconstructing", unit="layer", disable=not progress, leave=False):
-        w, n, before, after, used = _fit(t, source, dense, calib, damp, residual)
+        w, n, before, after, used = _fit(t, source, dense, runs, damp, residual)
         _write(pruned, t, w)
+        if source is pruned:
+            for _, run_p, _ in runs:
+                run_p.refresh()
         w_dense = get_attr(dense, t.weight)
         fits.append(LayerFit(t.node, t.weight, (len(t.cols), w_dense.shape[1 if t.conv else t.in_dim]), n, before,
                              after, t.bias, used))
