@@ -260,6 +260,28 @@ DAMPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)    # ridge strengths tried when d
 CV_ROWS = 128
 
 
+def downhill(grid, f, start: int | None = None):
+    """The grid point a walk from ``grid[start]`` (the middle by default) reaches by stepping to the
+    better neighbour while ``f`` falls: the grid's minimum when ``f`` is unimodal on it, as a held-out
+    ridge error is (too little damping overfits, too much underfits), in about half the evaluations.
+
+    >>> downhill((0.01, 0.1, 1.0, 10.0), lambda d: (d - 0.1) ** 2)
+    0.1
+    """
+    seen = {}
+
+    def at(i):
+        if i not in seen:
+            seen[i] = f(grid[i])
+        return seen[i]
+    i = len(grid) // 2 if start is None else start
+    while True:
+        best = min((j for j in (i - 1, i, i + 1) if 0 <= j < len(grid)), key=at)
+        if best == i:
+            return grid[i]
+        i = best
+
+
 class _Normal:
     """The least-squares normal equations of one layer on some tokens: ``G = X^T X``, ``B = X^T Y``,
     ``yy = ||Y||^2`` per output row (``X`` the pruned inputs, a ones column for the bias; ``Y`` the
@@ -327,17 +349,23 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
     nodes_p = {x.name: x for x in source.graph.nodes}
     layer_d, layer_p = nodes_d[t.node], nodes_p[at]
     folds = [_Normal(), _Normal()]
+    # a linear whose only bias is the refitted one outputs the target itself: the dense forward, one node
+    # further, has it, and the layer is not computed twice
+    own = (not t.conv and layer_d.target in LINEAR_LAYERS and (shape(layer_d) or (0,))[-1] == get_attr(dense, t.weight).shape[t.out_dim]
+           and (t.bias is not None or not make_layer(dense, layer_d).bias))
     for i, (run_d, run_p, mask) in enumerate(runs):
         env_d, env_p = run_d.before(layer_d), run_p.before(layer_p)
-        xd = _tokens(env_d[layer_input(layer_d)], t.conv, mask, work)
+        xd = env_d[layer_input(layer_d)]
         xp = _tokens(env_p[layer_input(layer_p)], t.conv, mask)
-        if xp.shape[0] != xd.shape[0]:      # token pruning changed the count: nothing to pair up
-            raise AmgfxError(f"{t.node}: the pruned layer reads {xp.shape[0]} tokens, the dense one {xd.shape[0]}; "
+        if own:
+            y = _tokens(run_d.before(layer_d.next)[layer_d][..., t.rows], False, mask)
+        else:   # a bias that is not refitted is the dense one at the kept rows: it cancels from the target
+            y = torch.nn.functional.linear(_tokens(xd, t.conv, mask, work), wd, bd).to(torch.float64)
+        if xp.shape[0] != y.shape[0]:      # token pruning changed the count: nothing to pair up
+            raise AmgfxError(f"{t.node}: the pruned layer reads {xp.shape[0]} tokens, the dense one {y.shape[0]}; "
                              "fit a rewrite with options dead_tokens='off' (amgfx.reconstruct does)")
         if t.bias:                          # a ones column fits the bias with the weights
             xp = torch.cat([xp, torch.ones(xp.shape[0], 1, dtype=torch.float64)], 1)
-        # a bias that is not refitted is the dense one at the kept rows: it cancels from the target
-        y = torch.nn.functional.linear(xd, wd, bd).to(torch.float64)
         # the residual (the add's other operand) is computed before the layer in a block; if not, no correction
         skip_d, skip_p = (nodes_d[skips[0][1]], nodes_p[skips[1][1]]) if skips else (None, None)
         if skips and skip_d in env_d and skip_p in env_p:
@@ -353,7 +381,7 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
             def held_out(d):
                 return sum(b.err(a.solve(w0[rows], d, bool(t.bias), rows), rows) * float(b.yy[rows].sum())
                            for a, b in (folds, folds[::-1]))
-            damp = min(DAMPS, key=held_out)
+            damp = downhill(DAMPS, held_out)
         else:
             damp = 1.0
     w = whole.solve(w0, damp, bool(t.bias))
