@@ -384,7 +384,7 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
     calibration chunks (on 64 MiniLM paragraphs, 2161 tokens, a fixed 1.0 held-out cosine 0.773, the
     per-layer choice 0.780, ``snp`` at 50% FLOPs; weak damping overfits so few tokens). With ``qk``
     every head whose q/k pairs shrink also has its q rows rescaled so its logits keep their scale
-    (:func:`amgfx.weights.reconstruct.qk_scales`); it is off by default because on MiniLM at 50% FLOPs
+    (:func:`amgfx.weights.qk.qk_scales`); it is off by default because on MiniLM at 50% FLOPs
     it lowered the held-out cosine (0.757 to 0.728, ``obs+snp``; see ``docs/reconstruction.md``). The graph
     is the one the plan's rewrite gives (the plan in ``pruned.meta``); only weights differ, so
     :func:`amgfx.verify` still checks the structural rewrite. ``dense`` is the original model (or its
@@ -407,7 +407,8 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
     from .graph.fx import copy_module
     from .oracle import zeroed
     from .rewrite import rewrite
-    from .weights.reconstruct import qk_scales, refit_layers, scale_rows
+    from .weights.qk import qk_scales, scale_rows
+    from .weights.reconstruct import refit_layers
     plan = pruned.meta.get(PLAN)
     if plan is None:
         raise AmgfxError("reconstruct() needs a model pruned by amgfx (its plan is in meta['amgfx_plan'])")
