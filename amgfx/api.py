@@ -334,8 +334,9 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
     cache shrinks with it, and the result is a Decoder for :func:`amgfx.generate`.
 
     ``schedule=amgfx.Iterative(steps=k, recover_steps=n)`` reaches ``target_flops`` in ``k``
-    steps, re-scoring the pruned model and recovering it (:func:`amgfx.recover`, against the
-    dense model) after each. The result's plan is then the composition of the steps, in the
+    steps, re-scoring the pruned model, reconstructing each step against the model it was pruned from
+    (when ``calib`` is given, unless ``reconstruct=False``) and recovering it (:func:`amgfx.recover`,
+    against the dense model) after each. The result's plan is then the composition of the steps, in the
     original model's unit ids (replaying it gives the same shapes, without the recovered
     weights), and ``plan.meta["schedule"]`` records every step.
 
@@ -357,7 +358,8 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
             raise AmgfxError("schedule= needs target_flops= (and no plan=): it plans each step toward that target")
         if options.get("tokens"):
             raise AmgfxError("schedule= does not prune tokens yet; prune tokens in one shot (no schedule)")
-        return _iterate(cg, schedule, target_flops, method=method, calib=calib, loss_fn=loss_fn, **options)
+        return _iterate(cg, schedule, target_flops, reconstruct=reconstruct, method=method, calib=calib,
+                        loss_fn=loss_fn, **options)
     check = options.pop("check", True)
     if plan is None:
         plan = plan_for(cg, method=method, target_flops=target_flops, ratios=ratios, calib=calib, loss_fn=loss_fn,
@@ -454,8 +456,12 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
 _refit = reconstruct     # prune()'s ``reconstruct`` flag shadows the function's name there
 
 
-def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.GraphModule:
-    """Prune toward ``target`` in ``schedule.steps`` steps, recovering after each; compose the plans."""
+def _iterate(cg0: CouplingGraph, schedule, target: float, reconstruct: bool | None = None,
+             **plan_options) -> fx.GraphModule:
+    """Prune toward ``target`` in ``schedule.steps`` steps, recovering after each; compose the plans.
+
+    With calibration data (or ``reconstruct=True``) each step is reconstructed against the model it was
+    pruned from (the previous step's, recovered) before its own recovery, as a one-shot prune is."""
     from .weights.recover import Iterative, iterative_config, recover
     if not isinstance(schedule, Iterative):
         raise AmgfxError(f"schedule must be an amgfx.Iterative, got {type(schedule).__name__}")
@@ -476,7 +482,11 @@ def _iterate(cg0: CouplingGraph, schedule, target: float, **plan_options) -> fx.
             if name in ids:
                 ids[name] = ids[name][units]
         pruned = apply(cg, plan)
+        if (reconstruct if reconstruct is not None else plan_options.get("calib") is not None) and plan.keep:
+            pruned = _refit(pruned, cg, plan_options.get("calib"), progress=plan_options.get("progress", True))
         step = {"target": goal, "flops": now * plan.meta["flops"]["planned"] / plan.meta["flops"]["dense"]}
+        if RECONSTRUCTION in pruned.meta:
+            step["reconstructed_layers"] = len(pruned.meta[RECONSTRUCTION]["layers"])
         if schedule.recover_steps:
             opts = {"progress": plan_options.get("progress", True), **schedule.recover}
             pruned = recover(pruned, cg0.gm, data, steps=schedule.recover_steps, inplace=True, **opts)

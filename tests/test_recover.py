@@ -163,6 +163,9 @@ def test_iterative_schedule_reaches_the_target_and_composes_one_plan(vit10):
     plan = out.meta["amgfx_plan"]
     steps = plan.meta["schedule"]["steps_taken"]
     assert [s["target"] for s in steps] == [0.75, 0.5] and all("recovery" in s for s in steps)
+    # calib given: a step that removes units is refit before its recovery (here the first removes none: the
+    # rewrite's dead-token pass alone reaches 75% of the counted FLOPs)
+    assert steps[-1].get("reconstructed_layers", 0) > 0, steps
     dense, got = amgfx.cost.measure_flops(m, ((x,), {})), amgfx.cost.measure_flops(out, ((x,), {}))
     assert got <= 0.5 * dense * 1.02
     # the composed plan, in the original model's unit ids, rebuilds the same shapes and is exact
