@@ -10,7 +10,8 @@ Run: ``python -m benchmarks.accuracy_sweep [--targets 0.9 0.7 0.5 0.3]``. Writes
   held-out paragraphs (see :mod:`benchmarks.criteria_minilm`). Torch-Pruning is not run on it.
 
 Each criterion scores once on its calibration data; :func:`amgfx.budget.allocate` then plans
-every target from the same scores.
+every target from the same scores. Every amgfx plan is evaluated twice: as rewritten and after
+:func:`amgfx.reconstruct` on the same calibration data (the layer-wise refit, no training).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def _sweep(cg, methods, calib, targets, evaluate, flops) -> list:
         s = amgfx.score(cg, method, calib, progress=False)
         for t in targets:
             pruned = amgfx.apply(cg, allocate(cg, s.units, t))
-            rows.append((f"amgfx {method}", t, flops(pruned) / dense, evaluate(pruned)))
+            fit = amgfx.reconstruct(pruned, cg, calib, progress=False)
+            rows.append((f"amgfx {method}", t, flops(pruned) / dense, evaluate(pruned), evaluate(fit)))
             print(rows[-1], flush=True)
     return rows
 
@@ -49,14 +51,14 @@ def digits_rows(targets) -> list:
     dense, example, _, calib_x, calib, xte, yte = task(64)
     cg = amgfx.analyze(dense, example)
     flops = lambda m: amgfx.cost.measure_flops(m, ((example,), {}))
-    rows = [("dense", 1.0, 1.0, accuracy(dense, xte, yte))]
+    rows = [("dense", 1.0, 1.0, accuracy(dense, xte, yte), None)]
     rows += _sweep(cg, DIGITS, calib, targets,
                    lambda m: accuracy(m, xte, yte, batch=1), flops)
-    snp = {t: f for name, t, f, _ in rows if name == "amgfx snp"}
+    snp = {t: f for name, t, f, *_ in rows if name == "amgfx snp"}
     for kind in ("magnitude", "taylor"):
         for t in targets:
             m, f, _ = tp_at(dense, int(snp[t] * flops(cg.gm)), kind, calib_x, example)
-            rows.append((f"Torch-Pruning {kind}", t, f / flops(cg.gm), accuracy(m, xte, yte)))
+            rows.append((f"Torch-Pruning {kind}", t, f / flops(cg.gm), accuracy(m, xte, yte), None))
             print(rows[-1], flush=True)
     return rows
 
@@ -68,7 +70,7 @@ def minilm_rows(targets) -> list:
     calib = [{k: v[i:i + BATCH] for k, v in enc.items()} for i in range(0, 64, BATCH)]
     cg = amgfx.analyze(loaded.model, (), {k: v[:BATCH] for k, v in enc.items()})
     ev = heldout(path, cg.gm)
-    rows = [("dense", 1.0, 1.0, agreement(cg.gm, ev)[0])]
+    rows = [("dense", 1.0, 1.0, agreement(cg.gm, ev)[0], None)]
     return rows + _sweep(cg, TEXT, calib, targets, lambda m: agreement(m, ev)[0], amgfx.cost.measure_flops)
 
 
@@ -77,9 +79,15 @@ def plot(d_rows, t_rows, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, rows, ylabel, title in ((axes[0], d_rows, "test top-1", "digits ViT (trained), no fine-tuning"),
                                     (axes[1], t_rows, "cosine to dense embeddings", "MiniLM-L6 (real), no fine-tuning")):
-        for name in dict.fromkeys(r[0] for r in rows if r[0] != "dense"):
+        for i, name in enumerate(dict.fromkeys(r[0] for r in rows if r[0] != "dense")):
+            colour = f"C{i}"
             pts = sorted((r[2], r[3]) for r in rows if r[0] == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if name.startswith("amgfx") else "s--", label=name)
+            if name.startswith("amgfx"):       # solid: reconstructed; dotted: the same plan as rewritten
+                fit = sorted((r[2], r[4]) for r in rows if r[0] == name)
+                ax.plot([p[0] for p in fit], [p[1] for p in fit], "o-", color=colour, label=f"{name}, reconstructed")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o:", color=colour, alpha=0.5, lw=1)
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color=colour, label=name)
         dense = next(r[3] for r in rows if r[0] == "dense")
         ax.axhline(dense, color="k", lw=0.8, ls=":", label="dense")
         ax.set_xlabel("FLOPs kept (measured)")
@@ -103,10 +111,12 @@ def main(argv=None):
              "held-out test images (calibration: 64 training images). MiniLM-L6: mean cosine to the dense embeddings on "
              "325 held-out paragraphs (calibration: 64 paragraphs, 128 tokens). FLOPs measured by `FlopCounterMode` on the "
              "pruned model. Torch-Pruning: ratio bisected to amgfx snp's FLOPs (within 2%), forward fixed by hand. Every "
-             "row from this one run.", "",
-             "| model | method | FLOPs target | FLOPs kept | score |", "|---|---|---|---|---|"]
-    lines += [f"| digits ViT | {n} | {t:.0%} | {f:.3f} | {s:.4f} |" for n, t, f, s in d_rows]
-    lines += [f"| MiniLM-L6 | {n} | {t:.0%} | {f:.3f} | {s:.4f} |" for n, t, f, s in t_rows]
+             "row from this one run. \"reconstructed\": the same plan after `amgfx.reconstruct` on the calibration data "
+             "(no training); in the plot, solid lines are reconstructed and faint dotted lines the same plans as rewritten.",
+             "", "| model | method | FLOPs target | FLOPs kept | score | score, reconstructed |", "|---|---|---|---|---|---|"]
+    cell = lambda v: "-" if v is None else f"{v:.4f}"
+    lines += [f"| digits ViT | {n} | {t:.0%} | {f:.3f} | {s:.4f} | {cell(r)} |" for n, t, f, s, r in d_rows]
+    lines += [f"| MiniLM-L6 | {n} | {t:.0%} | {f:.3f} | {s:.4f} | {cell(r)} |" for n, t, f, s, r in t_rows]
     write_md(a.out, lines)
     plot(d_rows, t_rows, a.out.replace(".md", ".png"))
 
