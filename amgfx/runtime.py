@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from .errors import AmgfxError, foreign_errors
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
 
-__all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runner", "paired", "RUNTIMES"]
+__all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runner", "interleaved", "paired", "RUNTIMES"]
 
 
 def export_program(gm: fx.GraphModule):
@@ -154,23 +154,33 @@ def runner(gm, runtime: str, workdir: str | None = None):
     raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
 
 
-def paired(dense, pruned, args, kwargs, *, runs: int = 20, block: int = 3) -> dict:
-    """Median milliseconds of two ``f(args, kwargs)`` and the median over rounds of pruned / dense time.
+def interleaved(fns: dict, args, kwargs, *, runs: int = 20, block: int = 3, warm: int = 2) -> dict:
+    """``{name: [seconds per round]}`` for callables ``f(args, kwargs)``, timed in interleaved rounds.
 
-    Rounds interleave the two, each running a model ``block`` times in a row and keeping the median
-    (a deployed model runs back to back; the first run after the other model's is slower).
+    After ``warm`` untimed rounds, each round runs every callable ``block`` times in a row and keeps
+    the median: a deployed model runs back to back, and the first run after another model's is
+    slower (onnxruntime's spinning threads, caches). Rounds pair the callables in time, so a ratio
+    per round cancels the machine's drift.
     """
-    t = {"dense": [], "pruned": []}
+    t = {k: [] for k in fns}
     with torch.inference_mode():
-        for f in (dense, pruned, dense, pruned):
-            f(args, kwargs)
+        for _ in range(warm):
+            for f in fns.values():
+                f(args, kwargs)
         for _ in range(runs):
-            for k, f in (("dense", dense), ("pruned", pruned)):
+            for k, f in fns.items():
                 ts = []
                 for _ in range(block):
                     t0 = time.perf_counter()
                     f(args, kwargs)
                     ts.append(time.perf_counter() - t0)
                 t[k].append(statistics.median(ts))
+    return t
+
+
+def paired(dense, pruned, args, kwargs, *, runs: int = 20, block: int = 3) -> dict:
+    """Median milliseconds of two ``f(args, kwargs)`` and the median over rounds of pruned / dense time
+    (:func:`interleaved` rounds)."""
+    t = interleaved({"dense": dense, "pruned": pruned}, args, kwargs, runs=runs, block=block)
     return {"dense_ms": 1e3 * statistics.median(t["dense"]), "pruned_ms": 1e3 * statistics.median(t["pruned"]),
             "ratio": statistics.median([p / d for p, d in zip(t["pruned"], t["dense"])])}

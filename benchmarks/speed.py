@@ -44,6 +44,7 @@ import time
 import torch
 
 import amgfx
+from amgfx.runtime import interleaved
 
 from ._report import RESULTS, pyplot, write_md
 
@@ -129,26 +130,14 @@ def _compiled(models: dict) -> dict:
 
 
 def time_paired(fns: dict, a, kw, runs: int, block: int = 1) -> dict:
-    """name -> (median ms, median over rounds of dense/variant): interleaved, paired with dense.
+    """name -> (median ms, median over rounds of dense/variant): :func:`amgfx.runtime.interleaved`
+    rounds, paired with ``fns["dense"]``.
 
-    Each round runs every variant ``block`` times in a row and keeps the median: a deployed model
-    runs back to back, and onnxruntime's idle threads (spinning by default) from the previous
-    session slow the first runs of the next (measured: at batch 1, blocks of 1 made dense DeiT-S
-    66 ms and blocks of 8 made it 39 ms, the pruned one 45 vs 22 ms).
+    ``block`` matters: onnxruntime's idle threads (spinning by default) from the previous session
+    slow the first runs of the next (measured: at batch 1, blocks of 1 made dense DeiT-S 66 ms and
+    blocks of 8 made it 39 ms, the pruned one 45 vs 22 ms).
     """
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(3):
-            for f in fns.values():
-                f(a, kw)
-        for _ in range(runs):
-            for k, f in fns.items():
-                ts = []
-                for _ in range(block):
-                    t0 = time.perf_counter()
-                    f(a, kw)
-                    ts.append(time.perf_counter() - t0)
-                times[k].append(statistics.median(ts))
+    times = interleaved(fns, a, kw, runs=runs, block=block, warm=3)
     d = times["dense"]
     return {k: (1e3 * statistics.median(v), statistics.median([x / y for x, y in zip(d, v)])) for k, v in times.items()}
 
