@@ -39,7 +39,8 @@ from ..graph.ops import SDPA, sdpa_args
 from ..graph.rows import insert_live_gathers, insert_token_gathers, split_site
 
 aten = torch.ops.aten
-__all__ = ["node_flops", "graph_flops", "predict", "measure_flops", "count_params"]
+__all__ = ["node_flops", "graph_flops", "predict", "measure_flops", "count_params", "row_graph", "costly_nodes",
+           "node_specs", "arg_spec", "node_device"]
 
 _FAKE = None
 _COUNTS: dict = {}                                   # (op, argument spec) -> FLOPs
@@ -54,14 +55,14 @@ def _fake_mode():
     return _FAKE
 
 
-def _device(n: fx.Node) -> str:
+def node_device(n: fx.Node) -> str:
     """Where the node runs: its inputs' device. Nodes a pass inserted carry meta values; they run
     beside their real inputs (a kernel choice, and so the count, may depend on the device)."""
     devs = [v.device.type for a in n.all_input_nodes if isinstance(v := val(a), torch.Tensor)]
     return next((d for d in devs if d != "meta"), "cpu")
 
 
-def _spec(a, shp, override, device):
+def arg_spec(a, shp, override, device):
     """A hashable description of one argument: tensors by (shape, dtype, device), the rest by value."""
     if isinstance(a, fx.Node):
         v = val(a)
@@ -70,7 +71,7 @@ def _spec(a, shp, override, device):
             return ("T", tuple(int(x) for x in s), v.dtype, device)
         return ("V", int(v) if isinstance(v, (int, torch.SymInt)) else v)
     if isinstance(a, (list, tuple)):
-        return ("L", type(a).__name__, tuple(_spec(x, shp, override, device) for x in a))
+        return ("L", type(a).__name__, tuple(arg_spec(x, shp, override, device) for x in a))
     return ("V", a)
 
 
@@ -110,6 +111,15 @@ def _count(target, args_spec, kwargs_spec) -> int:
     return _COUNTS[key]
 
 
+def node_specs(n: fx.Node, shp=shape, override: dict | None = None) -> tuple:
+    """``(args, kwargs)`` of ``n`` as hashable specs (:func:`arg_spec`) at the shapes ``shp(arg)``:
+    the key under which an op's FLOPs (here) or its measured time (:mod:`.latency`) is cached."""
+    device, override = node_device(n), override or {}
+    args = tuple(arg_spec(a, shp, override, device) for a in n.args)
+    kwargs = tuple(sorted((k, arg_spec(v, shp, override, device)) for k, v in n.kwargs.items()))
+    return args, kwargs
+
+
 def node_flops(n: fx.Node, shp=shape, override: dict | None = None) -> int:
     """FLOPs of one node when its tensor inputs have the shapes ``shp(arg)`` (``override``: node -> shape).
 
@@ -118,9 +128,7 @@ def node_flops(n: fx.Node, shp=shape, override: dict | None = None) -> int:
     """
     if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
         return 0
-    override, device = override or {}, _device(n)
-    args = tuple(_spec(a, shp, override, device) for a in n.args)
-    kwargs = tuple(sorted((k, _spec(v, shp, override, device)) for k, v in n.kwargs.items()))
+    args, kwargs = node_specs(n, shp, override or {})
     try:
         return _count(n.target, args, kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError) as e:  # the planned shapes do not fit the op
@@ -128,7 +136,7 @@ def node_flops(n: fx.Node, shp=shape, override: dict | None = None) -> int:
                            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
 
 
-def _costly(gm: fx.GraphModule) -> list[fx.Node]:
+def costly_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes of ``gm`` that count FLOPs at their captured shapes (cached per graph).
 
     An op that counts nothing at one shape counts nothing at another (the counter's formulas
@@ -149,14 +157,14 @@ def _dense_flops(n: fx.Node) -> int:
 
 def graph_flops(gm: fx.GraphModule, shp=shape) -> int:
     """FLOPs of one forward of ``gm`` at the shapes ``shp`` gives its nodes (default: the captured ones)."""
-    return sum(node_flops(n, shp) for n in _costly(gm))
+    return sum(node_flops(n, shp) for n in costly_nodes(gm))
 
 
 def count_params(gm) -> int:
     return sum(p.numel() for p in gm.parameters())
 
 
-def _row_graph(cg, r):
+def row_graph(cg, r):
     """The captured graph with the row gathers of ``r`` inserted (token pruning, dead tokens) and
     the branches it removes whole taken out.
 
@@ -196,11 +204,11 @@ def predict(cg, plan, *, per_node: bool = False) -> dict:
 
 
 def planned(cg, plan):
-    """``(resolved plan, graph, masks)``: the graph a plan's row passes give (:func:`_row_graph`) and the
+    """``(resolved plan, graph, masks)``: the graph a plan's row passes give (:func:`row_graph`) and the
     keep masks over it, whose ``new_shape(node)`` is each node's planned shape (shared with
     :mod:`amgfx.planning.latency`)."""
     r = plan.resolve(cg)
-    gm = _row_graph(cg, r)
+    gm = row_graph(cg, r)
     try:       # the unsplit graph: a fused qkv that split_qkv will split need not pack here
         ms = propagate_masks(gm, r.params, dense=False)
     except RewriteError:
@@ -208,7 +216,7 @@ def planned(cg, plan):
             raise
         # passes/dead_tokens takes its gathers out when the narrowing cannot flow: so do we
         r = dataclasses.replace(r, dead={})
-        gm = _row_graph(cg, r)
+        gm = row_graph(cg, r)
         ms = propagate_masks(gm, r.params, dense=False)
     return r, gm, ms
 
@@ -226,14 +234,14 @@ def attention_override(n: fx.Node, r, ms) -> dict:
 
 def _predict(cg, plan, per_node: bool = False) -> dict:
     r, gm, ms = planned(cg, plan)
-    pruned = {n.name: node_flops(n, ms.new_shape, attention_override(n, r, ms)) for n in _costly(gm)}
+    pruned = {n.name: node_flops(n, ms.new_shape, attention_override(n, r, ms)) for n in costly_nodes(gm)}
     dense_p = 0
     pruned_p = 0
     for fqn, p in cg.gm.named_parameters():
         dense_p += p.numel()
         dims = r.params.get(fqn, {})
         pruned_p += math.prod(len(dims[d]) if d in dims else s for d, s in enumerate(p.shape))
-    dense = {n.name: node_flops(n) for n in _costly(cg.gm)}
+    dense = {n.name: node_flops(n) for n in costly_nodes(cg.gm)}
     out = {"params": {"dense": dense_p, "pruned": pruned_p},
            "flops": {"dense": sum(dense.values()), "pruned": sum(pruned.values())}}
     if per_node:

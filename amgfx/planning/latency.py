@@ -47,7 +47,7 @@ import torch.fx as fx
 
 from ..errors import InternalError, RewriteError, foreign_errors
 from ..graph.indexprop import shape, val
-from .cost import _costly, _device, _spec, attention_override, planned
+from .cost import attention_override, costly_nodes, node_specs, planned
 
 __all__ = ["OpTimes", "predict_ms", "default_path"]
 
@@ -151,13 +151,6 @@ class OpTimes:
         self._dirty = False
 
 
-def _specs(n: fx.Node, shp, override: dict):
-    device = _device(n)
-    args = tuple(_spec(a, shp, override, device) for a in n.args)
-    kwargs = tuple(sorted((k, _spec(v, shp, override, device)) for k, v in n.kwargs.items()))
-    return args, kwargs
-
-
 def _snap(dense: int, width: int) -> tuple[int, int]:
     """The grid points around ``width`` (equal when it is on the grid)."""
     step = max(1, -(-dense // GRID))
@@ -224,7 +217,7 @@ def _numel(s) -> int:
 
 
 def _dense_ms(times: OpTimes, n: fx.Node) -> float:
-    return times.time(n.target, *_specs(n, shape, {})) or 0.0
+    return times.time(n.target, *node_specs(n, shape, {})) or 0.0
 
 
 def predict_ms(cg, plan, times: OpTimes | None = None, *, per_node: bool = False) -> dict:
@@ -247,7 +240,7 @@ def _predict_ms(cg, plan, times: OpTimes, per_node: bool) -> dict:
         cached = cg.__dict__["_dense_ms"] = (times, {n.name: _dense_ms(times, n) for n in _timed(cg.gm)})
     dense = cached[1]
     r, gm, ms = planned(cg, plan)
-    costly = set(_costly(gm))
+    costly = set(costly_nodes(gm))
     pruned = {}
     for n in _timed(gm):
         base = dense.get(n.name)
@@ -258,7 +251,7 @@ def _predict_ms(cg, plan, times: OpTimes, per_node: bool) -> dict:
         except RewriteError:                    # an unpacked intermediate of an unsplit fused qkv
             new = shape(n)
         if n in costly:
-            t = _interpolated(times, n, _specs(n, ms.new_shape, attention_override(n, r, ms)), _specs(n, shape, {}))
+            t = _interpolated(times, n, node_specs(n, ms.new_shape, attention_override(n, r, ms)), node_specs(n, shape, {}))
             pruned[n.name] = t if t is not None else base * _numel(new) / max(1, _numel(shape(n)))
         else:
             frac = _numel(new) / max(1, _numel(shape(n))) if isinstance(val(n), torch.Tensor) else 1.0

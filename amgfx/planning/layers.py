@@ -140,8 +140,8 @@ def _pruned_order(cg, plan, order: dict) -> dict:
     """Graph position, in the captured graph's numbering, of every node of the graph FLOPs were
     predicted on: an inserted node takes the position of the next original node (a split projection
     stands where the fused one stood, before its users)."""
-    from .cost import _row_graph
-    gm = _row_graph(cg, plan.resolve(cg))
+    from .cost import row_graph
+    gm = row_graph(cg, plan.resolve(cg))
     out, nxt = {}, len(order)
     for n in reversed(list(gm.graph.nodes)):
         nxt = order.get(n.name, nxt)
