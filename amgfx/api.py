@@ -4,7 +4,6 @@ The flow runs one way: model -> graph -> coupling groups -> scores -> plan -> pa
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ from .graph.fx import get_attr, replace_attr
 from .graph.meta import EXAMPLE, PLAN
 from .planning.plan import Plan, fingerprint
 from .scoring.criteria import resolve_method, token_scores
+from .timed_plan import LATENCY_ROUNDS, timed_plan  # noqa: F401  (LATENCY_ROUNDS: api's constant, as before)
 
 __all__ = ["score", "plan_for", "apply", "prune", "reconstruct", "Scores", "DEFAULT_RATIOS", "DEFAULT_KINDS"]
 
@@ -214,9 +214,9 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         base.tokens = select_tokens(cg, s.tokens, float(tokens), min_keep=min_keep, protect=protect)
         base.meta["tokens"] = float(tokens)
     if target_latency is not None:
-        plan = _latency_plan(cg, s.units, float(target_latency), runtime, measure_latency, progress,
-                             dict(round_to=round_to, min_keep=min_keep, protect=protect, base=base,
-                                  same_head_dim=same_head_dim, blocks=blocks))
+        plan = timed_plan(cg, s.units, float(target_latency), runtime, lambda p: apply(cg, p, check=False),
+                          measure_latency, progress, dict(round_to=round_to, min_keep=min_keep, protect=protect,
+                                                          base=base, same_head_dim=same_head_dim, blocks=blocks))
     elif target_flops is None:
         plan = select(cg, s.units, ratios)
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
@@ -225,63 +225,6 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
                         base=base, same_head_dim=same_head_dim, blocks=blocks)
     plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
                       "seed": seed, "calibration_samples": s.samples})
-    return plan
-
-
-LATENCY_ROUNDS = 4        # plans measured at most, per target_latency
-LATENCY_TOLERANCE = 0.01  # a measured fraction this close to the target is on it
-
-
-def _latency_plan(cg, units: dict, target: float, runtime: str, measure: bool, progress: bool, options: dict) -> Plan:
-    """The plan of :func:`amgfx.planning.budget.allocate` at ``target_latency``, measured in ``runtime``.
-
-    The prediction sums eager op times; a runtime that fuses ops (or a noisy machine) runs the plan
-    faster or slower than predicted, so the goal is scaled by target / measured and planned again
-    until the measured fraction is within :data:`LATENCY_TOLERANCE` of the target. Of the plans
-    measured, the slowest one within target + tolerance is returned (the least pruned that meets it).
-    """
-    import tempfile
-
-    from .runtime import paired, runner
-    from .planning.budget import allocate
-    from .planning.latency import OpTimes
-    times = OpTimes()
-    goal, rounds, plans = target, [], []
-    plan = allocate(cg, units, target_latency=goal, times=times, **options)
-    lat = plan.meta["latency"]
-    predicted = lambda p: p.meta["latency"]["planned_ms"] / p.meta["latency"]["dense_ms"]
-    if not measure:
-        lat.update({"runtime": runtime, "predicted": round(predicted(plan), 4)})
-        return plan
-    args, kwargs = cg.gm.meta[EXAMPLE]
-    work = tempfile.mkdtemp(prefix="amgfx-latency-")
-    dense = runner(cg.gm, runtime, work)
-    say = (lambda *x: print(*x, file=sys.stderr, flush=True)) if progress else (lambda *x: None)
-    for i in range(LATENCY_ROUNDS):
-        if i:
-            try:
-                plan = allocate(cg, units, target_latency=goal, times=times, **options)
-            except AmgfxError:        # the corrected goal is below the smallest plan: keep what was measured
-                break
-        m = paired(dense, runner(apply(cg, plan, check=False), runtime, work), args, kwargs)
-        rounds.append({"goal": round(goal, 4), "predicted": round(predicted(plan), 4), "measured": round(m["ratio"], 4),
-                       "dense_ms": round(m["dense_ms"], 3), "pruned_ms": round(m["pruned_ms"], 3)})
-        plans.append(plan)
-        say(f"latency round {i + 1}: goal {goal:.3f} of predicted time, measured {m['ratio']:.3f} of dense in {runtime}")
-        if abs(m["ratio"] - target) <= LATENCY_TOLERANCE:
-            break
-        # damped: one noisy measurement must not throw the goal to 1 (or to 0)
-        goal = min(1.0, max(0.02, goal * min(1.5, max(2 / 3, target / m["ratio"]))))
-    within = [i for i, r in enumerate(rounds) if r["measured"] <= target + LATENCY_TOLERANCE]
-    pick = max(within, key=lambda i: rounds[i]["measured"]) if within else min(
-        range(len(rounds)), key=lambda i: rounds[i]["measured"])
-    if not within:
-        warnings.warn(f"target_latency={target} in {runtime} was not reached: the fastest plan measured runs at "
-                      f"{rounds[pick]['measured']:.3f} of dense", stacklevel=3)
-    plan = plans[pick]
-    plan.meta["target_latency"] = target         # allocate recorded the corrected goal it was given
-    plan.meta["latency"].update({"runtime": runtime, "goal": rounds[pick]["goal"], "predicted": rounds[pick]["predicted"],
-                                 "measured": rounds[pick]["measured"], "rounds": rounds})
     return plan
 
 
@@ -383,12 +326,10 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
     fitted to the dense *sum* there, so it also makes up for what the skip input lost upstream.
     ``damp`` is the ridge toward the rewrite's weights, relative to the mean diagonal of each layer's
     Gram matrix; ``None`` (default) picks it per layer by two-fold cross-validation over the
-    calibration chunks (on 64 MiniLM paragraphs, 2161 tokens, a fixed 1.0 held-out cosine 0.773, the
-    per-layer choice 0.780, ``snp`` at 50% FLOPs; weak damping overfits so few tokens). With ``qk``
-    every head whose q/k pairs shrink also has its q rows rescaled so its logits keep their scale
-    (:func:`amgfx.weights.qk.qk_scales`); it is off by default because on MiniLM at 50% FLOPs
-    it lowered the held-out cosine (0.757 to 0.728, ``obs+snp``; see ``docs/reconstruction.md``). The graph
-    is the one the plan's rewrite gives (the plan in ``pruned.meta``); only weights differ, so
+    calibration chunks (weak damping overfits few tokens). With ``qk`` every head whose q/k pairs
+    shrink also has its q rows rescaled so its logits keep their scale (:func:`amgfx.weights.qk.qk_scales`);
+    it is off by default because it lowered MiniLM's held-out cosine (``docs/reconstruction.md``
+    has the figures). The graph is the one the plan's rewrite gives (the plan in ``pruned.meta``); only weights differ, so
     :func:`amgfx.verify` still checks the structural rewrite. ``dense`` is the original model (or its
     :class:`CouplingGraph`); without ``calib`` the example inputs are used. Returns a new GraphModule
     whose ``meta["amgfx_reconstruction"]`` lists each layer refitted, on how many tokens, and its
@@ -458,10 +399,8 @@ _refit = reconstruct     # prune()'s ``reconstruct`` flag shadows the function's
 
 def _iterate(cg0: CouplingGraph, schedule, target: float, reconstruct: bool | None = None,
              **plan_options) -> fx.GraphModule:
-    """Prune toward ``target`` in ``schedule.steps`` steps, recovering after each; compose the plans.
-
-    With calibration data (or ``reconstruct=True``) each step is reconstructed against the model it was
-    pruned from (the previous step's, recovered) before its own recovery, as a one-shot prune is."""
+    """Prune toward ``target`` in ``schedule.steps`` steps, each reconstructed (as :func:`prune` would)
+    against the model it was pruned from and then recovered; compose the plans."""
     from .weights.recover import Iterative, iterative_config, recover
     if not isinstance(schedule, Iterative):
         raise AmgfxError(f"schedule must be an amgfx.Iterative, got {type(schedule).__name__}")
