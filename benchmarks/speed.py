@@ -17,7 +17,8 @@ Variants at each target, all made from the same model:
 * **amgfx snp+amg**: the same with AMG heads and ``tokens=0.25`` (static key positions);
 * **Torch-Pruning**: magnitude importance, its ratio bisected until its FLOPs are within 2% of
   amgfx snp's. It does not rewrite timm's forward: ``num_heads``, ``head_dim`` and ``attn_dim``
-  are patched by hand (:func:`benchmarks.criteria_digits.tp_prune`). Not run on MiniLM.
+  are patched by hand (:func:`benchmarks.criteria_digits.tp_prune`); on MiniLM, HF BERT's
+  ``num_attention_heads``/``attention_head_size`` likewise (:func:`benchmarks.criteria_minilm.tp_prune`).
 
 Calibration uses random images (timm) or real text (MiniLM); accuracy is elsewhere
 (``criteria_*``, ``recovery_*``). FLOPs: ``torch.utils.flop_counter`` at batch 1.
@@ -84,7 +85,7 @@ def _minilm():
 CASES = {
     "DeiT-S": (lambda: _timm("deit_small_patch16_224"), (0.7, 0.5, 0.3), True),
     "ViT-B": (lambda: _timm("vit_base_patch16_224"), (0.5,), True),
-    "MiniLM-L6": (_minilm, (0.5,), False),
+    "MiniLM-L6": (_minilm, (0.5,), True),
 }
 QUICK = {"DeiT-tiny 64px x4": (lambda: _timm("deit_tiny_patch16_224", img_size=64, depth=4), (0.5,), True)}
 
@@ -100,7 +101,12 @@ def variants(model, inputs, calib, target: float, with_tp: bool) -> tuple:
     models["amgfx snp"] = amgfx.apply(cg, amgfx.plan_for(cg, method="snp", **opts))
     models["amgfx snp+amg"] = amgfx.apply(cg, amgfx.plan_for(cg, method="snp+amg", tokens=TOKENS, **opts))
     out = {k: flops(m) for k, m in models.items()}
-    if with_tp:
+    if with_tp and kwargs:                 # an HF encoder, called with keyword inputs
+        from .criteria_digits import bisect_ratio
+        from .criteria_minilm import tp_prune
+        tp, f, _ = bisect_ratio(lambda r: tp_prune(model, r, kwargs), flops, out["amgfx snp"])
+        models["Torch-Pruning"], out["Torch-Pruning"] = tp, f
+    elif with_tp:
         from .criteria_digits import tp_at
         tp, f, _ = tp_at(model, out["amgfx snp"], "magnitude", None, args[0])
         models["Torch-Pruning"], out["Torch-Pruning"] = tp, f
@@ -254,7 +260,8 @@ def main(argv=None) -> list:
              f"{time.perf_counter() - t_start:.0f} s in all.", "", gpu, "",
              "speedup: median over interleaved rounds of dense time / variant time. efficiency: speedup x FLOPs kept "
              "(1.00: every FLOP saved became time saved). Torch-Pruning: magnitude, ratio bisected to amgfx snp's FLOPs "
-             "(within 2%), `num_heads`/`head_dim`/`attn_dim` patched by hand after pruning. amgfx snp+amg also removes "
+             "(within 2%), `num_heads`/`head_dim`/`attn_dim` (timm) or `num_attention_heads`/`attention_head_size` (HF BERT) "
+             "patched by hand after pruning. amgfx snp+amg also removes "
              f"{TOKENS:.0%} of the key positions. amgfx plans: "
              + (", ".join(f"`{k}={v}`" for k, v in PLAN.items()) or "default options") + " (see `levers.md`). inductor: "
              "`torch.compile(m, dynamic=False)`, default config. onnxruntime: default (spinning) thread pool. "
