@@ -29,8 +29,8 @@ from .criteria_digits import tp_at
 from .criteria_minilm import BATCH, SEQ, agreement, heldout
 from .digits_vit import accuracy, task
 
-DIGITS = ["snp", "snp+amg", "taylor", "magnitude", "random"]
-TEXT = ["snp", "snp+amg", "magnitude"]
+DIGITS = ["snp", "snp+amg", "taylor", "obs", "magnitude", "random"]
+TEXT = ["snp", "snp+amg", "taylor", "obs", "magnitude", "random"]
 
 
 def _sweep(cg, methods, calib, targets, evaluate, flops) -> list:
