@@ -17,7 +17,6 @@ from .graph.fx import get_attr, replace_attr
 from .graph.meta import EXAMPLE, PLAN
 from .planning.plan import Plan, fingerprint
 from .scoring.criteria import resolve_method, token_scores
-from .timed_plan import LATENCY_ROUNDS, timed_plan  # noqa: F401  (LATENCY_ROUNDS: api's constant, as before)
 
 __all__ = ["score", "plan_for", "apply", "prune", "reconstruct", "Scores", "DEFAULT_RATIOS", "DEFAULT_KINDS"]
 
@@ -214,6 +213,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         base.tokens = select_tokens(cg, s.tokens, float(tokens), min_keep=min_keep, protect=protect)
         base.meta["tokens"] = float(tokens)
     if target_latency is not None:
+        from .timed_plan import timed_plan      # imports the op-time model: only when asked
         plan = timed_plan(cg, s.units, float(target_latency), runtime, lambda p: apply(cg, p, check=False),
                           measure_latency, progress, dict(round_to=round_to, min_keep=min_keep, protect=protect,
                                                           base=base, same_head_dim=same_head_dim, blocks=blocks))

@@ -12,6 +12,7 @@ import amgfx
 from amgfx.planning import latency
 from amgfx.planning.budget import allocate
 from amgfx.scoring.criteria import Magnitude
+from amgfx.timed_plan import LATENCY_ROUNDS
 
 
 def _vit(depth=2):
@@ -119,7 +120,7 @@ def test_plan_for_a_latency_target_records_prediction_and_every_measured_round(t
     x = torch.randn(4, 3, 64, 64)
     plan = amgfx.plan_for(m, x, method="magnitude", target_latency=0.7, progress=False)
     lat = plan.meta["latency"]
-    assert lat["runtime"] == "eager" and 1 <= len(lat["rounds"]) <= amgfx.api.LATENCY_ROUNDS
+    assert lat["runtime"] == "eager" and 1 <= len(lat["rounds"]) <= LATENCY_ROUNDS
     assert lat["measured"] in [r["measured"] for r in lat["rounds"]] and lat["measured"] > 0
     assert all(r["pruned_ms"] > 0 and r["dense_ms"] > 0 for r in lat["rounds"])
     assert plan.keep and plan.meta["target_latency"] == 0.7
