@@ -307,11 +307,15 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
     if plan is None:
         plan = plan_for(cg, method=method, target_flops=target_flops, ratios=ratios, calib=calib, loss_fn=loss_fn,
                         **options)
-    out = apply(cg, plan, check=check)
-    if reconstruct is None:
-        reconstruct = calib is not None
-    if reconstruct and plan.keep:
-        out = _refit(out, cg, calib, progress=options.get("progress", True))
+    return _refit_if(apply(cg, plan, check=check), cg, plan, calib, reconstruct, options.get("progress", True))
+
+
+def _refit_if(out: fx.GraphModule, cg: CouplingGraph, plan: Plan, calib, reconstruct: bool | None,
+              progress: bool) -> fx.GraphModule:
+    """``out`` reconstructed against ``cg`` when ``reconstruct`` says so (by default: when ``calib`` is
+    given) and the plan removes something; else ``out`` itself."""
+    if (calib is not None if reconstruct is None else reconstruct) and plan.keep:
+        return _refit(out, cg, calib, progress=progress)
     return out
 
 
@@ -420,11 +424,10 @@ def _iterate(cg0: CouplingGraph, schedule, target: float, reconstruct: bool | No
         for name, units in alive.items():
             if name in ids:
                 ids[name] = ids[name][units]
-        pruned = apply(cg, plan)
-        if (reconstruct if reconstruct is not None else plan_options.get("calib") is not None) and plan.keep:
-            pruned = _refit(pruned, cg, plan_options.get("calib"), progress=plan_options.get("progress", True))
+        rewritten = apply(cg, plan)
+        pruned = _refit_if(rewritten, cg, plan, plan_options.get("calib"), reconstruct, plan_options.get("progress", True))
         step = {"target": goal, "flops": now * plan.meta["flops"]["planned"] / plan.meta["flops"]["dense"]}
-        if RECONSTRUCTION in pruned.meta:
+        if pruned is not rewritten:
             step["reconstructed_layers"] = len(pruned.meta[RECONSTRUCTION]["layers"])
         if schedule.recover_steps:
             opts = {"progress": plan_options.get("progress", True), **schedule.recover}
