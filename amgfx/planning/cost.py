@@ -40,7 +40,7 @@ from ..graph.rows import insert_live_gathers, insert_token_gathers, split_site
 
 aten = torch.ops.aten
 __all__ = ["node_flops", "graph_flops", "predict", "measure_flops", "count_params", "row_graph", "costly_nodes",
-           "node_specs", "arg_spec", "node_device"]
+           "node_specs"]
 
 _FAKE = None
 _COUNTS: dict = {}                                   # (op, argument spec) -> FLOPs
@@ -55,14 +55,14 @@ def _fake_mode():
     return _FAKE
 
 
-def node_device(n: fx.Node) -> str:
+def _device(n: fx.Node) -> str:
     """Where the node runs: its inputs' device. Nodes a pass inserted carry meta values; they run
     beside their real inputs (a kernel choice, and so the count, may depend on the device)."""
     devs = [v.device.type for a in n.all_input_nodes if isinstance(v := val(a), torch.Tensor)]
     return next((d for d in devs if d != "meta"), "cpu")
 
 
-def arg_spec(a, shp, override, device):
+def _spec(a, shp, override, device):
     """A hashable description of one argument: tensors by (shape, dtype, device), the rest by value."""
     if isinstance(a, fx.Node):
         v = val(a)
@@ -71,7 +71,7 @@ def arg_spec(a, shp, override, device):
             return ("T", tuple(int(x) for x in s), v.dtype, device)
         return ("V", int(v) if isinstance(v, (int, torch.SymInt)) else v)
     if isinstance(a, (list, tuple)):
-        return ("L", type(a).__name__, tuple(arg_spec(x, shp, override, device) for x in a))
+        return ("L", type(a).__name__, tuple(_spec(x, shp, override, device) for x in a))
     return ("V", a)
 
 
@@ -112,11 +112,11 @@ def _count(target, args_spec, kwargs_spec) -> int:
 
 
 def node_specs(n: fx.Node, shp=shape, override: dict | None = None) -> tuple:
-    """``(args, kwargs)`` of ``n`` as hashable specs (:func:`arg_spec`) at the shapes ``shp(arg)``:
+    """``(args, kwargs)`` of ``n`` as hashable specs (:func:`_spec`) at the shapes ``shp(arg)``:
     the key under which an op's FLOPs (here) or its measured time (:mod:`.latency`) is cached."""
-    device, override = node_device(n), override or {}
-    args = tuple(arg_spec(a, shp, override, device) for a in n.args)
-    kwargs = tuple(sorted((k, arg_spec(v, shp, override, device)) for k, v in n.kwargs.items()))
+    device, override = _device(n), override or {}
+    args = tuple(_spec(a, shp, override, device) for a in n.args)
+    kwargs = tuple(sorted((k, _spec(v, shp, override, device)) for k, v in n.kwargs.items()))
     return args, kwargs
 
 
@@ -128,7 +128,7 @@ def node_flops(n: fx.Node, shp=shape, override: dict | None = None) -> int:
     """
     if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
         return 0
-    args, kwargs = node_specs(n, shp, override or {})
+    args, kwargs = node_specs(n, shp, override)
     try:
         return _count(n.target, args, kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError) as e:  # the planned shapes do not fit the op
