@@ -101,14 +101,13 @@ def variants(model, inputs, calib, target: float, with_tp: bool) -> tuple:
     models["amgfx snp"] = amgfx.apply(cg, amgfx.plan_for(cg, method="snp", **opts))
     models["amgfx snp+amg"] = amgfx.apply(cg, amgfx.plan_for(cg, method="snp+amg", tokens=TOKENS, **opts))
     out = {k: flops(m) for k, m in models.items()}
-    if with_tp and kwargs:                 # an HF encoder, called with keyword inputs
-        from .criteria_digits import bisect_ratio
+    if with_tp:
+        from .criteria_digits import bisect_ratio, tp_at
         from .criteria_minilm import tp_prune
-        tp, f, _ = bisect_ratio(lambda r: tp_prune(model, r, kwargs), flops, out["amgfx snp"])
-        models["Torch-Pruning"], out["Torch-Pruning"] = tp, f
-    elif with_tp:
-        from .criteria_digits import tp_at
-        tp, f, _ = tp_at(model, out["amgfx snp"], "magnitude", None, args[0])
+        if kwargs:                         # an HF encoder, called with keyword inputs
+            tp, f, _ = bisect_ratio(lambda r: tp_prune(model, r, kwargs), flops, out["amgfx snp"])
+        else:
+            tp, f, _ = tp_at(model, out["amgfx snp"], "magnitude", None, args[0])
         models["Torch-Pruning"], out["Torch-Pruning"] = tp, f
     return models, out, cg
 
