@@ -4,6 +4,7 @@ No test asserts a time: the planted tables below stand in for the clock where an
 needed, and the measured runs only check that what was measured is recorded.
 """
 import math
+import time
 
 import pytest
 import torch
@@ -81,6 +82,30 @@ def test_an_empty_plan_predicts_the_dense_time_and_narrower_plans_predict_less(c
     ms = [latency.predict_ms(cg, amgfx.Plan(keep=_mlp_plan(cg, k).keep, options=off), t)["pruned"]
           for k in (768, 512, 256, 64)]
     assert all(a > b for a, b in zip(ms, ms[1:]))
+
+
+def test_a_narrowed_op_timed_while_the_machine_was_busy_is_never_predicted_slower_than_the_dense_op(cg):
+    dense_shapes = {}
+
+    def busy(shapes):           # every shape the dense graph does not have is timed as if preempted
+        key = repr(shapes)
+        return dense_shapes.get(key, 1e3)
+
+    t = Planted(busy)
+    for n in latency._timed(cg.gm):         # the dense ops at their own shapes: the quiet clock
+        shapes = [s[1] for s in latency.node_specs(n, latency.shape, {})[0] if s[0] == "T"]
+        dense_shapes[repr(shapes)] = _numels(shapes)
+    plan = amgfx.Plan(keep=_mlp_plan(cg, 384).keep, options={"dead_tokens": "off"})   # no gathers: only dense ops
+    out = latency.predict_ms(cg, plan, t, per_node=True)
+    narrowed = [k for k in out["nodes"]["pruned"] if "linear" in k]
+    assert narrowed and all(out["nodes"]["pruned"][k] <= out["nodes"]["dense"][k] for k in narrowed)
+    assert out["pruned"] <= out["dense"] < 1e3      # no preempted time reached either sum
+
+
+def test_the_clock_reports_the_fastest_run():
+    ts = iter([0.0, 0.0] + [5e-3, 1e-3, 9e-3, 2e-3, 7e-3])      # warm-ups, then five runs
+    slow = lambda: time.sleep(next(ts))
+    assert latency._clock(slow, runs=5, least_s=0.0) == pytest.approx(1.0, abs=0.9)
 
 
 def test_op_times_are_measured_once_and_read_back_from_the_cache_file(cg, tmp_path):
