@@ -77,3 +77,14 @@ def test_repeat_summary_puts_repeats_side_by_side():
     lines = summary([row("dense", 1.0), row("amgfx snp", 0.88), row("dense", 1.0), row("amgfx snp", 0.93),
                      row("amgfx snp", 0.90)])
     assert lines[2:] == ["| inductor | 1 | amgfx snp | 0.880, 0.930, 0.900 | 0.900 | 0.050 |"]
+
+
+def test_repeat_verdict_says_by_how_much_the_default_plan_misses_the_goal():
+    from benchmarks.repeat import GOAL, verdict
+    row = lambda b, v, e: {"runtime": "onnxruntime", "batch": b, "variant": v, "efficiency": e}
+    lines = verdict([row(1, "amgfx snp", GOAL - 0.05), row(1, "amgfx snp", GOAL - 0.03), row(1, "amgfx snp", GOAL),
+                     row(8, "amgfx snp", GOAL + 0.01), row(8, "Torch-Pruning", 0.1)])
+    assert f"- onnxruntime, batch 1: {GOAL - 0.03:.3f}, short by 0.030" in lines
+    assert f"- onnxruntime, batch 8: {GOAL + 0.01:.3f}, met" in lines
+    assert any("profile_ops.md" in x for x in lines)
+    assert not any("profile_ops.md" in x for x in verdict([row(8, "amgfx snp", GOAL)]))
