@@ -52,7 +52,7 @@ def verdict(rows: list) -> list[str]:
         out.append(f"- {rt}, batch {b}: {m:.3f}, " + ("met" if m >= GOAL else f"short by {GOAL - m:.3f}"))
     if any(statistics.median(e) < GOAL for e in effs.values()):
         out += ["", "Where the time goes (ops that shrink less than the FLOPs): "
-                "[profile_ops.md](profile_ops.md), `python -m benchmarks.profile_ops`."]
+                "`benchmarks/results/profile_ops.md` (`python -m benchmarks.profile_ops`)."]
     return out
 
 
