@@ -32,7 +32,7 @@ class Planted(latency.OpTimes):
         super().__init__(path=None)
         self.formula, self.asked = formula, []
 
-    def time(self, target, args_spec, kwargs_spec):
+    def time(self, target, args_spec, kwargs_spec, cold=False):
         shapes = [s[1] for s in args_spec if s[0] == "T"]
         self.asked.append((str(target), shapes))
         return self.formula(shapes)
