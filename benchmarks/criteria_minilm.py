@@ -52,6 +52,22 @@ def embed(model, enc) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.cat(out)[:n], dim=-1)
 
 
+def views(paragraphs: list, kind: str = "whole") -> list:
+    """The calibration texts: each paragraph ``whole``, or (``halves``) whole and also split into the two
+    word halves the evaluation embeds (:func:`heldout`)."""
+    if kind == "whole":
+        return list(paragraphs)
+    return list(paragraphs) + [" ".join(h) for p in paragraphs for w in [p.split()]
+                               for h in (w[: len(w) // 2], w[len(w) // 2:])]
+
+
+def batches(path, texts: list) -> tuple:
+    """(batches of BATCH tokenized texts, the first batch as the example input); a last partial batch is dropped."""
+    enc = models.tokenize(path, texts, SEQ)
+    calib = [{k: v[i:i + BATCH] for k, v in enc.items()} for i in range(0, len(texts) - BATCH + 1, BATCH)]
+    return calib, {k: v[:BATCH] for k, v in enc.items()}
+
+
 def heldout(path, dense) -> dict:
     """The held-out paragraphs split into query and document halves, tokenized, with the dense answers."""
     paras = data.text("eval")
@@ -110,13 +126,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     path = str(models.minilm_dir())
     loaded = models.load(models.MINILM)
-    calib_text = data.text("calib", a.calib)
-    if a.views == "halves":
-        calib_text = calib_text + [" ".join(h) for p in calib_text for w in [p.split()]
-                                   for h in (w[: len(w) // 2], w[len(w) // 2:])]
-    enc = models.tokenize(path, calib_text, SEQ)
-    calib = [{k: v[i:i + BATCH] for k, v in enc.items()} for i in range(0, len(calib_text) - BATCH + 1, BATCH)]
-    example = {k: v[:BATCH] for k, v in enc.items()}
+    calib_text = views(data.text("calib", a.calib), a.views)
+    calib, example = batches(path, calib_text)
     cg = amgfx.analyze(loaded.model, (), example)
 
     ev = heldout(path, cg.gm)
