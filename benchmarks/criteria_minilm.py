@@ -52,13 +52,18 @@ def embed(model, enc) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.cat(out)[:n], dim=-1)
 
 
+def halves(paragraph: str) -> tuple:
+    """(first half, second half) of a paragraph's words: the query and the document :func:`heldout` embeds."""
+    w = paragraph.split()
+    return " ".join(w[: len(w) // 2]), " ".join(w[len(w) // 2:])
+
+
 def views(paragraphs: list, kind: str = "whole") -> list:
-    """The calibration texts: each paragraph ``whole``, or (``halves``) whole and also split into the two
-    word halves the evaluation embeds (:func:`heldout`)."""
+    """The calibration texts: each paragraph ``whole``, or (``halves``) whole and also split into its
+    :func:`halves`, the lengths the evaluation embeds."""
     if kind == "whole":
         return list(paragraphs)
-    return list(paragraphs) + [" ".join(h) for p in paragraphs for w in [p.split()]
-                               for h in (w[: len(w) // 2], w[len(w) // 2:])]
+    return list(paragraphs) + [h for p in paragraphs for h in halves(p)]
 
 
 def batches(path, texts: list) -> tuple:
@@ -71,9 +76,8 @@ def batches(path, texts: list) -> tuple:
 def heldout(path, dense) -> dict:
     """The held-out paragraphs split into query and document halves, tokenized, with the dense answers."""
     paras = data.text("eval")
-    halves = [p.split() for p in paras]
-    q = models.tokenize(path, [" ".join(w[: len(w) // 2]) for w in halves], SEQ)
-    d = models.tokenize(path, [" ".join(w[len(w) // 2:]) for w in halves], SEQ)
+    q = models.tokenize(path, [halves(p)[0] for p in paras], SEQ)
+    d = models.tokenize(path, [halves(p)[1] for p in paras], SEQ)
     dq, dd = embed(dense, q), embed(dense, d)
     return {"q": q, "d": d, "dense_q": dq, "dense_d": dd, "dense_top": (dq @ dd.T).argmax(1),
             "own": torch.arange(len(paras))}

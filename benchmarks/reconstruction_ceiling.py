@@ -31,7 +31,7 @@ import amgfx
 from amgfx import data, models
 
 from ._report import RESULTS, write_md
-from .criteria_minilm import BATCH, SEQ, agreement, batches, heldout, views
+from .criteria_minilm import BATCH, SEQ, agreement, batches, halves, heldout, views
 
 METHODS = ["taylor", "obs", "snp"]
 
@@ -39,11 +39,11 @@ METHODS = ["taylor", "obs", "snp"]
 def refit_sets(path, n_calib: int) -> list:
     """(label, calibration batches) for the three refits, smallest first."""
     ev = data.text("eval")
-    halves = [" ".join(h) for p in ev for w in [p.split()] for h in (w[: len(w) // 2], w[len(w) // 2:])]
+    texts = [h for p in ev for h in halves(p)]
     every = data.text("calib")
     return [(f"{n_calib} calibration paragraphs, whole and halves", batches(path, views(every[:n_calib], "halves"))[0]),
             (f"all {len(every)} calibration paragraphs, whole and halves", batches(path, views(every, "halves"))[0]),
-            (f"the {len(halves)} evaluation texts themselves (upper bound)", batches(path, halves)[0])]
+            (f"the {len(texts)} evaluation texts themselves (upper bound)", batches(path, texts)[0])]
 
 
 NOISE = (0.2, 0.3, 0.4, 0.5)     # noise norm relative to a unit embedding
