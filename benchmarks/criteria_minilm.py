@@ -76,8 +76,8 @@ def batches(path, texts: list) -> tuple:
 def heldout(path, dense) -> dict:
     """The held-out paragraphs split into query and document halves, tokenized, with the dense answers."""
     paras = data.text("eval")
-    q = models.tokenize(path, [halves(p)[0] for p in paras], SEQ)
-    d = models.tokenize(path, [halves(p)[1] for p in paras], SEQ)
+    q_text, d_text = zip(*map(halves, paras))
+    q, d = models.tokenize(path, list(q_text), SEQ), models.tokenize(path, list(d_text), SEQ)
     dq, dd = embed(dense, q), embed(dense, d)
     return {"q": q, "d": d, "dense_q": dq, "dense_d": dd, "dense_top": (dq @ dd.T).argmax(1),
             "own": torch.arange(len(paras))}
