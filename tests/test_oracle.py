@@ -18,7 +18,7 @@ from conftest import assert_outputs_match
 
 import amgfx
 import models
-from amgfx.verify import VerifyReport, compare
+from amgfx.oracle import VerifyReport, compare
 
 
 # ------------------------------------------------------------------------------------------------

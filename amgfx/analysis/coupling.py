@@ -121,6 +121,10 @@ def _fmt_table(rows: list[list], header: list[str]) -> str:
     return "\n".join([line(cells[0]), line(["-" * x for x in w])] + [line(r) for r in cells[1:]])
 
 
+NO_ATTENTION = ("no attention found: the graph has no attention op (SDPA, or softmax between two matmuls); "
+                "only MLP neurons (and residual channels) can be pruned")
+
+
 class CouplingGraph:
     """What :func:`amgfx.analyze` returns: the structure found and its coupling groups.
 
@@ -209,7 +213,7 @@ class CouplingGraph:
                          f"{s.scale:.4g}" + ("" if s.scale_explicit else " (default)"),
                          len(s.per_head), proj, ",".join(sorted(s.disabled)) or "-"])
         parts = [f"attention sites: {sum(s.supported for s in self.sites)} supported, "
-                 f"{sum(not s.supported for s in self.sites)} unsupported",
+                 f"{sum(not s.supported for s in self.sites)} unsupported" if self.sites else NO_ATTENTION,
                  _fmt_table(rows, ["site", "op", "heads", "kv", "qk_dim", "v_dim", "rope", "scale", "per_head", "proj",
                                    "disabled"])]
         mrows = [[m.name, m.hidden, m.activation.replace("aten.", ""), "yes" if m.gated else "no",

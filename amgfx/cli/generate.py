@@ -1,33 +1,12 @@
 """``amgfx generate``: decode text with a causal LM, dense and (optionally) pruned, side by side."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 from ..errors import AmgfxError
-from ._common import err, fraction, ratios
-
-GENERATE_HELP = """Decode text from MODEL with a KV cache: the prompt is prefilled once, then one decode step
-per new token. With --target-flops or --ratios the model is first pruned (the prefill and the decode
-step by one plan, the cache shrinking with the kv heads and head dims removed) and both the dense and
-the pruned model generate; --out saves the pruned decoder (decoder.pt2 with both programs).
-
-MODEL is one of:
-  amgfx-lm   a byte-level LLaMA-shaped LM (3M parameters) trained on standard-library docstrings;
-             trained on first use (a few minutes on 2 cores) and cached in ~/.cache/amgfx
-  DIR        a Hugging Face causal LM directory (config.json, tokenizer; random weights if none)
-  DIR        a decoder saved by amgfx generate --out or amgfx.save (add --ort to run its ONNX files)
-
-calibration (when pruning): --calib-samples windows of the standard-library training text."""
-
-EXAMPLES = """examples:
-  amgfx generate amgfx-lm --prompt "Return the number of"
-  amgfx generate amgfx-lm --prompt "Return the number of" --target-flops 0.7 --out lm70 --onnx
-  amgfx generate lm70 --prompt "Create a new" --max-new-tokens 24
-  amgfx generate lm70 --prompt "Create a new" --ort --sample --top-k 5 --seed 1
-"""
+from ._common import err
 
 
 def _tokenizer(spec):
@@ -155,27 +134,3 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    g = sub.add_parser("generate", help="decode text with a KV cache, dense and pruned side by side",
-                       description=GENERATE_HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("model", help="amgfx-lm | HF causal LM dir | saved decoder dir")
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    g.add_argument("--prompt-len", type=int, default=64,
-                   help="prompt slots of a decoder built here; shorter prompts are left-padded (default 64)")
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the K likeliest tokens only")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
-    p = g.add_argument_group("pruning (the decoder is pruned first when one of these is given)")
-    p.add_argument("--target-flops", type=fraction, default=None, help="fraction of dense FLOPs to keep")
-    p.add_argument("--ratios", type=ratios, default=None, help="fraction removed per kind, e.g. qk=0.25,v=0.25,mlp=0.5")
-    p.add_argument("--method", default="snp", help="criterion (default snp)")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
-    p.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares refit of the kept weights")
-    p.add_argument("--out", metavar="DIR", help="save the pruned decoder here (decoder.pt2, plan.json, manifest.json)")
-    p.add_argument("--onnx", action="store_true", help="with --out: also write DIR/prefill.onnx and DIR/decode.onnx")
-    g.add_argument("--ort", action="store_true", help="run a saved decoder's ONNX files in onnxruntime")
-    g.add_argument("--json", action="store_true", help="print tokens, text and speed as JSON")
-    g.add_argument("--quiet", "-q", action="store_true", help="print the generated text only")
-    g.set_defaults(func=cmd_generate)

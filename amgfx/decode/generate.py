@@ -60,6 +60,9 @@ def generate(dec: Decoder, prompts, *, max_new_tokens: int = 32, do_sample: bool
         >>> len(amgfx.generate(small, [[1, 2, 3]], max_new_tokens=5, eos_token_id=None)[0])
         5
     """
+    if not isinstance(dec, Decoder):
+        raise AmgfxError(f"amgfx.generate decodes an amgfx.Decoder, got {type(dec).__name__}: wrap the causal LM first, "
+                         "dec = amgfx.decoder(lm); small = amgfx.prune(dec, ...); amgfx.generate(small, prompts)")
     rows = _as_rows(prompts, attention_mask)
     if not rows:
         return []

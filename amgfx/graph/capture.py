@@ -17,6 +17,7 @@ from .canonical import spell_out_shape_of
 from .fold import fold_batch_norms
 from .fx import refresh_meta
 from .meta import CAPTURED, DIMS, DYNAMIC_BATCH, EXAMPLE
+from .mutation import own_written_state, refuse_stateful_outputs
 from .ops import register_library_layers
 
 __all__ = ["capture", "as_args"]
@@ -116,6 +117,17 @@ def _describe_failure(model: nn.Module, exc: BaseException, stack: list[str]) ->
             "Python control flow on tensor values; or capture a submodule (e.g. the encoder) instead.")
 
 
+def _check_example(args: tuple, kwargs: dict) -> None:
+    """NaN in the example inputs is refused here, as the example's (every later check would blame the
+    calibration data, which defaults to the example)."""
+    named = [(f"input {i}", a) for i, a in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]
+    for name, value in named:
+        for t in pytree.tree_leaves(value):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and bool(torch.isnan(t).any()):
+                raise CaptureError(f"the example inputs: {name} contains NaN; give finite example values "
+                                   "(only their shapes and dtypes shape the graph)")
+
+
 def _batch_spec(model: nn.Module, args: tuple, kwargs: dict):
     """Example inputs of batch >= 2 and a ``dynamic_shapes`` spec marking dim 0 of every tensor input
     as one shared ``batch`` dim, or None when the inputs disagree on their leading size.
@@ -171,7 +183,9 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
 
     Parameters and buffers appear as ``get_attr`` nodes named by their FQN, and every node
     carries its shape in ``node.meta["val"]``. The user's model is left untouched: its
-    parameters, buffers and ``training`` flags are bitwise the same afterwards.
+    parameters, buffers and ``training`` flags are bitwise the same afterwards, and a buffer that
+    forward() writes is copied into the graph, so running the graph never moves the user's. A model
+    whose output depends on such state (two calls on one input differ) is refused here, naming it.
 
     With ``dynamic_batch`` (the default) dim 0 of every input is captured symbolic, so the
     pruned graph runs, exports and lowers to ONNX at any batch size;
@@ -191,11 +205,13 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
+    _check_example(args, kwargs)
     with _eval_mode(model), _no_kv_cache(model), _module_tracker(model) as stack, _quiet_torch_logs(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep, dynamic = _export(model, args, kwargs, dynamic_batch, lambda exc: _describe_failure(model, exc, stack))
     gm = ep.module()
+    written = own_written_state(gm)     # a buffer forward() updates: the graph's own copy, never the user's
     register_library_layers()     # ops a library registered while the model ran (MoE grouped matmuls)
     missing = [n.name for n in gm.graph.nodes
                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and "val" not in n.meta]
@@ -204,6 +220,7 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
     spell_out_shape_of(gm)    # x.reshape_as(y) as a reshape to y's sizes (see amgfx.graph.canonical)
     fold_batch_norms(gm)      # eval batch norms after a layer become part of it (see amgfx.graph.fold)
     gm.meta[EXAMPLE] = (args, kwargs)
+    refuse_stateful_outputs(gm, written, args, kwargs)
     if dynamic:
         _record_dims(gm)
         refresh_meta(gm)      # shapes at the user's own example (export may have traced a batch of 2)

@@ -47,7 +47,8 @@ import torch.utils._pytree as pytree
 
 from ..errors import AmgfxError
 from ..graph.fx import state_inputs
-from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
+from ..graph.capture import capture
+from ..graph.meta import CAPTURED, DYNAMIC_BATCH, EXAMPLE
 
 __all__ = ["recover", "distill_loss", "Iterative", "LOSSES"]
 
@@ -199,6 +200,35 @@ def _eval(model):
         _set_mode(model, was)
 
 
+def _graph_of(teacher, student):
+    """The teacher to run: its captured graph (which owns any state its forward writes), never the user's
+    module itself; a module amgfx cannot capture at the student's example runs with its buffers restored."""
+    if getattr(teacher, "meta", {}).get(CAPTURED) or EXAMPLE not in getattr(student, "meta", {}):
+        return teacher
+    args, kwargs = student.meta[EXAMPLE]
+    try:
+        return capture(teacher, args, kwargs)
+    except AmgfxError:
+        return _Restoring(teacher)
+
+
+class _Restoring(torch.nn.Module):
+    """Runs ``inner`` and puts every buffer back afterwards (a forward that counts its calls, say)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        saved = [(b, b.detach().clone()) for b in self.inner.buffers()]
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for b, v in saved:
+                    b.copy_(v)
+
+
 @torch.no_grad()
 def distill_loss(student, teacher, data, *, loss: str = "kd", temperature: float = 2.0) -> float:
     """The mean distillation loss of ``student`` against ``teacher`` over ``data`` (both in eval mode).
@@ -206,6 +236,7 @@ def distill_loss(student, teacher, data, *, loss: str = "kd", temperature: float
     This is what :func:`recover` lowers; measure it on held-out data to see that it did.
     """
     _check_loss(loss, temperature, 1.0)
+    teacher = _graph_of(teacher, student)
     n_args, total, n = _n_args(student), 0.0, 0
     with _eval(teacher), _eval(student):
         for b in data:
@@ -273,6 +304,7 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
     if not lr > 0:
         raise AmgfxError(f"lr must be > 0, got {lr}")
     student = pruned if inplace else copy.deepcopy(pruned)
+    teacher = _graph_of(teacher, student)
     _detach_inference(student)
     params = _trainable(student)
     n_args = _n_args(student)
