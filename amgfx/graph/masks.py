@@ -406,18 +406,25 @@ def param_masks(gm: fx.GraphModule, params: dict) -> dict:
     return out
 
 
-def propagate_masks(gm: fx.GraphModule, params: dict, *, dense: bool = True) -> Masks:
+def propagate_masks(gm: fx.GraphModule, params: dict, *, dense: bool = True, nodes=None,
+                    base: Masks | None = None) -> Masks:
     """Keep masks of every node of ``gm`` when the parameters shrink as ``params`` says.
 
     ``dense``: check that every mask packs into a dense tensor (what a rewrite needs); ``split_qkv``
-    turns it off to find the fused projections that do not pack, which it then splits."""
+    turns it off to find the fused projections that do not pack, which it then splits.
+
+    ``nodes`` (a subset, in graph order) with ``base`` (the masks of another plan) propagates over those
+    nodes only, every other node keeping its mask in ``base``: the budget re-evaluates one region of the
+    graph this way (:mod:`amgfx.planning.regions`) instead of the whole of it."""
     pm = param_masks(gm, params)
-    ms = Masks(env={})
+    ms = Masks(env=dict(base.env) if base is not None else {})
     cache: dict = {}
-    for n in gm.graph.nodes:
+    for n in (gm.graph.nodes if nodes is None else nodes):
         if n.op == "get_attr":
             if n.target in pm:
                 ms.env[n] = pm[n.target]
+            else:
+                ms.env.pop(n, None)
             continue
         if n.op == "output":
             continue
@@ -431,6 +438,7 @@ def propagate_masks(gm: fx.GraphModule, params: dict, *, dense: bool = True) -> 
             continue
         masked = [a for a in n.all_input_nodes if ms.get(a) is not None]
         if not masked:
+            ms.env.pop(n, None)                         # (a base mask of this node is not this plan's)
             continue
         if n.op != "call_function":
             _fail(n, f"a pruned tensor ({masked[0].name}) flows into {n.op} {n.target}")
@@ -440,6 +448,7 @@ def propagate_masks(gm: fx.GraphModule, params: dict, *, dense: bool = True) -> 
             ms.env[n] = _norm(src[n.args[1]])
             continue
         if t in IGNORED_USERS:
+            ms.env.pop(n, None)
             continue
         if is_depthwise_conv(n):
             rule = _depthwise

@@ -37,6 +37,7 @@ import numpy as np
 from .cost import predict
 from ..errors import AmgfxError
 from .plan import Plan, fingerprint
+from .regions import RegionCost
 
 __all__ = ["allocate", "select_tokens", "Ladder", "kernel_multiple"]
 
@@ -188,6 +189,24 @@ def _head_pairs(cg) -> list[tuple[str, str]]:
     return pairs
 
 
+def _bisect(plan_at, n: int, goal: float, cost):
+    """The smallest prefix ``m`` of the ranking whose plan costs <= ``goal`` (``n`` when none does), and the
+    memoised cost of a prefix. FLOPs only fall as steps are added; predicted time nearly so (measured op
+    times are not strictly monotone in width), so bisection lands on a plan within goal, if not always
+    the first."""
+    spent = functools.lru_cache(None)(lambda m: cost(plan_at(m)))
+    lo, hi = 0, n
+    if spent(hi) > goal:
+        return hi, spent
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if spent(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, spent
+
+
 def allocate(cg, scores: dict, target_flops: float | None = None, *, target_latency: float | None = None,
              times=None, round_to: int | str = "auto", min_keep: float = 0.1, protect=(), base: Plan | None = None,
              same_head_dim: bool = True, blocks: bool = False) -> Plan:
@@ -287,24 +306,22 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
             counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
         return _plan(ladders, counts, base)
 
-    # FLOPs only fall as steps are added; predicted time nearly so (measured op times are not
-    # strictly monotone in width), so bisection lands on a plan within goal, if not always the first
-    spent = functools.lru_cache(None)(lambda m: cost(plan_at(m))["pruned"])
-    lo, hi = 0, len(steps)
-    if spent(hi) > goal:
-        best = spent(hi) / dense
+    fast = RegionCost.build(cg, [lad.group for lad in ladders], base) if target_latency is None else None
+    lo, spent = _bisect(plan_at, len(steps), goal,
+                        (lambda p: fast.flops(p)) if fast is not None else (lambda p: cost(p)["pruned"]))
+    if spent(lo) > goal:
         raise AmgfxError(f"{what}={target} cannot be reached: with min_keep={min_keep}, "
-                         f"round_to={round_to} and the protected places, the smallest plan keeps {best:.1%} "
+                         f"round_to={round_to} and the protected places, the smallest plan keeps {spent(lo) / dense:.1%} "
                          f"of the {'FLOPs' if target_latency is None else 'predicted time'}; lower min_keep, "
                          "protect less, or allow more kinds")
-    while lo < hi:                              # smallest m with spent(m) <= goal
-        mid = (lo + hi) // 2
-        if spent(mid) <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
     plan = plan_at(lo)
     flops = predict(cg, plan)["flops"]
+    if fast is not None and flops["pruned"] != spent(lo):     # never seen; the whole-graph count decides
+        warnings.warn(f"the region FLOPs count ({spent(lo)}) differs from the whole graph's ({flops['pruned']}); "
+                      "planning again on the whole graph (slower). Please report the model", stacklevel=3)
+        lo, spent = _bisect(plan_at, len(steps), goal, lambda p: cost(p)["pruned"])
+        plan = plan_at(lo)
+        flops = predict(cg, plan)["flops"]
     plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
                       "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
                       "removed": sorted(plan.removed_branches(cg)),
