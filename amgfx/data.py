@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-__all__ = ["digits", "text", "image_folder", "CALIB_MODULES", "EVAL_MODULES"]
+__all__ = ["digits", "text", "token_windows", "image_folder", "CALIB_MODULES", "EVAL_MODULES"]
 
 CALIB_MODULES = ("collections", "functools", "itertools", "pathlib", "argparse", "json", "subprocess",
                  "threading", "logging", "unittest", "typing", "dataclasses", "string", "textwrap", "shutil")
@@ -69,6 +69,21 @@ def text(split: str = "calib", n: int | None = None) -> list[str]:
     mods = CALIB_MODULES if split == "calib" else EVAL_MODULES
     out = [p for m in mods for p in _paragraphs(m)]
     return out[:n] if n else out
+
+
+def token_windows(encode, split: str, seq: int, n: int | None = None) -> torch.Tensor:
+    """``[n, seq]`` token ids for language models: the split's paragraphs (:func:`text`) joined by blank
+    lines, encoded once by ``encode`` (text -> ids) and cut back to back; every row is whole text.
+
+    ``calib`` and ``eval`` windows come from disjoint modules (about 18.9k and 13.7k tokens with
+    SmolLM2's tokenizer: 147 and 107 windows of 128), so perplexity is measured on text the
+    calibration never read.
+    """
+    ids = torch.tensor(list(encode("\n\n".join(text(split)))), dtype=torch.long)
+    count = len(ids) // seq
+    if n is not None and n > count:
+        raise ValueError(f"the {split} text has {count} windows of {seq} tokens, fewer than the {n} asked for")
+    return ids[:count * seq].reshape(count, seq)[:n]
 
 
 def image_folder(path: str, size: int, channels: int = 3, n: int | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ from ..graph.indexprop import fetch_attr, layer_input
 from ..graph.ops import LINEAR_LAYERS
 
 __all__ = ["Stats", "Watch", "Seen", "Collector", "AttentionMaps", "QKScores", "MlpActivations", "TokenScores",
-           "TaylorScores", "InputGram", "mlp_input", "standard", "qk_scores"]
+           "TaylorScores", "InputGram", "InputMoments", "mlp_input", "standard", "qk_scores"]
 
 
 @dataclass
@@ -264,6 +264,29 @@ class InputGram(Collector):
             x = x.detach()
             x = (x.movedim(1, -1) if self.conv else x).reshape(-1, x.shape[1 if self.conv else -1]).double()
             st.add(self.key, x.T @ x, x.shape[0])
+
+
+class InputMoments(Collector):
+    """Per input channel of one layer: the sum and the sum of squares of what it reads, over tokens
+    (FLAP's fluctuation and Wanda's input norm read them; a Gram matrix would be n² where these are n)."""
+
+    def __init__(self, cg, layer_node: str):
+        nodes = {n.name: n for n in cg.gm.graph.nodes}
+        self.node = layer_input(nodes[layer_node]).name
+        super().__init__(self.key_for(layer_node), Watch(values={self.node}))
+        self.conv = nodes[layer_node].target not in LINEAR_LAYERS
+
+    @staticmethod
+    def key_for(layer_node: str) -> str:
+        return f"moments:{layer_node}"
+
+    def forward(self, seen, st):
+        x = seen.values.get(self.node)
+        if x is not None:
+            x = x.detach()
+            x = (x.movedim(1, -1) if self.conv else x).reshape(-1, x.shape[1 if self.conv else -1]).double()
+            st.add(self.key + ":sum", x.sum(0), x.shape[0])
+            st.add(self.key + ":sq", (x * x).sum(0), x.shape[0])
 
 
 class TokenScores(Collector):

@@ -15,15 +15,17 @@ from __future__ import annotations
 from ...errors import AmgfxError
 from ._base import Criterion
 from .amg import AMG, token_scores
+from .flap import FLAP, Wanda
 from .magnitude import Magnitude
 from .obs import OBS
 from .random import Random
 from .snp import SNP
 from .taylor import Taylor
 
-__all__ = ["Criterion", "SNP", "AMG", "Taylor", "OBS", "Magnitude", "Random", "CRITERIA", "resolve_method", "token_scores"]
+__all__ = ["Criterion", "SNP", "AMG", "Taylor", "OBS", "FLAP", "Wanda", "Magnitude", "Random", "CRITERIA",
+           "resolve_method", "token_scores"]
 
-CRITERIA = {c.name: c for c in (SNP, AMG, Taylor, OBS, Magnitude, Random)}
+CRITERIA = {c.name: c for c in (SNP, AMG, Taylor, OBS, FLAP, Wanda, Magnitude, Random)}
 
 
 def _one(c) -> Criterion:
