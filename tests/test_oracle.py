@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_outputs_match
+from conftest import analysed, assert_outputs_match
 
 import amgfx
 import models
@@ -259,3 +259,20 @@ def test_a_planted_wrong_rewrite_is_caught_before_prune_returns(monkeypatch):
         amgfx.prune(m, args, method="magnitude", ratios={"mlp": 0.5})
     monkeypatch.undo()
     assert amgfx.prune(m, args, method="magnitude", ratios={"mlp": 0.5}) is not None   # the real pass is fine
+
+
+def test_the_tolerance_follows_the_models_own_rounding_error():
+    """The oracle's tolerance is raised to NOISE_FACTOR x the float32-vs-float64 error of the dense model
+    (a deep LLM at a long input exceeds a fixed 1e-5 by rounding alone), and never below the one asked."""
+    from amgfx.oracle import NOISE, NOISE_FACTOR, noise_floor
+    m, args, kwargs, cg = analysed("llama_gqa")
+    floor = noise_floor(cg.gm)
+    assert 0 < floor < 1e-5 and cg.gm.meta[NOISE] == floor       # measured once, kept with the graph
+    plan = amgfx.Plan(keep={"mlp:layers.0.mlp": list(range(0, 96, 2))})
+    rep = amgfx.verify(cg, plan)
+    assert rep.passed and rep.tol == 1e-5                        # a toy's rounding is far below 1e-5
+    cg.gm.meta[NOISE] = 1e-4                                     # as if it were a deep model
+    try:
+        assert amgfx.verify(cg, plan).tol == pytest.approx(NOISE_FACTOR * 1e-4)
+    finally:
+        cg.gm.meta[NOISE] = floor
