@@ -153,7 +153,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
              ratios: dict | None = None, tokens: float | None = None, calib=None, loss_fn=None, kinds=None,
              round_to: int | str = "auto", min_keep: float = 0.1, protect=(), same_head_dim: bool = True, blocks: bool = False,
              target_latency: float | None = None, runtime: str = "eager", measure_latency: bool = True,
-             seed: int = 0, progress: bool = True) -> Plan:
+             scope: str = "model", seed: int = 0, progress: bool = True) -> Plan:
     """Score the model's coupling groups and decide what to keep; nothing is rewritten.
 
     ``model_or_gm`` may be an nn.Module (captured with ``example_inputs``), a captured
@@ -168,7 +168,9 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
     no less accurate (``benchmarks/results/levers.md``); SNP's paper-faithful plan, every width
     chosen freely, is ``round_to=1, same_head_dim=False``. ``blocks=True`` lets a whole attention
     or MLP branch go when its units rank lowest (block removal: fewer ops, not only narrower ones;
-    the plan lists such a group with no unit kept).
+    the plan lists such a group with no unit kept). ``scope="blocks"`` makes ``target_flops`` a fraction of
+    the attention and MLP branches' FLOPs only, as LLM papers count (the embedding and output head,
+    which width pruning leaves alone, are outside; ``plan.meta["flops"]["blocks"]`` has both counts).
 
     ``target_latency`` (instead of ``target_flops``) is a fraction of the dense model's time at the
     example inputs (their batch size) in ``runtime`` (``"eager"``, ``"inductor"`` or ``"ort"``). The
@@ -212,7 +214,7 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(target_flops), round_to=round_to, min_keep=min_keep, protect=protect,
-                        base=base, same_head_dim=same_head_dim, blocks=blocks)
+                        base=base, same_head_dim=same_head_dim, blocks=blocks, scope=scope)
     plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
                       "seed": seed, "calibration_samples": s.samples})
     return plan
@@ -315,7 +317,8 @@ def _refit_if(out: fx.GraphModule, cg: CouplingGraph, plan: Plan, calib, reconst
 
 
 def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, damp: float | None = None,
-                sequential: bool = True, residual: bool = True, progress: bool = True) -> fx.GraphModule:
+                sequential: bool = True, residual: bool = True, add_bias: bool = False,
+                progress: bool = True) -> fx.GraphModule:
     """Refit the kept weights of ``pruned`` so its layers reproduce ``dense`` on ``calib``, with no training.
 
     Every layer whose input columns the plan removes (attention output projections, fc2/down, any
@@ -350,7 +353,7 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
     from .oracle import zeroed
     from .rewrite import rewrite
     from .weights.qk import qk_scales, scale_rows
-    from .weights.reconstruct import refit_layers
+    from .weights.reconstruct import attach_bias, refit_layers
     plan = pruned.meta.get(PLAN)
     if plan is None:
         raise AmgfxError("reconstruct() needs a model pruned by amgfx (its plan is in meta['amgfx_plan'])")
@@ -380,9 +383,11 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
         out = rewrite(src, plan) if scales else copy_module(pruned)
         fit_model = rewrite(src, fit_plan) if live else out
         fits = refit_layers(fit_model, cg.gm, resolved.params, calib, damp=damp, sequential=sequential,
-                            residual=residual, progress=progress)
+                            residual=residual, add_bias=add_bias, progress=progress)
         if fit_model is not out:
             for f in fits:
+                if f.bias and not _has_attr(out, f.bias):     # a bias the fit added: the same edit here
+                    attach_bias(out, f.weight, f.bias)
                 for fqn in (f.weight, *([f.bias] if f.bias else [])):
                     replace_attr(out, fqn, get_attr(fit_model, fqn).detach(), get_attr(out, fqn))
     _unshare(out, cg.gm)
@@ -418,6 +423,14 @@ def verify(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *,
     report = check(cg, plan, pruned, tol)
     report.reconstruction = refit
     return report
+
+
+def _has_attr(gm, fqn: str) -> bool:
+    try:
+        get_attr(gm, fqn)
+    except AttributeError:
+        return False
+    return True
 
 
 _refit = reconstruct     # prune()'s ``reconstruct`` flag shadows the function's name there

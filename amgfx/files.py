@@ -101,13 +101,33 @@ def _save_decoder(dec, directory) -> dict:
         package_pt2(os.path.join(directory, "decoder.pt2"), exported_programs=eps)
     if dec.plan is not None:
         dec.plan.save(os.path.join(directory, "plan.json"))
+    tok, copied = _copy_tokenizer(dec.meta.get("tokenizer"), directory)
     manifest = {"format": DECODER, "amgfx": version("amgfx"), "torch": torch.__version__,
-                **{k: getattr(dec, k) for k in DECODER_FIELDS}, "tokenizer": dec.meta.get("tokenizer"),
+                **{k: getattr(dec, k) for k in DECODER_FIELDS}, "tokenizer": tok,
                 "programs": {k: _spec(ep) for k, ep in eps.items()},
-                "files": ["decoder.pt2"] + (["plan.json"] if dec.plan is not None else [])}
+                "files": ["decoder.pt2"] + (["plan.json"] if dec.plan is not None else []) + copied}
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja")
+
+
+def _copy_tokenizer(spec, directory: str) -> tuple:
+    """A tokenizer directory's files copied beside the decoder, so the saved directory stands alone:
+    (the manifest's tokenizer entry, the files copied). ``"."`` is the saved directory itself."""
+    import shutil
+    if not spec or spec == "bytes" or not os.path.isdir(spec):
+        return spec, []
+    copied = []
+    for f in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(spec, f)):
+            if os.path.abspath(os.path.join(spec, f)) != os.path.abspath(os.path.join(directory, f)):
+                shutil.copyfile(os.path.join(spec, f), os.path.join(directory, f))
+            copied.append(f)
+    return (".", copied) if copied else (spec, [])
 
 
 class _OrtProgram:
@@ -150,7 +170,8 @@ def _load_decoder(directory: str, manifest: dict, runtime: str = "torch"):
     fields["cache_shapes"] = [tuple(s) for s in fields["cache_shapes"]]
     return Decoder(prefill=prefill, decode=step, **fields,
                    plan=Plan.load(plan_path) if os.path.isfile(plan_path) else None,
-                   meta={"tokenizer": manifest.get("tokenizer"), "manifest": manifest, "path": directory})
+                   meta={"tokenizer": directory if manifest.get("tokenizer") == "." else manifest.get("tokenizer"),
+                         "manifest": manifest, "path": directory})
 
 
 def _refuse_pickles(path: str) -> None:

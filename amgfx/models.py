@@ -44,6 +44,8 @@ def minilm_dir():
 
 def is_causal_lm(cfg) -> bool:
     """A decoder-only LM with its head (``*ForCausalLM`` / ``*LMHeadModel`` in the config's architectures)."""
+    if cfg is None:
+        return False
     archs = getattr(cfg, "architectures", None) or []
     return not getattr(cfg, "is_encoder_decoder", False) and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
@@ -183,6 +185,8 @@ def tokenizer(path: str, sample: list[str]):
         raise ModelSpecError(f"{path}: its tokenizer ({type(tok).__name__}, {len(tok)} tokens) maps {share:.0%} of "
                              f"plain English to its unknown token {tok.unk_token!r}, so text calibration would be "
                              f"junk; {hint}")
+    if tok.pad_token is None:                 # causal LMs often ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
@@ -194,8 +198,6 @@ def tokenize(path: str, texts: list[str], seq_len: int, tok=None) -> dict:
     """Token ids and attention masks of ``texts``, padded/truncated to ``seq_len`` (static shapes), by the
     directory's checked :func:`tokenizer` (or ``tok``)."""
     tok = tok or tokenizer(path, texts[:8] or SAMPLE_TEXT)
-    if tok.pad_token is None:                 # causal LMs often ship without one; padding is masked anyway
-        tok.pad_token = tok.eos_token or tok.unk_token
     enc = tok(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
 

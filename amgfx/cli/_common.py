@@ -22,21 +22,25 @@ def load_model(a):
         return err(str(e).splitlines()[0])
 
 
-def analysed(a, prepare=None):
-    """Load and analyse ``a.model``: (loaded, coupling graph, seconds) or an exit code.
-
-    ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
-    """
+def loaded_model(a):
+    """:func:`load_model`, with a junk tokenizer for ``--calib text`` refused before the weights load."""
     from .. import data, models
-    from ..api import analyze
-    t0 = time.perf_counter()
     where = models.hf_dir_of(a.model)
-    if getattr(a, "calib", None) == "text" and where:     # a junk tokenizer is refused before the weights load
+    if getattr(a, "calib", None) == "text" and where:
         try:
             models.tokenizer(where, data.text("calib", 8))
         except AmgfxError as e:
             return err(str(e))
-    loaded = load_model(a)
+    return load_model(a)
+
+
+def analysed(a, prepare=None, loaded=None):
+    """Load (unless ``loaded`` is given) and analyse ``a.model``: (loaded, coupling graph, seconds) or an
+    exit code. ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
+    """
+    from ..api import analyze
+    t0 = time.perf_counter()
+    loaded = loaded_model(a) if loaded is None else loaded
     if isinstance(loaded, int):
         return loaded
     if prepare is not None:

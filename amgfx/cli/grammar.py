@@ -208,6 +208,7 @@ PRUNE_EXAMPLES = """examples:
   amgfx prune deit_small_patch16_224 --target-latency 0.5 --runtime ort --calib digits   # half the time in onnxruntime
   amgfx prune deit_small_patch16_224 --target-flops 0.5 --calib digits --round-to 1 --no-same-head-dim   # SNP's own widths
   amgfx prune vit_tiny_patch16_224 --img-size 64 --target-flops 0.5 --calib digits --draw plan.png
+  amgfx prune smollm2-135m --target-flops 0.8 --calib text --out smol80 --onnx     # a causal LM: 80% of block FLOPs
 """
 
 
@@ -231,6 +232,10 @@ def prune_parser(sub) -> None:
     r.add_argument("--target-flops", type=fraction, default=0.5,
                    help="fraction of the dense FLOPs to keep, in (0, 1] (default 0.5)")
     r.add_argument("--ratios", type=ratios, default=None, help="instead of --target-flops: fraction removed per kind")
+    r.add_argument("--budget-scope", choices=["auto", "model", "blocks"], default="auto",
+                   help="what --target-flops is a fraction of: the whole model, or the attention and MLP blocks "
+                        "only (embedding and output head left out, as LLM papers count); auto (default): blocks "
+                        "for causal LMs, model otherwise")
     r.add_argument("--plan", metavar="JSON", default=None,
                    help="instead of --target-flops: replay this plan.json (amgfx prune --out, verify --save-plan)")
     r.add_argument("--target-latency", type=fraction, default=None, metavar="F",
@@ -243,7 +248,8 @@ def prune_parser(sub) -> None:
     r.add_argument("--tokens", type=float, default=None, metavar="F",
                    help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
                         "class/distillation/register tokens kept); counts toward --target-flops")
-    r.add_argument("--method", default="snp+amg", help="criterion, or several joined by '+' (default snp+amg)")
+    r.add_argument("--method", default=None,
+                   help="criterion, or several joined by '+' (default snp+amg; taylor for causal LMs)")
     calib_args(r)
     r.add_argument("--no-reconstruct", action="store_true",
                    help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")

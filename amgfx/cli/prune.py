@@ -20,7 +20,11 @@ from ..graph.meta import EXAMPLE, PLAN
 from ..planning.cost import count_params, measure_flops, predict
 from ..planning.plan import Plan
 from ..weights.recover import Iterative, first_output, recover
-from ._common import analysed, calibration, err, heldout, ort_runner
+from ..models import is_causal_lm
+from ._common import analysed, calibration, err, heldout, loaded_model, ort_runner
+
+
+METHOD, LM_METHOD = "snp+amg", "taylor"      # what --method means when it is not given
 
 
 def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
@@ -120,7 +124,15 @@ def cmd_prune(a) -> int:
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     say(f"loading and analysing {a.model} ...")
-    got = analysed(a, prepare)
+    loaded = loaded_model(a)
+    if isinstance(loaded, int):
+        return loaded
+    if is_causal_lm(getattr(loaded.model, "config", None)):      # two graphs over a KV cache, judged by perplexity
+        from .prune_lm import cmd_prune_lm
+        a.method = a.method or LM_METHOD
+        return cmd_prune_lm(a, loaded, time.perf_counter() - t_start)
+    a.method = a.method or METHOD
+    got = analysed(a, prepare, loaded)
     if isinstance(got, int):
         return got
     loaded, cg, dt = got
@@ -149,7 +161,8 @@ def cmd_prune(a) -> int:
                     "cached; the plan is then timed and corrected) ...")
             plan = Plan.load(a.plan) if a.plan else plan_for(
                 cg, target_flops=None if a.ratios or a.target_latency else a.target_flops, ratios=a.ratios,
-                tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime, **options)
+                tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
+                scope="model" if a.budget_scope == "auto" else a.budget_scope, **options)
             pruned = recovered = apply(cg, plan)
         t1 = time.perf_counter()
         say("verifying against the zeroing oracle ...")

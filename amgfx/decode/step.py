@@ -144,6 +144,15 @@ class Decoder:
         from .prune import prune_decoder
         return prune_decoder(self, **options)
 
+    def perplexity(self, windows: torch.Tensor) -> float:
+        """exp of the mean next-token cross-entropy over ``[n, prompt_len]`` token windows (every token real),
+        run through the prefill ``batch`` rows at a time (a remainder of fewer rows is left out)."""
+        from .lm import perplexity
+        if windows.dim() != 2 or windows.shape[1] != self.prompt_len or len(windows) < self.batch:
+            raise ModelSpecError(f"perplexity takes [n >= {self.batch}, {self.prompt_len}] token windows, got "
+                                 f"{list(windows.shape)}")
+        return perplexity(lambda x: self.prefill(*self.prefill_inputs(x))[0], windows, self.batch)
+
     def empty_cache(self, device=None) -> list[torch.Tensor]:
         return [torch.zeros(s, device=device) for s in self.cache_shapes]
 

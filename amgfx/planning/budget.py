@@ -37,7 +37,7 @@ import numpy as np
 from .cost import predict
 from ..errors import AmgfxError
 from .plan import Plan, fingerprint
-from .regions import RegionCost
+from .regions import RegionCost, block_flops
 
 __all__ = ["allocate", "select_tokens", "Ladder", "kernel_multiple"]
 
@@ -209,7 +209,7 @@ def _bisect(plan_at, n: int, goal: float, cost):
 
 def allocate(cg, scores: dict, target_flops: float | None = None, *, target_latency: float | None = None,
              times=None, round_to: int | str = "auto", min_keep: float = 0.1, protect=(), base: Plan | None = None,
-             same_head_dim: bool = True, blocks: bool = False) -> Plan:
+             same_head_dim: bool = True, blocks: bool = False, scope: str = "model", normalize: str = "group") -> Plan:
     """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense
     (or whose predicted latency is <= ``target_latency`` x dense).
 
@@ -234,6 +234,9 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
             below its ``min_keep`` floor the next step removes the branch, ranked by the mean score
             of the units it takes over the mean score of its kind in every layer (so a layer weak
             as a whole goes first). Only branches :mod:`amgfx.analysis.branches` finds removable.
+        scope: what ``target_flops`` is a fraction of: ``"model"`` (every FLOP of the graph) or ``"blocks"``
+            (the attention and MLP branches only, :func:`amgfx.planning.regions.block_flops`: the embedding
+            and an LLM's output head, a fifth of SmolLM2's FLOPs, are outside, as the LLM papers count).
 
     Example:
         >>> import torch, timm, amgfx
@@ -259,7 +262,10 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
         times = times if times is not None else OpTimes()
         cost = lambda p: predict_ms(cg, p, times)
     dense = cost(base)["dense"]
-    goal = float(target) * dense
+    if scope not in ("model", "blocks") or (scope == "blocks" and target_latency is not None):
+        raise AmgfxError(f'scope must be "model" or "blocks" (with target_flops), got {scope!r}')
+    inside = block_flops(cg) if scope == "blocks" else dense
+    goal = dense - (1.0 - float(target)) * inside      # the FLOPs outside the scope stay as they are
     protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))
     groups = [g for g in cg.groups if g.name in scores and not protected(g)]
     head_scores = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == "head"]
@@ -272,9 +278,15 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
         for kind in ("head", "mlp"):     # a whole branch is weighed against its kind everywhere (a weak layer)
             got = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == kind]
             kind_mean[kind] = float(np.mean(np.concatenate(got))) if got else 1.0
+    by_kind = {}
+    for g in groups:
+        by_kind.setdefault(g.kind, []).append(np.asarray(scores[g.name], dtype=float))
+    kind_norm = {k: float(np.mean(np.concatenate(v))) for k, v in by_kind.items()}
     for g in groups:
         s = np.asarray(scores[g.name], dtype=float)
-        lad = _ladder(g, s, head_norm if g.kind == "head" else float(s.mean()), min_keep, _multiple(g, round_to),
+        norm = kind_norm[g.kind] if normalize == "kind" else 1.0 if normalize in ("none", "flops") else \
+            head_norm if g.kind == "head" else float(s.mean())
+        lad = _ladder(g, s, norm, min_keep, _multiple(g, round_to),
                       whole=kind_mean[g.kind] if g.name in removable else None)
         if lad is not None:
             ladders.append(lad)
@@ -288,6 +300,11 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
             base.meta["latency"] = {"dense_ms": dense, "planned_ms": dense}
         return base
 
+    fast = RegionCost.build(cg, [lad.group for lad in ladders], base) if target_latency is None else None
+    if normalize == "flops" and fast is not None:       # score per FLOP a step saves: the knapsack's ratio
+        for lad in ladders:
+            saved = fast.total - fast.flops(_plan([lad], {lad.group.name: 1}, base))
+            lad.importance = lad.importance * len(lad.order) / max(saved, 1)
     steps = [(lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps)]
     steps.sort()
 
@@ -306,7 +323,6 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
             counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
         return _plan(ladders, counts, base)
 
-    fast = RegionCost.build(cg, [lad.group for lad in ladders], base) if target_latency is None else None
     lo, spent = _bisect(plan_at, len(steps), goal,
                         (lambda p: fast.flops(p)) if fast is not None else (lambda p: cost(p)["pruned"]))
     if spent(lo) > goal:
@@ -324,8 +340,10 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
         flops = predict(cg, plan)["flops"]
     plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
                       "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
-                      "removed": sorted(plan.removed_branches(cg)),
+                      "removed": sorted(plan.removed_branches(cg)), "scope": scope,
                       "flops": {"dense": flops["dense"], "planned": flops["pruned"]}})
+    if scope == "blocks":
+        plan.meta["flops"]["blocks"] = {"dense": inside, "planned": inside - (flops["dense"] - flops["pruned"])}
     if target_latency is not None:
         plan.meta["latency"] = {"dense_ms": round(dense, 4), "planned_ms": round(spent(lo), 4)}
     return plan

@@ -40,7 +40,7 @@ from ..graph.masks import propagate_masks
 from .cost import attention_override, costly_nodes, node_flops, row_graph
 from .plan import Plan
 
-__all__ = ["RegionCost", "Region"]
+__all__ = ["RegionCost", "Region", "block_flops"]
 
 
 @dataclass
@@ -79,6 +79,28 @@ def _same(a, b) -> bool:
     return False
 
 
+def _touched(cg, groups, base_params: dict, gm) -> tuple:
+    """(base masks, the nodes whose masks or inputs a removal in any of ``groups`` changes) over ``gm``;
+    raises RewriteError where the probe cannot propagate."""
+    probe = Plan(keep=_probe(groups))
+    ms0 = propagate_masks(gm, base_params, dense=False)
+    ms1 = propagate_masks(gm, {**base_params, **probe.resolve(cg).params}, dense=False)
+    changed = {n for n in gm.graph.nodes if n.op != "output" and not _same(ms0.get(n), ms1.get(n))}
+    # and the nodes reading them: a layer whose input columns shrink costs less, its output unchanged
+    return ms0, changed, changed | {u for n in changed for u in n.users if u.op != "output"}, probe
+
+
+def block_flops(cg) -> int:
+    """FLOPs of the ops some attention or MLP unit can shrink: the blocks, without the embedding, the
+    output head or anything else no ``qk``/``v``/``head``/``mlp`` group reaches (what LLM papers count
+    as the prunable part; :func:`amgfx.planning.budget.allocate` takes ``scope="blocks"``)."""
+    groups = [g for g in cg.groups if g.kind in ("qk", "v", "head", "mlp")]
+    if not groups:
+        return 0
+    _, _, touched, _ = _touched(cg, groups, {}, cg.gm)
+    return sum(node_flops(n) for n in costly_nodes(cg.gm) if n in touched)
+
+
 @dataclass
 class RegionCost:
     """Exact FLOPs of plans that add to ``base``'s removals only in ``groups`` (see the module docstring)."""
@@ -99,15 +121,10 @@ class RegionCost:
         if r.tokens or r.removed or base.keep:
             return None
         gm = row_graph(cg, r)
-        probe = Plan(keep=_probe(groups))
         try:
-            ms0 = propagate_masks(gm, r.params, dense=False)
-            ms1 = propagate_masks(gm, probe.resolve(cg).params, dense=False)
+            ms0, changed, touched, probe = _touched(cg, groups, r.params, gm)
         except RewriteError:
             return None
-        changed = {n for n in gm.graph.nodes if n.op != "output" and not _same(ms0.get(n), ms1.get(n))}
-        # and the nodes reading them: a layer whose input columns shrink costs less, its output unchanged
-        touched = changed | {u for n in changed for u in n.users if u.op != "output"}
         g = nx.Graph()
         g.add_nodes_from(touched)
         for n in touched:

@@ -52,7 +52,7 @@ from ..graph.fx import get_attr, replace_attr, state_inputs
 from ..graph.indexprop import is_layer, layer_input, shape
 from ..graph.ops import IDENTITY, IGNORED_USERS, LAYERS, LINEAR_LAYERS, VIEWS
 
-__all__ = ["LayerFit", "refit_layers", "chunks", "skip_add", "DAMPS"]
+__all__ = ["LayerFit", "refit_layers", "attach_bias", "chunks", "skip_add", "DAMPS"]
 
 aten = torch.ops.aten
 
@@ -201,6 +201,7 @@ class _Target:
     cols: list            # kept input columns (dense ids)
     bias: str | None      # a single bias parameter covering every output, refitted with the weight
     conv: bool
+    new_bias: bool = False  # the layer had none: one is added (zero, then fitted) to take the mean shift
 
 
 def _fittable(gm, n: fx.Node) -> bool:
@@ -215,8 +216,9 @@ def _fittable(gm, n: fx.Node) -> bool:
     return False
 
 
-def targets(gm: fx.GraphModule, params: dict) -> list[_Target]:
-    """The layers of ``gm`` (dense) whose input columns ``params`` (:attr:`Resolved.params`) removes."""
+def targets(gm: fx.GraphModule, params: dict, add_bias: bool = False) -> list[_Target]:
+    """The layers of ``gm`` (dense) whose input columns ``params`` (:attr:`Resolved.params`) removes; with
+    ``add_bias``, a linear or conv with no bias at all is given one to fit (``new_bias``)."""
     users: dict = {}
     for n in gm.graph.nodes:
         if is_layer(n):
@@ -233,10 +235,43 @@ def targets(gm: fx.GraphModule, params: dict) -> list[_Target]:
         if len(layer.bias) == 1 and layer.bias[0][0] != "<computed>":
             b, off, size = layer.bias[0]
             bias = b if off == 0 and size == layer.out_features and b not in users else None
+        new = add_bias and not layer.bias and LAYERS[n.target][2] is not None and len(n.args) <= LAYERS[n.target][2] + 1 \
+            and (len(n.args) <= LAYERS[n.target][2] or n.args[LAYERS[n.target][2]] is None)
+        if new:
+            bias = _free_name(gm, fqn.rpartition(".")[0] + (".bias" if "." in fqn else "bias"))
         out.append(_Target(n.name, fqn, layer.out_dim, layer.in_dim,
                            dims.get(layer.out_dim, list(range(w.shape[layer.out_dim]))), list(dims[layer.in_dim]),
-                           bias, n.target not in LINEAR_LAYERS))
+                           bias, n.target not in LINEAR_LAYERS, new))
     return out
+
+
+def _free_name(gm, fqn: str) -> str:
+    name, i = fqn, 0
+    while True:
+        try:
+            get_attr(gm, name)
+        except AttributeError:
+            return name
+        i += 1
+        name = f"{fqn}_{i}"
+
+
+def attach_bias(gm: fx.GraphModule, weight: str, bias: str) -> None:
+    """Give the one layer of ``gm`` that reads ``weight`` a zero parameter ``bias`` as its bias (its output
+    is unchanged until a fit writes it). The only graph edit reconstruction makes: FLAP's compensation
+    of the removed channels' mean needs a bias, and LLaMA's projections have none."""
+    from ..graph.fx import set_attr
+    node = next(n for n in gm.graph.nodes if is_layer(n) and make_layer(gm, n).weight == weight)
+    spec = LAYERS[node.target]
+    w = get_attr(gm, weight)
+    rows = w.shape[spec[3]]
+    set_attr(gm, bias, torch.nn.Parameter(torch.zeros(rows, dtype=w.dtype, device=w.device), w.requires_grad))
+    with gm.graph.inserting_before(node):
+        b = gm.graph.get_attr(bias)
+    b.meta["val"] = torch.empty(rows, dtype=w.dtype, device="meta")
+    args = tuple(node.args) + (None,) * max(0, spec[2] + 1 - len(node.args))
+    node.args = args[:spec[2]] + (b,) + args[spec[2] + 1:]
+    gm.recompile()
 
 
 def _rows2d(t: torch.Tensor, out_dim: int, conv: bool) -> torch.Tensor:
@@ -338,7 +373,7 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
     # float64); the Gram matrices, where the sums are long, are float64
     work = torch.promote_types(wd.dtype, torch.float32)
     wd = wd.to(work)
-    bd = get_attr(dense, t.bias).detach().to(work)[t.rows] if t.bias else None
+    bd = get_attr(dense, t.bias).detach().to(work)[t.rows] if t.bias and not t.new_bias else None
     w0 = _rows2d(get_attr(source, t.weight).detach(), t.out_dim, t.conv).to(torch.float64)
     if t.bias:
         w0 = torch.cat([w0, get_attr(source, t.bias).detach().to(torch.float64)[:, None]], 1)
@@ -410,7 +445,8 @@ def _write(pruned, t: _Target, w: torch.Tensor) -> None:
 
 
 def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, calib, *, damp: float | None = None,
-                 sequential: bool = True, residual: bool = True, progress: bool = True) -> list[LayerFit]:
+                 sequential: bool = True, residual: bool = True, add_bias: bool = False,
+                 progress: bool = True) -> list[LayerFit]:
     """Refit, in ``pruned`` (its tensors replaced, never written into), every layer whose input columns
     ``params`` (:attr:`Resolved.params`) removes, so that its output matches ``dense``'s on ``calib``;
     see the module docstring. ``sequential=False`` fits each layer on the inputs of the model as the
@@ -419,7 +455,10 @@ def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, ca
     from tqdm.auto import tqdm
 
     from ..graph.fx import copy_module
-    todo = targets(dense, params)
+    todo = targets(dense, params, add_bias)
+    for t in todo:
+        if t.new_bias:
+            attach_bias(pruned, t.weight, t.bias)
     source = pruned if sequential else copy_module(pruned)    # the copy keeps the rewrite's tensors
     runs = [(_Cursor(dense, state_inputs(dense, flat)), _Cursor(source, state_inputs(source, flat)), mask)
             for flat, mask in chunks(dense, calib)]

@@ -1,0 +1,145 @@
+"""``amgfx prune`` on a causal LM: its prefill and decode step pruned by one plan, judged by perplexity.
+
+A causal LM (``smollm2-135m``, a ``.gguf`` file, a Hugging Face ``*ForCausalLM`` directory) is pruned as an
+:func:`amgfx.decoder`: calibration is ``--calib-samples`` windows of ``--seq-len`` tokens of the standard
+library's prose, perplexity is measured on windows of other modules' prose (never calibrated on), the
+budget is a fraction of the decoder blocks' FLOPs by default, and ``--out`` holds a decoder that
+``amgfx generate OUT`` runs (its tokenizer copied beside it; ``--onnx`` adds prefill.onnx and decode.onnx).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+from ..errors import AmgfxError
+from ._common import err
+
+PROMPTS = ("The capital of France is", "def fibonacci(n):")
+EVAL_WINDOWS = 32
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0     # kilobytes on Linux
+
+
+def _windows(encode, split: str, seq: int, n: int, batch: int):
+    from .. import data
+    w = data.token_windows(encode, split, seq)
+    n = min(n, len(w)) // batch * batch
+    if n == 0:
+        raise AmgfxError(f"the {split} text has {len(w)} windows of {seq} tokens, fewer than one batch of {batch}")
+    return w[:n]
+
+
+def _generate(dec, tok, max_new: int = 32) -> list[str]:
+    from ..decode import generate
+    rows = [tok(p, add_special_tokens=False)["input_ids"][-dec.prompt_len:] for p in PROMPTS]
+    out = generate(dec, rows, max_new_tokens=min(max_new, dec.max_len - dec.prompt_len + 1), eos_token_id=None)
+    return [tok.decode(r) for r in out]
+
+
+def _report(a, loaded, dense, small, ppl, texts, seconds) -> dict:
+    flops = small.plan.meta.get("flops", {})
+    blocks = flops.get("blocks", {})
+    count = lambda d: sum(p.numel() for p in {id(p): p for p in d.prefill.parameters()}.values())
+    out = {"model": a.model, "method": a.method, "scope": small.plan.meta.get("scope", "model"),
+           "calibration": f"{a.calib_samples} windows of {a.seq_len} tokens of standard-library docstrings",
+           "params": {"dense": count(dense), "pruned": count(small)},
+           "flops": {"dense": flops.get("dense"), "pruned": flops.get("planned"),
+                     **({"blocks_dense": blocks["dense"], "blocks_pruned": blocks["planned"]} if blocks else {})},
+           "kv_cache_bytes_per_token": {"dense": dense.cache_bytes_per_token(), "pruned": small.cache_bytes_per_token()},
+           "perplexity": ppl, "perplexity_on": f"{EVAL_WINDOWS} held-out windows of {a.seq_len} tokens",
+           "generate": {"prompts": list(PROMPTS), **texts}, "seconds": seconds, "peak_memory_mb": round(_peak_mb())}
+    if small.plan.meta.get("reconstruction"):
+        out["reconstruction"] = small.plan.meta["reconstruction"]
+    return out
+
+
+def _print(r: dict) -> None:
+    f, p = r["flops"], r["params"]
+    print(f"{r['model']}; {r['method']} on {r['calibration']}")
+    rows = [("params", p["dense"], p["pruned"]), ("FLOPs (whole graph)", f["dense"], f["pruned"])]
+    if "blocks_dense" in f:
+        rows.append(("FLOPs (decoder blocks)", f["blocks_dense"], f["blocks_pruned"]))
+    kv = r["kv_cache_bytes_per_token"]
+    rows.append(("KV cache bytes/token", kv["dense"], kv["pruned"]))
+    print(f"{'':<26}{'dense':>16}{'pruned':>16}{'pruned/dense':>14}")
+    for name, d, q in rows:
+        print(f"{name:<26}{d:>16,}{q:>16,}{q / d:>14.3f}")
+    pp = r["perplexity"]
+    print(f"{'perplexity':<26}{pp['dense']:>16.2f}{pp['pruned']:>16.2f}{pp['pruned'] / pp['dense']:>14.3f}")
+    print(f"perplexity on {r['perplexity_on']}")
+    for i, prompt in enumerate(r["generate"]["prompts"]):
+        print(f"prompt {prompt!r}\n   dense: {r['generate']['dense'][i]!r}\n  pruned: {r['generate']['pruned'][i]!r}")
+    s = r["seconds"]
+    print(f"time: load {s['load']:.1f}s, prune (analyse, score, plan, rewrite, verify, refit) {s['prune']:.1f}s, "
+          f"evaluate {s['evaluate']:.1f}s; peak memory {r['peak_memory_mb']:,} MB")
+
+
+def cmd_prune_lm(a, loaded, t_load: float) -> int:
+    """The LM route of ``amgfx prune`` (``loaded`` is the causal LM, already loaded)."""
+    from .. import models
+    from ..api import prune
+    from ..decode import decoder
+    from ..files import save
+    from ..runtime import export_onnx
+    say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    if a.calib not in ("text", "example"):
+        return err(f"--calib {a.calib}: a causal LM calibrates on text (--calib text)")
+    if a.recover_steps or a.iterative > 1 or a.tokens or a.target_latency is not None:
+        return err("recovery, --iterative, --tokens and --target-latency are not available for causal LMs yet")
+    try:
+        tok = models.tokenizer(loaded.path, ["The quick brown fox jumps over the lazy dog."])
+        encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]
+        calib = _windows(encode, "calib", a.seq_len, a.calib_samples, a.batch_size)
+        held = _windows(encode, "eval", a.seq_len, EVAL_WINDOWS, a.batch_size)
+        a.calib_samples = len(calib)
+        dense = decoder(loaded.model, max_len=a.seq_len + 32, prompt_len=a.seq_len, batch=a.batch_size)
+        dense.meta["tokenizer"] = loaded.path
+        t0 = time.perf_counter()
+        say(f"pruning {a.model} as a decoder (prefill + decode step, one plan) on {len(calib)} windows ...")
+        scope = a.budget_scope if a.budget_scope != "auto" else "blocks"
+        small = prune(dense, method=a.method, target_flops=None if (a.ratios or a.plan) else a.target_flops,
+                      ratios=a.ratios, plan=_plan(a), calib=[calib[i:i + a.batch_size] for i in range(0, len(calib), a.batch_size)],
+                      reconstruct=not a.no_reconstruct, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
+                      protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed, scope=scope,
+                      progress=not (a.quiet or a.json))
+        t1 = time.perf_counter()
+        say("measuring perplexity on held-out text and generating ...")
+        ppl = {"dense": round(dense.perplexity(held), 3), "pruned": round(small.perplexity(held), 3)}
+        texts = {"dense": _generate(dense, tok), "pruned": _generate(small, tok)}
+        t2 = time.perf_counter()
+        files = []
+        if a.out:
+            say(f"saving the decoder to {a.out} ...")
+            small.meta["tokenizer"] = loaded.path
+            save(small, a.out)
+            files = [os.path.join(a.out, f) for f in ("decoder.pt2", "plan.json", "manifest.json")]
+            if a.onnx:
+                export_onnx(small, a.out)
+                files += [os.path.join(a.out, f) for f in ("prefill.onnx", "decode.onnx")]
+    except AmgfxError as e:
+        return err(str(e).splitlines()[0])
+    except OSError as e:
+        return err(f"cannot write to {a.out}: {e}")
+    report = _report(a, loaded, dense, small, ppl, texts, {"load": round(t_load, 2), "prune": round(t1 - t0, 2),
+                                                            "evaluate": round(t2 - t1, 2)})
+    if a.out:
+        with open(os.path.join(a.out, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        files.append(os.path.join(a.out, "report.json"))
+    if a.json:
+        print(json.dumps({**report, "files": files}))
+    elif not a.quiet:
+        _print(report)
+        if files:
+            print("wrote " + ", ".join(files))
+    return 0
+
+
+def _plan(a):
+    from ..planning.plan import Plan
+    return Plan.load(a.plan) if a.plan else None

