@@ -66,6 +66,7 @@ class Scores:
     criteria: dict = field(default_factory=dict)    # kind -> criterion config (repr)
     samples: int = 0
     extra: dict = field(default_factory=dict)       # group name -> what its criterion explains (AMG: entropy)
+    loss_scale: bool = False                        # every criterion used scores in units of loss (taylor)
 
 
 def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, loss_fn=None, seed: int = 0,
@@ -103,7 +104,9 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
             calib = [kwargs if kwargs and not args else args]
         with foreign_errors(InternalError, "calibration"):
             stats = calibrate(cg, calib, collectors=collectors, loss_fn=loss_fn, seed=seed, progress=progress)
-    out = Scores(criteria={k: repr(c) for k, c in by_kind.items() if k in kinds}, samples=stats.samples if stats else 0)
+    used = [c for k, c in by_kind.items() if k in kinds]
+    out = Scores(criteria={k: repr(c) for k, c in by_kind.items() if k in kinds}, samples=stats.samples if stats else 0,
+                 loss_scale=bool(used) and all(c.loss_scale for c in used))
     for g in groups:
         try:
             out.units[g.name] = np.asarray(by_kind[g.kind].score(cg, g, stats, seed=seed), dtype=np.float64)
@@ -214,7 +217,8 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(target_flops), round_to=round_to, min_keep=min_keep, protect=protect,
-                        base=base, same_head_dim=same_head_dim, blocks=blocks, scope=scope)
+                        base=base, same_head_dim=same_head_dim, blocks=blocks, scope=scope,
+                        normalize="none" if s.loss_scale else "group")
     plan.meta.update({"method": method if isinstance(method, str) else repr(method), "criteria": s.criteria,
                       "seed": seed, "calibration_samples": s.samples})
     return plan

@@ -95,9 +95,11 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
         tok = models.tokenizer(loaded.path, ["The quick brown fox jumps over the lazy dog."])
         encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]
         calib = _windows(encode, "calib", a.seq_len, a.calib_samples, a.batch_size)
-        held = _windows(encode, "eval", a.seq_len, EVAL_WINDOWS, a.batch_size)
+        held = _windows(encode, "eval", a.seq_len, EVAL_WINDOWS, 1)
         a.calib_samples = len(calib)
-        dense = decoder(loaded.model, max_len=a.seq_len + 32, prompt_len=a.seq_len, batch=a.batch_size)
+        # captured at batch 1: the analysis and the rewrite work on masks of the graph's shapes (4x fewer
+        # rows than at batch 4); calibration batches are run in rows of the captured batch anyway
+        dense = decoder(loaded.model, max_len=a.seq_len + 32, prompt_len=a.seq_len, batch=1)
         dense.meta["tokenizer"] = loaded.path
         t0 = time.perf_counter()
         say(f"pruning {a.model} as a decoder (prefill + decode step, one plan) on {len(calib)} windows ...")

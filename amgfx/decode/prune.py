@@ -19,11 +19,17 @@ __all__ = ["capture_decoder", "prune_decoder", "lm_loss"]
 
 
 def _calib_inputs(dec, calib) -> list[tuple]:
-    """Calibration batches as prefill inputs: each item is ``[batch, prompt_len]`` ids, or ``(ids, key_mask)``."""
+    """Calibration batches as prefill inputs: each item is ``[n, prompt_len]`` ids, or ``(ids, key_mask)``; ``n``
+    a multiple of the decoder's batch (calibration runs a batch in rows of the captured size and sums its
+    gradients over them before any per-batch statistic, so a batch means the same whatever was captured)."""
     out = []
     for item in calib:
         ids, mask = (item if isinstance(item, (tuple, list)) else (item, None))
-        out.append(dec.prefill_inputs(torch.as_tensor(ids), None if mask is None else torch.as_tensor(mask)))
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 2 or ids.shape[0] % dec.batch:
+            raise AmgfxError(f"a calibration batch of a decoder is [n, {dec.prompt_len}] token ids with n a multiple "
+                             f"of its batch {dec.batch}, got {list(ids.shape)}")
+        out.append(dec.prefill_inputs(ids, None if mask is None else torch.as_tensor(mask), any_batch=True))
     return out
 
 

@@ -160,17 +160,22 @@ class Decoder:
         """Bytes the cache holds per token slot (all layers, k and v, one row): what shrinks with the plan."""
         return sum(s[1] * s[3] for s in self.cache_shapes) * 4
 
-    def prefill_inputs(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple:
-        """The prefill's inputs for left-padded ``input_ids`` ``[batch, prompt_len]`` (``key_mask``: 1 = real)."""
+    def prefill_inputs(self, input_ids: torch.Tensor, key_mask: torch.Tensor | None = None, *,
+                       any_batch: bool = False) -> tuple:
+        """The prefill's inputs for left-padded ``input_ids`` ``[batch, prompt_len]`` (``key_mask``: 1 = real).
+
+        ``any_batch``: as many rows as ``input_ids`` has (a calibration batch, which calibration runs
+        ``batch`` rows at a time), not only the captured ``batch``."""
         b, t = input_ids.shape
-        if (b, t) != (self.batch, self.prompt_len):
+        if t != self.prompt_len or (b != self.batch and not any_batch):
             raise ModelSpecError(f"the prefill takes [{self.batch}, {self.prompt_len}] token ids, got [{b}, {t}]")
         if key_mask is None:
             key_mask = torch.ones(b, t, dtype=torch.long)
         full = torch.ones(b, self.max_len, dtype=torch.long)
         full[:, :t] = key_mask
         positions = (key_mask.cumsum(1) - 1).clamp(min=0)
-        return (input_ids, positions, torch.arange(t), full, *self.empty_cache())
+        cache = [torch.zeros((b, *s[1:])) for s in self.cache_shapes]
+        return (input_ids, positions, torch.arange(t), full, *cache)
 
     def decode_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, key_mask: torch.Tensor,
                       cache) -> tuple:

@@ -24,6 +24,9 @@ class Criterion:
     """
     name = "criterion"
     kinds = ()                   # class constants, not fields: a config holds only its knobs
+    # True where a score estimates the loss a unit's removal costs: such scores rank across layers and kinds
+    # as they are (the budget's normalize="none"); others are ranked against their group's mean
+    loss_scale = False
 
     def collectors(self, cg, group) -> list:
         return []

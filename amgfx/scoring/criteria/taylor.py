@@ -31,6 +31,7 @@ class Taylor(Criterion):
     """
     name = "taylor"
     kinds = ("qk", "v", "head", "mlp", "residual")
+    loss_scale = True
 
     def collectors(self, cg, group):
         return [TaylorScores(group)]
