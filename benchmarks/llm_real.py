@@ -190,7 +190,8 @@ def tp_prune(lm, ratio: float):
     ex = torch.randint(0, 1000, (1, 16))
     pruner = tp.pruner.MetaPruner(m, example_inputs=ex, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, ignored_layers=ignored, num_heads=heads, prune_num_heads=True,
-                                  prune_head_dims=False, head_pruning_ratio=ratio, global_pruning=False, round_to=4)
+                                  prune_head_dims=False, head_pruning_ratio=ratio, global_pruning=False, round_to=4,
+                                  output_transform=lambda out: out.logits if hasattr(out, "logits") else out[0])
     pruner.step()
     for layer in m.model.layers:           # TP leaves the forward's head counts to the caller
         at = layer.self_attn

@@ -321,8 +321,10 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
             counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
         return _plan(ladders, counts, base)
 
-    lo, spent = _bisect(plan_at, len(steps), goal,
-                        (lambda p: fast.flops(p)) if fast is not None else (lambda p: cost(p)["pruned"]))
+    whole_count = lambda p: cost(p)["pruned"]
+    # a branch removed whole takes nodes outside its region with it (its norm, the residual add): whole graph
+    counted = (lambda p: whole_count(p) if any(len(k) == 0 for k in p.keep.values()) else fast.flops(p))
+    lo, spent = _bisect(plan_at, len(steps), goal, counted if fast is not None else whole_count)
     if spent(lo) > goal:
         raise AmgfxError(f"{what}={target} cannot be reached: with min_keep={min_keep}, "
                          f"round_to={round_to} and the protected places, the smallest plan keeps {spent(lo) / dense:.1%} "
@@ -333,7 +335,7 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     if fast is not None and flops["pruned"] != spent(lo):     # never seen; the whole-graph count decides
         warnings.warn(f"the region FLOPs count ({spent(lo)}) differs from the whole graph's ({flops['pruned']}); "
                       "planning again on the whole graph (slower). Please report the model", stacklevel=3)
-        lo, spent = _bisect(plan_at, len(steps), goal, lambda p: cost(p)["pruned"])
+        lo, spent = _bisect(plan_at, len(steps), goal, whole_count)
         plan = plan_at(lo)
         flops = predict(cg, plan)["flops"]
     plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
