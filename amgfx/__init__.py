@@ -10,7 +10,7 @@ torch; ``amgfx.prune`` and the rest are the same objects they always were.
 """
 import importlib
 
-from .errors import AmgfxError, CaptureError, ModelSpecError, PlanError, RewriteError
+from .errors import AmgfxError, AnalysisError, CaptureError, ModelSpecError, PlanError, RewriteError
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ _WHERE = {
     "export_onnx": "runtime", "onnx_parity": "runtime", "ort_session": "runtime",
 }
 
-__all__ = sorted(_WHERE) + ["AmgfxError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]
+__all__ = sorted(_WHERE) + ["AmgfxError", "AnalysisError", "CaptureError", "ModelSpecError", "PlanError", "RewriteError"]
 
 
 def __getattr__(name: str):

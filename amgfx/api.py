@@ -27,7 +27,8 @@ RECONSTRUCTION = "amgfx_reconstruction"     # gm.meta key: what reconstruct() re
 
 
 
-def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None, *, probe: bool = True) -> CouplingGraph:
+def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None, *, probe: bool = True,
+            strict: bool = False) -> CouplingGraph:
     """Find attention sites, MLPs and residual streams, link coupled neurons into groups, and (``probe``)
     take out the groups this model cannot have pruned, each with its reason (``cg.refused``).
 
@@ -35,6 +36,10 @@ def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None
     GraphModule returned by :func:`amgfx.capture`. The model is not modified. The probe rewrites
     the model once with one unit of every group removed and checks it against the zeroing oracle
     (:func:`amgfx.rewrite.probe`); ``probe=False`` skips it.
+
+    Every softmax and fused-attention op ends in a supported site, a refused site or the list of ops
+    that are not attention (``cg.structure.accounting``); one that ends in none is warned about, or
+    raised as :class:`~amgfx.errors.AnalysisError` with ``strict=True``.
 
     Example:
         >>> import torch, timm, amgfx
@@ -46,7 +51,7 @@ def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None
         (['head', 'mlp', 'qk', 'residual', 'v'], {})
     """
     from .rewrite import probe as _probe
-    cg = _analysis.analyze(model_or_gm, example_inputs, example_kwargs)
+    cg = _analysis.analyze(model_or_gm, example_inputs, example_kwargs, strict=strict)
     if probe:
         _probe(cg)
     return cg

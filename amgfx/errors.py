@@ -23,6 +23,10 @@ class ModelSpecError(AmgfxError):
     """A model given on the command line could not be found or loaded."""
 
 
+class AnalysisError(AmgfxError):
+    """Analysis found something it must not pass over (``strict=True``: an attention op in no site)."""
+
+
 class RewriteError(AmgfxError):
     """A pass met a graph it cannot rewrite exactly (the message names the node and op)."""
 

@@ -32,6 +32,8 @@ HEAVY = {"pit_ti_224", "twins_svt_small", "swinv2_tiny_window8_256", "nextvit_sm
 def test_listed_architecture_prunes_exactly_or_says_why(name):
     row = zoo.run_one(name)
     assert row["outcome"] in ("exact", "partial"), row
+    acc = row["accounting"]                  # every softmax/attention op: in a site, refused, or not attention
+    assert acc["unaccounted"] == 0 and row["ops"] == acc["supported"] + acc["refused"] + acc["not attention"], row
     assert row["err"] <= 1e-5, row
     if name in EXACT:
         assert all(r.startswith("residual:") for r in row["reasons"]), row

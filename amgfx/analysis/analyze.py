@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import InternalError, foreign_errors
+import warnings
+
+from ..errors import AnalysisError, InternalError, foreign_errors
 from ..graph.capture import capture
 from ..graph.fx import copy_module, refresh_meta, remove_marked
 from ..graph.meta import CAPTURED, LOWERED
@@ -21,7 +23,8 @@ def _unlowered(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def analyze(model_or_gm: nn.Module | fx.GraphModule, example_inputs=None, example_kwargs: dict | None = None) -> CouplingGraph:
+def analyze(model_or_gm: nn.Module | fx.GraphModule, example_inputs=None, example_kwargs: dict | None = None,
+            *, strict: bool = False) -> CouplingGraph:
     """Find attention sites, MLPs and residual streams, and link coupled neurons into groups.
 
     ``model_or_gm`` may be an ``nn.Module`` (captured first, with ``example_inputs``) or a
@@ -43,4 +46,21 @@ def analyze(model_or_gm: nn.Module | fx.GraphModule, example_inputs=None, exampl
             raise TypeError("analyze(model) needs example_inputs (or pass a GraphModule from amgfx.capture)")
         gm = capture(model_or_gm, example_inputs, example_kwargs)
     with foreign_errors(InternalError, "structure discovery"):
-        return CouplingGraph(gm, find_structure(gm))
+        cg = CouplingGraph(gm, find_structure(gm))
+    _report_unaccounted(cg.structure.accounting, strict)
+    return cg
+
+
+def _report_unaccounted(acc, strict: bool) -> None:
+    """A softmax or attention op discovery made nothing of is said out loud: a user reading ``inspect``
+    must not believe the model was covered (raised with ``strict``)."""
+    if acc is None or not acc.unaccounted:
+        return
+    text = (f"{len(acc.unaccounted)} attention-like op(s) are in no site and not known as something else, so "
+            "they are not pruned and nothing was checked about them: "
+            + "; ".join(f"{k.node} [{k.op}]: {k.what}" for k in acc.unaccounted[:5])
+            + (" ..." if len(acc.unaccounted) > 5 else "")
+            + ". Register an adapter (amgfx.analysis.attention.register_adapter) or report the model")
+    if strict:
+        raise AnalysisError(text)
+    warnings.warn(text, stacklevel=3)

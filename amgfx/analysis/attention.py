@@ -38,7 +38,7 @@ import torch.fx as fx
 from ..graph.indexprop import (_scalar_factor, forward_region, is_layer, layer_input, propagate, shape,
                                tensor_args)
 from ..graph.ops import (ADD_MATMUL, FUSED_ATTENTION, IDENTITY, IGNORED_USERS, LINEAR_LAYERS, MATMUL,
-                         MOVE, POINTWISE, POINTWISE_AFFINE, SOFTMAX, add_matmul_args,
+                         MOVE, POINTWISE, POINTWISE_AFFINE, REDUCTIONS, SOFTMAX, add_matmul_args,
                          channel_dim, is_pointwise_conv, opname, sdpa_args)
 from .head_tensors import per_head_tensors
 from .operands import trace_operands
@@ -76,8 +76,9 @@ class Refused:
 
 @dataclass(frozen=True)
 class NotAttention:
-    """A softmax or attention-like op that is something else (reported as what it is)."""
+    """A softmax or attention-like op that is something else (reported as what it is, and by which rule)."""
     what: str
+    rule: str = "other"            # router | pooling | table | normaliser | not-qk: the rule that decided it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,14 +122,16 @@ def _logits_back(ctx, start: fx.Node):
                 return None, terms, scale, Refused(f"attention logits are mixed by {opname(n.target)} before softmax "
                                                    "(talking heads), so heads are not independent")
             return None, terms, scale, NotAttention(f"softmax over the output of {opname(n.target)} "
-                                                    f"({n.name}), not over q.k products: a router or a gate")
+                                                    f"({n.name}), not over q.k products: a router or a gate",
+                                                    "router")
         if n.target in MATMUL or n.target in ADD_MATMUL:
             term, a, b, beta, alpha = add_matmul_args(n) if n.target in ADD_MATMUL else (None, *n.args[:2], 0, 1)
             terms, scale = terms + ([term] if isinstance(term, fx.Node) and beta != 0 else []), scale * float(alpha)
             if all(x in ctx.tainted and x in ctx.data for x in (a, b)):
                 return (a, b), terms, scale, None
             return None, terms, scale, NotAttention("softmax over a product with a constant (a learned query "
-                                                    "against data: attention pooling), not over q.k of two projections")
+                                                    "against data: attention pooling), not over q.k of two projections",
+                                                    "pooling")
         # element-wise maths on the logits (a scale, a bias, tanh soft-capping, a clamp) keeps heads apart
         if n.target in MOVE or n.target in IDENTITY or n.target in POINTWISE:
             nxt = [a for a in tensor_args(n) if a in ctx.tainted and a in ctx.data]   # the logits: input-dependent
@@ -140,7 +143,7 @@ def _logits_back(ctx, start: fx.Node):
             continue
         break
     return None, terms, scale, NotAttention(f"softmax whose input is made by {opname(n.target)} ({n.name}), "
-                                            "not by a q.k matmul")
+                                            "not by a q.k matmul", "not-qk")
 
 
 def _swaps_last_two(n: fx.Node) -> bool:
@@ -159,7 +162,8 @@ def _probs_forward(ctx, start: fx.Node):
     for _ in range(32):
         users = [u for u in n.users if u.op == "call_function" and u.target not in IGNORED_USERS]
         if len(users) != 1:
-            return None, False, NotAttention(f"its probabilities are read by {len(users)} ops, not by one A.v product")
+            return None, False, NotAttention(f"its probabilities are read by {len(users)} ops, not by one A.v product",
+                                             "normaliser")
         u = users[0]
         if is_layer(u):
             return None, False, Refused(f"attention probabilities are mixed by {opname(u.target)} after softmax "
@@ -170,18 +174,60 @@ def _probs_forward(ctx, start: fx.Node):
             flipped ^= u.target in MOVE and _swaps_last_two(u)
             n = u
             continue
-        return None, False, NotAttention(f"its probabilities go to {opname(u.target)} ({u.name}), not to an A.v product")
-    return None, False, NotAttention("no A.v product follows the softmax")
+        return None, False, NotAttention(f"its probabilities go to {opname(u.target)} ({u.name}), not to an A.v product",
+                                     "normaliser")
+    return None, False, NotAttention("no A.v product follows the softmax", "normaliser")
+
+
+def _weighs_data(ctx, start: fx.Node, budget: int = 48):
+    """The first product in which values derived from ``start`` (through data movement, element-wise maths
+    and reductions: a gate, a renormalisation) weigh an input-dependent operand: an A.v product; else None."""
+    todo, seen, mine = [start], set(), {start}
+    while todo and len(seen) < budget:
+        n = todo.pop(0)
+        for u in n.users:
+            if u in seen or u.op != "call_function" or u.target in IGNORED_USERS:
+                continue
+            seen.add(u)
+            if u.target in MATMUL and any(a in ctx.data and a not in mine for a in u.args[:2]):
+                return u
+            if u.target in MOVE or u.target in IDENTITY or u.target in POINTWISE or u.target in REDUCTIONS:
+                mine.add(u)
+                todo.append(u)
+    return None
+
+
+_MIXED = "its probabilities are mixed with other terms ({how}) before the A.v product"
 
 
 def matmul_adapter(ctx: Ctx, node: fx.Node):
-    """``softmax(q @ k^T * s + terms) @ v`` written out: walk back to the logits, forward to A.v."""
+    """``softmax(q @ k^T * s + terms) @ v`` written out: walk back to the logits, forward to A.v.
+
+    A softmax that is not that form but still weighs input-dependent values by a product (outlook attention's
+    linear-made weights, factorised attention's softmax over k's tokens, a gated mix of two softmaxes) is
+    attention amgfx cannot prune as it is: :class:`Refused`, naming the identity that fails, not NotAttention."""
     if node.args[0] not in ctx.tainted:
-        return NotAttention("softmax of values that depend on no layer (a constant table)")
+        av = _weighs_data(ctx, node)
+        if av is not None:
+            return Refused(f"a softmax of values that depend on no input (a positional table) weighs {av.name}: "
+                           "positional attention with no q.k^T product, so no q/k units exist")
+        return NotAttention("softmax of values that depend on no layer (a constant table)", "table")
     qk, terms, logit_scale, other = _logits_back(ctx, node.args[0])
+    if isinstance(other, NotAttention) and other.rule != "pooling":     # a learned query is pooling, as it says
+        av = _weighs_data(ctx, node)
+        if av is not None:
+            return Refused(f"{other.what}; yet its probabilities weigh {'the tokens' if node in ctx.data else 'positions'}"
+                           f" by a product ({av.name}): attention without q.k^T (outlook, factorised or positional), "
+                           "so there are no q/k pairs to keep and the site is left whole")
     if other is not None:
         return other
     av, flipped, other = _probs_forward(ctx, node)
+    if isinstance(other, NotAttention):
+        mixed = _weighs_data(ctx, node)
+        if mixed is not None:
+            how = ", ".join(sorted({opname(u.target) for u in node.users if u.op == "call_function"}))
+            return Refused(_MIXED.format(how=how) + f" {mixed.name} (gated or renormalised attention): "
+                           "softmax(q.k^T).v holds for neither term alone, so the site is left whole")
     if other is not None:
         return other
     return AttentionOperands(kind="matmul", q=qk[0], k=qk[1], v=av.args[0 if flipped else 1], out=av,

@@ -223,10 +223,16 @@ class CouplingGraph:
         parts += ["", f"residual streams: {len(self.residual)}", _fmt_table(rrows, ["stream", "width", "members", "prunable"])]
         c = self.counts()
         parts += ["", "coupling groups: " + ", ".join(f"{k} {v['groups']} ({v['units']} units)" for k, v in c.items())]
+        acc = self.structure.accounting
+        if acc is not None:
+            parts += ["", acc.line()]
         skipped = self.structure.skipped
         if skipped:
-            parts += ["", "softmax and attention-like ops that are not attention (not pruned):"]
-            parts += [f"  {k.node} [{k.op}]: {k.what}" for k in skipped]
+            parts += ["", "softmax and attention-like ops that are not attention (not pruned), by rule:"]
+            parts += [f"  {k.node} [{k.op}] {k.rule or '-'}: {k.what}" for k in skipped]
+        if acc is not None and acc.unaccounted:
+            parts += ["", "attention-like ops in no site and of no known kind (NOT pruned, NOT checked):"]
+            parts += [f"  {k.node} [{k.op}]: {k.what}" for k in acc.unaccounted]
         unknown = self.structure.unknown
         if unknown:
             parts += ["", "ops with parameters amgfx has no rule for (their weights are left whole):"]
@@ -260,7 +266,12 @@ class CouplingGraph:
             "residual": [asdict(r) for r in self.residual],
             "groups": [g.to_dict(with_index) for g in self.groups],
             "refused": dict(self.refused),
-            "not_attention": [{"node": k.node, "op": k.op, "what": k.what} for k in self.structure.skipped],
+            "not_attention": [{"node": k.node, "op": k.op, "what": k.what, "rule": k.rule}
+                              for k in self.structure.skipped],
+            "accounting": ({**self.structure.accounting.counts(),
+                            "unaccounted_ops": [{"node": k.node, "op": k.op, "what": k.what}
+                                                for k in self.structure.accounting.unaccounted]}
+                           if self.structure.accounting is not None else None),
             "unknown_weights": [{"node": k.node, "op": k.op, "what": k.what} for k in self.structure.unknown],
         }
 

@@ -129,6 +129,7 @@ class Skipped:
     node: str
     op: str
     what: str
+    rule: str = ""                   # for softmaxes: the rule that decided (router, pooling, table, ...)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class Structure:
     residual: list
     skipped: list = field(default_factory=list)    # [Skipped]: softmaxes that are not attention
     unknown: list = field(default_factory=list)    # [Skipped]: ops reading a parameter amgfx has no rule for
+    accounting: object = None                      # analysis.accounting.Accounting: every softmax, sorted
 
 
 class Ctx:

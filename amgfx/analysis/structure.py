@@ -13,7 +13,8 @@ from ..errors import noted
 from ..graph.fold import BATCH_NORMS
 from ..graph.ops import (ADD_MATMUL, DATA_MOVEMENT, FUSED_ATTENTION, IGNORED_USERS, LAYERS, LIKE, LINEAR_LAYERS, MATMUL,
                          NORMS, PAD, POINTWISE, REDUCTIONS, SOFTMAX, VECTOR_NORMS, is_pointwise_conv, opname, where)
-from .attention import NotAttention, attention_site
+from .accounting import account
+from .attention import ADAPTERS, NotAttention, attention_site
 from .mlp import mlp_at
 from .records import MLP, AttentionSite, Ctx, Layer, ResidualStream, Skipped, Structure
 from .residual import residual_streams
@@ -37,7 +38,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
         with noted(lambda: where(n)):
             s = attention_site(ctx, n) if n.op == "call_function" else None
         if isinstance(s, NotAttention):
-            skipped.append(Skipped(node=n.name, op=opname(n.target), what=s.what))
+            skipped.append(Skipped(node=n.name, op=opname(n.target), what=s.what, rule=s.rule))
         elif s is not None:
             sites.append(s)
     names: dict = {}
@@ -56,7 +57,9 @@ def find_structure(gm: fx.GraphModule) -> Structure:
                 mlps.append(m)
     with noted("finding residual streams"):
         residual = residual_streams(ctx)
-    return Structure(sites=sites, mlps=mlps, residual=residual, skipped=skipped, unknown=unknown_weights(gm))
+    acc = account(gm, sites, skipped, set(ADAPTERS) | set(FUSED_ATTENTION))
+    return Structure(sites=sites, mlps=mlps, residual=residual, skipped=skipped, unknown=unknown_weights(gm),
+                     accounting=acc)
 
 
 # ops that may read a parameter and have rules (layers, norms, element-wise maths, data movement)
