@@ -25,7 +25,7 @@ _WHERE = {
     "Scores": "api", "analyze": "api", "apply": "api", "plan_for": "api", "prune": "api", "reconstruct": "api",
     "score": "api",
     "Iterative": "weights.recover", "distill_loss": "weights.recover", "recover": "weights.recover",
-    "VerifyReport": "oracle", "verify": "api",
+    "VerifyReport": "passes.oracle", "verify": "api",
     "Decoder": "decode", "decoder": "decode", "generate": "decode",
     "LoadError": "files", "load": "files", "save": "files",
     "export_onnx": "runtime", "onnx_parity": "runtime", "ort_session": "runtime",

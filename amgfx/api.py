@@ -16,7 +16,7 @@ from .analysis.coupling import CouplingGraph
 from .errors import AmgfxError, InternalError, foreign_errors
 from .graph.fx import get_attr, replace_attr
 from .graph.meta import EXAMPLE, PLAN
-from .oracle import VerifyReport, check
+from .passes.oracle import VerifyReport, check
 from .planning.options import DEFAULT_KINDS, DEFAULT_RATIOS, KINDS, check_options
 from .planning.plan import Plan, fingerprint
 from .scoring.criteria import resolve_method, token_scores
@@ -35,7 +35,7 @@ def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None
     ``model_or_gm`` may be an ``nn.Module`` (captured first, with ``example_inputs``) or a
     GraphModule returned by :func:`amgfx.capture`. The model is not modified. The probe rewrites
     the model once with one unit of every group removed and checks it against the zeroing oracle
-    (:func:`amgfx.rewrite.probe`); ``probe=False`` skips it.
+    (:func:`amgfx.passes.rewrite.probe`); ``probe=False`` skips it.
 
     Every softmax and fused-attention op ends in a supported site, a refused site or the list of ops
     that are not attention (``cg.structure.accounting``); one that ends in none is warned about, or
@@ -50,7 +50,7 @@ def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None
         >>> sorted({g.kind for g in cg.groups}), cg.refused
         (['head', 'mlp', 'qk', 'residual', 'v'], {})
     """
-    from .rewrite import probe as _probe
+    from .passes.rewrite import probe as _probe
     cg = _analysis.analyze(model_or_gm, example_inputs, example_kwargs, strict=strict)
     if probe:
         _probe(cg)
@@ -243,7 +243,7 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *, 
     The model (or GraphModule) passed in is never modified. With ``check`` (the default) the result
     is held against the zeroing oracle on the example inputs before it is returned, and a wrong
     rewrite raises :class:`amgfx.RewriteError` naming the groups that break it
-    (:func:`amgfx.rewrite.checked`); ``check=False`` skips that (one forward of each model).
+    (:func:`amgfx.passes.rewrite.checked`); ``check=False`` skips that (one forward of each model).
 
     Example:
         >>> import torch, timm, amgfx
@@ -253,7 +253,7 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *, 
         >>> tuple(small.get_parameter("blocks.0.mlp.fc1.weight").shape), tuple(small(x).shape)
         ((100, 192), (1, 1000))
     """
-    from .rewrite import checked, rewrite
+    from .passes.rewrite import checked, rewrite
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
     out = checked(cg, plan) if check else rewrite(cg, plan)
     _unshare(out, cg.gm)
@@ -359,8 +359,8 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
     import copy as _copy
 
     from .graph.fx import copy_module
-    from .oracle import zeroed
-    from .rewrite import rewrite
+    from .passes.oracle import zeroed
+    from .passes.rewrite import rewrite
     from .weights.qk import qk_scales, scale_rows
     from .weights.reconstruct import attach_bias, refit_layers
     plan = pruned.meta.get(PLAN)

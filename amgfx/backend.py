@@ -113,7 +113,7 @@ def lift_params(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, lis
         if where is None:
             raise BackendError(f"graph input {n.name} ({type(ex).__name__}) is neither a parameter nor a tensor size; "
                                "amgfx cannot prune this graph")
-        with graph.inserting_after(where[0]):
+        with graph.inserting_after(where[0]):    # Dynamo hands sizes as inputs: read them off the tensors
             env[n] = graph.call_function(torch.ops.aten.sym_size.int, (where[0], where[1]))
     for n in gm.graph.nodes:
         if n.op != "placeholder":
@@ -185,7 +185,7 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     from .api import analyze
     from .graph.capture import capture
     from .graph.fx import drop_export_guards
-    from .rewrite import checked
+    from .passes.rewrite import checked
     opts = _options(options)
     _check_whole(gm)
     lifted, keep = lift_params(gm, example_inputs)

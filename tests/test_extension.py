@@ -170,7 +170,7 @@ def test_a_criterion_with_its_own_statistic_is_one_class():
 # one place for SDPA's arguments; no broad excepts outside the wrapper
 # ------------------------------------------------------------------------------------------------
 def _sources():
-    for top in ("amgfx", "passes"):
+    for top in ("amgfx",):
         for d, _, files in os.walk(os.path.join(ROOT, top)):
             for f in files:
                 if f.endswith(".py"):

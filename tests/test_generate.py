@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import amgfx
-from amgfx.oracle import zeroed
+from amgfx.passes.oracle import zeroed
 
 tf = pytest.importorskip("transformers")
 

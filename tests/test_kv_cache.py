@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import amgfx
 from amgfx.graph.meta import EXAMPLE, STATE
-from amgfx.oracle import zeroed
+from amgfx.passes.oracle import zeroed
 
 tf = pytest.importorskip("transformers")
 from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402

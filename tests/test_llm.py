@@ -89,7 +89,7 @@ def _smollm2():
 
 @pytest.mark.slow       # about 3 minutes on 2 cores: SmolLM2-135M captured twice, calibrated, pruned, decoded
 def test_smollm2_pruned_generates_what_its_zeroed_dense_model_generates_and_onnx_agrees(tmp_path):
-    from amgfx.oracle import zeroed
+    from amgfx.passes.oracle import zeroed
     loaded = _smollm2()
     tok = models.tokenizer(loaded.path, ["The capital of France is"])
     dense = amgfx.decoder(loaded.model, max_len=48, prompt_len=16, batch=1)

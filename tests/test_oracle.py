@@ -18,7 +18,7 @@ from conftest import analysed, assert_outputs_match
 
 import amgfx
 import models
-from amgfx.oracle import VerifyReport, compare
+from amgfx.passes.oracle import VerifyReport, compare
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_a_planted_wrong_rewrite_is_caught_before_prune_returns(monkeypatch):
 def test_the_tolerance_follows_the_models_own_rounding_error():
     """The oracle's tolerance is raised to NOISE_FACTOR x the float32-vs-float64 error of the dense model
     (a deep LLM at a long input exceeds a fixed 1e-5 by rounding alone), and never below the one asked."""
-    from amgfx.oracle import NOISE, NOISE_FACTOR, noise_floor
+    from amgfx.passes.oracle import NOISE, NOISE_FACTOR, noise_floor
     m, args, kwargs, cg = analysed("llama_gqa")
     floor = noise_floor(cg.gm)
     assert 0 < floor < 1e-5 and cg.gm.meta[NOISE] == floor       # measured once, kept with the graph

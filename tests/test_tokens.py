@@ -6,7 +6,7 @@ import torch
 import amgfx
 from amgfx.planning.budget import select_tokens
 from amgfx.analysis.tokens import token_sites
-from amgfx.oracle import masked_keys
+from amgfx.passes.oracle import masked_keys
 
 
 def oracle(gm, kept: dict):

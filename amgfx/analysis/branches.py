@@ -73,8 +73,8 @@ def _walk(group: str, out, data) -> Branch:
 
 def branches(cg) -> dict:
     """Group name (``head:<site>``, ``mlp:<mlp>``) -> :class:`Branch`, for every site and MLP (cached)."""
-    if "_branches" in cg.__dict__:
-        return cg._branches
+    if cg.branches is not None:
+        return cg.branches
     nodes = {n.name: n for n in cg.gm.graph.nodes}
     data = input_dependent(cg.gm.graph)
     out = {}
@@ -87,5 +87,5 @@ def branches(cg) -> dict:
         layer = nodes[b.out]
         if b.removable and layer.target not in LAYERS:
             out[name] = Branch(name, b.out, reason=f"its output layer {layer.target} has no bias argument")
-    cg._branches = out
+    cg.branches = out
     return out

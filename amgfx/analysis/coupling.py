@@ -146,10 +146,16 @@ class CouplingGraph:
         self.groups = build_groups(structure)
         self.refused: dict = {}                  # group name -> why it cannot be pruned (see refuse)
         self._graph = None
+        # results other stages compute once per analysis and ask for again and again (each module fills its own)
+        self.branches = None                     # analysis.branches.branches: group name -> Branch
+        self.token_sites = None                  # analysis.tokens.token_sites: site name -> TokenSite
+        self.live_queries = None                 # graph.liveness.live_queries: attention node -> live rows
+        self.row_graphs: dict = {}               # planning.cost.row_graph: token plan -> graph with its gathers
+        self.dense_ms = None                     # planning.latency: (op times, node -> dense ms)
         self.refuse(shared_members(self.groups))
 
     def refuse(self, reasons: dict) -> None:
-        """Take groups out (``{name: reason}``): found by :func:`amgfx.rewrite.probe` to break the rewrite.
+        """Take groups out (``{name: reason}``): found by :func:`amgfx.passes.rewrite.probe` to break the rewrite.
         A site's kind (qk, v, head) is also marked disabled with the reason, so inspect says it."""
         sites = {s.name: s for s in self.sites}
         for name, why in reasons.items():

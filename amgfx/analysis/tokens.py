@@ -146,6 +146,6 @@ def _analyse(cg) -> dict:
 
 def token_sites(cg) -> dict[str, TokenSite]:
     """Site name -> :class:`TokenSite` for every attention site of ``cg`` (computed once, then cached)."""
-    if "_token_sites" not in cg.__dict__:
-        cg._token_sites = _analyse(cg)
-    return cg._token_sites
+    if cg.token_sites is None:
+        cg.token_sites = _analyse(cg)
+    return cg.token_sites

@@ -1,7 +1,7 @@
 """Delete a residual branch and add what it would still contribute: its output layer's bias,
 carried through the element-wise ops between that layer and the residual add (LayerScale).
 
-The graph edit behind ``passes/remove_branch``, kept here because the cost model makes the same
+The graph edit behind ``amgfx/passes/remove_branch``, kept here because the cost model makes the same
 edit on a copy to predict what removing a block saves. Which branches may go is decided by
 :mod:`amgfx.analysis.branches`; this module only edits.
 

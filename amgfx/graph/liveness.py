@@ -3,7 +3,7 @@
 A classifier that reads only the class token of its last block (``x[:, 0]``) needs the other
 positions of that block only as keys and values. Everything that turns those positions into
 outputs nobody reads (the last query projection, attention rows, proj, norm, MLP) is dead
-work. This module finds it; ``passes/dead_tokens.py`` removes it. No scores: it is exact.
+work. This module finds it; ``amgfx/passes/dead_tokens.py`` removes it. No scores: it is exact.
 
 Every node gets a *demand mask* of its original shape (``None``: every element is needed),
 computed backward from the outputs. Data-movement ops are run on element ids, so any
@@ -216,7 +216,7 @@ def frontier(gm: fx.GraphModule, env: dict | None = None) -> list[tuple[fx.Node,
 
 def live_queries(cg) -> dict:
     """attention node -> the query positions that reach an output, where not all do (cached on ``cg``)."""
-    if "_live_queries" not in cg.__dict__:
+    if cg.live_queries is None:
         env = demand(cg.gm)
         nodes = {n.name: n for n in cg.gm.graph.nodes}
         out = {}
@@ -225,5 +225,5 @@ def live_queries(cg) -> dict:
                 live = live_rows(env[nodes[s.operands[0]]], -2)
                 if live:
                     out[s.node] = live
-        cg._live_queries = out
-    return cg._live_queries
+        cg.live_queries = out
+    return cg.live_queries

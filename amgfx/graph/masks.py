@@ -8,7 +8,7 @@ the dropped elements removed, packed in row-major order; :func:`compact_shape` s
 dense shape that is, and refuses masks that do not pack (say q/k and v rows of one fused
 reshape kept in different numbers).
 
-This is analysis only: ``passes/fix_shapes.py`` reads the masks to rewrite constants, and
+This is analysis only: ``amgfx/passes/fix_shapes.py`` reads the masks to rewrite constants, and
 :func:`amgfx.planning.cost.predict` reads them to predict FLOPs.
 
 Example (a head dim shrunk differently per head still packs densely):

@@ -175,19 +175,19 @@ def row_graph(cg, r):
     if not r.tokens and not r.dead and not r.removed:
         return cg.gm
     key = repr((sorted((k, v.kept) for k, v in r.tokens.items()), sorted(r.dead), sorted(r.removed)))
-    cache = cg.__dict__.setdefault("_row_graphs", {})
+    cache = cg.row_graphs
     if key not in cache:
         cache.clear()                            # one at a time: a graph copy per model is enough
         gm = copy_module(cg.gm)
-        for b in r.removed.values():             # what passes/remove_branch does: those nodes cost nothing
+        for b in r.removed.values():             # what amgfx/passes/remove_branch does: those nodes cost nothing
             remove_branch(gm, b.out, b.chain, b.add)
         nodes = {n.name: n for n in gm.graph.nodes}
-        for site in {**r.dead, **r.tokens}.values():    # what passes/split_qkv does where rows differ
+        for site in {**r.dead, **r.tokens}.values():    # what amgfx/passes/split_qkv does where rows differ
             if site.fused:
                 split_site(gm, [nodes[o] for o in site.operands])
-        insert_token_gathers(gm, r.tokens)               # passes/token_gather
+        insert_token_gathers(gm, r.tokens)               # amgfx/passes/token_gather
         if r.dead:
-            insert_live_gathers(gm, {})                  # passes/dead_tokens, before any neuron is pruned
+            insert_live_gathers(gm, {})                  # amgfx/passes/dead_tokens, before any neuron is pruned
         cache[key] = gm
     return cache[key]
 
@@ -214,7 +214,7 @@ def planned(cg, plan):
     except RewriteError:
         if not r.dead:
             raise
-        # passes/dead_tokens takes its gathers out when the narrowing cannot flow: so do we
+        # amgfx/passes/dead_tokens takes its gathers out when the narrowing cannot flow: so do we
         r = dataclasses.replace(r, dead={})
         gm = row_graph(cg, r)
         ms = propagate_masks(gm, r.params, dense=False)

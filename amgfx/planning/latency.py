@@ -266,10 +266,10 @@ def predict_ms(cg, plan, times: OpTimes | None = None, *, per_node: bool = False
 
 def _predict_ms(cg, plan, times: OpTimes, per_node: bool) -> dict:
     floor = times.floor()
-    cached = cg.__dict__.get("_dense_ms")               # the budget asks again and again
+    cached = cg.dense_ms                               # the budget asks again and again
     if cached is None or cached[0] is not times:
         heavy = set(costly_nodes(cg.gm))
-        cached = cg.__dict__["_dense_ms"] = (times, {n.name: _dense_ms(times, n, n in heavy) for n in _timed(cg.gm)})
+        cached = cg.dense_ms = (times, {n.name: _dense_ms(times, n, n in heavy) for n in _timed(cg.gm)})
     dense = cached[1]
     r, gm, ms = planned(cg, plan)
     costly = set(costly_nodes(gm))

@@ -266,7 +266,7 @@ def attach_bias(gm: fx.GraphModule, weight: str, bias: str) -> None:
     w = get_attr(gm, weight)
     rows = w.shape[spec[3]]
     set_attr(gm, bias, torch.nn.Parameter(torch.zeros(rows, dtype=w.dtype, device=w.device), w.requires_grad))
-    with gm.graph.inserting_before(node):
+    with gm.graph.inserting_before(node):        # a weight edit: the layer gains the bias it reads
         b = gm.graph.get_attr(bias)
     b.meta["val"] = torch.empty(rows, dtype=w.dtype, device="meta")
     args = tuple(node.args) + (None,) * max(0, spec[2] + 1 - len(node.args))

@@ -23,18 +23,18 @@ from __future__ import annotations
 import numpy as np
 import torch.fx as fx
 
-from .errors import RewriteError
-from .graph.fx import copy_module
-from .graph.meta import EXACT, PLAN
+from ..errors import RewriteError
+from ..graph.fx import copy_module
+from ..graph.meta import EXACT, PLAN
 from .oracle import check
-from .planning.plan import Plan
+from ..planning.plan import Plan
 
 __all__ = ["rewrite", "checked", "probe"]
 
 
 def rewrite(cg, plan: Plan) -> fx.GraphModule:
     """Run the passes; unpruned weights stay shared with ``cg.gm`` (the compile backend wants that)."""
-    from .passes import PIPELINE, run
+    from . import PIPELINE, run          # the package builds PIPELINE from every pass: at the top, a circle
     resolved = plan.resolve(cg)
     out = run(copy_module(cg.gm), resolved, PIPELINE)
     out.eval()                                   # captured in eval mode; the flag follows

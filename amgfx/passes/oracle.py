@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
-from .graph.fx import constant, copy_module, get_attr, replace_attr
-from .graph.masks import compact_shape
-from .graph.meta import APPROXIMATE, EXACT, EXAMPLE, STATE
+from ..graph.fx import constant, copy_module, get_attr, replace_attr
+from ..graph.masks import compact_shape
+from ..graph.meta import APPROXIMATE, EXACT, EXAMPLE, STATE
 
 NOISE = "amgfx_noise_floor"     # gm.meta: the graph's own float32 rounding error at its example
-from .graph.ops import sdpa_args, set_sdpa_arg
-from .planning.plan import Plan
+from ..graph.ops import sdpa_args, set_sdpa_arg
+from ..planning.plan import Plan
 
 __all__ = ["VerifyReport", "compare", "zeroed", "masked_keys", "check"]
 

@@ -1,15 +1,13 @@
-"""Stage 5, the rewrite passes, one per file. Each is ``(GraphModule, plan) -> GraphModule``.
+"""Stage 5, the rewrite stage: the passes (one per file, each ``(GraphModule, plan) -> GraphModule``), their
+order (:data:`PIPELINE`), the driver (:mod:`.rewrite`) and the check every rewrite is held to (:mod:`.oracle`).
 
 ``plan`` is a :class:`amgfx.planning.plan.Resolved` (from ``Plan.resolve``): plain data saying which
 indices every parameter keeps and which attention sites change. Passes never score and never look
-at the original ``nn.Module`` classes; they read and edit the graph only.
-May import: :mod:`amgfx.graph` and the plan's contract (:mod:`amgfx.planning.plan`). This folder
-installs as ``amgfx.passes``; ``import passes`` is refused, so no other distribution's name clashes.
+at the original ``nn.Module`` classes; they read and edit the graph only. The graph edits the
+passes share with the cost model (row gathers, branch removal, keep masks) are in :mod:`amgfx.graph`,
+where the planner, an earlier stage, reaches them too.
+May import: :mod:`amgfx.graph` and the plan's contract (:mod:`amgfx.planning.plan`).
 """
-if __name__ != "amgfx.passes":
-    raise ImportError("the rewrite passes are amgfx.passes: use `import amgfx.passes` (the passes/ folder "
-                      "of the source tree installs under that name)")
-
 from .pipeline import PassOrderError, check_order, graph_pass, run
 from .cleanup import cleanup
 from .dead_tokens import dead_tokens
