@@ -192,3 +192,24 @@ def test_a_pruned_module_can_be_analysed_and_pruned_again(name):
     assert sorted((s.num_heads, s.head_dim_qk, s.head_dim_v) for s in again.sites if s.supported) == want
     second = amgfx.plan_for(again, method="magnitude", ratios={"qk": 0.5, "v": 0.5, "mlp": 0.5})
     assert amgfx.verify(again, second).passed
+
+
+def test_the_row_edits_have_one_order_for_the_passes_and_the_cost_model():
+    """ROW_EDITS is the order: the pipeline follows it (check_order refuses another), the cost model replays it."""
+    import amgfx.passes as P
+    from amgfx.graph.rows import ROW_EDITS
+    from amgfx.planning import cost
+    assert [p.name for p in P.PIPELINE if p.name in ROW_EDITS] == list(ROW_EDITS)
+    assert list(cost._ROW_EDIT) == list(ROW_EDITS)
+
+    @P.graph_pass(requires=(), ensures=())
+    def token_gather(gm, plan):
+        return gm
+
+    @P.graph_pass(requires=(), ensures=())
+    def dead_tokens(gm, plan):
+        return gm
+
+    P.check_order([token_gather, dead_tokens])
+    with pytest.raises(P.PassOrderError, match="ROW_EDITS"):       # no requires broken: the order alone
+        P.check_order([dead_tokens, token_gather])

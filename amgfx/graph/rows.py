@@ -33,7 +33,13 @@ from .meta import DIMS, FOLD, FOLD_NAME, TOKEN_ROWS
 from .ops import LAYERS, sdpa_args
 
 aten = torch.ops.aten
-__all__ = ["gather_rows", "projection", "split_operand", "split_site", "insert_token_gathers", "insert_live_gathers"]
+__all__ = ["ROW_EDITS", "gather_rows", "projection", "split_operand", "split_site", "insert_token_gathers", "insert_live_gathers"]
+
+
+# The passes that change which rows (token positions) or which nodes the graph computes, in the one order
+# both the rewrite (amgfx.passes.PIPELINE, checked by check_order) and the cost model
+# (amgfx.planning.cost.row_graph, which replays them on a copy) follow, so prediction and rewrite cannot drift.
+ROW_EDITS = ("remove_branch", "split_qkv", "token_gather", "dead_tokens")
 
 
 def gather_rows(gm: fx.GraphModule, x: fx.Node, user: fx.Node, dim: int, kept: list, name: str) -> fx.Node:

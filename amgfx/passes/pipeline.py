@@ -34,6 +34,7 @@ import functools
 from dataclasses import dataclass
 
 from ..errors import RewriteError, foreign_errors
+from ..graph.rows import ROW_EDITS
 
 __all__ = ["Pass", "graph_pass", "check_order", "run", "PassOrderError", "PROPERTIES"]
 
@@ -78,6 +79,10 @@ def graph_pass(*, requires=(), ensures=()):
 
 def check_order(passes) -> None:
     """Raise :class:`PassOrderError` when a pass runs before the passes that ensure what it requires."""
+    rows = [p.name for p in passes if p.name in ROW_EDITS]
+    if rows != [e for e in ROW_EDITS if e in rows]:
+        raise PassOrderError(f"the row edits run as {rows}, not in the order the cost model replays them "
+                             f"({', '.join(ROW_EDITS)}: amgfx.graph.rows.ROW_EDITS)")
     have: set = set()
     for p in passes:
         missing = sorted(set(p.requires) - have)

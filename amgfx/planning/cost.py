@@ -36,7 +36,7 @@ from ..graph.ops import GROUPED
 from ..graph.masks import propagate_masks
 from ..graph.meta import EXAMPLE
 from ..graph.ops import SDPA, sdpa_args
-from ..graph.rows import insert_live_gathers, insert_token_gathers, split_site
+from ..graph.rows import ROW_EDITS, insert_live_gathers, insert_token_gathers, split_site
 
 aten = torch.ops.aten
 __all__ = ["node_flops", "graph_flops", "predict", "measure_flops", "count_params", "row_graph", "costly_nodes",
@@ -164,6 +164,23 @@ def count_params(gm) -> int:
     return sum(p.numel() for p in gm.parameters())
 
 
+def _split_rows(gm, r):
+    """What amgfx/passes/split_qkv does where a site's q and k/v rows differ (its other splits cost the same)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in {**r.dead, **r.tokens}.values():
+        if site.fused:
+            split_site(gm, [nodes[o] for o in site.operands])
+
+
+_ROW_EDIT = {   # each row edit of a plan, as the cost model replays it (the names are ROW_EDITS')
+    "remove_branch": lambda gm, r: [remove_branch(gm, b.out, b.chain, b.add) for b in r.removed.values()],
+    "split_qkv": _split_rows,
+    "token_gather": lambda gm, r: insert_token_gathers(gm, r.tokens),
+    # amgfx/passes/dead_tokens, which runs before any neuron is pruned
+    "dead_tokens": lambda gm, r: insert_live_gathers(gm, {}) if r.dead else None,
+}
+
+
 def row_graph(cg, r):
     """The captured graph with the row gathers of ``r`` inserted (token pruning, dead tokens) and
     the branches it removes whole taken out.
@@ -179,15 +196,8 @@ def row_graph(cg, r):
     if key not in cache:
         cache.clear()                            # one at a time: a graph copy per model is enough
         gm = copy_module(cg.gm)
-        for b in r.removed.values():             # what amgfx/passes/remove_branch does: those nodes cost nothing
-            remove_branch(gm, b.out, b.chain, b.add)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for site in {**r.dead, **r.tokens}.values():    # what amgfx/passes/split_qkv does where rows differ
-            if site.fused:
-                split_site(gm, [nodes[o] for o in site.operands])
-        insert_token_gathers(gm, r.tokens)               # amgfx/passes/token_gather
-        if r.dead:
-            insert_live_gathers(gm, {})                  # amgfx/passes/dead_tokens, before any neuron is pruned
+        for edit in ROW_EDITS:                   # the passes' own order (amgfx.passes.check_order holds them to it)
+            _ROW_EDIT[edit](gm, r)
         cache[key] = gm
     return cache[key]
 
