@@ -43,6 +43,7 @@ __all__ = ["amgfx_backend", "BackendError"]
 PLANNING = ("target_flops", "ratios", "tokens", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep",
             "protect", "same_head_dim", "seed", "progress")
 KNOWN = {"plan", "inner", "reconstruct"} | set(PLANNING)
+INNER = ("inductor", "eager")     # the names of planning.options.RUNTIMES that run a torch graph (a test holds it)
 _ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
 
 # pruned weights by (source storage, FQN, kept shape): a recompile (new shapes) reuses them
@@ -131,8 +132,9 @@ def _options(options: dict | None) -> dict:
         raise BackendError("give options plan= or target_flops=, not both")
     if "plan" not in opts and "target_flops" not in opts and "ratios" not in opts:
         raise BackendError("say what to prune: options={'plan': plan_or_json_path} or {'target_flops': 0.5, ...}")
-    if opts.get("inner", "inductor") not in ("inductor", "eager"):
-        raise BackendError(f"inner must be 'inductor' or 'eager', got {opts['inner']!r}")
+    if opts.get("inner", "inductor") not in INNER:
+        raise BackendError(f"inner must be one of {', '.join(INNER)} (the runtimes a compile backend hands a graph "
+                           f"to), got {opts['inner']!r}")
     return opts
 
 

@@ -142,7 +142,7 @@ class _OrtProgram:
         return [torch.from_numpy(a) for a in self.session.run(None, feed)]
 
 
-def _load_decoder(directory: str, manifest: dict, runtime: str = "torch"):
+def _load_decoder(directory: str, manifest: dict, runtime: str = "eager"):
     from torch.export.pt2_archive._package import load_pt2
 
     from .decode.step import Decoder
@@ -158,13 +158,13 @@ def _load_decoder(directory: str, manifest: dict, runtime: str = "torch"):
             raise LoadError(f"{directory} has no prefill.onnx and decode.onnx; write them with "
                             "amgfx.export_onnx(decoder, directory) or amgfx prune ... --onnx")
         prefill, step = (_OrtProgram(p) for p in paths)
-    elif runtime == "torch":
+    elif runtime == "eager":
         with foreign_errors(LoadError, describe=lambda e: f"{pt2}: cannot load ({type(e).__name__})"):
             eps = load_pt2(pt2).exported_programs
             prefill, step = eps["prefill"].module(), eps["decode"].module()
         tie_tensors(prefill, step)             # the archive holds each program's weights; run on one copy
     else:
-        raise LoadError(f"runtime must be 'torch' or 'ort', got {runtime!r}")
+        raise LoadError(f"runtime must be 'eager' or 'ort', got {runtime!r}")
     plan_path = os.path.join(directory, "plan.json")
     fields = {k: manifest[k] for k in DECODER_FIELDS}
     fields["cache_shapes"] = [tuple(s) for s in fields["cache_shapes"]]
@@ -197,16 +197,20 @@ def _refuse_pickles(path: str) -> None:
                     raise LoadError(f"{path}: {fqn!r} is stored as a pickle; amgfx never unpickles (it could run code)")
 
 
-def load(path, *, runtime: str = "torch") -> fx.GraphModule:
+def load(path, *, runtime: str = "eager") -> fx.GraphModule:
     """Load what :func:`save` wrote (a directory, or its ``model.pt2``) as a GraphModule.
 
     A saved decoder directory loads as an :class:`amgfx.Decoder` for :func:`amgfx.generate`; with
     ``runtime="ort"`` its two graphs run in onnxruntime, from the ``prefill.onnx`` and ``decode.onnx``
     that :func:`export_onnx` wrote beside it.
 
+    ``runtime`` is a name of :data:`amgfx.planning.options.RUNTIMES` (``"torch"``, the old spelling of
+    ``"eager"``, is still read).
+
     ``result.meta`` holds ``amgfx_plan`` (a :class:`amgfx.Plan`, when saved) and ``amgfx_manifest``.
     """
     from .planning.plan import Plan
+    runtime = {"torch": "eager"}.get(runtime, runtime)
     path = os.fspath(path)
     manifest_path = os.path.join(path, "manifest.json")
     if os.path.isdir(path) and os.path.isfile(manifest_path):

@@ -137,19 +137,30 @@ def onnx_parity(onnx_path, gm, args=(), kwargs=None) -> float:
 def runner(gm, runtime: str, workdir: str | None = None):
     """``f(args, kwargs)`` running ``gm`` in ``runtime``: eager PyTorch, ``torch.compile`` (inductor, static
     shapes, compiled at the first call) or onnxruntime (exported to ``workdir``, a temporary folder by default)."""
+    if runtime not in RUNNERS:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    return RUNNERS[runtime](gm, workdir)
+
+
+def _eager(gm, workdir):
+    return lambda a, kw: gm(*a, **kw)
+
+
+def _inductor(gm, workdir):
+    c = torch.compile(gm, dynamic=False)
+    return lambda a, kw: c(*a, **kw)
+
+
+def _ort(gm, workdir):
     import tempfile
-    if runtime == "eager":
-        return lambda a, kw: gm(*a, **kw)
-    if runtime == "inductor":
-        c = torch.compile(gm, dynamic=False)
-        return lambda a, kw: c(*a, **kw)
-    if runtime == "ort":
-        d = workdir or tempfile.mkdtemp(prefix="amgfx-latency-")
-        sess = ort_session(export_onnx(gm, os.path.join(d, f"m{len(os.listdir(d))}.onnx")), spinning=False)
-        names = [i.name for i in sess.get_inputs()]
-        return lambda a, kw: sess.run(None, {n: t.numpy() for n, t in zip(
-            names, [t for t in pytree.tree_leaves((tuple(a), dict(kw))) if isinstance(t, torch.Tensor)])})
-    raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    d = workdir or tempfile.mkdtemp(prefix="amgfx-latency-")
+    sess = ort_session(export_onnx(gm, os.path.join(d, f"m{len(os.listdir(d))}.onnx")), spinning=False)
+    names = [i.name for i in sess.get_inputs()]
+    return lambda a, kw: sess.run(None, {n: t.numpy() for n, t in zip(
+        names, [t for t in pytree.tree_leaves((tuple(a), dict(kw))) if isinstance(t, torch.Tensor)])})
+
+
+RUNNERS = {"eager": _eager, "inductor": _inductor, "ort": _ort}    # one per name of RUNTIMES (a test holds it)
 
 
 def interleaved(fns: dict, args, kwargs, *, runs: int = 20, block: int = 3, warm: int = 2) -> dict:

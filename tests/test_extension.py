@@ -233,3 +233,18 @@ def test_in_place_twins_of_table_ops_follow_their_rules():
     plan = amgfx.plan_for(cg, method="magnitude", ratios={"qk": 0.25, "v": 0.25, "mlp": 0.25}, progress=False)
     rep = amgfx.verify(cg, plan, pruned=amgfx.apply(cg, plan))
     assert rep.passed and rep.max_rel <= 1e-5, rep.status
+
+
+def test_runtimes_have_one_set_of_names():
+    """planning.options.RUNTIMES is the table: the runners, the CLI's --runtime, the backend's inner and
+    amgfx.load all spell runtimes from it (a new runtime is one entry there and one runner)."""
+    import argparse
+
+    from amgfx import backend, runtime
+    from amgfx.cli import build_parser
+    from amgfx.planning.options import RUNTIMES
+    assert set(runtime.RUNNERS) == set(RUNTIMES)
+    assert set(backend.INNER) <= set(RUNTIMES)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flag = next(a for a in sub.choices["prune"]._actions if "--runtime" in a.option_strings)
+    assert list(flag.choices) == list(RUNTIMES)

@@ -38,7 +38,7 @@ def _source(a):
             kind = json.load(f).get("format")
         if kind != files.DECODER:
             raise AmgfxError(f"{a.model} is a saved amgfx model, not a decoder (prune decoders with amgfx generate --out)")
-        saved = files.load(a.model, runtime="ort" if a.ort else "torch")
+        saved = files.load(a.model, runtime="ort" if a.ort else "eager")
         return None, saved, saved.meta.get("tokenizer"), f"saved decoder {a.model}"
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         raise AmgfxError(f"{a.model} is a directory without config.json or manifest.json")

@@ -18,6 +18,7 @@ from ..files import save
 from ..runtime import export_onnx, onnx_parity
 from ..graph.meta import EXAMPLE, PLAN
 from ..planning.cost import count_params, measure_flops, predict
+from ..planning.options import RUNTIMES
 from ..planning.plan import Plan
 from ..weights.recover import Iterative, first_output, recover
 from ..models import is_causal_lm
@@ -71,7 +72,7 @@ def _table(report: dict) -> list[str]:
     for rt in ("eager", "ort"):
         if f"{rt} dense" in ms:
             d, q = ms[f"{rt} dense"], ms[f"{rt} pruned"]
-            label = {"eager": "latency eager", "ort": "latency onnxruntime"}[rt]
+            label = f"latency {RUNTIMES[rt]}"
             rows.append([f"{label} (ms)", f"{d:.2f}", f"{q:.2f}", f"{q / d:.3f}"])
     if "cosine_before" in report.get("recovery", {}):
         rows.append(["cosine to dense, before recovery", "1", f"{report['recovery']['cosine_before']:.4f}", ""])

@@ -19,7 +19,9 @@ __all__ = ["KINDS", "DEFAULT_KINDS", "DEFAULT_RATIOS", "RUNTIMES", "check_option
 KINDS = ("qk", "v", "head", "mlp", "residual")
 DEFAULT_KINDS = ("qk", "v", "head", "mlp")   # residual channels are opt-in: pruning them is never exact
 DEFAULT_RATIOS = {"qk": 0.25, "v": 0.25, "head": 0.0, "mlp": 0.5, "residual": 0.0}
-RUNTIMES = ("eager", "inductor", "ort")      # where a latency target is measured (amgfx.runtime runs them)
+# The one table of runtimes (name: what it is): latency budgets measure in them, amgfx.runtime.runner runs them,
+# the compile backend hands its graph to the torch ones, amgfx.load loads into eager or ort, the CLI spells them so.
+RUNTIMES = {"eager": "eager PyTorch", "inductor": "torch.compile (inductor)", "ort": "onnxruntime"}
 
 
 def _fraction(name: str, value, low_open: bool = True) -> None:
