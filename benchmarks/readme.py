@@ -132,6 +132,16 @@ def latency_budget() -> list[str]:
             "per row in [benchmarks/results/latency_budget.md](benchmarks/results/latency_budget.md))"]
 
 
+def llm_real() -> list[str]:
+    """The real LLM's table and its verdict per target (llm_real.md less the greedy text)."""
+    lines = _read("llm_real.md")
+    i = next(k for k, l in enumerate(lines) if l.startswith("|"))
+    j = next(k for k in range(i, len(lines)) if not lines[k].startswith("|"))
+    verdicts = [l for l in lines if l.startswith("- ") and "of block FLOPs" in l]
+    return ([f"{_command(lines)} on 2 cores, every row from one run; greedy text and what each plan keeps in "
+             "[benchmarks/results/llm_real.md](benchmarks/results/llm_real.md):", ""] + lines[i:j] + [""] + verdicts)
+
+
 def copy(name: str) -> list[str]:
     """A result file as it is, less its title: for the README sections that show one whole."""
     body = _read(f"{name}.md")
@@ -153,7 +163,7 @@ def block(name: str) -> list[str]:
         case, runtime, b = arg.rsplit("-", 2)
         return profile_table(case, runtime, int(b))
     return {"verdict": speed_verdict, "gpu": gpu_line, "tool_cost": tool_cost, "levers": levers,
-            "levers_accuracy": levers_accuracy, "zoo": zoo, "latency_budget": latency_budget}[kind]()
+            "levers_accuracy": levers_accuracy, "zoo": zoo, "latency_budget": latency_budget, "llm_real": llm_real}[kind]()
 
 
 def render(text: str, prefix: str = "") -> str:

@@ -148,3 +148,9 @@ def test_no_undefined_or_unused_name():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "F", "--output-format",
                           "concise", "amgfx", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_readme_is_one_screen():
+    """What it is, the two commands, the main job, one picture, a Python example, links: depth lives in docs/."""
+    n = sum(1 for _ in open(os.path.join(ROOT, "README.md")))
+    assert n <= 150, f"README.md has {n} lines; move depth to docs/"
