@@ -113,15 +113,7 @@ def _recover_after(a, cg, loaded, pruned, recovery, say):
 
 
 def cmd_prune(a) -> int:
-    calib = {}
-
-    def prepare(loaded):
-        got = calibration(a, loaded)
-        if isinstance(got, int):
-            return got
-        calib["batches"], calib["note"] = got
-        return 0
-
+    """``amgfx prune``: load, analyse, plan, rewrite, verify, refit, recover, deploy, measure, report."""
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
     say(f"loading and analysing {a.model} ...")
@@ -129,80 +121,35 @@ def cmd_prune(a) -> int:
     if isinstance(loaded, int):
         return loaded
     if is_causal_lm(getattr(loaded.model, "config", None)):      # two graphs over a KV cache, judged by perplexity
-        from .prune_lm import cmd_prune_lm
+        from .prune_lm import cmd_prune_lm                        # (its own imports: only LMs pay for them)
         a.method = a.method or LM_METHOD
         return cmd_prune_lm(a, loaded, time.perf_counter() - t_start)
     a.method = a.method or METHOD
-    got = analysed(a, prepare, loaded)
+    got = _analysed(a, loaded)
     if isinstance(got, int):
         return got
-    loaded, cg, dt = got
-    batches = calib["batches"]
-    if batches is None:
-        args, kwargs = cg.gm.meta[EXAMPLE]
-        batches = [kwargs if kwargs and not args else args]
+    loaded, cg, dt, calib, batches = got
     say(f"analysed in {dt:.1f}s; calibrating on {calib['note']}")
-    recovery = _recovery(a, cg, loaded) if a.recover_steps else None
+    recovery = _recovery(a, cg, loaded) if a.recover_steps else None       # its data and options, checked first
     if isinstance(recovery, int):
         return recovery
     t0 = time.perf_counter()
-    options = dict(method=a.method, calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
-                   protect=a.protect, same_head_dim=a.same_head_dim, blocks=a.remove_blocks, seed=a.seed,
-                   progress=not (a.quiet or a.json))
     try:
-        if a.iterative > 1:
-            say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
-            r_opts, r_data, _ = recovery or ({}, None, None)
-            pruned = prune(cg, target_flops=a.target_flops, **options, schedule=Iterative(
-                steps=a.iterative, recover_steps=a.recover_steps, data=r_data, recover=r_opts))
-            plan, recovered = pruned.meta[PLAN], None
-        else:
-            if a.target_latency is not None:
-                say(f"planning to {a.target_latency} of the dense time in {a.runtime} (op times measured once, "
-                    "cached; the plan is then timed and corrected) ...")
-            plan = Plan.load(a.plan) if a.plan else plan_for(
-                cg, target_flops=None if a.ratios or a.target_latency else a.target_flops, ratios=a.ratios,
-                tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
-                scope="model" if a.budget_scope == "auto" else a.budget_scope, **options)
-            pruned = recovered = apply(cg, plan)
+        plan, pruned, recovered = _plan_and_rewrite(a, cg, batches, recovery, say)
         t1 = time.perf_counter()
         say("verifying against the zeroing oracle ...")
         check = verify(cg, plan, pruned=recovered)
         refit = None
         if recovered is not None and plan.keep and calib["batches"] is not None and not a.no_reconstruct:
             say(f"reconstructing: refitting the kept weights to the dense model on {calib['note']} ...")
-            t = time.perf_counter()
-            pruned = recovered = reconstruct(recovered, cg, batches, progress=not (a.quiet or a.json))
-            layers = pruned.meta[RECONSTRUCTION]["layers"]
-            refit = {"layers": len(layers), "tokens": max((x["samples"] for x in layers), default=0),
-                     "error_before": round(float(np.mean([x["before"] for x in layers])), 4) if layers else 0.0,
-                     "error_after": round(float(np.mean([x["after"] for x in layers])), 4) if layers else 0.0,
-                     "seconds": round(time.perf_counter() - t, 2)}
-        pred = predict(cg, plan)
+            refit = {}
+            pruned = recovered = _refit(a, cg, recovered, batches, refit)
         if a.draw:
-            from ..draw import draw_plan
             try:
-                draw_plan(cg, plan, a.draw, title=f"{a.model}: {a.method}")
+                _draw(a, cg, plan)
             except OSError as e:
                 return err(f"cannot draw to {a.draw}: {e}")
-        report = {"model": a.model, "method": a.method, "calibration": calib["note"],
-                  "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
-                  "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
-                            "measured": measure_flops(pruned)},
-                  "verify": check.status, "torch": torch.__version__}
-        if refit is not None:
-            report["reconstruction"] = refit
-        if a.target_latency is not None:
-            report["target_latency"] = {"target": a.target_latency, **plan.meta["latency"]}
-        elif a.target_flops and not a.ratios:
-            report["target_flops"] = a.target_flops
-        gone = sorted(plan.removed_branches(cg))
-        if gone:
-            report["removed"] = gone
-        if plan.tokens:
-            keys = {t.site: t.keys for t in token_sites(cg).values()}
-            report["tokens"] = {"sites": len(plan.tokens), "keys": sum(keys[s] for s in plan.tokens),
-                                "kept": sum(len(k) for k in plan.tokens.values())}
+        report = _report(a, cg, plan, pruned, check, refit, calib["note"])
         if recovery:
             tuned, report["recovery"] = _recover_after(a, cg, loaded, recovered, recovery, say)
             pruned = pruned if tuned is None else tuned
@@ -213,50 +160,149 @@ def cmd_prune(a) -> int:
         return err(f"cannot write to {a.out}: {e}")
     except AmgfxError as e:
         return err(str(e).splitlines()[0])
-    if "onnx_parity" in deployed:
-        report["onnx_parity"] = deployed["onnx_parity"]
     report["seconds"] = {"analyse": round(dt, 2), "score_plan_rewrite": round(t1 - t0, 2),
                          "verify_and_recover": round(t2 - t1, 2), "total": round(time.perf_counter() - t_start, 2)}
+    _finish(a, loaded, cg, report, check, deployed, calib["note"])
+    return 0 if check.passed or not check.exact else 1
+
+
+def _finish(a, loaded, cg, report: dict, check, deployed: dict, note: str) -> None:
+    """report.json beside the model, then the report as JSON or as the table and its notes."""
+    if "onnx_parity" in deployed:
+        report["onnx_parity"] = deployed["onnx_parity"]
     if a.out:
         with open(os.path.join(a.out, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
         deployed["files"].append(os.path.join(a.out, "report.json"))
-    code = 0 if check.passed or not check.exact else 1
     if a.json:
         print(json.dumps({**report, "files": deployed["files"]}))
-        return code
-    if not a.quiet:
-        desc = loaded.description if loaded.description.startswith(a.model) else f"{a.model}: {loaded.description}"
-        print(f"{desc}; {a.method} on {calib['note']}; torch {report['torch']}")
-        if not cg.sites:
-            print(NO_ATTENTION)
-        print("\n".join(_table(report)))
-        print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
-        if "target_latency" in report:
-            t = report["target_latency"]
-            print(f"latency budget: {t['target']} of dense in {t['runtime']}: predicted {t['predicted']:.3f}, "
-                  f"measured {t['measured']:.3f} ({len(t['rounds'])} plan(s) timed)")
-        if "reconstruction" in report:
-            r = report["reconstruction"]
-            print(f"reconstruction: {r['layers']} layers refitted on {r['tokens']} tokens, mean relative output "
-                  f"error {r['error_before']:.4f} -> {r['error_after']:.4f}, {r['seconds']:.1f}s")
-        if "recovery" in report:
-            r = report["recovery"]
-            steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
-                                             if r["schedule_steps"] > 1 else "")
-            print(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
-        if "tokens" in report:
-            t = report["tokens"]
-            print(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")
-        if "removed" in report:
-            g = report["removed"]
-            print(f"blocks: {len(g)} branch(es) removed whole: {', '.join(g[:4])}{', ...' if len(g) > 4 else ''}")
-        print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
-        sec = report["seconds"]
-        print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
-              f"verify + recover {sec['verify_and_recover']:.1f}s, total {sec['total']:.1f}s")
-        if deployed["files"] or a.draw:
-            print("wrote " + ", ".join(deployed["files"] + ([a.draw] if a.draw else [])))
-    return code
+    elif not a.quiet:
+        _print(a, loaded, cg, report, check, deployed["files"], note)
+
+
+def _analysed(a, loaded):
+    """(model, coupling graph, seconds, {"batches", "note"} as given, the batches to calibrate on), or an exit
+    code; the calibration data are made before the capture, so a bad --calib is refused first."""
+    calib = {}
+
+    def prepare(loaded):
+        got = calibration(a, loaded)
+        if isinstance(got, int):
+            return got
+        calib["batches"], calib["note"] = got
+        return 0
+
+    got = analysed(a, prepare, loaded)
+    if isinstance(got, int):
+        return got
+    loaded, cg, dt = got
+    batches = calib["batches"]
+    if batches is None:                       # --calib example: the example inputs are the one batch
+        args, kwargs = cg.gm.meta[EXAMPLE]
+        batches = [kwargs if kwargs and not args else args]
+    return loaded, cg, dt, calib, batches
+
+
+def _plan_and_rewrite(a, cg, batches, recovery, say):
+    """(plan, pruned model, the model the oracle checks: None when an iterative schedule recovered between)."""
+    options = dict(method=a.method, calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
+                   protect=a.protect, same_head_dim=a.same_head_dim, blocks=a.remove_blocks, seed=a.seed,
+                   progress=not (a.quiet or a.json))
+    if a.iterative > 1:
+        say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
+        r_opts, r_data, _ = recovery or ({}, None, None)
+        pruned = prune(cg, target_flops=a.target_flops, **options, schedule=Iterative(
+            steps=a.iterative, recover_steps=a.recover_steps, data=r_data, recover=r_opts))
+        return pruned.meta[PLAN], pruned, None
+    if a.target_latency is not None:
+        say(f"planning to {a.target_latency} of the dense time in {a.runtime} (op times measured once, "
+            "cached; the plan is then timed and corrected) ...")
+    plan = Plan.load(a.plan) if a.plan else plan_for(
+        cg, target_flops=None if a.ratios or a.target_latency else a.target_flops, ratios=a.ratios,
+        tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
+        scope="model" if a.budget_scope == "auto" else a.budget_scope, **options)
+    pruned = apply(cg, plan)
+    return plan, pruned, pruned
+
+
+def _refit(a, cg, pruned, batches, out: dict):
+    """``reconstruct`` the kept weights; what it did goes into ``out`` for the report."""
+    t = time.perf_counter()
+    pruned = reconstruct(pruned, cg, batches, progress=not (a.quiet or a.json))
+    layers = pruned.meta[RECONSTRUCTION]["layers"]
+    mean = lambda k: round(float(np.mean([x[k] for x in layers])), 4) if layers else 0.0
+    out.update({"layers": len(layers), "tokens": max((x["samples"] for x in layers), default=0),
+                "error_before": mean("before"), "error_after": mean("after"), "seconds": round(time.perf_counter() - t, 2)})
+    return pruned
+
+
+def _draw(a, cg, plan) -> None:
+    from ..draw import draw_plan                # matplotlib, only when a picture is asked for
+    draw_plan(cg, plan, a.draw, title=f"{a.model}: {a.method}")
+
+
+def _report(a, cg, plan, pruned, check, refit, note: str) -> dict:
+    pred = predict(cg, plan)
+    report = {"model": a.model, "method": a.method, "calibration": note,
+              "params": {"dense": count_params(cg.gm), "pruned": count_params(pruned)},
+              "flops": {"dense": measure_flops(cg.gm), "predicted": pred["flops"]["pruned"],
+                        "measured": measure_flops(pruned)},
+              "verify": check.status, "torch": torch.__version__}
+    if refit is not None:
+        report["reconstruction"] = refit
+    if a.target_latency is not None:
+        report["target_latency"] = {"target": a.target_latency, **plan.meta["latency"]}
+    elif a.target_flops and not a.ratios:
+        report["target_flops"] = a.target_flops
+    gone = sorted(plan.removed_branches(cg))
+    if gone:
+        report["removed"] = gone
+    if plan.tokens:
+        keys = {t.site: t.keys for t in token_sites(cg).values()}
+        report["tokens"] = {"sites": len(plan.tokens), "keys": sum(keys[s] for s in plan.tokens),
+                            "kept": sum(len(k) for k in plan.tokens.values())}
+    return report
+
+
+def _print(a, loaded, cg, report: dict, check, files: list, note: str) -> None:
+    desc = loaded.description if loaded.description.startswith(a.model) else f"{a.model}: {loaded.description}"
+    print(f"{desc}; {a.method} on {note}; torch {report['torch']}")
+    if not cg.sites:
+        print(NO_ATTENTION)
+    print("\n".join(_table(report)))
+    print(f"latency at batch {report['latency_batch']}; cosine on {report['cosine_on']}")
+    for line in _notes(report):
+        print(line)
+    print(f"verify: {check.status}" + (f"; onnxruntime parity {report['onnx_parity']:.1e}" if "onnx_parity" in report else ""))
+    sec = report["seconds"]
+    print(f"time: analyse {sec['analyse']:.1f}s, score + plan + rewrite {sec['score_plan_rewrite']:.1f}s, "
+          f"verify + recover {sec['verify_and_recover']:.1f}s, total {sec['total']:.1f}s")
+    if files or a.draw:
+        print("wrote " + ", ".join(files + ([a.draw] if a.draw else [])))
+
+
+def _notes(report: dict) -> list[str]:
+    """One line per optional part of the run the report holds (budget, refit, recovery, tokens, blocks)."""
+    out = []
+    if "target_latency" in report:
+        t = report["target_latency"]
+        out.append(f"latency budget: {t['target']} of dense in {t['runtime']}: predicted {t['predicted']:.3f}, "
+                   f"measured {t['measured']:.3f} ({len(t['rounds'])} plan(s) timed)")
+    if "reconstruction" in report:
+        r = report["reconstruction"]
+        out.append(f"reconstruction: {r['layers']} layers refitted on {r['tokens']} tokens, mean relative output "
+                   f"error {r['error_before']:.4f} -> {r['error_after']:.4f}, {r['seconds']:.1f}s")
+    if "recovery" in report:
+        r = report["recovery"]
+        steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
+                                         if r["schedule_steps"] > 1 else "")
+        out.append(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
+    if "tokens" in report:
+        t = report["tokens"]
+        out.append(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")
+    if "removed" in report:
+        g = report["removed"]
+        out.append(f"blocks: {len(g)} branch(es) removed whole: {', '.join(g[:4])}{', ...' if len(g) > 4 else ''}")
+    return out
 
 
