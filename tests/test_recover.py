@@ -187,3 +187,31 @@ def test_schedule_needs_a_flops_target(vit10):
     m, x, _ = vit10
     with pytest.raises(amgfx.AmgfxError, match="needs target_flops"):
         amgfx.prune(m, x, ratios={"mlp": 0.5}, schedule=amgfx.Iterative(steps=2))
+
+
+def test_recovery_is_guarded_by_held_out_data_and_cannot_leave_the_model_worse():
+    """A learning rate that wrecks the model: the guard measures held-out loss, keeps the start, and says so;
+    a sane one keeps a later step that beats the start (issue 44)."""
+    import warnings
+
+    import timm
+
+    import amgfx
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    small = amgfx.prune(m, x, method="magnitude", ratios={"mlp": 0.5, "v": 0.25}, progress=False)
+    data = [torch.randn(4, 3, 32, 32) for _ in range(16)]
+    with pytest.warns(UserWarning, match="did not lower the held-out"):
+        bad = amgfx.recover(small, m, data, steps=10, lr=50.0, clip=0, warmup=0, progress=False)
+    g = bad.meta["amgfx_recovery"]["heldout"]
+    assert g["guarded"] and g["batches"] == 2 and g["kept_step"] == 0 and len(g["checks"]) == 11
+    for (k, a), b in zip(small.state_dict().items(), bad.state_dict().values()):
+        assert torch.equal(a, b), k                         # the model as it came, exactly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = amgfx.recover(small, m, data, steps=10, lr=1e-3, progress=False)
+    g = good.meta["amgfx_recovery"]["heldout"]
+    assert g["kept_step"] > 0 and g["kept"] < g["start"]
+    few = amgfx.recover(small, m, data[:4], steps=2, progress=False).meta["amgfx_recovery"]["heldout"]
+    assert few["guarded"] is False

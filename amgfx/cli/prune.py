@@ -109,6 +109,7 @@ def _recover_after(a, cg, loaded, pruned, recovery, say):
     say(f"recovering: {a.recover_steps} steps of {opts['loss']} distillation on {note} ...")
     out = recover(pruned, cg.gm, data, steps=a.recover_steps, **opts)
     report["seconds"] = out.meta["amgfx_recovery"]["seconds"]
+    report["heldout"] = out.meta["amgfx_recovery"]["heldout"]
     return out, report
 
 
@@ -297,6 +298,11 @@ def _notes(report: dict) -> list[str]:
         steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
                                          if r["schedule_steps"] > 1 else "")
         out.append(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
+        g = r.get("heldout", {})
+        if g.get("guarded"):
+            kept = "the model as it came (no step beat it)" if g["kept_step"] == 0 else f"step {g['kept_step']}"
+            out.append(f"recovery guard: held-out loss {g['start']:.4g} -> {g['kept']:.4g} on {g['batches']} "
+                       f"batches held back, kept {kept}")
     if "tokens" in report:
         t = report["tokens"]
         out.append(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")

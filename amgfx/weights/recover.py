@@ -36,6 +36,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -279,7 +280,7 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
 
 def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = "kd", temperature: float = 2.0,
             alpha: float = 1.0, task_loss=None, weight_decay: float = 0.01, warmup: float = 0.05, clip: float = 1.0,
-            seed: int = 0, inplace: bool = False, progress: bool = True):
+            seed: int = 0, inplace: bool = False, progress: bool = True, heldout="split", check_every: int | None = None):
     """Train ``pruned`` for ``steps`` batches of ``data`` to answer like ``teacher``; returns the trained model.
 
     Args:
@@ -293,9 +294,14 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
         temperature: softening of ``"kd"``. alpha: weight of the distillation loss; the rest
             goes to ``task_loss(outputs, labels)`` (default cross-entropy on the labels).
         weight_decay, warmup (fraction of steps), clip (max gradient norm), seed: as named.
+        heldout: the guard. ``"split"`` (default) holds out every eighth batch of a sequence of at
+            least 8 (fewer: unguarded, and the record says so); a list of batches is used as given;
+            None trains unguarded. Every ``check_every`` steps (default a tenth of them) the
+            distillation loss on the held-out batches is measured; the weights of the best check
+            are returned, and the model as it came when no step beat it (with a warning).
 
-    The result's ``meta["amgfx_recovery"]`` records the settings, the time taken, and the loss
-    of the first and last tenth of the steps.
+    The result's ``meta["amgfx_recovery"]`` records the settings, the time taken, the loss of the
+    first and last tenth of the steps, and the guard's checks (``heldout``).
     """
     from tqdm.auto import tqdm
     _check_loss(loss, temperature, alpha)
@@ -303,6 +309,8 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
         raise AmgfxError(f"steps must be a positive integer, got {steps!r}")
     if not lr > 0:
         raise AmgfxError(f"lr must be > 0, got {lr}")
+    data, held = _split_heldout(data, heldout)
+    every = check_every or max(1, steps // 10)
     student = pruned if inplace else copy.deepcopy(pruned)
     teacher = _graph_of(teacher, student)
     _detach_inference(student)
@@ -317,8 +325,9 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, steps, n_warm))
         _set_mode(student, True)
         batches = _cycle(data, seed)
+        judge = _Guard(student, teacher, held, n_args, lambda s, t, kw: _distil(loss, s, t, temperature, kw))
         bar = tqdm(range(steps), desc="recovering", unit="step", disable=not progress, leave=False)
-        for _ in bar:
+        for step in bar:
             args, kwargs, labels = _parts(next(batches), n_args)
             if not losses:
                 _check_batch(student, args, kwargs)
@@ -338,15 +347,78 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
             if not math.isfinite(losses[-1]):
                 raise AmgfxError(f"recovery diverged at step {len(losses)} (loss {losses[-1]}); lower lr (now {lr})")
             bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+            if (step + 1) % every == 0 or step + 1 == steps:
+                judge.check(step + 1)
     _set_mode(student, False)
+    guard = judge.finish()
     tenth = max(1, steps // 10)
     student.meta = dict(getattr(student, "meta", {}))
     student.meta["amgfx_recovery"] = {
         "steps": steps, "lr": lr, "loss": loss, "temperature": temperature, "alpha": alpha,
         "weight_decay": weight_decay, "warmup": warmup, "clip": clip, "seed": seed,
         "seconds": round(time.perf_counter() - t0, 2),
-        "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth}
+        "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
+        "heldout": guard}
     return student
+
+
+def _split_heldout(data, heldout):
+    """(training batches, held-out batches or None)."""
+    if heldout is None:
+        return data, None
+    if isinstance(heldout, str):
+        if heldout != "split":
+            raise AmgfxError(f'heldout must be "split", a list of batches or None, got {heldout!r}')
+        if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")) or len(data) < 8:
+            return data, None
+        data = list(data)
+        return [b for i, b in enumerate(data) if i % 8 != 7], [b for i, b in enumerate(data) if i % 8 == 7]
+    held = list(heldout)
+    if not held:
+        raise AmgfxError("heldout is an empty list; give batches, \"split\" or None")
+    return data, held
+
+
+class _Guard:
+    """Held-out distillation loss at the start and at each check; keeps the best weights."""
+
+    def __init__(self, student, teacher, held, n_args, loss):
+        self.student, self.teacher, self.held, self.n_args, self.loss = student, teacher, held, n_args, loss
+        self.checks, self.best, self.best_state = [], None, None
+        if held is not None:
+            self.check(0)
+
+    def _measure(self) -> float:
+        _set_mode(self.student, False)
+        total = 0.0
+        with torch.no_grad():
+            for b in self.held:
+                args, kwargs, _ = _parts(b, self.n_args)
+                t = first_output(self.teacher(*args, **kwargs))
+                total += float(self.loss(first_output(self.student(*_own(self.student, args), **kwargs)), t, kwargs))
+        _set_mode(self.student, True)
+        return total / len(self.held)
+
+    def check(self, step: int) -> None:
+        if self.held is None:
+            return
+        value = self._measure()
+        self.checks.append([step, round(value, 6)])
+        if self.best is None or value < self.best[1]:
+            self.best = (step, value)
+            self.best_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+
+    def finish(self) -> dict:
+        if self.held is None:
+            return {"guarded": False, "why": "fewer than 8 batches to hold some out, or heldout=None"}
+        step, value = self.best
+        if step != self.checks[-1][0]:                  # a later step was worse: the best weights come back
+            self.student.load_state_dict(self.best_state)
+        if step == 0:
+            warnings.warn(f"recovery did not lower the held-out distillation loss ({self.checks[0][1]:.4g} at the "
+                          "start); the model is returned as it came. Try a lower lr or more data", stacklevel=3)
+        return {"guarded": True, "batches": len(self.held), "checks": self.checks, "kept_step": step,
+                "start": self.checks[0][1], "kept": round(value, 6)}
 
 
 def _task(task_loss, out, labels) -> torch.Tensor:
