@@ -88,3 +88,19 @@ def test_repeat_verdict_says_by_how_much_the_default_plan_misses_the_goal():
     assert f"- onnxruntime, batch 8: {GOAL + 0.01:.3f}, met" in lines
     assert any("profile_ops.md" in x for x in lines)
     assert not any("profile_ops.md" in x for x in verdict([row(8, "amgfx snp", GOAL)]))
+
+
+def test_llm_real_table_reads_each_row_and_says_when_a_baseline_failed():
+    """benchmarks.llm_real's table: × dense from the best perplexity of a row (after refit where there is one),
+    a failed baseline as a row saying why, not a missing one."""
+    from types import SimpleNamespace
+
+    from benchmarks.llm_real import table
+    b = SimpleNamespace(kv=46080)
+    rows = [{"name": "amgfx taylor", "target": 0.5, "blocks": 0.5, "whole": 0.6, "params": 0.59, "kv": 35328,
+             "ppl": 122.3, "ppl_refit": 61.8, "seconds": 440, "peak_mb": 4971},
+            {"name": "Torch-Pruning", "target": 0.5, "failed": True, "why": "did not finish in 300 s"}]
+    out = table(b, rows, 22.7)
+    assert out[2].startswith("| dense |") and "22.70" in out[2]
+    assert "| 61.82 |" not in out[3] and "| 61.80 | 2.72 |" in out[3]
+    assert "did not finish in 300 s" in out[4]
