@@ -14,12 +14,19 @@ import torch.fx as fx
 from .analysis import analyze as _analysis
 from .analysis.coupling import CouplingGraph
 from .errors import AmgfxError, InternalError, foreign_errors
-from .graph.fx import get_attr, replace_attr
+from .graph.fx import copy_module, get_attr, replace_attr
 from .graph.meta import EXAMPLE, PLAN
-from .passes.oracle import VerifyReport, check
+from .passes.oracle import VerifyReport, check, zeroed
+from .passes.rewrite import checked, rewrite
+from .passes.rewrite import probe as probe_groups
+from .planning.budget import allocate, select_tokens
 from .planning.options import DEFAULT_KINDS, DEFAULT_RATIOS, KINDS, check_options
 from .planning.plan import Plan, fingerprint
+from .scoring.calibrate import calibrate
 from .scoring.criteria import resolve_method, token_scores
+from .weights.qk import qk_scales, scale_rows
+from .weights.reconstruct import attach_bias, refit_layers
+from .weights.recover import Iterative, iterative_config, recover
 
 __all__ = ["score", "plan_for", "apply", "prune", "reconstruct", "verify", "Scores", "DEFAULT_RATIOS", "DEFAULT_KINDS"]
 
@@ -50,10 +57,9 @@ def analyze(model_or_gm, example_inputs=None, example_kwargs: dict | None = None
         >>> sorted({g.kind for g in cg.groups}), cg.refused
         (['head', 'mlp', 'qk', 'residual', 'v'], {})
     """
-    from .passes.rewrite import probe as _probe
     cg = _analysis.analyze(model_or_gm, example_inputs, example_kwargs, strict=strict)
     if probe:
-        _probe(cg)
+        probe_groups(cg)
     return cg
 
 
@@ -89,7 +95,6 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
         >>> sorted(s.units), s.criteria["head"]
         (['head:blocks.0.attn', 'mlp:blocks.0.mlp', 'qk:blocks.0.attn', 'v:blocks.0.attn'], 'AMG(depth_factor=0.02)')
     """
-    from .scoring.calibrate import calibrate
     by_kind = resolve_method(method)
     unknown = set(kinds) - set(KINDS) - {"tokens"}
     if unknown:
@@ -198,7 +203,6 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, method="s
         >>> plan.meta["flops"]["planned"] <= 0.6 * plan.meta["flops"]["dense"]
         True
     """
-    from .planning.budget import allocate, select_tokens
     check_options(method, target_flops, ratios, target_latency, tokens=tokens, kinds=kinds, runtime=runtime)
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
     if target_latency is not None or target_flops is not None:
@@ -253,7 +257,6 @@ def apply(model_or_gm, plan: Plan, example_inputs=None, example_kwargs=None, *, 
         >>> tuple(small.get_parameter("blocks.0.mlp.fc1.weight").shape), tuple(small(x).shape)
         ((100, 192), (1, 1000))
     """
-    from .passes.rewrite import checked, rewrite
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
     out = checked(cg, plan) if check else rewrite(cg, plan)
     _unshare(out, cg.gm)
@@ -358,11 +361,6 @@ def reconstruct(pruned: fx.GraphModule, dense, calib=None, *, qk: bool = False, 
     """
     import copy as _copy
 
-    from .graph.fx import copy_module
-    from .passes.oracle import zeroed
-    from .passes.rewrite import rewrite
-    from .weights.qk import qk_scales, scale_rows
-    from .weights.reconstruct import attach_bias, refit_layers
     plan = pruned.meta.get(PLAN)
     if plan is None:
         raise AmgfxError("reconstruct() needs a model pruned by amgfx (its plan is in meta['amgfx_plan'])")
@@ -449,7 +447,6 @@ def _iterate(cg0: CouplingGraph, schedule, target: float, reconstruct: bool | No
              **plan_options) -> fx.GraphModule:
     """Prune toward ``target`` in ``schedule.steps`` steps, each reconstructed (as :func:`prune` would)
     against the model it was pruned from and then recovered; compose the plans."""
-    from .weights.recover import Iterative, iterative_config, recover
     if not isinstance(schedule, Iterative):
         raise AmgfxError(f"schedule must be an amgfx.Iterative, got {type(schedule).__name__}")
     data = schedule.data if schedule.data is not None else plan_options.get("calib")

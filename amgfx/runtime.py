@@ -22,7 +22,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import AmgfxError, foreign_errors
+from .graph.capture import _batch_spec, _quiet_torch_logs
+from .graph.fx import copy_module
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
+from .passes.lower_attention import is_lowered, unlower
 from .planning.options import RUNTIMES
 
 __all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runner", "interleaved", "paired", "RUNTIMES"]
@@ -30,7 +33,6 @@ __all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runne
 
 def export_program(gm: fx.GraphModule):
     """torch.export of a pruned GraphModule at its example inputs, batch dynamic when captured so."""
-    from .graph.capture import _batch_spec
     args, kwargs = gm.meta[EXAMPLE]
     spec = _batch_spec(gm, args, kwargs) if gm.meta.get(DYNAMIC_BATCH) else None
     if spec is not None:
@@ -43,8 +45,6 @@ def _for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
     """The graph to hand the ONNX exporter: without the q/k (or v) zero-padding ``lower_attention``
     adds for PyTorch's CPU flash kernel (``lowering="auto"``). onnxruntime's Attention takes unequal
     head dims, and ran 4-5% faster without the padding on MiniLM and DeiT-S at 50% FLOPs, batch 8."""
-    from .graph.fx import copy_module
-    from .passes.lower_attention import is_lowered, unlower
     plan = gm.meta.get(PLAN)
     if not is_lowered(gm) or plan is None or plan.options.get("lowering", "auto") != "auto":
         return gm
@@ -78,7 +78,6 @@ def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
     import io
     import warnings
 
-    from .graph.capture import _quiet_torch_logs
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_torch_logs():
         warnings.simplefilter("ignore")       # the exporter reports every optimisation step it tries
         with foreign_errors(AmgfxError, "ONNX export"):

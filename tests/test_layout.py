@@ -154,3 +154,25 @@ def test_the_readme_is_one_screen():
     """What it is, the two commands, the main job, one picture, a Python example, links: depth lives in docs/."""
     n = sum(1 for _ in open(os.path.join(ROOT, "README.md")))
     assert n <= 150, f"README.md has {n} lines; move depth to docs/"
+
+
+def test_no_function_imports_amgfx_inside_unless_a_comment_says_why():
+    """Imports sit at the top, where the reader sees a module's dependencies; one inside a function (start-up
+    time, matplotlib on demand, a call back into api) carries its reason on its block's line (issue 45)."""
+    bad = []
+    for m, p in MODULES.items():
+        src = open(p).read().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(src))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for n in ast.walk(fn):
+                ours = (isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("amgfx"))) or \
+                       (isinstance(n, ast.Import) and any(a.name.startswith("amgfx") for a in n.names))
+                if not ours:
+                    continue
+                i = n.lineno - 1                          # this line, or one above it in the same import block
+                while i >= 0 and src[i].strip().startswith(("from ", "import ")) and "#" not in src[i]:
+                    i -= 1
+                if i < 0 or not src[i].strip().startswith(("from ", "import ")):
+                    bad.append(f"{p}:{n.lineno}: {src[n.lineno - 1].strip()}")
+    assert not bad, "\n".join(bad)

@@ -14,7 +14,7 @@ def err(msg: str, code: int = 2) -> int:
 
 def load_model(a):
     """Load ``a.model`` (see amgfx.models): a Loaded, or an exit code after a one-line error."""
-    from .. import models
+    from .. import models  # each command needs a different part: loaded on use
     try:
         with foreign_errors(ModelSpecError, f"loading {a.model!r}"):     # a broken factory file, a malformed config
             return models.load(a.model, img_size=getattr(a, "img_size", None))
@@ -24,7 +24,7 @@ def load_model(a):
 
 def loaded_model(a):
     """:func:`load_model`, with a junk tokenizer for ``--calib text`` refused before the weights load."""
-    from .. import data, models
+    from .. import data, models  # each command needs a different part: loaded on use
     where = models.hf_dir_of(a.model)
     if getattr(a, "calib", None) == "text" and where:
         try:
@@ -38,7 +38,7 @@ def analysed(a, prepare=None, loaded=None):
     """Load (unless ``loaded`` is given) and analyse ``a.model``: (loaded, coupling graph, seconds) or an
     exit code. ``prepare(loaded)`` may replace the example inputs before capture (and return an exit code).
     """
-    from ..api import analyze
+    from ..api import analyze  # each command needs a different part: loaded on use
     t0 = time.perf_counter()
     loaded = loaded_model(a) if loaded is None else loaded
     if isinstance(loaded, int):
@@ -59,7 +59,7 @@ def inputs_at(gm, loaded, batch: int):
     import torch
     import torch.utils._pytree as pytree
 
-    from ..files import example_inputs
+    from ..files import example_inputs  # each command needs a different part: loaded on use
     if "amgfx_program" in gm.meta:
         return example_inputs(gm, batch=batch, seed=batch)
     grow = lambda t: t[:1].repeat(batch, *[1] * (t.dim() - 1)) if t.dim() else t
@@ -76,7 +76,7 @@ def calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: in
 
     import torch
 
-    from .. import data, models
+    from .. import data, models  # each command needs a different part: loaded on use
     source = source or a.calib
     n, bs = a.calib_samples if n == -1 else n, bs or a.batch_size
     if source == "example":
@@ -115,7 +115,7 @@ def calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: in
 
 def graph_of(loaded):
     """The GraphModule to export: a saved program as it is, anything else captured."""
-    from ..graph.capture import capture
+    from ..graph.capture import capture  # each command needs a different part: loaded on use
     m = loaded.model
     return m if "amgfx_program" in getattr(m, "meta", {}) else capture(m, loaded.args, loaded.kwargs)
 
@@ -124,7 +124,7 @@ def ort_runner(path, args, kwargs):
     """A zero-argument call of an onnxruntime session on the torch inputs (flattened in order)."""
     import torch.utils._pytree as pytree
 
-    from ..runtime import ort_session
+    from ..runtime import ort_session  # each command needs a different part: loaded on use
     sess = ort_session(path, spinning=False)       # idle ORT threads must not spin during torch's turn
     feed = dict(zip([i.name for i in sess.get_inputs()],
                     [t.numpy() for t in pytree.tree_leaves((args, kwargs)) if hasattr(t, "numpy")]))
@@ -135,7 +135,7 @@ def heldout(a, loaded, n: int = 32):
     """Data the calibration never saw, as (args, kwargs) batches of 8, or None (then: the example)."""
     import torch
 
-    from .. import data, models
+    from .. import data, models  # each command needs a different part: loaded on use
     if a.calib == "text":
         enc = models.tokenize(loaded.path, data.text("eval", n), a.seq_len)
         return [((), {k: v[i:i + 8] for k, v in enc.items()}) for i in range(0, n, 8)], f"{n} held-out paragraphs"

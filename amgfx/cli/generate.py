@@ -5,14 +5,20 @@ import json
 import os
 import time
 
+import amgfx
+
+from .. import data, files
+from ..decode import decoder, generate, lm
+from ..decode.lm import decode, encode
 from ..errors import AmgfxError
+from ..files import save
+from ..runtime import export_onnx
 from ._common import err
 
 
 def _tokenizer(spec):
     """(encode, decode, name) for ``"bytes"`` or a Hugging Face directory."""
     if spec in (None, "bytes"):
-        from ..decode.lm import decode, encode
         return encode, decode, "bytes"
     import transformers as tf
     try:
@@ -24,8 +30,6 @@ def _tokenizer(spec):
 
 def _source(a):
     """(dense Decoder or None, saved Decoder or None, tokenizer spec, description)."""
-    from .. import files
-    from ..decode import lm
     if a.model == lm.NAME:
         model = lm.bench_lm(progress=not a.quiet)
         return model, None, "bytes", f"{lm.NAME}: byte-level LLaMA ({sum(p.numel() for p in model.parameters()):,} " \
@@ -56,8 +60,6 @@ def _source(a):
 def _calib(enc_name, encode, prompt_len, n, batch):
     import torch
 
-    from .. import data
-    from ..decode import lm
     if enc_name == "bytes":
         w = lm.windows("train", prompt_len, n, stride=997)
     else:
@@ -68,7 +70,6 @@ def _calib(enc_name, encode, prompt_len, n, batch):
 
 
 def _run(dec, rows, a):
-    from ..decode import generate
     t0 = time.perf_counter()
     out = generate(dec, rows, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                    top_k=a.top_k, seed=a.seed)
@@ -76,9 +77,6 @@ def _run(dec, rows, a):
 
 
 def cmd_generate(a) -> int:
-    from ..decode import decoder
-    from ..files import save
-    from ..runtime import export_onnx
     if a.ort and (a.target_flops or a.ratios):
         return err("--ort runs a saved decoder's ONNX files; prune without it, with --out DIR --onnx")
     try:
@@ -98,7 +96,6 @@ def cmd_generate(a) -> int:
         else:
             runs["dense"] = dense
         if a.target_flops or a.ratios:
-            import amgfx
             calib = _calib(tok_name, encode, dense.prompt_len, a.calib_samples, dense.batch)
             small = amgfx.prune(dense, method=a.method, target_flops=a.target_flops, ratios=a.ratios, calib=calib,
                                 reconstruct=not a.no_reconstruct, progress=not a.quiet)

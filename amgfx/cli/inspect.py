@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
+from ..analysis.branches import branches
 from ..analysis.tokens import token_sites
+from ..api import score
 from ..errors import AmgfxError
 from ..graph.liveness import live_queries
 from ..graph.meta import EXAMPLE
@@ -59,7 +61,7 @@ def cmd_inspect(a) -> int:
             print(f"\nwrote {fmt} to {a.out}")
     say = (lambda *x: None) if (a.quiet or a.json) else print
     if a.draw:
-        from ..draw import draw_block, draw_plan
+        from ..draw import draw_block, draw_plan    # matplotlib loads only when a picture is asked for
         try:
             if plan is not None:
                 d = draw_plan(cg, plan, a.draw, title=f"{a.model}: {a.plan}")
@@ -69,12 +71,11 @@ def cmd_inspect(a) -> int:
         except (OSError, ValueError) as e:
             return err(f"cannot draw to {a.draw}: {e}")
     if a.draw_scores:
-        from ..api import score
-        from ..draw import draw_scores
         batches = calib["batches"]
         if batches is None:
             args, kwargs = cg.gm.meta[EXAMPLE]
             batches = [kwargs if kwargs and not args else args]
+        from ..draw import draw_scores              # matplotlib loads only when a picture is asked for
         try:
             s = score(cg, a.method, batches, kinds=("qk", "v", "head", "mlp", "tokens"), progress=not a.quiet)
             d = draw_scores(cg, s, a.draw_scores, site=a.block or 0, plan=plan)
@@ -105,7 +106,6 @@ def token_report(cg) -> dict:
 
 def block_report(cg) -> dict:
     """Which attention and MLP branches a plan may remove whole (``prune --remove-blocks``), and why not."""
-    from ..analysis.branches import branches
     b = branches(cg)
     return {"removable": sorted(n for n, x in b.items() if x.removable),
             "kept": {n: x.reason for n, x in sorted(b.items()) if not x.removable}}

@@ -14,7 +14,13 @@ import resource
 import sys
 import time
 
+from .. import data, models
+from ..api import prune
+from ..decode import decoder, generate
 from ..errors import AmgfxError
+from ..files import save
+from ..planning.plan import Plan
+from ..runtime import export_onnx
 from ._common import err
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
@@ -26,7 +32,6 @@ def _peak_mb() -> float:
 
 
 def _windows(encode, split: str, seq: int, n: int, batch: int):
-    from .. import data
     w = data.token_windows(encode, split, seq)
     n = min(n, len(w)) // batch * batch
     if n == 0:
@@ -35,7 +40,6 @@ def _windows(encode, split: str, seq: int, n: int, batch: int):
 
 
 def _generate(dec, tok, max_new: int = 32) -> list[str]:
-    from ..decode import generate
     rows = [tok(p, add_special_tokens=False)["input_ids"][-dec.prompt_len:] for p in PROMPTS]
     out = generate(dec, rows, max_new_tokens=min(max_new, dec.max_len - dec.prompt_len + 1), eos_token_id=None)
     return [tok.decode(r) for r in out]
@@ -81,11 +85,6 @@ def _print(r: dict) -> None:
 
 def cmd_prune_lm(a, loaded, t_load: float) -> int:
     """The LM route of ``amgfx prune`` (``loaded`` is the causal LM, already loaded)."""
-    from .. import models
-    from ..api import prune
-    from ..decode import decoder
-    from ..files import save
-    from ..runtime import export_onnx
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     if a.calib not in ("text", "example"):
         return err(f"--calib {a.calib}: a causal LM calibrates on text (--calib text)")
@@ -143,5 +142,4 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
 
 
 def _plan(a):
-    from ..planning.plan import Plan
     return Plan.load(a.plan) if a.plan else None

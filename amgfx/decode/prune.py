@@ -49,7 +49,7 @@ def lm_loss(outputs, batch) -> torch.Tensor:
 def capture_decoder(dec, *, seed: int = 0):
     """Analyze both graphs (``(prefill cg, decode cg)``), each at a random prompt; the decode step's example
     cache holds that prompt's history, so the oracle compares real cache contents, not zeros."""
-    from ..api import analyze
+    from ..api import analyze  # decode calls back into api's prune sequence (issue 45)
     from ..graph.capture import capture
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, dec.vocab_size, (dec.batch, dec.prompt_len), generator=g)
@@ -71,7 +71,7 @@ def prune_decoder(dec, *, method="snp", target_flops=None, ratios=None, calib=No
     ``calib`` is a list of ``[batch, prompt_len]`` token-id tensors (or ``(ids, key_mask)`` pairs, left-padded).
     Gradient criteria calibrate on :func:`lm_loss` (next-token cross-entropy) unless ``loss_fn`` says otherwise.
     """
-    from ..api import apply, plan_for
+    from ..api import apply, plan_for  # decode calls back into api's prune sequence (issue 45)
     from ..api import reconstruct as refit
     if dec.plan is not None or isinstance(dec.prefill, torch.fx.GraphModule):
         raise AmgfxError("this Decoder is already pruned; prune the dense one (amgfx.decoder(lm, ...)) again")

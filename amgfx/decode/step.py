@@ -141,13 +141,13 @@ class Decoder:
 
     def amgfx_prune(self, **options) -> "Decoder":
         """What :func:`amgfx.prune` calls for a Decoder (see :func:`amgfx.decode.prune.prune_decoder`)."""
-        from .prune import prune_decoder
+        from .prune import prune_decoder  # prune calls back into api (issue 45: a capture kind)
         return prune_decoder(self, **options)
 
     def perplexity(self, windows: torch.Tensor) -> float:
         """exp of the mean next-token cross-entropy over ``[n, prompt_len]`` token windows (every token real),
         run through the prefill ``batch`` rows at a time (a remainder of fewer rows is left out)."""
-        from .lm import perplexity
+        from .lm import perplexity  # the byte LM's module, only when perplexity is asked
         if windows.dim() != 2 or windows.shape[1] != self.prompt_len or len(windows) < self.batch:
             raise ModelSpecError(f"perplexity takes [n >= {self.batch}, {self.prompt_len}] token windows, got "
                                  f"{list(windows.shape)}")

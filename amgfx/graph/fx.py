@@ -10,7 +10,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import RewriteError
 from .indexprop import fetch_attr as get_attr
-from .meta import DIMS, EXAMPLE
+from .meta import DIMS, EXAMPLE, STATE
 from .ops import FUSED_ATTENTION, sdpa_args
 
 aten = torch.ops.aten
@@ -59,7 +59,6 @@ def state_inputs(gm: fx.GraphModule, flat: list) -> list:
     """Flat inputs at the dense model's shapes, with every state input (a KV cache) the pruned ``gm``
     reads smaller (``gm.meta[STATE]``) cut to its kept elements: how data made for the dense model (a
     reconstruction's calibration, a recovery's batches) feeds the pruned one. Other inputs pass as they are."""
-    from .meta import STATE
     masks = (gm.meta.get(STATE) or {}).get("inputs")
     if not masks:
         return list(flat)

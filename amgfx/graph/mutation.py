@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import CaptureError
+from .fx import replace_attr
 from .indexprop import fetch_attr
 
 __all__ = ["written_attrs", "own_written_state", "refuse_stateful_outputs"]
@@ -57,7 +58,6 @@ def written_attrs(gm: fx.GraphModule) -> list[str]:
 
 def own_written_state(gm: fx.GraphModule) -> list[str]:
     """Give ``gm`` its own copy of every tensor it writes, so running it never touches the user's model."""
-    from .fx import replace_attr
     names = written_attrs(gm)
     for fqn in names:
         t = fetch_attr(gm, fqn)

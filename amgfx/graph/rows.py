@@ -29,6 +29,8 @@ import torch.fx as fx
 from ..errors import RewriteError
 from .fx import call, constant, dims_of, eliminate_dead_code, size_args
 from .indexprop import activation_taint, propagate, seed, shape, trace_back
+from .liveness import frontier
+from .masks import propagate_masks
 from .meta import DIMS, FOLD, FOLD_NAME, TOKEN_ROWS
 from .ops import LAYERS, sdpa_args
 
@@ -278,8 +280,6 @@ def insert_live_gathers(gm: fx.GraphModule, params: dict) -> dict:
     Where the narrowing cannot flow through everything downstream (checked with the keep masks of
     ``params``), the gathers are taken out again. Returns what was done, for ``gm.meta[DEAD_TOKENS]``.
     """
-    from .liveness import frontier
-    from .masks import propagate_masks
     cut = frontier(gm)
     added = [gather_rows(gm, n.args[0], n, 1, live, f"live_{n.name}") for n, live in cut]
     try:

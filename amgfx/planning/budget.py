@@ -34,7 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..analysis.branches import branches
+from ..analysis.tokens import token_sites
 from .cost import predict
+from .latency import OpTimes, predict_ms
 from ..errors import AmgfxError
 from .plan import Plan, fingerprint
 from .regions import RegionCost, block_flops
@@ -146,7 +149,6 @@ def select_tokens(cg, scores: dict, fraction: float, *, min_keep: float = 0.1, p
         >>> select_tokens(cg, {"blocks.0.attn": np.array([.1, .3, .15, .3, .15]), "blocks.1.attn": np.ones(5) / 5}, 0.2)
         {'blocks.0.attn': [0, 1, 3]}
     """
-    from ..analysis.tokens import token_sites
     if not 0.0 <= float(fraction) < 1.0:
         raise AmgfxError(f"tokens must be a fraction of key positions in [0, 1), got {fraction}")
     sites = {name: t for name, t in token_sites(cg).items() if t.prunable and name in scores
@@ -263,7 +265,6 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     if target_latency is None:
         cost = lambda p: predict(cg, p)["flops"]
     else:
-        from .latency import OpTimes, predict_ms
         times = times if times is not None else OpTimes()
         cost = lambda p: predict_ms(cg, p, times)
     dense = cost(base)["dense"]
@@ -278,7 +279,6 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     ladders = []
     removable, kind_mean = set(), {}
     if blocks:
-        from ..analysis.branches import branches
         removable = {n for n, b in branches(cg).items() if b.removable}
         for kind in ("head", "mlp"):     # a whole branch is weighed against its kind everywhere (a weak layer)
             got = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == kind]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..analysis.tokens import token_sites
-from .cost import predict
+from .cost import predict, row_graph
 
 __all__ = ["Layer", "PlanLayers", "KINDS", "by_layer", "layers"]
 
@@ -140,7 +140,6 @@ def _pruned_order(cg, plan, order: dict) -> dict:
     """Graph position, in the captured graph's numbering, of every node of the graph FLOPs were
     predicted on: an inserted node takes the position of the next original node (a split projection
     stands where the fused one stood, before its users)."""
-    from .cost import row_graph
     gm = row_graph(cg, plan.resolve(cg))
     out, nxt = {}, len(order)
     for n in reversed(list(gm.graph.nodes)):

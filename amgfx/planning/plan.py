@@ -140,7 +140,7 @@ class Plan:
 
     def _check_removal(self, cg, g) -> None:
         """An empty ``keep`` removes a branch whole: only for heads and MLPs, and where it can go."""
-        from ..analysis.branches import branches
+        from ..analysis.branches import branches  # the passes' contract: analysis loads only to resolve
         if g.kind in ("qk", "v"):
             raise PlanError(f"group {g.name!r}: the plan keeps no unit; to remove the attention branch, keep no "
                             f"head (\"head:{g.where}\": [])")
@@ -153,7 +153,7 @@ class Plan:
 
     def removed_branches(self, cg) -> dict:
         """Group name -> :class:`~amgfx.analysis.branches.Branch` of every branch the plan removes whole."""
-        from ..analysis.branches import branches
+        from ..analysis.branches import branches  # the passes' contract: analysis loads only to resolve
         return {n: branches(cg)[n] for n, k in self.keep.items() if len(k) == 0 and n in branches(cg)}
 
     def _gone(self, cg) -> set:
@@ -269,7 +269,7 @@ class Plan:
 
     def _resolve_dead(self, cg) -> dict:
         """Attention sites whose queries reach the outputs at some positions only (dead-token elimination)."""
-        from ..graph.liveness import live_queries
+        from ..graph.liveness import live_queries  # the passes' contract: analysis loads only to resolve
         if self.options.get("dead_tokens", "auto") == "off":
             return {}
         sites = {s.node: s for s in cg.sites}
@@ -279,7 +279,7 @@ class Plan:
 
     def _resolve_tokens(self, cg) -> dict:
         """Kept key positions per attention node, checked against what each site allows."""
-        from ..analysis.tokens import token_sites
+        from ..analysis.tokens import token_sites  # the passes' contract: analysis loads only to resolve
         sites = {s.name: s for s in cg.sites}
         out = {}
         for name, kept in self.tokens.items():

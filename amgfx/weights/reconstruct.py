@@ -48,9 +48,11 @@ import torch.fx as fx
 
 from ..analysis.records import make_layer
 from ..errors import AmgfxError
-from ..graph.fx import get_attr, replace_attr, state_inputs
+from ..graph.branches import ADDS
+from ..graph.fx import copy_module, get_attr, replace_attr, set_attr, state_inputs
 from ..graph.indexprop import is_layer, layer_input, shape
 from ..graph.ops import IDENTITY, IGNORED_USERS, LAYERS, LINEAR_LAYERS, VIEWS
+from ..scoring.calibrate import batch_chunks
 
 __all__ = ["LayerFit", "refit_layers", "attach_bias", "chunks", "skip_add", "DAMPS"]
 
@@ -154,7 +156,6 @@ class _Cursor(fx.Interpreter):
 def skip_add(gm: fx.GraphModule, node: str) -> tuple | None:
     """``(add node, skip node)`` when layer ``node``'s output reaches a residual ``add`` through
     reshapes and identities only (so its rows are the add's rows, in order), else None."""
-    from ..graph.branches import ADDS
     n = next(x for x in gm.graph.nodes if x.name == node)
     width = n.meta["val"].shape[-1]
     while True:
@@ -178,7 +179,6 @@ def chunks(gm: fx.GraphModule, calib):
     captured with (the captured shapes are static unless the batch dim stayed symbolic)."""
     from torch.fx._pytree import tree_flatten_spec
 
-    from ..scoring.calibrate import batch_chunks
     info = getattr(gm.graph._codegen, "pytree_info", None)
     for _, pieces in batch_chunks(gm, calib):
         for a, k, _ in pieces:
@@ -260,7 +260,6 @@ def attach_bias(gm: fx.GraphModule, weight: str, bias: str) -> None:
     """Give the one layer of ``gm`` that reads ``weight`` a zero parameter ``bias`` as its bias (its output
     is unchanged until a fit writes it). The only graph edit reconstruction makes: FLAP's compensation
     of the removed channels' mean needs a bias, and LLaMA's projections have none."""
-    from ..graph.fx import set_attr
     node = next(n for n in gm.graph.nodes if is_layer(n) and make_layer(gm, n).weight == weight)
     spec = LAYERS[node.target]
     w = get_attr(gm, weight)
@@ -454,7 +453,6 @@ def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, ca
     """
     from tqdm.auto import tqdm
 
-    from ..graph.fx import copy_module
     todo = targets(dense, params, add_bias)
     for t in todo:
         if t.new_bias:
