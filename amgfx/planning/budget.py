@@ -261,6 +261,10 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     what, target = ("target_flops", target_flops) if target_latency is None else ("target_latency", target_latency)
     if not 0.0 < float(target) <= 1.0:
         raise AmgfxError(f"{what} must be in (0, 1], got {target}")
+    if scope not in ("model", "blocks") or (scope == "blocks" and target_latency is not None):
+        raise AmgfxError(f'scope must be "model" or "blocks" (with target_flops), got {scope!r}')
+    if normalize not in ("group", "none"):
+        raise AmgfxError(f'normalize must be "group" or "none", got {normalize!r}')
     base = base or Plan(meta={}, model={"fingerprint": fingerprint(cg.gm)})
     if target_latency is None:
         cost = lambda p: predict(cg, p)["flops"]
@@ -268,23 +272,55 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
         times = times if times is not None else OpTimes()
         cost = lambda p: predict_ms(cg, p, times)
     dense = cost(base)["dense"]
-    if scope not in ("model", "blocks") or (scope == "blocks" and target_latency is not None):
-        raise AmgfxError(f'scope must be "model" or "blocks" (with target_flops), got {scope!r}')
     inside = block_flops(cg) if scope == "blocks" else dense
     goal = dense - (1.0 - float(target)) * inside      # the FLOPs outside the scope stay as they are
     protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))
-    groups = [g for g in cg.groups if g.name in scores and not protected(g)]
+    ladders = _ladders(cg, scores, [g for g in cg.groups if g.name in scores and not protected(g)], min_keep,
+                       round_to, normalize, blocks)
+    if not ladders:                             # a valid answer: the model as it is, said out loud
+        return _as_it_is(cg, base, what, target, dense, target_latency is not None)
+    fast = RegionCost.build(cg, [lad.group for lad in ladders], base) if target_latency is None else None
+    plan_at, n = _walk(cg, ladders, base, same_head_dim)
+    whole_count = lambda p: cost(p)["pruned"]
+    # a branch removed whole takes nodes outside its region with it (its norm, the residual add): whole graph
+    counted = (lambda p: whole_count(p) if any(len(k) == 0 for k in p.keep.values()) else fast.flops(p))
+    lo, spent = _bisect(plan_at, n, goal, counted if fast is not None else whole_count)
+    if spent(lo) > goal:
+        raise AmgfxError(f"{what}={target} cannot be reached: with min_keep={min_keep}, "
+                         f"round_to={round_to} and the protected places, the smallest plan keeps {spent(lo) / dense:.1%} "
+                         f"of the {'FLOPs' if target_latency is None else 'predicted time'}; lower min_keep, "
+                         "protect less, or allow more kinds")
+    plan = plan_at(lo)
+    flops = predict(cg, plan)["flops"]
+    if fast is not None and flops["pruned"] != spent(lo):     # never seen; the whole-graph count decides
+        warnings.warn(f"the region FLOPs count ({spent(lo)}) differs from the whole graph's ({flops['pruned']}); "
+                      "planning again on the whole graph (slower). Please report the model", stacklevel=3)
+        lo, spent = _bisect(plan_at, n, goal, whole_count)
+        plan = plan_at(lo)
+        flops = predict(cg, plan)["flops"]
+    plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
+                      "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
+                      "removed": sorted(plan.removed_branches(cg)), "scope": scope,
+                      "flops": {"dense": flops["dense"], "planned": flops["pruned"]}})
+    if scope == "blocks":
+        plan.meta["flops"]["blocks"] = {"dense": inside, "planned": inside - (flops["dense"] - flops["pruned"])}
+    if target_latency is not None:
+        plan.meta["latency"] = {"dense_ms": round(dense, 4), "planned_ms": round(spent(lo), 4)}
+    return plan
+
+
+def _ladders(cg, scores: dict, groups: list, min_keep: float, round_to, normalize: str, blocks: bool) -> list:
+    """One removal ladder per group that can give anything (see :func:`_ladder`), ranked as ``normalize`` says;
+    with ``blocks``, removable branches may go whole, weighed against their kind's mean everywhere."""
     head_scores = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == "head"]
     head_norm = float(np.mean(np.concatenate(head_scores))) if head_scores else 1.0
-    ladders = []
     removable, kind_mean = set(), {}
     if blocks:
         removable = {n for n, b in branches(cg).items() if b.removable}
         for kind in ("head", "mlp"):     # a whole branch is weighed against its kind everywhere (a weak layer)
             got = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == kind]
             kind_mean[kind] = float(np.mean(np.concatenate(got))) if got else 1.0
-    if normalize not in ("group", "none"):
-        raise AmgfxError(f'normalize must be "group" or "none", got {normalize!r}')
+    ladders = []
     for g in groups:
         s = np.asarray(scores[g.name], dtype=float)
         norm = 1.0 if normalize == "none" else head_norm if g.kind == "head" else float(s.mean())
@@ -292,22 +328,24 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
                       whole=kind_mean[g.kind] if g.name in removable else None)
         if lad is not None:
             ladders.append(lad)
-    if not ladders:                             # a valid answer: the model as it is, said out loud
-        warnings.warn("nothing to prune: every group is protected, unscored or at its minimum (see "
-                      "`amgfx inspect` for what was found and why groups were left whole); the plan keeps "
-                      "the model as it is", stacklevel=3)
-        flops = predict(cg, base)["flops"]["dense"]
-        base.meta.update({what: float(target), "flops": {"dense": flops, "planned": flops}})
-        if target_latency is not None:
-            base.meta["latency"] = {"dense_ms": dense, "planned_ms": dense}
-        return base
+    return ladders
 
-    fast = RegionCost.build(cg, [lad.group for lad in ladders], base) if target_latency is None else None
-    steps = [(lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps)]
-    steps.sort()
 
+def _as_it_is(cg, base: Plan, what: str, target: float, dense: float, latency: bool) -> Plan:
+    warnings.warn("nothing to prune: every group is protected, unscored or at its minimum (see "
+                  "`amgfx inspect` for what was found and why groups were left whole); the plan keeps "
+                  "the model as it is", stacklevel=4)
+    flops = predict(cg, base)["flops"]["dense"]
+    base.meta.update({what: float(target), "flops": {"dense": flops, "planned": flops}})
+    if latency:
+        base.meta["latency"] = {"dense_ms": dense, "planned_ms": dense}
+    return base
+
+
+def _walk(cg, ladders: list, base: Plan, same_head_dim: bool):
+    """(plan_at, n): ``plan_at(m)`` is the plan of the ``m`` lowest-ranked steps of all ladders, of ``n``."""
+    steps = sorted((lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps))
     pairs = _head_pairs(cg) if same_head_dim else []
-
     whole = {lad.group.name: lad.max_steps for lad in ladders if lad.whole}
 
     def plan_at(m: int) -> Plan:
@@ -321,29 +359,4 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
             counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
         return _plan(ladders, counts, base)
 
-    whole_count = lambda p: cost(p)["pruned"]
-    # a branch removed whole takes nodes outside its region with it (its norm, the residual add): whole graph
-    counted = (lambda p: whole_count(p) if any(len(k) == 0 for k in p.keep.values()) else fast.flops(p))
-    lo, spent = _bisect(plan_at, len(steps), goal, counted if fast is not None else whole_count)
-    if spent(lo) > goal:
-        raise AmgfxError(f"{what}={target} cannot be reached: with min_keep={min_keep}, "
-                         f"round_to={round_to} and the protected places, the smallest plan keeps {spent(lo) / dense:.1%} "
-                         f"of the {'FLOPs' if target_latency is None else 'predicted time'}; lower min_keep, "
-                         "protect less, or allow more kinds")
-    plan = plan_at(lo)
-    flops = predict(cg, plan)["flops"]
-    if fast is not None and flops["pruned"] != spent(lo):     # never seen; the whole-graph count decides
-        warnings.warn(f"the region FLOPs count ({spent(lo)}) differs from the whole graph's ({flops['pruned']}); "
-                      "planning again on the whole graph (slower). Please report the model", stacklevel=3)
-        lo, spent = _bisect(plan_at, len(steps), goal, whole_count)
-        plan = plan_at(lo)
-        flops = predict(cg, plan)["flops"]
-    plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
-                      "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
-                      "removed": sorted(plan.removed_branches(cg)), "scope": scope,
-                      "flops": {"dense": flops["dense"], "planned": flops["pruned"]}})
-    if scope == "blocks":
-        plan.meta["flops"]["blocks"] = {"dense": inside, "planned": inside - (flops["dense"] - flops["pruned"])}
-    if target_latency is not None:
-        plan.meta["latency"] = {"dense_ms": round(dense, 4), "planned_ms": round(spent(lo), 4)}
-    return plan
+    return plan_at, len(steps)
