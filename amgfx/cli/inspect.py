@@ -15,6 +15,7 @@ from ._common import analysed, calibration, err
 
 
 def cmd_inspect(a) -> int:
+    """``amgfx inspect``: analyse, print (or write) the structure and coupling, draw what is asked."""
     calib = {}
 
     def prepare(loaded):
@@ -61,29 +62,41 @@ def cmd_inspect(a) -> int:
             print(f"\nwrote {fmt} to {a.out}")
     say = (lambda *x: None) if (a.quiet or a.json) else print
     if a.draw:
-        from ..draw import draw_block, draw_plan    # matplotlib loads only when a picture is asked for
-        try:
-            if plan is not None:
-                d = draw_plan(cg, plan, a.draw, title=f"{a.model}: {a.plan}")
-                say(f"drew the plan over {len(d['layers'])} layers to {a.draw}")
-            else:
-                say(f"drew {draw_block(cg, a.draw, a.block)} to {a.draw}")
-        except (OSError, ValueError) as e:
-            return err(f"cannot draw to {a.draw}: {e}")
-    if a.draw_scores:
-        batches = calib["batches"]
-        if batches is None:
-            args, kwargs = cg.gm.meta[EXAMPLE]
-            batches = [kwargs if kwargs and not args else args]
-        from ..draw import draw_scores              # matplotlib loads only when a picture is asked for
-        try:
-            s = score(cg, a.method, batches, kinds=("qk", "v", "head", "mlp", "tokens"), progress=not a.quiet)
-            d = draw_scores(cg, s, a.draw_scores, site=a.block or 0, plan=plan)
-        except AmgfxError as e:
-            return err(str(e).splitlines()[0], 1)
-        except (OSError, ValueError) as e:
-            return err(f"cannot draw to {a.draw_scores}: {e}")
-        say(f"drew the {a.method} scores of {d['site']} (on {calib['note']}) to {a.draw_scores}")
+        code = _draw(a, cg, plan, say)
+        if code:
+            return code
+    return _draw_scores(a, cg, plan, calib, say) if a.draw_scores else 0
+
+
+def _draw(a, cg, plan, say) -> int:
+    """--draw: the plan per layer (with --plan) or one block's coupling."""
+    from ..draw import draw_block, draw_plan    # matplotlib loads only when a picture is asked for
+    try:
+        if plan is not None:
+            d = draw_plan(cg, plan, a.draw, title=f"{a.model}: {a.plan}")
+            say(f"drew the plan over {len(d['layers'])} layers to {a.draw}")
+        else:
+            say(f"drew {draw_block(cg, a.draw, a.block)} to {a.draw}")
+    except (OSError, ValueError) as e:
+        return err(f"cannot draw to {a.draw}: {e}")
+    return 0
+
+
+def _draw_scores(a, cg, plan, calib: dict, say) -> int:
+    """--draw-scores: one site's scores by --method on the calibration data (the example without --calib)."""
+    batches = calib["batches"]
+    if batches is None:
+        args, kwargs = cg.gm.meta[EXAMPLE]
+        batches = [kwargs if kwargs and not args else args]
+    from ..draw import draw_scores              # matplotlib loads only when a picture is asked for
+    try:
+        s = score(cg, a.method, batches, kinds=("qk", "v", "head", "mlp", "tokens"), progress=not a.quiet)
+        d = draw_scores(cg, s, a.draw_scores, site=a.block or 0, plan=plan)
+    except AmgfxError as e:
+        return err(str(e).splitlines()[0], 1)
+    except (OSError, ValueError) as e:
+        return err(f"cannot draw to {a.draw_scores}: {e}")
+    say(f"drew the {a.method} scores of {d['site']} (on {calib['note']}) to {a.draw_scores}")
     return 0
 
 

@@ -48,34 +48,7 @@ def draw_block(cg, path, block: int | None = None) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.5), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     if s.qk_q is not None and s.v_v is not None:
-        G, U = s.qk_q.shape[:2]
-        H = s.num_heads
-        qrows = sorted(int(r) for r in s.head_q.reshape(-1))
-        krows = sorted(int(r) for r in s.head_k.reshape(-1))
-        rank = lambda rows: {r: i for i, r in enumerate(rows)}
-        rq, rk = rank(qrows), rank(krows)
-        head_of_row = {r: h for h in range(H) for r in _qhead_rows(s, h)}
-        qcol = [cmap(head_of_row[r] % 20) for r in qrows]
-        kcol = [cmap(next(g for g in range(G) if r in set(s.head_k[g].tolist())) * max(H // G, 1) % 20) for r in krows]
-        for g in range(G):
-            for u in range(U):
-                for a in s.qk_q[g, u]:
-                    for b in s.qk_k[g, u]:
-                        ax.plot([0, 1], [rq[int(a)], rk[int(b)]], lw=0.4, color=cmap(g * max(H // G, 1) % 20), alpha=0.6)
-        vrows = sorted(int(r) for r in s.v_v.reshape(-1))
-        ocols = sorted(int(c) for c in s.v_o.reshape(-1))
-        rv, ro = rank(vrows), rank(ocols)
-        for g in range(s.v_v.shape[0]):
-            for u in range(s.v_v.shape[1]):
-                for a in s.v_v[g, u]:
-                    for b in s.v_o[g, u]:
-                        ax.plot([2, 3], [rv[int(a)] * len(ocols) / max(len(vrows), 1), ro[int(b)]], lw=0.4,
-                                color=cmap(g * max(H // G, 1) % 20), alpha=0.6)
-        _column(ax, 0, len(qrows), f"q rows ({s.q.weight.split('.')[-2]})", qcol)
-        _column(ax, 1, len(krows), "k rows", kcol)
-        _column(ax, 2, len(vrows), "v rows", "k")
-        _column(ax, 3, len(ocols), "proj cols", "k")
-        ax.set_xlim(-0.5, 3.5)
+        _site_panel(ax, s, cmap)
     rope = f", RoPE {s.rope}" if s.rope else ""
     picked = f"\ndrawn because it is the first site with {why}" if why else ""
     ax.set_title(f"{s.name}: {s.num_heads} heads / {s.num_kv_heads} kv, qk {s.head_dim_qk}, v {s.head_dim_v}{rope}\n"
@@ -86,18 +59,7 @@ def draw_block(cg, path, block: int | None = None) -> str:
     mlps = next(ms for site, ms in by_layer(cg) if site.name == s.name)
     mlp = mlps[0] if mlps else (cg.mlps[0] if cg.mlps else None)
     if mlp is not None:
-        n = mlp.hidden
-        step = max(1, n // 96)
-        for c in range(0, n, step):
-            for li, r in mlp.units[c]:
-                ax.plot([li, len(mlp.fc1)], [r * n / (mlp.fc1[li].out_features), c], lw=0.5,
-                        color=cmap((c // step) % 20), alpha=0.7)
-        for li, l in enumerate(mlp.fc1):
-            _column(ax, li, l.out_features, _short(l.weight) + " rows", "k")
-        _column(ax, len(mlp.fc1), n, _short(mlp.fc2.weight) + " cols", "k")
-        ax.set_title(f"{mlp.name}: hidden {n}, {mlp.activation.replace('aten.', '')}"
-                     f"{' (gated)' if mlp.gated else ''}\nmlp units (every {step}th drawn)", fontsize=9)
-        ax.set_xlim(-0.5, len(mlp.fc1) + 0.5)
+        _mlp_panel(ax, mlp, cmap)
     ax.axis("off")
     res = ", ".join(f"{r.name}: width {r.width}, {len(r.members)} members" for r in cg.residual)
     fig.text(0.5, 0.01, f"residual streams: {res}", ha="center", fontsize=8)
@@ -117,3 +79,51 @@ def _short(fqn: str) -> str:
     """``encoder.layer.0.intermediate.dense.weight`` -> ``intermediate.dense``."""
     parts = fqn.split(".")[:-1]
     return ".".join(parts[-2:]) if len(parts) > 1 and not parts[-2].isdigit() else parts[-1]
+
+
+def _site_panel(ax, s, cmap) -> None:
+    """q/k rows paired per head on the left, v rows with the projection's columns on the right."""
+    G, U = s.qk_q.shape[:2]
+    H = s.num_heads
+    qrows = sorted(int(r) for r in s.head_q.reshape(-1))
+    krows = sorted(int(r) for r in s.head_k.reshape(-1))
+    rank = lambda rows: {r: i for i, r in enumerate(rows)}
+    rq, rk = rank(qrows), rank(krows)
+    head_of_row = {r: h for h in range(H) for r in _qhead_rows(s, h)}
+    qcol = [cmap(head_of_row[r] % 20) for r in qrows]
+    kcol = [cmap(next(g for g in range(G) if r in set(s.head_k[g].tolist())) * max(H // G, 1) % 20) for r in krows]
+    for g in range(G):
+        for u in range(U):
+            for a in s.qk_q[g, u]:
+                for b in s.qk_k[g, u]:
+                    ax.plot([0, 1], [rq[int(a)], rk[int(b)]], lw=0.4, color=cmap(g * max(H // G, 1) % 20), alpha=0.6)
+    vrows = sorted(int(r) for r in s.v_v.reshape(-1))
+    ocols = sorted(int(c) for c in s.v_o.reshape(-1))
+    rv, ro = rank(vrows), rank(ocols)
+    for g in range(s.v_v.shape[0]):
+        for u in range(s.v_v.shape[1]):
+            for a in s.v_v[g, u]:
+                for b in s.v_o[g, u]:
+                    ax.plot([2, 3], [rv[int(a)] * len(ocols) / max(len(vrows), 1), ro[int(b)]], lw=0.4,
+                            color=cmap(g * max(H // G, 1) % 20), alpha=0.6)
+    _column(ax, 0, len(qrows), f"q rows ({s.q.weight.split('.')[-2]})", qcol)
+    _column(ax, 1, len(krows), "k rows", kcol)
+    _column(ax, 2, len(vrows), "v rows", "k")
+    _column(ax, 3, len(ocols), "proj cols", "k")
+    ax.set_xlim(-0.5, 3.5)
+
+
+def _mlp_panel(ax, mlp, cmap) -> None:
+    """Each hidden unit of the MLP with the fc1 rows and fc2 column it owns (every few drawn)."""
+    n = mlp.hidden
+    step = max(1, n // 96)
+    for c in range(0, n, step):
+        for li, r in mlp.units[c]:
+            ax.plot([li, len(mlp.fc1)], [r * n / (mlp.fc1[li].out_features), c], lw=0.5,
+                    color=cmap((c // step) % 20), alpha=0.7)
+    for li, l in enumerate(mlp.fc1):
+        _column(ax, li, l.out_features, _short(l.weight) + " rows", "k")
+    _column(ax, len(mlp.fc1), n, _short(mlp.fc2.weight) + " cols", "k")
+    ax.set_title(f"{mlp.name}: hidden {n}, {mlp.activation.replace('aten.', '')}"
+                 f"{' (gated)' if mlp.gated else ''}\nmlp units (every {step}th drawn)", fontsize=9)
+    ax.set_xlim(-0.5, len(mlp.fc1) + 0.5)

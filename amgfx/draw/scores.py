@@ -90,67 +90,81 @@ def draw_scores(cg, scores, path, site: int | str = 0, plan=None) -> dict:
     axes = list(axes[:, 0])
     data: dict = {"site": s.name, "criteria": dict(scores.criteria)}
     for kind in panels:
-        g = groups[f"{kind}:{s.name}"]
-        sc, kept = _per_head(g, scores.units[g.name], _mask(g, plan))
-        ax = axes.pop(0)
-        im = ax.imshow(sc, aspect="auto", cmap="magma", interpolation="nearest", norm=_norm(sc))
-        if plan is not None:
-            _outline(ax, kept)
-        ax.set_ylabel("kv head", fontsize=8)
-        ax.set_xlabel(f"{kind} unit within the head", fontsize=8)
-        ax.set_title(f"{kind} scores ({scores.criteria.get(kind, '')})"
-                     + (f", kept outlined: {int(kept.sum())}/{kept.size}" if plan is not None else ""), fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
-        data[kind] = {"scores": sc.tolist(), "kept": kept.astype(int).tolist()}
+        data[kind] = _qkv_panel(fig, axes.pop(0), groups[f"{kind}:{s.name}"], kind, scores, plan)
     if mlp is not None:
-        sc, kept = scores.units[mlp.name], _mask(mlp, plan)
-        width = int(np.ceil(np.sqrt(mlp.units * 8)))     # a wide strip: rows of ``width`` neurons
-        pad = (-mlp.units) % width
-        grid = np.append(sc, np.full(pad, np.nan)).reshape(-1, width)
-        ax = axes.pop(0)
-        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="magma", interpolation="nearest",
-                       norm=_norm(sc))
-        if plan is not None:
-            _outline(ax, np.append(kept, np.zeros(pad, bool)).reshape(-1, width))
-        ax.set_title(f"{mlp.name}: {mlp.units} neurons, {width} per row ({scores.criteria.get('mlp', '')})"
-                     + (f", kept outlined: {int(kept.sum())}" if plan is not None else ""), fontsize=8)
-        ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
-        data["mlp"] = {"scores": sc.tolist(), "kept": kept.astype(int).tolist()}
+        data["mlp"] = _mlp_panel(fig, axes.pop(0), mlp, scores, plan)
     if head is not None:
-        sc, kept = scores.units[head.name], _mask(head, plan)
-        ax = axes.pop(0)
-        bars = ax.bar(np.arange(head.units), sc, color=["#3b75af" if k else "#cccccc" for k in kept])
-        if plan is not None:
-            for b, k in zip(bars, kept):
-                b.set_edgecolor("red" if k else "none")
-        ax.set_xticks(range(head.units))
-        ax.set_xlabel("kv head", fontsize=8)
-        ax.set_ylabel("score", fontsize=8)
-        ax.set_title(f"head scores ({scores.criteria.get('head', '')})", fontsize=8)
-        data["head"] = {"scores": sc.tolist(), "kept": kept.astype(int).tolist()}
-        ent = scores.extra.get(head.name, {}).get("entropy")
-        if ent is not None:
-            tw = ax.twinx()
-            tw.plot(_query_x(s, len(ent)), ent, "o", color="#d62728", ms=4)
-            tw.set_ylabel("entropy per query head", fontsize=7, color="#d62728")
-            data["head"]["entropy"] = np.asarray(ent).tolist()
+        data["head"] = _head_panel(axes.pop(0), head, s, scores, plan)
     if tok is not None:
-        t = token_sites(cg).get(s.name)
-        special = list(t.special) if t is not None else []
-        keptpos = plan.tokens.get(s.name) if plan is not None else None
-        ax = axes.pop(0)
-        colors = ["#d62728" if j in special else "#3b75af" for j in range(len(tok))]
-        bars = ax.bar(np.arange(len(tok)), tok, color=colors, width=1.0)
-        if keptpos is not None:
-            for j, b in enumerate(bars):
-                b.set_alpha(1.0 if j in keptpos else 0.25)
-        ax.set_xlabel("key position (red: always kept, class/register tokens)", fontsize=8)
-        ax.set_title("key-token scores (AMG)" + (f", kept {len(keptpos)}/{len(tok)} opaque" if keptpos else ""),
-                     fontsize=8)
-        data["tokens"] = {"scores": np.asarray(tok).tolist(), "special": special}
+        data["tokens"] = _token_panel(axes.pop(0), cg, s, tok, plan)
     fig.suptitle(f"{s.name}: {s.num_heads} heads / {s.num_kv_heads} kv, {scores.samples} calibration samples",
                  fontsize=9)
     fig.tight_layout()
     save(fig, path, data)
     return data
+
+
+def _qkv_panel(fig, ax, g, kind: str, scores, plan) -> dict:
+    """q/k or v scores as a kv-head x unit map, kept units outlined."""
+    sc, kept = _per_head(g, scores.units[g.name], _mask(g, plan))
+    im = ax.imshow(sc, aspect="auto", cmap="magma", interpolation="nearest", norm=_norm(sc))
+    if plan is not None:
+        _outline(ax, kept)
+    ax.set_ylabel("kv head", fontsize=8)
+    ax.set_xlabel(f"{kind} unit within the head", fontsize=8)
+    ax.set_title(f"{kind} scores ({scores.criteria.get(kind, '')})"
+                 + (f", kept outlined: {int(kept.sum())}/{kept.size}" if plan is not None else ""), fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    return {"scores": sc.tolist(), "kept": kept.astype(int).tolist()}
+
+
+def _mlp_panel(fig, ax, mlp, scores, plan) -> dict:
+    """MLP neuron scores as a wide strip, kept neurons outlined."""
+    sc, kept = scores.units[mlp.name], _mask(mlp, plan)
+    width = int(np.ceil(np.sqrt(mlp.units * 8)))     # a wide strip: rows of ``width`` neurons
+    pad = (-mlp.units) % width
+    grid = np.append(sc, np.full(pad, np.nan)).reshape(-1, width)
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="magma", interpolation="nearest", norm=_norm(sc))
+    if plan is not None:
+        _outline(ax, np.append(kept, np.zeros(pad, bool)).reshape(-1, width))
+    ax.set_title(f"{mlp.name}: {mlp.units} neurons, {width} per row ({scores.criteria.get('mlp', '')})"
+                 + (f", kept outlined: {int(kept.sum())}" if plan is not None else ""), fontsize=8)
+    ax.set_yticks([])
+    fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    return {"scores": sc.tolist(), "kept": kept.astype(int).tolist()}
+
+
+def _head_panel(ax, head, s, scores, plan) -> dict:
+    """Head scores as bars (kept ones edged red), with AMG's entropy per query head where scored."""
+    sc, kept = scores.units[head.name], _mask(head, plan)
+    bars = ax.bar(np.arange(head.units), sc, color=["#3b75af" if k else "#cccccc" for k in kept])
+    if plan is not None:
+        for b, k in zip(bars, kept):
+            b.set_edgecolor("red" if k else "none")
+    ax.set_xticks(range(head.units))
+    ax.set_xlabel("kv head", fontsize=8)
+    ax.set_ylabel("score", fontsize=8)
+    ax.set_title(f"head scores ({scores.criteria.get('head', '')})", fontsize=8)
+    out = {"scores": sc.tolist(), "kept": kept.astype(int).tolist()}
+    ent = scores.extra.get(head.name, {}).get("entropy")
+    if ent is not None:
+        tw = ax.twinx()
+        tw.plot(_query_x(s, len(ent)), ent, "o", color="#d62728", ms=4)
+        tw.set_ylabel("entropy per query head", fontsize=7, color="#d62728")
+        out["entropy"] = np.asarray(ent).tolist()
+    return out
+
+
+def _token_panel(ax, cg, s, tok, plan) -> dict:
+    """AMG's key-token scores as bars; special tokens red, the plan's kept positions opaque."""
+    t = token_sites(cg).get(s.name)
+    special = list(t.special) if t is not None else []
+    keptpos = plan.tokens.get(s.name) if plan is not None else None
+    colors = ["#d62728" if j in special else "#3b75af" for j in range(len(tok))]
+    bars = ax.bar(np.arange(len(tok)), tok, color=colors, width=1.0)
+    if keptpos is not None:
+        for j, b in enumerate(bars):
+            b.set_alpha(1.0 if j in keptpos else 0.25)
+    ax.set_xlabel("key position (red: always kept, class/register tokens)", fontsize=8)
+    ax.set_title("key-token scores (AMG)" + (f", kept {len(keptpos)}/{len(tok)} opaque" if keptpos else ""), fontsize=8)
+    return {"scores": np.asarray(tok).tolist(), "special": special}
