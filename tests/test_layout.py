@@ -176,3 +176,18 @@ def test_no_function_imports_amgfx_inside_unless_a_comment_says_why():
                 if i < 0 or not src[i].strip().startswith(("from ", "import ")):
                     bad.append(f"{p}:{n.lineno}: {src[n.lineno - 1].strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_functions_are_short():
+    """No function in amgfx/ runs past 60 lines of code (its docstring aside): one job each (issue 45)."""
+    long = []
+    for m, p in MODULES.items():
+        for n in ast.walk(ast.parse(open(p).read())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = n.end_lineno - n.lineno + 1
+                doc = n.body[0]
+                if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+                    lines -= doc.end_lineno - doc.lineno + 1
+                if lines > 60:
+                    long.append(f"{m}.{n.name}: {lines}")
+    assert not long, long

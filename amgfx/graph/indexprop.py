@@ -384,62 +384,64 @@ def propagate(gm: fx.GraphModule, seeds: dict, region: set, *, missing: int = -1
     for n in gm.graph.nodes:
         if n not in region or n in env or n.op != "call_function":
             continue
-        ins = [a for a in n.all_input_nodes if a in env]
-        if not ins:
+        if not any(a in env for a in n.all_input_nodes):
             continue
-        t = n.target
         with noted(lambda: where(n)):
             try:
-                if t is GETITEM:
-                    env[n] = [lane[n.args[1]] for lane in env[n.args[0]]]
-                elif t in IDENTITY:
-                    env[n] = env[n.args[0]]
-                elif t in MOVE:
-                    if n.args[0] not in env:
-                        failed.append(n)
-                        continue
-                    if t is torch.ops.aten.index.Tensor:      # None entries index nothing (x[:, idx])
-                        idx = [index_operands(n, lane, gm, cache) for lane in env[n.args[0]]]
-                        if any(i is None for i in idx):
-                            failed.append(n)
-                        else:
-                            env[n] = [t(lane, i) for lane, i in zip(env[n.args[0]], idx)]
-                        continue
-                    rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
-                    if any(r is None for r in rest):
-                        failed.append(n)
-                        continue
-                    env[n] = [run_move(t, lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
-                elif is_depthwise_conv(n) or pools(n):       # channels kept, positions mixed or pooled
-                    rule = _channel_ids if is_depthwise_conv(n) else _pool_ids
-                    out = [rule(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None]
-                    if any(o is None for o in out):
-                        failed.append(n)
-                    else:
-                        env[n] = _dedupe(out)
-                elif t in STATE_WRITE:
-                    src = state_write_args(n)[2]
-                    out = [_state_ids(n, lane) for lane in env[src]] if src in env else [None]
-                    if any(o is None for o in out):
-                        failed.append(n)
-                    else:
-                        env[n] = _dedupe(out)
-                elif t in CONCAT:
-                    parts = []
-                    for a in n.args[0]:
-                        parts.append(env[a] if a in env else [torch.full(shape(a), missing, dtype=torch.long)])
-                    parts = _pad_lanes(parts)
-                    env[n] = _dedupe([t([p[i] for p in parts], *n.args[1:]) for i in range(len(parts[0]))])
-                elif t in POINTWISE or t in NORMS:
-                    out_shape = shape(n)
-                    srcs = [a for a in ([n.args[NORMS[t][0]]] if t in NORMS else n.all_input_nodes) if a in env]
-                    if t is torch.ops.aten.expand_as.default:      # arg 1 only lends its shape
-                        srcs = [a for a in srcs if a is n.args[0]]
-                    lanes = [lane.broadcast_to(out_shape) for a in srcs for lane in env[a]]
-                    if lanes:
-                        env[n] = _dedupe(lanes)
-                else:
-                    failed.append(n)
+                got = _step(gm, n, env, cache, missing)
             except (RuntimeError, TypeError, IndexError, ValueError):   # the op does not run on ids: cannot follow
-                failed.append(n)
+                got = _FAIL
+        if got is _FAIL:
+            failed.append(n)
+        elif got is not None:                 # None: nothing of the seeds reaches this node's output
+            env[n] = got
     return env, failed
+
+
+_FAIL = object()        # what a step returns for a node it cannot run on ids
+
+
+def _step(gm, n: fx.Node, env: dict, cache: dict, missing: int):
+    """The lanes of ``n`` from its inputs' lanes, by the op's table; _FAIL where they cannot be followed."""
+    t = n.target
+    if t is GETITEM:
+        return [lane[n.args[1]] for lane in env[n.args[0]]]
+    if t in IDENTITY:
+        return env[n.args[0]]
+    if t in MOVE:
+        return _move_step(gm, n, env, cache)
+    if is_depthwise_conv(n) or pools(n):       # channels kept, positions mixed or pooled
+        rule = _channel_ids if is_depthwise_conv(n) else _pool_ids
+        return _all_or_fail([rule(n, lane) for lane in env[n.args[0]]] if n.args[0] in env else [None])
+    if t in STATE_WRITE:
+        src = state_write_args(n)[2]
+        return _all_or_fail([_state_ids(n, lane) for lane in env[src]] if src in env else [None])
+    if t in CONCAT:
+        parts = _pad_lanes([env[a] if a in env else [torch.full(shape(a), missing, dtype=torch.long)]
+                            for a in n.args[0]])
+        return _dedupe([t([p[i] for p in parts], *n.args[1:]) for i in range(len(parts[0]))])
+    if t in POINTWISE or t in NORMS:
+        srcs = [a for a in ([n.args[NORMS[t][0]]] if t in NORMS else n.all_input_nodes) if a in env]
+        if t is torch.ops.aten.expand_as.default:      # arg 1 only lends its shape
+            srcs = [a for a in srcs if a is n.args[0]]
+        lanes = [lane.broadcast_to(shape(n)) for a in srcs for lane in env[a]]
+        return _dedupe(lanes) if lanes else None
+    return _FAIL
+
+
+def _all_or_fail(out: list):
+    return _FAIL if any(o is None for o in out) else _dedupe(out)
+
+
+def _move_step(gm, n: fx.Node, env: dict, cache: dict):
+    """Data movement run on each lane, its other arguments made concrete (constants, index tensors)."""
+    t = n.target
+    if n.args[0] not in env:
+        return _FAIL
+    if t is torch.ops.aten.index.Tensor:      # None entries index nothing (x[:, idx])
+        idx = [index_operands(n, lane, gm, cache) for lane in env[n.args[0]]]
+        return _FAIL if any(i is None for i in idx) else [t(lane, i) for lane, i in zip(env[n.args[0]], idx)]
+    rest = [_const(a, gm, cache) if isinstance(a, fx.Node) else _concrete(a) for a in n.args[1:]]
+    if any(r is None for r in rest):
+        return _FAIL
+    return [run_move(t, lane, *rest, **n.kwargs) for lane in env[n.args[0]]]
