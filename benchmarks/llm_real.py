@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import resource
 import signal
 import time
@@ -295,6 +294,47 @@ def table(b: Bench, rows: list, dense_ppl: float) -> list[str]:
     return out
 
 
+def verdict(t: float, ours: list, theirs: list, dense_ppl: float) -> str:
+    """One line per target: amgfx's best perplexity against the best baseline measured there (if any)."""
+    mine = min(ours, key=lambda r: r["ppl_refit"])
+    head = (f"- {t:.0%} of block FLOPs: best amgfx {mine['ppl_refit']:.2f} ({mine['ppl_refit'] / dense_ppl:.2f}× dense, "
+            f"{mine['name']})")
+    if not theirs:
+        return head + ", no baseline measured at this target."
+    field = min(r.get("ppl_refit", r["ppl"]) for r in theirs)
+    return head + (f", best baseline {field:.2f}: amgfx {'beats' if mine['ppl_refit'] < field else 'does NOT beat'} "
+                   "every baseline measured at this target.")
+
+
+def from_log(path: str, out: str) -> None:
+    """The table and verdicts from the rows a run printed (a run cut short: what it measured, said so)."""
+    import ast
+    rows, head = [], {}
+    for line in open(path):
+        if line.startswith("{"):
+            d = ast.literal_eval(line.strip())
+            (head.update(d) if "dense" in d else rows.append(d))
+    b = argparse.Namespace(kv=46080)       # SmolLM2-135M's dense cache: 30 layers x 2 x 3 kv heads x 64 x 4 bytes
+    targets = sorted({r["target"] for r in rows}, reverse=True)
+    names = sorted({r["name"] for r in rows})
+    lines = [f"# {models.SMOLLM2}: amgfx against the field (a run cut short)", "",
+             f"`python -m benchmarks.llm_real` on 2 cores, torch {torch.__version__}, 64 calibration and 32 held-out "
+             f"windows of {SEQ} tokens; rendered by `--from-log` from the rows the run printed before it was "
+             f"stopped at the session's end: {', '.join(names)}. Not measured: "
+             + ", ".join(x for x in ("FLAP (uniform)", "Wanda-sp (uniform)", "Torch-Pruning", "distillation",
+                                     "greedy text") if not any(x.split(" ")[0] in n for n in names))
+             + f". Analysis of the prefill graph {head.get('analyse_s', 0):.0f} s. Seconds include other work "
+             "run beside it on the 2 cores (the test suite, the zoo).",
+             "Targets are fractions of the decoder blocks' FLOPs; \"× dense\" is the best perplexity of the row "
+             "(after refit where there is one) over dense.", ""] + table(b, rows, head["dense"])
+    lines += ["", "## Per target", ""]
+    for t in targets:
+        ours = [r for r in rows if r["target"] == t and r["name"].startswith("amgfx")]
+        theirs = [r for r in rows if r["target"] == t and not r["name"].startswith("amgfx") and not r.get("failed")]
+        lines.append(verdict(t, ours, theirs, head["dense"]))
+    write_md(out, lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", type=int, default=64, help="calibration windows of 128 tokens (default 64, the CLI's)")
@@ -305,7 +345,10 @@ def main(argv=None):
     ap.add_argument("--tp-timeout", type=int, default=300, help="seconds one Torch-Pruning prune may take")
     ap.add_argument("--skip", type=lambda t: t.split(","), default=[], help="baselines to leave out: flap,tp")
     ap.add_argument("--out", default=f"{RESULTS}/llm_real.md")
+    ap.add_argument("--from-log", default=None, help="render the rows a cut-short run printed (its stdout)")
     a = ap.parse_args(argv)
+    if a.from_log:
+        return from_log(a.from_log, a.out)
     t0 = time.perf_counter()
     b = Bench(a)
     dense_ppl = b.ppl(b.cg.gm)
@@ -332,11 +375,7 @@ def main(argv=None):
         ours_t = [r for r in rows if r["target"] == t and r["name"].startswith("amgfx")]
         theirs = [r for r in rows if r["target"] == t and not r["name"].startswith("amgfx") and not r.get("failed")
                   and "distillation" not in r["name"]]
-        mine = min(r["ppl_refit"] for r in ours_t)
-        field = min((r.get("ppl_refit", r["ppl"]) for r in theirs), default=math.inf)
-        lines.append(f"- {t:.0%} of block FLOPs: best amgfx {mine:.2f} ({mine / dense_ppl:.2f}× dense, "
-                     f"{best[t]['name']}), best baseline {field:.2f}: amgfx {'beats' if mine < field else 'does NOT beat'} "
-                     "every baseline at this target.")
+        lines.append(verdict(t, ours_t, theirs, dense_ppl))
     lines += ["", "## Greedy text (24 tokens)", ""]
     texts = {"dense": b.greedy(b.cg.gm)}
     for t in a.targets:
