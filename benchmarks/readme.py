@@ -138,8 +138,9 @@ def llm_real() -> list[str]:
     i = next(k for k, l in enumerate(lines) if l.startswith("|"))
     j = next(k for k in range(i, len(lines)) if not lines[k].startswith("|"))
     verdicts = [l for l in lines if l.startswith("- ") and "of block FLOPs" in l]
-    return ([f"{_command(lines)} on 2 cores, every row from one run; greedy text and what each plan keeps in "
-             "[benchmarks/results/llm_real.md](benchmarks/results/llm_real.md):", ""] + lines[i:j] + [""] + verdicts)
+    about = next(l for l in lines if "`python -m benchmarks.llm_real" in l)
+    return ([about + " Per row and what each plan keeps: "
+             "[benchmarks/results/llm_real.md](benchmarks/results/llm_real.md).", ""] + lines[i:j] + [""] + verdicts)
 
 
 def copy(name: str) -> list[str]:
