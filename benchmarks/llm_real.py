@@ -158,7 +158,8 @@ def amgfx_rows(b: Bench, a) -> list:
             rows.append(r)
             best = min((x for x in rows if x["target"] == target), key=lambda x: x["ppl_refit"])
             for x in rows:                  # only each target's best model is kept (greedy text, distillation)
-                x.pop("model", None) if x is not best else None
+                if x["target"] == target and x is not best:
+                    x.pop("model", None)
             if best is r:
                 r["model"] = fit
     return rows
@@ -314,6 +315,9 @@ def from_log(path: str, out: str) -> None:
         if line.startswith("{"):
             d = ast.literal_eval(line.strip())
             (head.update(d) if "dense" in d else rows.append(d))
+        elif line.startswith("Torch-Pruning") and "did not finish" in line:
+            rows += [{"name": "Torch-Pruning (its LLM example)", "target": t, "failed": True, "why": line.strip()}
+                     for t in sorted({r["target"] for r in rows}, reverse=True)]
     b = argparse.Namespace(kv=46080)       # SmolLM2-135M's dense cache: 30 layers x 2 x 3 kv heads x 64 x 4 bytes
     targets = sorted({r["target"] for r in rows}, reverse=True)
     names = sorted({r["name"] for r in rows})
