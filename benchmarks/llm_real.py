@@ -307,7 +307,7 @@ def verdict(t: float, ours: list, theirs: list, dense_ppl: float) -> str:
                    "every baseline measured at this target.")
 
 
-def from_log(path: str, out: str) -> None:
+def from_log(path: str, out: str, why: str = "stopped") -> None:
     """The table and verdicts from the rows a run printed (a run cut short: what it measured, said so)."""
     import ast
     rows, head = [], {}
@@ -320,13 +320,14 @@ def from_log(path: str, out: str) -> None:
                      for t in sorted({r["target"] for r in rows}, reverse=True)]
     b = argparse.Namespace(kv=46080)       # SmolLM2-135M's dense cache: 30 layers x 2 x 3 kv heads x 64 x 4 bytes
     targets = sorted({r["target"] for r in rows}, reverse=True)
-    names = sorted({r["name"] for r in rows})
-    lines = [f"# {models.SMOLLM2}: amgfx against the field (a run cut short)", "",
+    names = sorted({r["name"] for r in rows if not r.get("failed")})
+    failed = sorted({r["name"] for r in rows if r.get("failed")})
+    lines = [f"# {models.SMOLLM2}: amgfx against the field (rendered from a run's printed rows)", "",
              f"`python -m benchmarks.llm_real` on 2 cores, torch {torch.__version__}, 64 calibration and 32 held-out "
-             f"windows of {SEQ} tokens; rendered by `--from-log` from the rows the run printed before it was "
-             f"stopped at the session's end: {', '.join(names)}. Not measured: "
+             f"windows of {SEQ} tokens; rendered by `--from-log` from the rows the run printed before it ended "
+             f"without writing this file ({why}): {', '.join(names)}. Not measured: "
              + ", ".join(x for x in ("FLAP (uniform)", "Wanda-sp (uniform)", "Torch-Pruning", "distillation",
-                                     "greedy text") if not any(x.split(" ")[0] in n for n in names))
+                                     "greedy text") if not any(x.split(" ")[0] in n for n in names + failed))
              + f". Analysis of the prefill graph {head.get('analyse_s', 0):.0f} s. Seconds include other work "
              "run beside it on the 2 cores (the test suite, the zoo).",
              "Targets are fractions of the decoder blocks' FLOPs; \"× dense\" is the best perplexity of the row "
@@ -350,9 +351,10 @@ def main(argv=None):
     ap.add_argument("--skip", type=lambda t: t.split(","), default=[], help="baselines to leave out: flap,tp")
     ap.add_argument("--out", default=f"{RESULTS}/llm_real.md")
     ap.add_argument("--from-log", default=None, help="render the rows a cut-short run printed (its stdout)")
+    ap.add_argument("--why", default="stopped", help="with --from-log: why the run wrote no file")
     a = ap.parse_args(argv)
     if a.from_log:
-        return from_log(a.from_log, a.out)
+        return from_log(a.from_log, a.out, a.why)
     t0 = time.perf_counter()
     b = Bench(a)
     dense_ppl = b.ppl(b.cg.gm)
