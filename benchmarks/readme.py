@@ -139,8 +139,24 @@ def llm_real() -> list[str]:
     j = next(k for k in range(i, len(lines)) if not lines[k].startswith("|"))
     verdicts = [l for l in lines if l.startswith("- ") and "of block FLOPs" in l]
     about = next(l for l in lines if "`python -m benchmarks.llm_real" in l)
-    return ([about + " Per row and what each plan keeps: "
-             "[benchmarks/results/llm_real.md](benchmarks/results/llm_real.md).", ""] + lines[i:j] + [""] + verdicts)
+    cells = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines[i + 2:j]]
+    dense = next(c for c in cells if c[0] == "dense")
+    best: dict = {}                          # target -> plan -> (best perplexity, x dense, blocks kept)
+    for c in cells:
+        if c[0] != "dense":
+            name = c[0].split(" (")[0] if not c[0].startswith("amgfx") else "amgfx (best criterion)"
+            got = (float(c[7]) if c[7] not in ("", "-") else float(c[6]), c[8], c[2]) if c[8] else None
+            if got is not None and (name not in best.setdefault(c[1], {}) or got[0] < best[c[1]][name][0]):
+                best[c[1]][name] = got
+            elif got is None:
+                best.setdefault(c[1], {}).setdefault(name, None)
+    names = list(dict.fromkeys(n for t in best.values() for n in t))
+    out = ["| target (block FLOPs) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for t, got in best.items():
+        out.append(f"| {t} | " + " | ".join("did not run (see the file)" if got.get(n) is None else
+                                             f"{got[n][0]:.2f} ({got[n][1]}×, {got[n][2]})" for n in names) + " |")
+    return ([about, "", f"Perplexity on held-out text after refit (× dense {dense[6]}, blocks' FLOPs kept); every row "
+             "in [benchmarks/results/llm_real.md](benchmarks/results/llm_real.md):", ""] + out + [""] + verdicts)
 
 
 def copy(name: str) -> list[str]:
