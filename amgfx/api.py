@@ -17,8 +17,7 @@ from .errors import AmgfxError, InternalError, foreign_errors
 from .graph.fx import copy_module, get_attr, replace_attr
 from .graph.meta import EXAMPLE, PLAN
 from .passes.oracle import VerifyReport, check, zeroed
-from .passes.rewrite import checked, rewrite
-from .passes.rewrite import probe as probe_groups
+from .passes.rewrite import checked, rewrite, probe as probe_groups
 from .planning.budget import allocate, select_tokens
 from .planning.options import DEFAULT_KINDS, DEFAULT_RATIOS, KINDS, check_options
 from .planning.plan import Plan, fingerprint

@@ -5,13 +5,11 @@ import json
 import os
 import time
 
-import amgfx
-
 from .. import data, files
+from ..api import prune
 from ..decode import decoder, generate, lm
 from ..decode.lm import decode, encode
 from ..errors import AmgfxError
-from ..files import save
 from ..runtime import export_onnx
 from ._common import err
 
@@ -97,12 +95,12 @@ def cmd_generate(a) -> int:
             runs["dense"] = dense
         if a.target_flops or a.ratios:
             calib = _calib(tok_name, encode, dense.prompt_len, a.calib_samples, dense.batch)
-            small = amgfx.prune(dense, method=a.method, target_flops=a.target_flops, ratios=a.ratios, calib=calib,
+            small = prune(dense, method=a.method, target_flops=a.target_flops, ratios=a.ratios, calib=calib,
                                 reconstruct=not a.no_reconstruct, progress=not a.quiet)
             small.meta["tokenizer"] = tok_name
             runs["pruned"] = small
             if a.out:
-                save(small, a.out)
+                files.save(small, a.out)
                 if a.onnx:
                     export_onnx(small, a.out)
         elif a.out:

@@ -172,8 +172,14 @@ def _split_rows(gm, r):
             split_site(gm, [nodes[o] for o in site.operands])
 
 
+def _remove_branches(gm, r):
+    """What amgfx/passes/remove_branch does: those nodes cost nothing."""
+    for b in r.removed.values():
+        remove_branch(gm, b.out, b.chain, b.add)
+
+
 _ROW_EDIT = {   # each row edit of a plan, as the cost model replays it (the names are ROW_EDITS')
-    "remove_branch": lambda gm, r: [remove_branch(gm, b.out, b.chain, b.add) for b in r.removed.values()],
+    "remove_branch": _remove_branches,
     "split_qkv": _split_rows,
     "token_gather": lambda gm, r: insert_token_gathers(gm, r.tokens),
     # amgfx/passes/dead_tokens, which runs before any neuron is pruned
