@@ -12,8 +12,9 @@ compiled function ignores the dense parameters dynamo passes in.
 Options:
     plan:         a :class:`amgfx.Plan` or a path to its JSON: deterministic, no calibration.
     target_flops: fraction of dense FLOPs to keep (with ``method``, ``calib`` and any other
-                  :func:`amgfx.plan_for` option such as ``round_to``); the plan is made once
-                  and replayed on recompiles.
+                  :class:`amgfx.PlanConfig` field such as ``round_to``); the plan is made once
+                  and replayed on recompiles. The backend runs the prune sequence every entry
+                  point runs (:func:`amgfx.sequence.run`).
     reconstruct:  refit the kept weights to the dense model on ``calib`` (:func:`amgfx.reconstruct`);
                   default True when ``calib`` is given, ``False`` turns it off.
     inner:        ``"inductor"`` (default) or ``"eager"``: what compiles the pruned graph.
@@ -40,9 +41,10 @@ from .errors import AmgfxError
 
 __all__ = ["amgfx_backend", "BackendError"]
 
-PLANNING = ("target_flops", "ratios", "tokens", "method", "calib", "loss_fn", "kinds", "round_to", "min_keep",
-            "protect", "same_head_dim", "seed", "progress")
-KNOWN = {"plan", "inner", "reconstruct"} | set(PLANNING)
+# the fields of amgfx.PlanConfig (a test holds the two equal; spelt out so listing backends imports nothing)
+PLANNING = ("method", "target_flops", "target_latency", "ratios", "tokens", "kinds", "round_to", "min_keep", "protect",
+            "same_head_dim", "blocks", "scope", "runtime", "measure_latency", "seed")
+KNOWN = {"plan", "inner", "reconstruct", "calib", "loss_fn", "progress"} | set(PLANNING)
 INNER = ("inductor", "eager")     # the names of planning.options.RUNTIMES that run a torch graph (a test holds it)
 _ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
 
@@ -151,17 +153,32 @@ def _check_whole(gm: fx.GraphModule) -> None:
                            "amgfx.prune() and compile the result")
 
 
-def _plan(cg, opts: dict):
-    from .api import plan_for  # the pipeline loads at the first compile, not when torch lists backends
-    from .planning.plan import Plan, fingerprint
+def _given_plan(opts: dict):
     p = opts.get("plan")
-    if p is not None:
-        return Plan.load(p) if isinstance(p, (str, bytes)) or hasattr(p, "__fspath__") else p
+    if p is None or not (isinstance(p, (str, bytes)) or hasattr(p, "__fspath__")):
+        return p
+    from .planning.plan import Plan  # the pipeline loads at the first compile, not when torch lists backends
+    return Plan.load(p)
+
+
+def _prune(cg, opts: dict):
+    """The prune sequence on the captured graph, its plan made once per model and options (recompiles replay it);
+    unpruned weights stay shared with the model."""
+    from .analysis.captured import Captured  # the pipeline loads at the first compile, not when torch lists backends
+    from .planning.config import PlanConfig
+    from .planning.plan import fingerprint
+    from .sequence import run
+    plan = _given_plan(opts)
     key = (fingerprint(cg.gm), repr(sorted((k, repr(v)) for k, v in opts.items() if k != "calib")), id(opts.get("calib")))
-    if key not in _PLANS:
+    if plan is None and key in _PLANS:
+        plan = _PLANS[key]
+    config = PlanConfig(**{k: v for k, v in opts.items() if k in PLANNING}) if plan is None else None
+    out = run(Captured((cg,)), config, calib=opts.get("calib"), loss_fn=opts.get("loss_fn"), plan=plan,
+              reconstruct=opts.get("reconstruct"), share=True, progress=bool(opts.get("progress", False)))
+    if "plan" not in opts and key not in _PLANS:
         _PLANS.clear()           # one model at a time: calibration data is not kept alive
-        _PLANS[key] = plan_for(cg, **{k: v for k, v in opts.items() if k in PLANNING})
-    return _PLANS[key]
+        _PLANS[key] = out.plan
+    return out.model
 
 
 def _share_pruned(pruned: fx.GraphModule, dense: fx.GraphModule) -> None:
@@ -187,7 +204,6 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     from .api import analyze  # the pipeline loads at the first compile, not when torch lists backends
     from .graph.capture import capture
     from .graph.fx import drop_export_guards
-    from .passes.rewrite import checked
     opts = _options(options)
     _check_whole(gm)
     lifted, keep = lift_params(gm, example_inputs)
@@ -195,12 +211,7 @@ def amgfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     dynamic = any(isinstance(x, torch.SymInt) or (not isinstance(x, torch.Tensor)) for x in example_inputs)
     with torch._guards.tracing(None):    # export in its own fake mode, not in dynamo's shape env
         captured = capture(lifted, tuple(user), dynamic_batch=dynamic)
-    cg = analyze(captured)
-    plan = _plan(cg, opts)
-    pruned = checked(cg, plan)                   # never compile a wrong model
-    if opts.get("reconstruct", opts.get("calib") is not None) and plan.keep:
-        from .api import reconstruct  # the pipeline loads at the first compile, not when torch lists backends
-        pruned = reconstruct(pruned, cg, opts.get("calib"), progress=bool(opts.get("progress", False)))
+    pruned = _prune(analyze(captured), opts)      # checked against the oracle: never compile a wrong model
     _share_pruned(pruned, captured)
     drop_export_guards(pruned)      # dynamo guards the inputs; inductor cannot cache-key the check's closure
     if opts.get("inner", "inductor") == "inductor":

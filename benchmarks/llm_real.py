@@ -40,10 +40,10 @@ import amgfx
 from amgfx import data, models
 from amgfx.api import apply, reconstruct, score
 from amgfx.decode.lm import perplexity
-from amgfx.decode.prune import lm_loss
+from amgfx.decode.capture import lm_loss
 from amgfx.graph.capture import capture
 from amgfx.graph.fx import state_inputs
-from amgfx.planning.budget import allocate
+from amgfx.planning.budget import allocate, select_ratios
 from amgfx.planning.cost import measure_flops
 from amgfx.planning.plan import Plan, fingerprint
 from amgfx.planning.regions import RegionCost, block_flops
@@ -123,7 +123,7 @@ def uniform_plan(b: Bench, scores: dict, target: float, kinds=("head", "mlp")) -
     """The same fraction of every layer's heads and MLP neurons removed (the papers' uniform setting), the
     fraction bisected so the blocks keep ``target`` of their FLOPs."""
     def plan_at(r):
-        p = amgfx.api.select(b.cg, scores, {k: r for k in kinds})
+        p = select_ratios(b.cg, scores, {k: r for k in kinds})
         p.model = {"fingerprint": fingerprint(b.cg.gm)}
         return p
     fast = RegionCost.build(b.cg, [b.cg.group(g) for g in scores])

@@ -6,7 +6,7 @@ import os
 import time
 
 from .. import data, files
-from ..api import prune
+from ..sequence import prune
 from ..decode import decoder, generate, lm
 from ..decode.lm import decode, encode
 from ..errors import AmgfxError

@@ -11,16 +11,20 @@ import torch
 
 from ..analysis.coupling import NO_ATTENTION
 from ..analysis.tokens import token_sites
-from ..api import RECONSTRUCTION, apply, plan_for, prune, reconstruct, verify
+from ..analysis.captured import Captured
+from ..api import verify
 from ..bench import embedding_cosine, latency
 from ..errors import AmgfxError
 from ..files import save
 from ..runtime import export_onnx, onnx_parity
-from ..graph.meta import EXAMPLE, PLAN
+from ..graph.meta import EXAMPLE, PLAN, RECONSTRUCTION
 from ..planning.cost import count_params, measure_flops, predict
 from ..planning.options import RUNTIMES
+from ..planning.config import PlanConfig
 from ..planning.plan import Plan
-from ..weights.recover import Iterative, first_output, recover
+from ..sequence import Result, prune, run
+from ..weights.config import RecoverConfig
+from ..weights.recover import Iterative
 from ..models import is_causal_lm
 from ._common import analysed, calibration, err, heldout, loaded_model, ort_runner
 
@@ -83,34 +87,30 @@ def _table(report: dict) -> list[str]:
     return ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
 
 
-def _recovery(a, cg, loaded):
-    """The recovery settings from the flags: (schedule-free recover kwargs, data, note) or an exit code."""
+def _recovery(a, loaded):
+    """The recovery settings from the flags: (RecoverConfig, data, note) or an exit code."""
     if a.recover_data is None and a.calib == "example":
         return err("--recover-steps needs data: give --recover-data text|digits|DIR (or --calib with one)")
     got = calibration(a, loaded, a.recover_data, a.recover_samples, a.recover_batch, flag="--recover-data")
     if isinstance(got, int):
         return got
     batches, note = got
-    args, kwargs = cg.gm.meta[EXAMPLE]
-    loss = a.recover_loss or ("kd" if first_output(cg.gm(*args, **kwargs)).dim() == 2 else "cosine")
-    opts = {"lr": a.recover_lr, "loss": loss, "seed": a.seed, "progress": not (a.quiet or a.json)}
-    return opts, batches, note
+    return RecoverConfig(steps=a.recover_steps, lr=a.recover_lr, loss=a.recover_loss, seed=a.seed), batches, note
 
 
-def _recover_after(a, cg, loaded, pruned, recovery, say):
-    """Recover a one-shot ``pruned`` model (None: the schedule already did); (model or None, report)."""
-    opts, data, note = recovery
-    report = {"data": note, "steps": a.recover_steps, "schedule_steps": a.iterative, "loss": opts["loss"],
-              "lr": a.recover_lr}
-    if pruned is None:
-        return None, report
+def _recovery_report(a, cg, loaded, result, recovery) -> dict:
+    """What recovery did, for the report: its settings, its guard, and the cosine to dense before it."""
+    config, _, note = recovery
+    rec = result.model.meta.get("amgfx_recovery", {})
+    report = {"data": note, "steps": a.recover_steps, "schedule_steps": a.iterative,
+              "loss": rec.get("loss", config.loss), "lr": a.recover_lr}
+    if result.recovered is None:               # an iterative schedule recovered between its steps
+        return report
     held, _ = heldout(a, loaded)
-    report["cosine_before"] = round(embedding_cosine(cg.gm, pruned, held or [cg.gm.meta[EXAMPLE]]), 4)
-    say(f"recovering: {a.recover_steps} steps of {opts['loss']} distillation on {note} ...")
-    out = recover(pruned, cg.gm, data, steps=a.recover_steps, **opts)
-    report["seconds"] = out.meta["amgfx_recovery"]["seconds"]
-    report["heldout"] = out.meta["amgfx_recovery"]["heldout"]
-    return out, report
+    before = result.refitted if result.refitted is not None else result.pruned[0]
+    report["cosine_before"] = round(embedding_cosine(cg.gm, before, held or [cg.gm.meta[EXAMPLE]]), 4)
+    report["seconds"], report["heldout"] = rec["seconds"], rec["heldout"]
+    return report
 
 
 def cmd_prune(a) -> int:
@@ -131,29 +131,22 @@ def cmd_prune(a) -> int:
         return got
     loaded, cg, dt, calib, batches = got
     say(f"analysed in {dt:.1f}s; calibrating on {calib['note']}")
-    recovery = _recovery(a, cg, loaded) if a.recover_steps else None       # its data and options, checked first
+    recovery = _recovery(a, loaded) if a.recover_steps else None       # its data and options, checked first
     if isinstance(recovery, int):
         return recovery
     t0 = time.perf_counter()
     try:
-        plan, pruned, recovered = _plan_and_rewrite(a, cg, batches, recovery, say)
-        t1 = time.perf_counter()
-        say("verifying against the zeroing oracle ...")
-        check = verify(cg, plan, pruned=recovered)
-        refit = None
-        if recovered is not None and plan.keep and calib["batches"] is not None and not a.no_reconstruct:
-            say(f"reconstructing: refitting the kept weights to the dense model on {calib['note']} ...")
-            refit = {}
-            pruned = recovered = _refit(a, cg, recovered, batches, refit)
+        result = _run(a, cg, batches, calib["batches"] is not None, recovery, say)
+        plan, pruned = result.plan, result.model
+        check = verify(cg, plan) if a.iterative > 1 else result.verify     # a schedule: its composed plan
         if a.draw:
             try:
                 _draw(a, cg, plan)
             except OSError as e:
                 return err(f"cannot draw to {a.draw}: {e}")
-        report = _report(a, cg, plan, pruned, check, refit, calib["note"])
+        report = _report(a, cg, plan, pruned, check, _refit_report(result), calib["note"])
         if recovery:
-            tuned, report["recovery"] = _recover_after(a, cg, loaded, recovered, recovery, say)
-            pruned = pruned if tuned is None else tuned
+            report["recovery"] = _recovery_report(a, cg, loaded, result, recovery)
         t2 = time.perf_counter()
         deployed = _deploy(a, cg, pruned, say) if a.out else {"files": [], "onnx": {}}
         report.update(_measure(a, cg, pruned, loaded, deployed["onnx"], say))
@@ -161,8 +154,10 @@ def cmd_prune(a) -> int:
         return err(f"cannot write to {a.out}: {e}")
     except AmgfxError as e:
         return err(str(e).splitlines()[0])
-    report["seconds"] = {"analyse": round(dt, 2), "score_plan_rewrite": round(t1 - t0, 2),
-                         "verify_and_recover": round(t2 - t1, 2), "total": round(time.perf_counter() - t_start, 2)}
+    steps = result.seconds
+    report["seconds"] = {"analyse": round(dt, 2), "score_plan_rewrite": round(steps.get("plan", 0) + steps["rewrite"], 2),
+                         "verify_and_recover": round(t2 - t0 - steps.get("plan", 0) - steps["rewrite"], 2),
+                         "total": round(time.perf_counter() - t_start, 2)}
     _finish(a, loaded, cg, report, check, deployed, calib["note"])
     return 0 if check.passed or not check.exact else 1
 
@@ -204,37 +199,46 @@ def _analysed(a, loaded):
     return loaded, cg, dt, calib, batches
 
 
-def _plan_and_rewrite(a, cg, batches, recovery, say):
-    """(plan, pruned model, the model the oracle checks: None when an iterative schedule recovered between)."""
-    options = dict(method=a.method, calib=batches, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
-                   protect=a.protect, same_head_dim=a.same_head_dim, blocks=a.remove_blocks, seed=a.seed,
-                   progress=not (a.quiet or a.json))
+def _config(a) -> PlanConfig:
+    """The flags as a PlanConfig (checked once, saved into plan.json)."""
+    return PlanConfig(method=a.method, target_flops=None if a.ratios or a.target_latency else a.target_flops,
+                      ratios=a.ratios, tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
+                      scope="model" if a.budget_scope == "auto" else a.budget_scope, kinds=a.kinds,
+                      round_to=a.round_to, min_keep=a.min_keep, protect=a.protect, same_head_dim=a.same_head_dim,
+                      blocks=a.remove_blocks, seed=a.seed)
+
+
+def _run(a, cg, batches, refit: bool, recovery, say):
+    """The prune sequence (amgfx.sequence) with the flags' configs: plan (or replay --plan), rewrite, check
+    against the oracle, refit (on calibration data, unless --no-reconstruct), recover (--recover-steps)."""
+    progress, refit = not (a.quiet or a.json), refit and not a.no_reconstruct
+    config, data = (recovery or (None, None, None))[:2]
     if a.iterative > 1:
+        t = time.perf_counter()
         say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
-        r_opts, r_data, _ = recovery or ({}, None, None)
-        pruned = prune(cg, target_flops=a.target_flops, **options, schedule=Iterative(
-            steps=a.iterative, recover_steps=a.recover_steps, data=r_data, recover=r_opts))
-        return pruned.meta[PLAN], pruned, None
+        opts = {k: v for k, v in (config.to_dict() if config else {}).items()
+                if k in ("lr", "loss", "seed") and v is not None}
+        pruned = prune(cg, config=_config(a), calib=batches, progress=progress, schedule=Iterative(
+            steps=a.iterative, recover_steps=a.recover_steps, data=data, recover=opts))
+        return Result(pruned.meta[PLAN], [pruned], seconds={"plan": time.perf_counter() - t, "rewrite": 0.0})
     if a.target_latency is not None:
         say(f"planning to {a.target_latency} of the dense time in {a.runtime} (op times measured once, "
             "cached; the plan is then timed and corrected) ...")
-    plan = Plan.load(a.plan) if a.plan else plan_for(
-        cg, target_flops=None if a.ratios or a.target_latency else a.target_flops, ratios=a.ratios,
-        tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
-        scope="model" if a.budget_scope == "auto" else a.budget_scope, **options)
-    pruned = apply(cg, plan)
-    return plan, pruned, pruned
+    if refit or config:
+        say("then " + " and ".join(w for w, on in (("reconstructing the kept weights", refit),
+                                                    (f"recovering {a.recover_steps} steps", config)) if on) + " ...")
+    return run(Captured((cg,)), _config(a), calib=batches, plan=Plan.load(a.plan) if a.plan else None,
+               reconstruct=refit, recover=config, recover_data=data, progress=progress)
 
 
-def _refit(a, cg, pruned, batches, out: dict):
-    """``reconstruct`` the kept weights; what it did goes into ``out`` for the report."""
-    t = time.perf_counter()
-    pruned = reconstruct(pruned, cg, batches, progress=not (a.quiet or a.json))
-    layers = pruned.meta[RECONSTRUCTION]["layers"]
+def _refit_report(result) -> dict | None:
+    """What reconstruction did, for the report (None when it did not run)."""
+    if result.refitted is None:
+        return None
+    layers = result.refitted.meta[RECONSTRUCTION]["layers"]
     mean = lambda k: round(float(np.mean([x[k] for x in layers])), 4) if layers else 0.0
-    out.update({"layers": len(layers), "tokens": max((x["samples"] for x in layers), default=0),
-                "error_before": mean("before"), "error_after": mean("after"), "seconds": round(time.perf_counter() - t, 2)})
-    return pruned
+    return {"layers": len(layers), "tokens": max((x["samples"] for x in layers), default=0),
+            "error_before": mean("before"), "error_after": mean("after"), "seconds": result.seconds["refit"]}
 
 
 def _draw(a, cg, plan) -> None:

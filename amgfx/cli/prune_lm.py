@@ -15,7 +15,7 @@ import sys
 import time
 
 from .. import data, models
-from ..api import prune
+from ..sequence import prune
 from ..decode import decoder, generate
 from ..errors import AmgfxError
 from ..files import save

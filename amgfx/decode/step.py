@@ -119,8 +119,9 @@ class Decoder:
     """A causal LM as two static graphs over one KV cache: ``prefill`` (``prompt_len`` tokens) and
     ``decode`` (one token), for ``batch`` rows and ``max_len`` cache slots.
 
-    ``amgfx.prune`` takes a Decoder and returns one whose both graphs keep what one plan says (the cache
-    shrinks with it; ``plan``); :func:`amgfx.generate` decodes with it.
+    ``amgfx.prune`` takes a Decoder (a capture kind: :func:`amgfx.decode.capture.capture_decoder`) and returns
+    one whose both graphs keep what one plan says (the cache shrinks with it; ``plan``);
+    :func:`amgfx.generate` decodes with it.
     """
     prefill: nn.Module
     decode: nn.Module
@@ -138,11 +139,6 @@ class Decoder:
         state = "pruned" if self.plan is not None else "dense"
         return (f"Decoder({state}, batch={self.batch}, prompt_len={self.prompt_len}, max_len={self.max_len}, "
                 f"{len(self.cache_shapes) // 2} layers, cache {self.cache_bytes_per_token():,} bytes/token)")
-
-    def amgfx_prune(self, **options) -> "Decoder":
-        """What :func:`amgfx.prune` calls for a Decoder (see :func:`amgfx.decode.prune.prune_decoder`)."""
-        from .prune import prune_decoder  # prune calls back into api (issue 45: a capture kind)
-        return prune_decoder(self, **options)
 
     def perplexity(self, windows: torch.Tensor) -> float:
         """exp of the mean next-token cross-entropy over ``[n, prompt_len]`` token windows (every token real),

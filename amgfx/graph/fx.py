@@ -15,7 +15,7 @@ from .ops import FUSED_ATTENTION, sdpa_args
 
 aten = torch.ops.aten
 
-__all__ = ["get_attr", "set_attr", "replace_attr", "tie_tensors", "state_inputs", "copy_module", "del_attr", "constant", "call", "size_args",
+__all__ = ["get_attr", "set_attr", "replace_attr", "has_attr", "unshare", "tie_tensors", "state_inputs", "copy_module", "del_attr", "constant", "call", "size_args",
            "keep_symbolic", "dims_of", "refresh_meta", "remove_marked"]
 
 
@@ -38,6 +38,23 @@ def set_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
 def replace_attr(gm: fx.GraphModule, fqn: str, value: torch.Tensor, old: torch.Tensor) -> None:
     """Put ``value`` at ``fqn`` as the same kind of attribute ``old`` was (trainable Parameter or buffer)."""
     set_attr(gm, fqn, nn.Parameter(value, old.requires_grad) if isinstance(old, nn.Parameter) else value)
+
+
+def has_attr(gm: nn.Module, fqn: str) -> bool:
+    try:
+        get_attr(gm, fqn)
+    except AttributeError:
+        return False
+    return True
+
+
+def unshare(out: fx.GraphModule, original: nn.Module) -> None:
+    """Clone every tensor of ``out`` still shared with ``original`` (the user's model), so training or
+    refitting the result cannot touch it."""
+    theirs = {t.data_ptr() for t in list(original.parameters()) + list(original.buffers()) if t.numel()}
+    for fqn, t in list(out.named_parameters()) + list(out.named_buffers()):
+        if t.numel() and t.data_ptr() in theirs:
+            replace_attr(out, fqn, t.detach().clone(), t)
 
 
 def tie_tensors(src: nn.Module, dst: nn.Module) -> int:

@@ -13,6 +13,8 @@ On a GraphModule (``gm.meta``):
   ``CAPTURED``: made by :func:`amgfx.capture`.
 * ``PLAN``, ``EXACT``, ``APPROXIMATE``, ``DEAD_TOKENS``: what a rewrite did (the plan, whether it is
   exact under the zeroing oracle, the ops that now average over fewer channels, dead-token report).
+* ``RECONSTRUCTION``: what :func:`amgfx.reconstruct` refitted; ``VERIFIED``: the oracle's report on the
+  structural rewrite, when the prune sequence checked it.
 * ``STATE``: ``{"inputs": {i: mask}, "outputs": {j: mask}}``, the keep masks of the state tensors (KV
   caches) a pruned graph reads at flat input ``i`` and returns at flat output ``j``, smaller than captured.
 """
@@ -30,3 +32,5 @@ EXACT = "amgfx_exact"
 APPROXIMATE = "amgfx_approximate"
 DEAD_TOKENS = "amgfx_dead_tokens"
 STATE = "amgfx_state"
+RECONSTRUCTION = "amgfx_reconstruction"
+VERIFIED = "amgfx_verified"

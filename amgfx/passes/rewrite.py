@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from ..errors import RewriteError
 from ..graph.fx import copy_module
-from ..graph.meta import EXACT, PLAN
+from ..graph.meta import EXACT, PLAN, VERIFIED
 from .oracle import check
 from ..planning.plan import Plan
 
@@ -50,6 +50,7 @@ def _attempt(cg, plan: Plan, tol: float):
     except RewriteError as e:          # a plan that does not fit (PlanError) is the caller's to see
         return None, str(e).splitlines()[0], e
     rep = check(cg, plan, pruned, tol)
+    pruned.meta[VERIFIED] = rep
     if rep.passed or (not rep.exact and not rep.problems):     # residual channels: approximate by nature
         return pruned, None, None
     return None, f"the rewrite differs from the zeroing oracle ({rep.status})", None

@@ -38,11 +38,12 @@ from ..analysis.branches import branches
 from ..analysis.tokens import token_sites
 from .cost import predict
 from .latency import OpTimes, predict_ms
+from .options import KINDS
 from ..errors import AmgfxError
 from .plan import Plan, fingerprint
 from .regions import RegionCost, block_flops
 
-__all__ = ["allocate", "select_tokens", "Ladder", "kernel_multiple"]
+__all__ = ["allocate", "select_ratios", "select_tokens", "Ladder", "kernel_multiple"]
 
 KERNEL_MULTIPLE = 16    # GEMM kernels vectorise by 16 floats (AVX-512) or 8 (AVX2); 16 serves both
 
@@ -128,6 +129,38 @@ def _plan(ladders, steps: dict, base: Plan) -> Plan:
             if len(keep) < lad.group.units:
                 plan.keep[lad.group.name] = keep
                 plan.units[lad.group.name] = lad.group.units
+    return plan
+
+
+def select_ratios(cg, scores: dict, ratios: dict) -> Plan:
+    """Keep the best-scored units of every group, removing ``ratios[kind]`` of each.
+
+    Counts are rounded per head for ``qk``/``v`` so every head keeps the same number, and at
+    least one unit (one per head) always stays.
+    """
+    unknown = set(ratios) - set(KINDS)
+    if unknown:
+        raise AmgfxError(f"unknown kind(s) {sorted(unknown)} in ratios; use qk, v, head, mlp, residual")
+    plan = Plan(meta={"ratios": dict(ratios)}, model={"fingerprint": fingerprint(cg.gm)})
+    for g in cg.groups:
+        r = float(ratios.get(g.kind, 0.0))
+        if not 0.0 <= r < 1.0:
+            raise AmgfxError(f"ratio for {g.kind!r} must be in [0, 1), got {r}")
+        if r == 0.0 or g.name not in scores:
+            continue
+        s = np.asarray(scores[g.name])
+        if g.kind in ("qk", "v"):
+            keep = []
+            for h in np.unique(g.heads):
+                units = np.nonzero(g.heads == h)[0]
+                n = len(units) - min(int(round(r * len(units))), len(units) - 1)
+                keep += units[np.argsort(-s[units], kind="stable")[:n]].tolist()
+        else:
+            n = g.units - min(int(round(r * g.units)), g.units - 1)
+            keep = np.argsort(-s, kind="stable")[:n].tolist()
+        if len(keep) < g.units:
+            plan.keep[g.name] = sorted(int(i) for i in keep)
+            plan.units[g.name] = g.units
     return plan
 
 

@@ -1,21 +1,30 @@
-"""Prune an :class:`amgfx.Decoder`: one plan, made on the prefill, rewrites both graphs.
+"""An :class:`amgfx.Decoder` as a capture kind of the prune sequence: two graphs, one plan.
 
 The prefill and the decode step are two captures of the same module, so their coupling groups have the
 same names (``<kind>:<module path>``) and one plan replays on both. A group either capture cannot prune
 is refused in both, so the plan never narrows a layer in one graph that the other keeps whole; the two
 pruned graphs then share their weight tensors, and the cache both read and write shrinks the same way.
+:func:`capture_decoder` hands :func:`amgfx.prune` (:mod:`amgfx.sequence`) both graphs, how to turn token ids
+into prefill batches, the loss gradient criteria calibrate on (:func:`lm_loss`), and how to assemble the
+pruned Decoder; the sequence itself (plan, rewrite, check, refit) is the one every model runs.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
+from ..analysis import analyze
+from ..analysis.captured import Captured
 from ..errors import AmgfxError, ModelSpecError
+from ..graph.capture import capture
 from ..graph.fx import tie_tensors
 from ..graph.meta import STATE
+from ..passes.rewrite import probe
+from .step import Decoder
 
-__all__ = ["capture_decoder", "prune_decoder", "lm_loss"]
+__all__ = ["capture_decoder", "lm_loss"]
 
 
 def _calib_inputs(dec, calib) -> list[tuple]:
@@ -46,48 +55,50 @@ def lm_loss(outputs, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(flat[pairs], ids[:, 1:].reshape(-1)[pairs], reduction="sum")
 
 
-def capture_decoder(dec, *, seed: int = 0):
+def _graphs(dec: Decoder, seed: int):
     """Analyze both graphs (``(prefill cg, decode cg)``), each at a random prompt; the decode step's example
-    cache holds that prompt's history, so the oracle compares real cache contents, not zeros."""
-    from ..api import analyze  # decode calls back into api's prune sequence (issue 45)
-    from ..graph.capture import capture
+    cache holds that prompt's history, so the oracle compares real cache contents, not zeros. A group either
+    capture refuses is refused in the other too."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, dec.vocab_size, (dec.batch, dec.prompt_len), generator=g)
     pre_in = dec.prefill_inputs(ids)
     with torch.no_grad():
         history = dec.prefill(*pre_in)[1:]
     dec_in = dec.decode_inputs(ids[:, -1], pre_in[1][:, -1] + 1, dec.prompt_len, pre_in[3], history)
-    cgs = [analyze(capture(m, x, dynamic_batch=False)) for m, x in ((dec.prefill, pre_in), (dec.decode, dec_in))]
+    cgs = []
+    for m, x in ((dec.prefill, pre_in), (dec.decode, dec_in)):
+        cg = analyze.analyze(capture(m, x, dynamic_batch=False))
+        probe(cg)
+        cgs.append(cg)
     names = [{gr.name for gr in cg.groups} for cg in cgs]
     for cg, other, mine, theirs, where in ((*cgs, *names, "decode step"), (cgs[1], cgs[0], names[1], names[0], "prefill")):
         cg.refuse({n: f"{other.refused.get(n, 'no such group')} (in the {where})" for n in sorted(mine - theirs)})
     return cgs[0], cgs[1]
 
 
-def prune_decoder(dec, *, method="snp", target_flops=None, ratios=None, calib=None, loss_fn=None, plan=None,
-                  reconstruct=None, check: bool = True, **options):
-    """:func:`amgfx.prune` for a :class:`Decoder`: plan on the prefill, rewrite prefill and decode step.
+def capture_decoder(dec: Decoder, example_inputs=None, example_kwargs=None, *, seed: int = 0) -> Captured:
+    """The capture kind of a :class:`Decoder` (the example inputs are its own: a random prompt of its shape).
 
-    ``calib`` is a list of ``[batch, prompt_len]`` token-id tensors (or ``(ids, key_mask)`` pairs, left-padded).
-    Gradient criteria calibrate on :func:`lm_loss` (next-token cross-entropy) unless ``loss_fn`` says otherwise.
+    ``calib`` for it is a list of ``[batch, prompt_len]`` token-id tensors (or ``(ids, key_mask)`` pairs,
+    left-padded); gradient criteria calibrate on :func:`lm_loss` unless the user gives a loss.
     """
-    from ..api import apply, plan_for  # decode calls back into api's prune sequence (issue 45)
-    from ..api import reconstruct as refit
     if dec.plan is not None or isinstance(dec.prefill, torch.fx.GraphModule):
         raise AmgfxError("this Decoder is already pruned; prune the dense one (amgfx.decoder(lm, ...)) again")
-    if options.get("tokens"):
-        raise AmgfxError("a decoder's key positions are its cache slots; token pruning (tokens=) is not for decoders")
-    if options.pop("schedule", None) is not None:
-        raise AmgfxError("schedule= is not supported for decoders yet; prune in one shot")
-    cg_p, cg_d = capture_decoder(dec, seed=options.get("seed", 0))
-    calib_in = _calib_inputs(dec, calib) if calib is not None else None
-    if plan is None:
-        plan = plan_for(cg_p, method=method, target_flops=target_flops, ratios=ratios, calib=calib_in,
-                        loss_fn=loss_fn or lm_loss, **options)
-    prefill, step = apply(cg_p, plan, check=check), apply(cg_d, plan, check=check)
-    if (calib is not None if reconstruct is None else reconstruct) and plan.keep:
-        prefill = refit(prefill, cg_p, calib_in, progress=options.get("progress", True))
-    tie_tensors(prefill, step)                     # one set of weights (refitted ones included) for both graphs
+    if example_inputs is not None or example_kwargs is not None:
+        raise AmgfxError("a Decoder makes its own example inputs (a prompt of its shape); give none")
+    cg_p, cg_d = _graphs(dec, seed)
+    return Captured(graphs=(cg_p, cg_d), finish=functools.partial(_finish, dec, cg_p, cg_d),
+                    batches=functools.partial(_calib_inputs, dec), loss_fn=lm_loss, refuses={
+                        "tokens": "a decoder's key positions are its cache slots; token pruning is not for decoders",
+                        "schedule": "schedule= is not supported for decoders yet; prune in one shot",
+                        "recover": "recovery of a decoder is not supported yet (benchmarks/llm_real.py distils "
+                                   "the prefill graph)"})
+
+
+def _finish(dec: Decoder, cg_p, cg_d, pruned: list, plan) -> Decoder:
+    """The pruned Decoder: one set of weights (refitted ones included) for both graphs, the cache shrunk."""
+    prefill, step = pruned
+    tie_tensors(prefill, step)
     states = [(prefill.meta.get(STATE) or {}).get("inputs", {}), (step.meta.get(STATE) or {}).get("inputs", {})]
     shapes = list(dec.cache_shapes)
     places = [n for n in prefill.graph.nodes if n.op == "placeholder"]

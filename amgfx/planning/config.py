@@ -1,0 +1,98 @@
+"""What to plan, as one config: a frozen dataclass, validated once, saved into ``plan.json``.
+
+In the manner of torchao's ``quantize_(model, config)``: :func:`amgfx.plan_for` and :func:`amgfx.prune`
+take a :class:`PlanConfig` (their keywords are a thin layer that builds one), so a run's options are one
+value that can be printed, compared, written beside the plan (``plan.meta["config"]["plan"]``) and read
+back to plan again exactly.
+
+Example:
+    >>> cfg = PlanConfig(method="taylor", target_flops=0.5, kinds=("qk", "mlp"))
+    >>> PlanConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    >>> cfg.with_options(round_to=8).round_to, cfg.round_to
+    (8, 'auto')
+    >>> PlanConfig(target_flops=0.5, ratios={"mlp": 0.5})
+    Traceback (most recent call last):
+    ...
+    amgfx.errors.AmgfxError: give one of target_flops, target_latency or ratios
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import AmgfxError
+from .options import check_options
+
+__all__ = ["PlanConfig", "config_from_options"]
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """The options of a plan (see :func:`amgfx.plan_for` for what each does).
+
+    Attributes:
+        method: criterion name (``"snp"``, ``"taylor"``, ``"snp+amg"``, ``"qk=obs,mlp=flap"``, ...) or a
+            criterion object (then saved by its repr, and not replayable from the file).
+        target_flops, target_latency, ratios: the budget, one of them (none: :data:`DEFAULT_RATIOS`).
+        tokens: fraction of key positions AMG removes per site (``None``: none).
+        kinds: what is pruned (``None``: qk, v, head, mlp; residual channels are opt-in).
+        round_to, same_head_dim, min_keep, protect, blocks, scope: how the budget is spent.
+        runtime, measure_latency: where a latency budget is measured.
+        seed: the seed of sampled criteria and calibration order.
+    """
+    method: object = "snp"
+    target_flops: float | None = None
+    target_latency: float | None = None
+    ratios: dict | None = None
+    tokens: float | None = None
+    kinds: tuple | None = None
+    round_to: int | str = "auto"
+    min_keep: float = 0.1
+    protect: tuple = ()
+    same_head_dim: bool = True
+    blocks: bool = False
+    scope: str = "model"
+    runtime: str = "eager"
+    measure_latency: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        # normalise the sequences so that equal configs compare equal and hash
+        for name in ("kinds", "protect"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, name, tuple(v))
+        check_options(self.method, self.target_flops, self.ratios, self.target_latency, tokens=self.tokens,
+                      kinds=self.kinds, runtime=self.runtime)
+        if self.scope not in ("model", "blocks"):
+            raise AmgfxError(f"scope must be 'model' or 'blocks', got {self.scope!r}")
+        if not (self.round_to == "auto" or (isinstance(self.round_to, int) and self.round_to >= 1)):
+            raise AmgfxError(f"round_to must be 'auto' or a positive integer, got {self.round_to!r}")
+
+    def with_options(self, **options) -> "PlanConfig":
+        """A copy with ``options`` changed (validated again); an unknown name is refused with the known ones."""
+        unknown = set(options) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise AmgfxError(f"unknown plan option(s) {sorted(unknown)}; PlanConfig has "
+                             f"{', '.join(f.name for f in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **options) if options else self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method if isinstance(self.method, str) else repr(self.method)
+        for name in ("kinds", "protect"):
+            d[name] = None if d[name] is None else list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlanConfig":
+        return cls().with_options(**d)
+
+
+def config_from_options(config: PlanConfig | None, **options) -> PlanConfig:
+    """``config`` (default: :class:`PlanConfig`) with the keyword options that were given (not ``None``)."""
+    if config is not None and not isinstance(config, PlanConfig):
+        raise AmgfxError(f"config must be an amgfx.PlanConfig, got {type(config).__name__}")
+    given = {k: v for k, v in options.items() if v is not None}
+    return (config or PlanConfig()).with_options(**given)
