@@ -28,7 +28,8 @@ from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
 from .passes.lower_attention import is_lowered, unlower
 from .planning.options import RUNTIMES
 
-__all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runner", "interleaved", "paired", "RUNTIMES"]
+__all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runner", "register_runtime", "interleaved",
+           "paired", "RUNTIMES"]
 
 
 def export_program(gm: fx.GraphModule):
@@ -160,6 +161,16 @@ def _ort(gm, workdir):
 
 
 RUNNERS = {"eager": _eager, "inductor": _inductor, "ort": _ort}    # one per name of RUNTIMES (a test holds it)
+
+
+def register_runtime(name: str, description: str, run) -> None:
+    """Make ``name`` a runtime: ``run(gm, workdir) -> f(args, kwargs)`` runs a static-shape GraphModule there.
+    Latency budgets (``target_latency=..., runtime=name``) and :func:`runner` then take it (one registration,
+    both tables: the runners here and the names in :data:`amgfx.planning.options.RUNTIMES`)."""
+    if not name.isidentifier():
+        raise AmgfxError(f"a runtime's name is an identifier, got {name!r}")
+    RUNNERS[name] = run
+    RUNTIMES[name] = description
 
 
 def interleaved(fns: dict, args, kwargs, *, runs: int = 20, block: int = 3, warm: int = 2) -> dict:

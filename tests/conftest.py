@@ -11,6 +11,9 @@ settings.register_profile("ci", derandomize=True, database=None, max_examples=5,
 settings.register_profile("explore", max_examples=40, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# every pass is held to what it declares it ensures (amgfx.passes.ensures), here and in the CLI's subprocesses
+os.environ.setdefault("AMGFX_DEBUG", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 import models  # noqa: E402
 

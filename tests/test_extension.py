@@ -248,3 +248,61 @@ def test_runtimes_have_one_set_of_names():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     flag = next(a for a in sub.choices["prune"]._actions if "--runtime" in a.option_strings)
     assert list(flag.choices) == list(RUNTIMES)
+
+
+def test_a_new_pass_is_one_file_and_one_place_in_the_pipeline(monkeypatch):
+    """CONTRIBUTING's pass recipe with a toy: declared with graph_pass, put in PIPELINE (its one registration),
+    it runs in every rewrite; placed before what it requires it is refused; declaring a property it does not
+    make true fails under the debug checks the suite runs with."""
+    from conftest import analysed
+
+    import amgfx.passes as passes
+    from amgfx.passes.pipeline import PassContractError, PassOrderError, check_order, graph_pass
+    seen = []
+
+    @graph_pass(requires=("shapes_fixed",), ensures=())
+    def count_nodes(gm, resolved):
+        seen.append(len(gm.graph.nodes))
+        return gm
+
+    at = passes.PIPELINE.index(passes.fix_shapes) + 1
+    monkeypatch.setattr(passes, "PIPELINE", passes.PIPELINE[:at] + [count_nodes] + passes.PIPELINE[at:])
+    _, (x,), _, cg = analysed("vit")
+    plan = amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(100))})
+    small = amgfx.apply(cg, plan)
+    assert seen and tuple(small.get_parameter("blocks.0.mlp.fc1.weight").shape)[0] == 100
+    with pytest.raises(PassOrderError, match="count_nodes requires shapes_fixed"):
+        check_order([count_nodes] + passes.PIPELINE)
+
+    @graph_pass(requires=(), ensures=("branches_removed", "params_shrunk"))
+    def claims_too_much(gm, resolved):          # stands in for remove_branch, and claims shrink_params' work too
+        return gm
+
+    monkeypatch.setattr(passes, "PIPELINE", [claims_too_much] + passes.PIPELINE[1:])
+    assert os.environ.get("AMGFX_DEBUG") == "1"
+    with pytest.raises(PassContractError, match="claims_too_much does not ensure what it declares: params_shrunk"):
+        amgfx.apply(cg, plan)
+
+
+def test_a_new_runtime_is_one_runner_and_one_registration(monkeypatch):
+    """CONTRIBUTING's runtime recipe with a toy: register_runtime fills the names and the runners at once; a
+    latency budget then accepts it and runner() runs a pruned graph there."""
+    from amgfx import runtime
+    from amgfx.planning.options import RUNTIMES
+    monkeypatch.setattr(runtime, "RUNNERS", dict(runtime.RUNNERS))
+    monkeypatch.setitem(RUNTIMES, "toy", "placeholder")           # undone after the test, as RUNNERS is
+    del RUNTIMES["toy"]
+    with pytest.raises(amgfx.AmgfxError, match="runtime must be one of"):
+        amgfx.PlanConfig(target_latency=0.5, runtime="toy")
+    calls = []
+
+    def toy(gm, workdir):
+        return lambda a, kw: calls.append(1) or gm(*a, **kw)
+
+    runtime.register_runtime("toy", "a toy that counts its calls", toy)
+    assert amgfx.PlanConfig(target_latency=0.5, runtime="toy").runtime == "toy"
+    from conftest import analysed
+    _, (x,), _, cg = analysed("vit")
+    small = amgfx.apply(cg, amgfx.Plan(keep={"mlp:blocks.0.mlp": list(range(100))}))
+    torch.testing.assert_close(runtime.runner(small, "toy")((x,), {}), small(x))
+    assert calls == [1]

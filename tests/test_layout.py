@@ -191,3 +191,12 @@ def test_functions_are_short():
                 if lines > 60:
                     long.append(f"{m}.{n.name}: {lines}")
     assert not long, long
+
+
+def test_group_names_are_built_and_split_by_group_id():
+    """``"<kind>:<where>"`` is made and taken apart by ``GroupId`` alone (issue 45: it was done by hand in 22 places)."""
+    built = re.compile(r'f"(qk|v|head|mlp|residual|\{kind\}|\{k\}):\{')
+    split = re.compile(r'\b(name|n|g|group|gid)\.(split|partition|rpartition)\(":"')
+    bad = [f"{m}: {line.strip()}" for m, p in MODULES.items() if m != "amgfx.analysis.coupling"
+           for line in open(p) if built.search(line) or split.search(line)]
+    assert not bad, "\n".join(bad)

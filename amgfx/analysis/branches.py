@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..graph.branches import ADDS, SCALES, keeps_channels
+from .coupling import GroupId
 from ..graph.indexprop import input_dependent, shape
 from ..graph.ops import IDENTITY, IGNORED_USERS, LAYERS
 
@@ -80,9 +81,9 @@ def branches(cg) -> dict:
     out = {}
     for s in cg.sites:
         if s.supported and s.proj is not None:
-            out[f"head:{s.name}"] = _walk(f"head:{s.name}", nodes[s.proj.node], data)
+            out[GroupId("head", s.name)] = _walk(GroupId("head", s.name), nodes[s.proj.node], data)
     for m in cg.mlps:
-        out[f"mlp:{m.name}"] = _walk(f"mlp:{m.name}", nodes[m.fc2.node], data)
+        out[GroupId("mlp", m.name)] = _walk(GroupId("mlp", m.name), nodes[m.fc2.node], data)
     for name, b in out.items():
         layer = nodes[b.out]
         if b.removable and layer.target not in LAYERS:

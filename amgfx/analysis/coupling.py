@@ -10,7 +10,7 @@ so the connected components of one kind's edges are exactly that kind's units.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import networkx as nx
 import numpy as np
@@ -18,6 +18,34 @@ import numpy as np
 from .records import AttentionSite, Structure
 
 KINDS = ("qk", "v", "head", "mlp", "residual")
+
+
+class GroupId(str):
+    """A coupling group's name, ``"<kind>:<where>"``: a ``str`` (a dict key, a key of ``plan.json``) that
+    knows its two parts, so nothing builds or splits names by hand.
+
+    Example:
+        >>> g = GroupId("qk", "blocks.0.attn")
+        >>> g, g.kind, g.where, GroupId("mlp:blocks.1.mlp").where, g == "qk:blocks.0.attn"
+        ('qk:blocks.0.attn', 'qk', 'blocks.0.attn', 'blocks.1.mlp', True)
+    """
+    __slots__ = ()
+
+    def __new__(cls, kind_or_name: str, where: str | None = None):
+        if where is None:
+            kind, sep, rest = str(kind_or_name).partition(":")
+            if not sep or not kind or not rest:
+                raise ValueError(f"a group name is '<kind>:<where>', got {kind_or_name!r}")
+            return super().__new__(cls, kind_or_name)
+        return super().__new__(cls, f"{kind_or_name}:{where}")
+
+    @property
+    def kind(self) -> str:
+        return self.partition(":")[0]
+
+    @property
+    def where(self) -> str:
+        return self.partition(":")[2]
 
 
 @dataclass
@@ -30,12 +58,15 @@ class Member:
 
 @dataclass
 class Group:
-    name: str                # "<kind>:<where>"
     kind: str
     where: str               # site / MLP / stream name
     members: list
     heads: np.ndarray | None = None   # kv head of each unit: per-head counts must stay equal
     exact: bool = True       # removing a unit equals zeroing it in the dense model
+    name: GroupId = field(init=False)  # "<kind>:<where>"
+
+    def __post_init__(self):
+        self.name = GroupId(self.kind, self.where)
 
     @property
     def units(self) -> int:
@@ -60,12 +91,12 @@ def _site_groups(s: AttentionSite) -> list[Group]:
         return out
     if s.qk_q is not None and "qk" not in s.disabled:
         G, U = s.qk_q.shape[:2]
-        out.append(Group(f"qk:{s.name}", "qk", s.name,
+        out.append(Group("qk", s.name,
                          _layer_members(s.q, s.qk_q.reshape(G * U, -1), "q") + _layer_members(s.k, s.qk_k.reshape(G * U, -1), "k"),
                          heads=np.repeat(np.arange(G), U)))
     if s.v_v is not None and "v" not in s.disabled:
         G, U = s.v_v.shape[:2]
-        out.append(Group(f"v:{s.name}", "v", s.name,
+        out.append(Group("v", s.name,
                          _layer_members(s.v, s.v_v.reshape(G * U, -1), "v")
                          + [Member(s.proj.weight, s.proj.in_dim, s.v_o.reshape(G * U, -1), "proj")],
                          heads=np.repeat(np.arange(G), U)))
@@ -73,7 +104,7 @@ def _site_groups(s: AttentionSite) -> list[Group]:
         members = (_layer_members(s.q, s.head_q, "q") + _layer_members(s.k, s.head_k, "k")
                    + _layer_members(s.v, s.head_v, "v") + [Member(s.proj.weight, s.proj.in_dim, s.head_o, "proj")])
         members += [Member(p, d, s.head_qheads, "head_tensor") for p, d in s.per_head]
-        out.append(Group(f"head:{s.name}", "head", s.name, members))
+        out.append(Group("head", s.name, members))
     return out
 
 
@@ -86,11 +117,11 @@ def build_groups(st: Structure) -> list[Group]:
             if rows.size:
                 members += _layer_members(layer, rows, "fc1" if li == 0 else "gate")
         members += [Member(p, d, np.arange(m.hidden)[:, None], "norm") for p, d in m.norm]
-        groups.append(Group(f"mlp:{m.name}", "mlp", m.name, members, exact=m.exact))
+        groups.append(Group("mlp", m.name, members, exact=m.exact))
     for r in st.residual:
         if r.prunable:
             idx = np.arange(r.width)[:, None]
-            groups.append(Group(f"residual:{r.name}", "residual", r.name,
+            groups.append(Group("residual", r.name,
                                 [Member(p, d, idx, "residual") for p, d in r.members], exact=False))
     return groups
 
@@ -159,7 +190,7 @@ class CouplingGraph:
         A site's kind (qk, v, head) is also marked disabled with the reason, so inspect says it."""
         sites = {s.name: s for s in self.sites}
         for name, why in reasons.items():
-            kind, _, where = name.partition(":")
+            kind, where = GroupId(name).kind, GroupId(name).where
             self.refused[name] = why
             if where in sites and kind in ("qk", "v", "head"):
                 sites[where].disabled.setdefault(kind, why)
@@ -188,7 +219,7 @@ class CouplingGraph:
                 nodes = [f"{m.param}[{m.dim}]:0-{grp.units - 1}" for m in grp.members]
                 for m, n in zip(grp.members, nodes):
                     g.add_node(n, param=m.param, dim=m.dim, role=m.role, index=f"0-{grp.units - 1}")
-                g.add_edges_from(((nodes[0], n) for n in nodes[1:]), kind="residual", group=grp.name)
+                g.add_edges_from(((nodes[0], n) for n in nodes[1:]), kind="residual", group=str(grp.name))
                 continue
             for u in range(grp.units):
                 neurons = []
@@ -197,7 +228,7 @@ class CouplingGraph:
                         n = f"{m.param}[{m.dim}]:{int(i)}"
                         g.add_node(n, param=m.param, dim=m.dim, role=m.role, index=int(i))
                         neurons.append(n)
-                g.add_edges_from(((neurons[0], n) for n in neurons[1:]), kind=grp.kind, group=grp.name, unit=u)
+                g.add_edges_from(((neurons[0], n) for n in neurons[1:]), kind=grp.kind, group=str(grp.name), unit=u)
         return g
 
     # ----------------------------------------------------------------------------------------
@@ -243,7 +274,7 @@ class CouplingGraph:
         if unknown:
             parts += ["", "ops with parameters amgfx has no rule for (their weights are left whole):"]
             parts += [f"  {k.node} [{k.op}]: {k.what}" for k in unknown]
-        refused = [(n, r) for n, r in self.refused.items() if n.split(":")[0] in ("mlp", "residual")]
+        refused = [(n, r) for n, r in self.refused.items() if GroupId(n).kind in ("mlp", "residual")]
         if refused:
             parts += ["", "groups left whole (their removal would break the rewrite):"]
             parts += [f"  {n}: {r}" for n, r in refused]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.collections import PatchCollection
 
+from ..analysis.coupling import GroupId
 from ..analysis.tokens import token_sites
 from ..planning.layers import by_layer
 from ._mpl import plt, save
@@ -79,9 +80,9 @@ def draw_scores(cg, scores, path, site: int | str = 0, plan=None) -> dict:
         raise ValueError(f"no site {site!r}; sites: {', '.join(s.name for s, _ in pairs[:4])}, ...")
     s, mlps = pairs[min(i, len(pairs) - 1)]
     groups = {g.name: g for g in cg.groups}
-    panels = [k for k in ("qk", "v") if f"{k}:{s.name}" in scores.units]
-    mlp = next((groups[f"mlp:{m.name}"] for m in mlps if f"mlp:{m.name}" in scores.units), None)
-    head = groups.get(f"head:{s.name}") if f"head:{s.name}" in scores.units else None
+    panels = [k for k in ("qk", "v") if GroupId(k, s.name) in scores.units]
+    mlp = next((groups[GroupId("mlp", m.name)] for m in mlps if GroupId("mlp", m.name) in scores.units), None)
+    head = groups.get(GroupId("head", s.name)) if GroupId("head", s.name) in scores.units else None
     tok = scores.tokens.get(s.name)
     rows = len(panels) + (mlp is not None) + (head is not None) + (tok is not None)
     if not rows:
@@ -90,7 +91,7 @@ def draw_scores(cg, scores, path, site: int | str = 0, plan=None) -> dict:
     axes = list(axes[:, 0])
     data: dict = {"site": s.name, "criteria": dict(scores.criteria)}
     for kind in panels:
-        data[kind] = _qkv_panel(fig, axes.pop(0), groups[f"{kind}:{s.name}"], kind, scores, plan)
+        data[kind] = _qkv_panel(fig, axes.pop(0), groups[GroupId(kind, s.name)], kind, scores, plan)
     if mlp is not None:
         data["mlp"] = _mlp_panel(fig, axes.pop(0), mlp, scores, plan)
     if head is not None:

@@ -16,7 +16,7 @@ Example (a weight sliced in the graph becomes a parameter of its own):
     >>> lin = next(n for n in gm.graph.nodes if n.op == "call_function" and n is not s)
     >>> s.meta.update({FOLD: True, FOLD_NAME: "w2"})
     >>> lin.args = (lin.args[0], s, None)
-    >>> gm = cleanup(gm)
+    >>> gm = cleanup(gm).graph_module
     >>> sorted(n for n, _ in gm.named_parameters()), tuple(gm(torch.randn(1, 4)).shape)
     (['w2'], (1, 2))
 """
@@ -30,6 +30,7 @@ from ..graph.fx import del_attr, eliminate_dead_code, get_attr, refresh_meta, se
 from ..graph.meta import FOLD, FOLD_NAME, TOKEN_ROWS
 from ..graph.ops import DATA_MOVEMENT
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 
 def _const(gm, n, memo):
@@ -90,7 +91,7 @@ def _drop_unused_attrs(gm: fx.GraphModule) -> None:
 
 
 @graph_pass(requires=("shapes_fixed",), ensures=("folded",))
-def cleanup(gm: fx.GraphModule, plan=None) -> fx.GraphModule:
+def cleanup(gm: fx.GraphModule, resolved: Resolved | None = None) -> fx.GraphModule:
     _fold(gm)
     eliminate_dead_code(gm)
     _drop_unused_attrs(gm)

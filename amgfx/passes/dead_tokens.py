@@ -28,16 +28,17 @@ import torch.fx as fx
 from ..graph.meta import DEAD_TOKENS
 from ..graph.rows import insert_live_gathers
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 
 @graph_pass(requires=("qkv_split", "token_rows"), ensures=("live_rows",))
-def dead_tokens(gm: fx.GraphModule, plan) -> fx.GraphModule:
+def dead_tokens(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
     """Gather the live positions before every linear whose output is read only there."""
-    if plan.options.get("dead_tokens", "auto") == "off" or not plan.dead:
+    if resolved.options.get("dead_tokens", "auto") == "off" or not resolved.dead:
         return gm
-    done = insert_live_gathers(gm, plan.params)
+    done = insert_live_gathers(gm, resolved.params)
     if "reason" not in done:                         # key order as users see it in meta
-        done = {"applied": done["applied"], "live": {d.site: list(d.live) for d in plan.dead.values()},
+        done = {"applied": done["applied"], "live": {d.site: list(d.live) for d in resolved.dead.values()},
                 "gathered_before": done["gathered_before"]}
     gm.meta[DEAD_TOKENS] = done
     return gm

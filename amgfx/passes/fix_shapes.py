@@ -29,6 +29,7 @@ from ..graph.meta import APPROXIMATE, EXAMPLE, STATE, TOKEN_ROWS
 from ..graph.ops import (CONV_GROUPS, GETITEM, IGNORED_USERS, NORMS, STATE_WRITE, is_depthwise_conv, opname, sdpa_args,
                          set_sdpa_arg, state_write_args, where)
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 aten = torch.ops.aten
 
@@ -300,8 +301,8 @@ def _shrink_states(gm, ms) -> None:
 
 
 @graph_pass(requires=("params_shrunk", "token_rows", "live_rows"), ensures=("shapes_fixed",))
-def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
-    """Rewrite size/position constants so the graph runs on the shrunk parameters of ``plan``.
+def fix_shapes(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
+    """Rewrite size/position constants so the graph runs on the shrunk parameters of ``resolved``.
 
     Example (timm ViT, q/k and v keep half of every head):
         >>> import torch, timm, amgfx
@@ -310,11 +311,11 @@ def fix_shapes(gm: fx.GraphModule, plan) -> fx.GraphModule:
         >>> cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
         >>> half = list(range(0, 192, 2))
         >>> r = amgfx.Plan(keep={"qk:blocks.0.attn": half, "v:blocks.0.attn": half}).resolve(cg)
-        >>> gm = fix_shapes(shrink_params(amgfx.capture(m, torch.randn(1, 3, 32, 32)), r), r)
+        >>> gm = fix_shapes(shrink_params(amgfx.capture(m, torch.randn(1, 3, 32, 32)), r).graph_module, r).graph_module
         >>> [n.args[1] for n in gm.graph.nodes if n.name == "reshape"]    # the batch stays dynamic
         [[sym_size_int_1, 5, 3, 3, 32]]
     """
-    ms = propagate_masks(gm, plan.params)
+    ms = propagate_masks(gm, resolved.params)
     for n in list(gm.graph.nodes):
         if n.op == "output":
             _scatter_outputs(gm, ms, n)

@@ -16,7 +16,7 @@ Example:
     >>> a = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, v), {"scale": .1})
     >>> _ = g.output(a)
     >>> change = AttentionChange("s", "sdpa", .1, True, heads=1, kv_heads=1, qk_dim=2, v_dim=4, fused=False, operands=())
-    >>> gm = lower_attention(fx.GraphModule({}, g), Resolved({}, {a.name: change}, {}, True))
+    >>> gm = lower_attention(fx.GraphModule({}, g), Resolved({}, {a.name: change}, {}, True)).graph_module
     >>> gm(torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 4)).shape
     torch.Size([1, 1, 3, 4])
     >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
@@ -32,16 +32,17 @@ from ..graph.fx import call, remove_marked
 from ..graph.meta import LOWERED
 from ..graph.ops import SDPA, sdpa_args, set_sdpa_arg
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 aten = torch.ops.aten
 
 
 @graph_pass(requires=("shapes_fixed", "scale_pinned"), ensures=("lowered",))
-def lower_attention(gm: fx.GraphModule, plan) -> fx.GraphModule:
-    if plan.options.get("lowering", "auto") == "none":
+def lower_attention(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
+    if resolved.options.get("lowering", "auto") == "none":
         return gm
     for n in list(gm.graph.nodes):
-        site = plan.attention.get(n.name)
+        site = resolved.attention.get(n.name)
         if site is None or n.target not in SDPA or site.qk_dim == site.v_dim:
             continue
         dq, dv = site.qk_dim, site.v_dim

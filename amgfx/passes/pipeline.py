@@ -1,10 +1,13 @@
 """The pass contract: what each pass requires of the graph and ensures, and the order check.
 
-In the manner of ``torch.fx.passes.infra.pass_base``: a pass is ``(GraphModule, Resolved) ->
+In the manner of ``torch.fx.passes.infra.pass_base``: a pass is a function ``(GraphModule, Resolved) ->
 GraphModule``, wrapped by :func:`graph_pass` with the properties it needs and the ones it makes
-true. :func:`check_order` refuses a pipeline that runs a pass before what it requires;
+true; called, the wrapper returns a :class:`PassResult` (the module, and whether the pass changed it).
+:func:`check_order` refuses a pipeline that runs a pass before what it requires;
 :func:`run` checks, then runs each pass, turning an unexpected exception into a
-:class:`~amgfx.errors.RewriteError` that names the pass (the original is its cause).
+:class:`~amgfx.errors.RewriteError` that names the pass (the original is its cause). With debug checks
+on (``AMGFX_DEBUG=1``, as the test suite runs), every property a pass ensures is then held against the
+graph (:mod:`.ensures`), and a pass that does not make it true raises :class:`PassContractError`.
 
 Properties (strings, declared once here):
 
@@ -32,11 +35,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch.fx as fx
 
 from ..errors import RewriteError, foreign_errors
 from ..graph.rows import ROW_EDITS
+from ..planning.resolved import Resolved
+from . import ensures
 
-__all__ = ["Pass", "graph_pass", "check_order", "run", "PassOrderError", "PROPERTIES"]
+__all__ = ["Pass", "PassResult", "graph_pass", "check_order", "run", "PassOrderError", "PassContractError",
+           "PROPERTIES"]
 
 PROPERTIES = ("branches_removed", "qkv_split", "token_rows", "live_rows", "params_shrunk", "shapes_fixed", "scale_pinned", "lowered",
               "folded")
@@ -44,6 +53,22 @@ PROPERTIES = ("branches_removed", "qkv_split", "token_rows", "live_rows", "param
 
 class PassOrderError(RewriteError):
     """A pipeline runs a pass before a pass it depends on."""
+
+
+class PassContractError(RewriteError):
+    """A pass declared a property it did not make true (found by the debug checks)."""
+
+
+class PassResult(NamedTuple):
+    """What a pass returns, as ``torch.fx.passes.infra.pass_base.PassResult``: the module and whether it changed."""
+    graph_module: fx.GraphModule
+    modified: bool
+
+
+def _state(gm: fx.GraphModule) -> tuple:
+    """What a pass can change: the nodes (op, target, arguments) and every tensor's shape."""
+    nodes = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
+    return nodes, tuple((k, tuple(t.shape)) for k, t in list(gm.named_parameters()) + list(gm.named_buffers()))
 
 
 @dataclass(eq=False)
@@ -57,15 +82,17 @@ class Pass:
     def name(self) -> str:
         return self.fn.__name__
 
-    def __call__(self, gm, plan=None):
-        return self.fn(gm, plan)
+    def __call__(self, gm: fx.GraphModule, resolved: Resolved | None = None) -> PassResult:
+        before = _state(gm)
+        out = self.fn(gm, resolved)
+        return PassResult(out, out is not gm or _state(out) != before)
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
 
 
 def graph_pass(*, requires=(), ensures=()):
-    """Declare a function ``(gm, plan) -> gm`` a pass, with the properties it requires and ensures."""
+    """Declare a function ``(gm, resolved) -> gm`` a pass, with the properties it requires and ensures."""
     unknown = (set(requires) | set(ensures)) - set(PROPERTIES)
     if unknown:
         raise ValueError(f"unknown pass properties {sorted(unknown)}; declare them in PROPERTIES")
@@ -93,10 +120,15 @@ def check_order(passes) -> None:
         have |= p.ensures
 
 
-def run(gm, plan, passes):
-    """Check the order, then run ``passes`` on ``gm`` (in place where a pass edits in place)."""
+def run(gm: fx.GraphModule, resolved: Resolved, passes) -> fx.GraphModule:
+    """Check the order, then run ``passes`` on ``gm`` (in place where a pass edits in place); with debug
+    checks on, hold what each pass ensures against the graph it leaves."""
     check_order(passes)
+    debug = ensures.debug()
     for p in passes:
         with foreign_errors(RewriteError, f"pass {p.name}"):
-            gm = p(gm, plan)
+            gm = p.fn(gm, resolved) if not debug else p(gm, resolved).graph_module
+        problems = ensures.check(gm, resolved, p.ensures) if debug else []
+        if problems:
+            raise PassContractError(f"pass {p.name} does not ensure what it declares: " + "; ".join(problems[:3]))
     return gm

@@ -1,6 +1,6 @@
 """Pass: remove residual branches whole (block removal): every head of a site, every neuron of an MLP.
 
-For each branch in ``plan.removed`` the attention or MLP is deleted from the graph and what it
+For each branch in ``resolved.removed`` the attention or MLP is deleted from the graph and what it
 still contributed, its output layer's bias through the element-wise ops up to the residual add
 (LayerScale), is added in its place: exactly what the original computes with every unit of the
 branch zeroed, so the zeroing oracle holds. With no bias, the residual add itself goes. It runs
@@ -23,11 +23,12 @@ import torch.fx as fx
 
 from ..graph.branches import remove_branch as _remove
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 
 @graph_pass(requires=(), ensures=("branches_removed",))
-def remove_branch(gm: fx.GraphModule, plan) -> fx.GraphModule:
-    """Delete every branch of ``plan.removed``, adding its constant contribution at the residual add."""
-    for b in plan.removed.values():
+def remove_branch(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
+    """Delete every branch of ``resolved.removed``, adding its constant contribution at the residual add."""
+    for b in resolved.removed.values():
         _remove(gm, b.out, b.chain, b.add)
     return gm

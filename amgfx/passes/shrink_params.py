@@ -9,10 +9,10 @@ Example:
     >>> import torch, torch.fx as fx
     >>> from amgfx.planning.resolved import Resolved
     >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
-    >>> gm = shrink_params(gm, Resolved(params={"0.weight": {0: [0, 2]}, "0.bias": {0: [0, 2]}},
-    ...                                 attention={}, options={}, exact=True))
-    >>> tuple(gm.get_parameter("0.weight").shape)
-    (2, 4)
+    >>> result = shrink_params(gm, Resolved(params={"0.weight": {0: [0, 2]}, "0.bias": {0: [0, 2]}},
+    ...                                     attention={}, options={}, exact=True))
+    >>> tuple(result.graph_module.get_parameter("0.weight").shape), result.modified
+    ((2, 4), True)
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import torch.fx as fx
 
 from ..graph.fx import get_attr, replace_attr
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 
 @graph_pass(requires=("qkv_split",), ensures=("params_shrunk",))
-def shrink_params(gm: fx.GraphModule, plan) -> fx.GraphModule:
-    for fqn, dims in plan.params.items():
+def shrink_params(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
+    for fqn, dims in resolved.params.items():
         old = get_attr(gm, fqn)
         new = old.detach()
         for d, kept in sorted(dims.items(), key=lambda kv: int(kv[0])):

@@ -11,7 +11,7 @@ Example:
     >>> g = fx.Graph(); q = g.placeholder("q")
     >>> a = g.call_function(torch.ops.aten.scaled_dot_product_attention.default, (q, q, q)); _ = g.output(a)
     >>> change = AttentionChange("s", "sdpa", 0.125, False, heads=1, kv_heads=1, qk_dim=4, v_dim=8, fused=False, operands=())
-    >>> gm = softmax_scale(fx.GraphModule({}, g), Resolved({}, {a.name: change}, {}, True))
+    >>> gm = softmax_scale(fx.GraphModule({}, g), Resolved({}, {a.name: change}, {}, True)).graph_module
     >>> a.kwargs
     {'scale': 0.125}
 """
@@ -21,12 +21,13 @@ import torch.fx as fx
 
 from ..graph.ops import SDPA, set_sdpa_arg
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 
 @graph_pass(requires=(), ensures=("scale_pinned",))
-def softmax_scale(gm: fx.GraphModule, plan) -> fx.GraphModule:
+def softmax_scale(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
     for n in gm.graph.nodes:
-        site = plan.attention.get(n.name)
+        site = resolved.attention.get(n.name)
         if site is None or n.target not in SDPA:
             continue
         set_sdpa_arg(n, "scale", float(site.scale))

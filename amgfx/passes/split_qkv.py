@@ -33,6 +33,7 @@ from ..graph.masks import compact_shape, propagate_masks
 from ..graph.ops import opname
 from ..graph.rows import fused_producers, split_operand
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 aten = torch.ops.aten
 
@@ -46,13 +47,13 @@ def _irregular(gm, ms, prod, operands) -> bool:
 
 
 @graph_pass(requires=("branches_removed",), ensures=("qkv_split",))
-def split_qkv(gm: fx.GraphModule, plan) -> fx.GraphModule:
-    mode = plan.options.get("split_qkv", "auto")
+def split_qkv(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
+    mode = resolved.options.get("split_qkv", "auto")
     nodes = {n.name: n for n in gm.graph.nodes}
     # masks of the graph as captured: a split only adds nodes, so other sites' masks stay valid
-    ms = propagate_masks(gm, plan.params, dense=False) if mode == "auto" and any(a.fused for a in plan.attention.values()) else None
-    rows = {**plan.dead, **plan.tokens}              # sites whose queries and keys keep different positions
-    sites = dict(plan.attention)
+    ms = propagate_masks(gm, resolved.params, dense=False) if mode == "auto" and any(a.fused for a in resolved.attention.values()) else None
+    rows = {**resolved.dead, **resolved.tokens}              # sites whose queries and keys keep different positions
+    sites = dict(resolved.attention)
     sites.update({k: v for k, v in rows.items() if k not in sites})
     for node, site in sites.items():
         gather = node in rows                            # q must stand alone

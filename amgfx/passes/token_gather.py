@@ -26,9 +26,10 @@ import torch.fx as fx
 
 from ..graph.rows import insert_token_gathers
 from .pipeline import graph_pass
+from ..planning.resolved import Resolved
 
 
 @graph_pass(requires=("qkv_split",), ensures=("token_rows",))
-def token_gather(gm: fx.GraphModule, plan) -> fx.GraphModule:
-    """Gather kept key positions before the K and V projections of every site in ``plan.tokens``."""
-    return insert_token_gathers(gm, plan.tokens)
+def token_gather(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
+    """Gather kept key positions before the K and V projections of every site in ``resolved.tokens``."""
+    return insert_token_gathers(gm, resolved.tokens)

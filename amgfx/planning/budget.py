@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..analysis.branches import branches
+from ..analysis.coupling import GroupId
 from ..analysis.tokens import token_sites
 from .cost import predict
 from .latency import OpTimes, predict_ms
@@ -218,7 +219,7 @@ def _head_pairs(cg) -> list[tuple[str, str]]:
     per_head = lambda g: g.units // len(np.unique(g.heads))
     pairs = []
     for s in cg.sites:
-        qk, v = groups.get(f"qk:{s.name}"), groups.get(f"v:{s.name}")
+        qk, v = groups.get(GroupId("qk", s.name)), groups.get(GroupId("v", s.name))
         if qk is not None and v is not None and s.head_dim_qk == s.head_dim_v == per_head(qk) == per_head(v):
             pairs.append((qk.name, v.name))
     return pairs

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..analysis.coupling import GroupId
 from ..analysis.tokens import token_sites
 from .cost import predict, row_graph
 
@@ -108,15 +109,15 @@ def layers(cg, plan) -> PlanLayers:
     out = []
     for s, mlps in zip(sites, owned):
         lay = Layer(s.name, [m.name for m in mlps])
-        head = groups.get(f"head:{s.name}")
+        head = groups.get(GroupId("head", s.name))
         heads = np.asarray(plan.keep.get(head.name, range(head.units)) if head else range(s.num_kv_heads))
         if head is not None:
             lay.kept["head"] = (int(heads.size), head.units)
         for kind in ("qk", "v"):
-            g = groups.get(f"{kind}:{s.name}")
+            g = groups.get(GroupId(kind, s.name))
             if g is not None:
                 lay.kept[kind] = (_kept(plan, g, heads), g.units)
-        ms = [groups[f"mlp:{m.name}"] for m in mlps if f"mlp:{m.name}" in groups]
+        ms = [groups[GroupId("mlp", m.name)] for m in mlps if GroupId("mlp", m.name) in groups]
         if ms:
             lay.kept["mlp"] = (sum(_kept(plan, g) for g in ms), sum(g.units for g in ms))
         t = ts.get(s.name)

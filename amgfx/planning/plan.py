@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..analysis.coupling import GroupId
 from ..errors import PlanError
 from ..graph.indexprop import fetch_attr
 from .resolved import AttentionChange, LiveQueries, RemovedBranch, Resolved, TokenKeep
@@ -115,7 +116,7 @@ class Plan:
             if g is None and name in getattr(cg, "refused", {}):
                 raise PlanError(f"group {name!r} cannot be pruned in this model: {cg.refused[name]}")
             if g is None:
-                kind = name.split(":", 1)[0]
+                kind = GroupId(name).kind
                 same = [x.name for x in cg.groups if x.kind == kind]
                 hint = f"it has {len(same)} {kind} group(s), e.g. {same[0]!r}" if same else f"it has no {kind} groups"
                 raise PlanError(f"group {name!r} is not in this model ({hint}); was the plan made for another model?")
@@ -159,7 +160,7 @@ class Plan:
     def _gone(self, cg) -> set:
         """Groups that vanish with a removed branch: an MLP's own, every group of a removed site."""
         removed = self.removed_branches(cg)
-        sites = {n.split(":", 1)[1] for n in removed if n.startswith("head:")}
+        sites = {GroupId(n).where for n in removed if GroupId(n).kind == "head"}
         return set(removed) | {g.name for g in cg.groups if g.kind in ("qk", "v", "head") and g.where in sites}
 
     def _check_site(self, s, by_name) -> None:
@@ -168,7 +169,7 @@ class Plan:
         if not heads:                           # the attention branch is removed whole
             return
         for kind in ("qk", "v"):
-            g = by_name.get(f"{kind}:{s.name}")
+            g = by_name.get(GroupId(kind, s.name))
             if g is None or g.name not in self.keep:
                 continue
             counts = self.per_head_counts(g, heads)
@@ -180,7 +181,7 @@ class Plan:
 
     def kept_heads(self, s, by_name) -> list[int]:
         """The kv heads of site ``s`` that the plan keeps."""
-        g = by_name.get(f"head:{s.name}")
+        g = by_name.get(GroupId("head", s.name))
         return sorted(self.keep[g.name]) if g is not None and g.name in self.keep else list(range(s.num_kv_heads))
 
     def per_head_counts(self, g, heads) -> dict:
@@ -251,7 +252,7 @@ class Plan:
 
             def head_dim(kind, full):
                 # kept units of one kept head x rows per unit
-                g = by_name.get(f"{kind}:{s.name}")
+                g = by_name.get(GroupId(kind, s.name))
                 if g is None or g.name not in self.keep:
                     return full
                 return self.per_head_counts(g, heads[:1])[heads[0]] * (full // (g.units // s.num_kv_heads))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..analysis.coupling import GroupId
 from ..graph.indexprop import fetch_attr, layer_input
 from ..graph.ops import LINEAR_LAYERS
 
@@ -200,7 +201,7 @@ class QKScores(Collector):
 
     @staticmethod
     def key_for(site) -> str:
-        return f"qk:{site.name}"
+        return GroupId("qk", site.name)
 
     def forward(self, seen, st):
         s = self.site

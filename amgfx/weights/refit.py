@@ -21,6 +21,7 @@ import copy
 
 import torch.fx as fx
 
+from ..analysis.coupling import GroupId
 from ..errors import AmgfxError, InternalError, foreign_errors
 from ..graph.fx import copy_module, get_attr, has_attr, replace_attr, unshare
 from ..graph.meta import PLAN, RECONSTRUCTION
@@ -38,14 +39,14 @@ def _qk_source(cg, plan: Plan, calib, on: bool):
     """(coupling graph to rewrite from, q/k scales): the dense weights with q rows rescaled per head whose
     q/k pairs shrink (``on``), else ``cg`` itself and no scales."""
     by_name = {g.name: g for g in cg.groups}
-    sites = [s for s in cg.sites if f"qk:{s.name}" in plan.keep and f"qk:{s.name}" in by_name] if on else []
+    sites = [s for s in cg.sites if GroupId("qk", s.name) in plan.keep and GroupId("qk", s.name) in by_name] if on else []
     scales = qk_scales(cg.gm, zeroed(cg, plan), sites, calib) if sites else {}
     if not scales:
         return cg, scales
     src = copy.copy(cg)
     src.gm = copy_module(cg.gm)
     for site, f in scales.items():
-        scale_rows(src.gm, by_name[f"qk:{site}"], f)
+        scale_rows(src.gm, by_name[GroupId("qk", site)], f)
     return src, scales
 
 
