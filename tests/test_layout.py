@@ -200,3 +200,23 @@ def test_group_names_are_built_and_split_by_group_id():
     bad = [f"{m}: {line.strip()}" for m, p in MODULES.items() if m != "amgfx.analysis.coupling"
            for line in open(p) if built.search(line) or split.search(line)]
     assert not bad, "\n".join(bad)
+
+
+def test_torch_fx_passes_are_imported_by_the_graph_and_rewrite_stages_only():
+    bad = [m for m, p in MODULES.items() if not m.startswith(("amgfx.graph", "amgfx.passes"))
+           and re.search(r"^\s*(from torch\.fx\.passes|import torch\.fx\.passes)", open(p).read(), re.M)]
+    assert not bad, bad
+
+
+def test_the_verbs_take_a_config_and_few_keywords():
+    """plan_for/prune: a PlanConfig (prune: and its refit and recover configs) plus at most 8 keywords; the
+    rest of the options are the config's fields, by name (issue 45)."""
+    import inspect
+
+    from amgfx.api import plan_for
+    from amgfx.sequence import prune
+    configs = {"config", "reconstruct", "recover"}
+    for fn in (plan_for, prune):
+        kw = [p.name for p in inspect.signature(fn).parameters.values()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in configs]
+        assert len(kw) <= 8, (fn.__name__, kw)

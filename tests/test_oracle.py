@@ -245,8 +245,8 @@ def test_a_planted_wrong_rewrite_is_caught_before_prune_returns(monkeypatch):
     real = P.shrink_params
 
     @graph_pass(requires=tuple(real.requires), ensures=tuple(real.ensures))
-    def shrink_params_dropping_a_row(gm, plan):
-        gm = real(gm, plan)
+    def shrink_params_dropping_a_row(gm, resolved):
+        gm = real(gm, resolved).graph_module
         w = get_attr(gm, "blocks.1.mlp.fc1.weight")
         bad = w.detach().clone()
         bad[0] = 0

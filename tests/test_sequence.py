@@ -1,0 +1,80 @@
+"""The prune sequence (amgfx.sequence): one run for every entry point, capture kinds, configs saved and replayed."""
+import json
+
+import pytest
+import torch
+
+import amgfx
+from amgfx.analysis.captured import Captured
+from amgfx.sequence import CAPTURES, captured, run
+from conftest import analysed
+
+
+def test_the_configs_are_saved_into_the_plan_and_plan_again_exactly(tmp_path):
+    m, (x,), _, cg = analysed("vit")
+    calib = [torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = amgfx.PlanConfig(method="taylor", target_flops=0.7, kinds=("qk", "mlp"), round_to=8)
+    small = amgfx.prune(cg, config=cfg, calib=calib, reconstruct=amgfx.RefitConfig(damp=0.1), progress=False)
+    plan = small.meta["amgfx_plan"]
+    plan.save(tmp_path / "plan.json")
+    saved = json.loads((tmp_path / "plan.json").read_text())["meta"]["config"]
+    assert amgfx.PlanConfig.from_dict(saved["plan"]) == cfg
+    assert amgfx.RefitConfig.from_dict(saved["refit"]).damp == 0.1 and saved["recover"] is None
+    again = amgfx.plan_for(cg, config=amgfx.PlanConfig.from_dict(saved["plan"]), calib=calib, progress=False)
+    assert again.keep == plan.keep and again.keep
+
+
+def test_keywords_are_a_thin_layer_over_the_config():
+    _, (x,), _, cg = analysed("vit")
+    a = amgfx.plan_for(cg, method="magnitude", ratios={"mlp": 0.5}, round_to=8, progress=False)
+    b = amgfx.plan_for(cg, config=amgfx.PlanConfig(method="magnitude", ratios={"mlp": 0.5}, round_to=8), progress=False)
+    assert a.keep == b.keep and a.meta["config"] == b.meta["config"]
+    with pytest.raises(amgfx.AmgfxError, match="unknown plan option.*rounding"):
+        amgfx.plan_for(cg, method="magnitude", ratios={"mlp": 0.5}, rounding=8)
+    with pytest.raises(amgfx.AmgfxError, match="must be a fraction"):
+        amgfx.PlanConfig(target_flops=1.5)
+
+
+def test_a_new_capture_kind_plugs_into_prune_by_type(monkeypatch):
+    """A model kind of several graphs is a capture kind registered by type: prune runs the same sequence on
+    each graph with one plan and hands the pruned graphs to the kind's finish."""
+    m, (x,), _, cg = analysed("vit")
+
+    class Twin:                                  # a toy kind: the same model twice, as two graphs
+        pass
+
+    def capture_twin(model, example_inputs=None, example_kwargs=None, *, seed=0):
+        return Captured((cg, amgfx.analyze(m, x)), finish=lambda pruned, plan: (pruned, plan))
+
+    monkeypatch.setitem(CAPTURES, Twin, capture_twin)
+    (a, b), plan = amgfx.prune(Twin(), method="magnitude", ratios={"mlp": 0.5}, progress=False)
+    assert a is not b and plan.keep
+    assert a.get_parameter("blocks.0.mlp.fc1.weight").shape == b.get_parameter("blocks.0.mlp.fc1.weight").shape
+    torch.testing.assert_close(a(x), b(x))
+    assert isinstance(captured(m, x), Captured) and len(captured(m, x).graphs) == 1
+
+
+def test_the_sequence_reports_each_step_and_the_oracle():
+    _, (x,), _, cg = analysed("vit")
+    calib = [torch.randn(4, *x.shape[1:]) for _ in range(2)]
+    r = run(Captured((cg,)), amgfx.PlanConfig(method="magnitude", ratios={"mlp": 0.5}), calib=calib,
+            recover=amgfx.RecoverConfig(steps=2, lr=1e-4, heldout=None), progress=False)
+    assert r.verify.passed and r.refitted is not None and r.recovered is r.model
+    assert list(r.seconds) == ["plan", "rewrite", "refit", "recover"]
+    assert r.plan.meta["config"]["recover"]["steps"] == 2
+    assert r.model.meta["amgfx_recovery"]["loss"] == "kd"          # logits: distilled as such
+    # the user's model is never touched: every tensor of the result is its own
+    theirs = {t.data_ptr() for t in cg.gm.parameters()}
+    assert not theirs & {t.data_ptr() for t in r.pruned[0].parameters()}
+
+
+def test_a_decoder_refuses_what_its_kind_cannot_take():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    dec = amgfx.decoder(LlamaForCausalLM(cfg).eval(), max_len=16, prompt_len=8)
+    with pytest.raises(amgfx.AmgfxError, match="token pruning is not for decoders"):
+        amgfx.prune(dec, ratios={"mlp": 0.5}, tokens=0.5, progress=False)
+    with pytest.raises(amgfx.AmgfxError, match="schedule= is not supported for decoders"):
+        amgfx.prune(dec, target_flops=0.8, schedule=amgfx.Iterative(steps=2), progress=False)
