@@ -318,7 +318,9 @@ def from_log(path: str, out: str, why: str = "stopped") -> None:
         elif line.startswith("Torch-Pruning") and "did not finish" in line:
             rows += [{"name": "Torch-Pruning (its LLM example)", "target": t, "failed": True, "why": line.strip()}
                      for t in sorted({r["target"] for r in rows}, reverse=True)]
-    b = argparse.Namespace(kv=46080)       # SmolLM2-135M's dense cache: 30 layers x 2 x 3 kv heads x 64 x 4 bytes
+    if "kv" not in head:
+        raise SystemExit(f"{path}: its dense row has no 'kv' (the run predates it); re-run the benchmark")
+    b = argparse.Namespace(kv=head["kv"])
     targets = sorted({r["target"] for r in rows}, reverse=True)
     names = sorted({r["name"] for r in rows if not r.get("failed")})
     failed = sorted({r["name"] for r in rows if r.get("failed")})
@@ -358,7 +360,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     b = Bench(a)
     dense_ppl = b.ppl(b.cg.gm)
-    print({"dense": dense_ppl, "analyse_s": b.analyse_s}, flush=True)
+    print({"dense": dense_ppl, "analyse_s": b.analyse_s, "kv": b.kv}, flush=True)
     rows = amgfx_rows(b, a)
     if "flap" not in a.skip:
         rows += baseline_rows(b, a)

@@ -280,8 +280,9 @@ def test_a_new_pass_is_one_file_and_one_place_in_the_pipeline(monkeypatch):
 
     monkeypatch.setattr(passes, "PIPELINE", [claims_too_much] + passes.PIPELINE[1:])
     assert os.environ.get("AMGFX_DEBUG") == "1"
-    with pytest.raises(PassContractError, match="claims_too_much does not ensure what it declares: params_shrunk"):
+    with pytest.raises(amgfx.RewriteError, match="claims_too_much does not ensure what it declares: params_shrunk") as e:
         amgfx.apply(cg, plan)
+    assert isinstance(e.value.__cause__, PassContractError)
 
 
 def test_a_new_runtime_is_one_runner_and_one_registration(monkeypatch):

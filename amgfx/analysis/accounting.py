@@ -50,6 +50,7 @@ class Accounting:
     refused: list = field(default_factory=list)
     not_attention: list = field(default_factory=list)
     unaccounted: list = field(default_factory=list)       # [Skipped]: what was seen and why it is listed
+    ruled: list = field(default_factory=list)             # [Skipped]: not attention by the op table's rule
 
     def counts(self) -> dict:
         return {"supported": len(self.supported), "refused": len(self.refused),
@@ -95,7 +96,8 @@ def attention_like(gm: fx.GraphModule, adapted) -> list[tuple[fx.Node, str]]:
 
 
 def account(gm: fx.GraphModule, sites, skipped, adapted) -> Accounting:
-    """Sort every attention-like op of ``gm`` by what discovery made of it (``sites``, ``skipped``)."""
+    """Sort every attention-like op of ``gm`` by what discovery made of it (``sites``, ``skipped``); the ops
+    a table rule calls not attention are returned in ``ruled``, for the caller to list beside ``skipped``."""
     acc = Accounting()
     site_of = {s.node: s for s in sites}
     skipped_at = {k.node for k in skipped}
@@ -107,7 +109,7 @@ def account(gm: fx.GraphModule, sites, skipped, adapted) -> Accounting:
             acc.not_attention.append(n.name)
         elif n.target in NOT_ATTENTION_OPS:
             rule, what = NOT_ATTENTION_OPS[n.target]
-            skipped.append(Skipped(node=n.name, op=opname(n.target), what=what, rule=rule))
+            acc.ruled.append(Skipped(node=n.name, op=opname(n.target), what=what, rule=rule))
             acc.not_attention.append(n.name)
         else:
             why = {"adapter": "its adapter returned nothing for it",

@@ -58,7 +58,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
     with noted("finding residual streams"):
         residual = residual_streams(ctx)
     acc = account(gm, sites, skipped, set(ADAPTERS) | set(FUSED_ATTENTION))
-    return Structure(sites=sites, mlps=mlps, residual=residual, skipped=skipped, unknown=unknown_weights(gm),
+    return Structure(sites=sites, mlps=mlps, residual=residual, skipped=skipped + acc.ruled, unknown=unknown_weights(gm),
                      accounting=acc)
 
 

@@ -27,7 +27,7 @@ from ..errors import RewriteError
 from ..graph.fx import copy_module
 from ..graph.meta import EXACT, PLAN, VERIFIED
 from .oracle import check
-from .pipeline import PassContractError, PassOrderError
+from .pipeline import PassOrderError
 from ..planning.plan import Plan
 
 __all__ = ["rewrite", "checked", "probe"]
@@ -48,9 +48,9 @@ def _attempt(cg, plan: Plan, tol: float):
     """(pruned model or None, why it failed or None, the exception if one was raised)."""
     try:
         pruned = rewrite(cg, plan)
-    except (PassContractError, PassOrderError):
-        raise                          # amgfx's own passes are wrong, whatever the plan: no group to blame
-    except RewriteError as e:          # a plan that does not fit (PlanError) is the caller's to see
+    except PassOrderError:
+        raise                          # amgfx's pipeline is wrong, whatever the plan: no group to blame
+    except RewriteError as e:          # a pass that failed or broke its contract on this plan: halved to a group          # a plan that does not fit (PlanError) is the caller's to see
         return None, str(e).splitlines()[0], e
     rep = check(cg, plan, pruned, tol)
     pruned.meta[VERIFIED] = rep

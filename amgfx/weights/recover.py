@@ -331,9 +331,7 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
             args, kwargs, labels = _parts(next(batches), n_args)
             if not losses:
                 _check_batch(student, args, kwargs)
-            with torch.no_grad():
-                t = first_output(teacher(*args, **kwargs))
-            out = student(*_own(student, args), **kwargs)
+            out, t = _forward(student, teacher, args, kwargs)
             value = alpha * _distil(loss, first_output(out), t, temperature, kwargs) if alpha else 0.0
             if alpha < 1.0:
                 value = value + (1.0 - alpha) * _task(task_loss, out, labels)
@@ -379,6 +377,13 @@ def _split_heldout(data, heldout):
     return data, held
 
 
+def _forward(student, teacher, args, kwargs):
+    """(the student's outputs, the teacher's first output, without gradients): one batch of distillation."""
+    with torch.no_grad():
+        t = first_output(teacher(*args, **kwargs))
+    return student(*_own(student, args), **kwargs), t
+
+
 class _Guard:
     """Held-out distillation loss at the start and at each check; keeps the best weights."""
 
@@ -394,8 +399,8 @@ class _Guard:
         with torch.no_grad():
             for b in self.held:
                 args, kwargs, _ = _parts(b, self.n_args)
-                t = first_output(self.teacher(*args, **kwargs))
-                total += float(self.loss(first_output(self.student(*_own(self.student, args), **kwargs)), t, kwargs))
+                out, t = _forward(self.student, self.teacher, args, kwargs)
+                total += float(self.loss(first_output(out), t, kwargs))
         _set_mode(self.student, True)
         return total / len(self.held)
 
