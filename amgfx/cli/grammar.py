@@ -182,8 +182,10 @@ calibration sources (--calib):
   DIR       every image under a directory, resized to the model's input
   example   the example inputs alone (quick, but one sample says little)
 
-methods: snp, amg, taylor, magnitude, random, or several joined by '+' (the first that
-scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads)
+methods: snp, amg, taylor, obs, flap, wanda, magnitude, random, or several joined by '+' (the first
+that scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads); auto tries taylor,
+obs+taylor and snp on three quarters of --calib and keeps the plan with the lowest output error after
+refit on the held-out quarter (its choice and every error go into plan.json and the report)
 
 widths: by default kept widths are rounded for the kernels (--round-to auto: multiples of 16 where
 a group is wide enough) and q/k and v keep one width per head (--same-head-dim), the fastest plan at
@@ -249,7 +251,7 @@ def prune_parser(sub) -> None:
                    help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
                         "class/distillation/register tokens kept); counts toward --target-flops")
     r.add_argument("--method", default=None,
-                   help="criterion, or several joined by '+' (default snp+amg; taylor for causal LMs)")
+                   help="criterion, several joined by '+', or auto (default snp+amg; taylor for causal LMs)")
     calib_args(r)
     r.add_argument("--no-reconstruct", action="store_true",
                    help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")

@@ -259,6 +259,8 @@ def _report(a, cg, plan, pruned, check, refit, note: str) -> dict:
         report["target_latency"] = {"target": a.target_latency, **plan.meta["latency"]}
     elif a.target_flops and not a.ratios:
         report["target_flops"] = a.target_flops
+    if "auto" in plan.meta:
+        report["auto"] = plan.meta["auto"]
     gone = sorted(plan.removed_branches(cg))
     if gone:
         report["removed"] = gone
@@ -289,6 +291,11 @@ def _print(a, loaded, cg, report: dict, check, files: list, note: str) -> None:
 def _notes(report: dict) -> list[str]:
     """One line per optional part of the run the report holds (budget, refit, recovery, tokens, blocks)."""
     out = []
+    if "auto" in report:
+        a = report["auto"]
+        tried = ", ".join(f"{k} {v:.4f}" for k, v in a["errors"].items())
+        out.append(f"method auto: chose {a['chosen']} (output error after refit on {a['heldout_batches']} held-out "
+                   f"calibration batch(es): {tried})")
     if "target_latency" in report:
         t = report["target_latency"]
         out.append(f"latency budget: {t['target']} of dense in {t['runtime']}: predicted {t['predicted']:.3f}, "

@@ -59,6 +59,8 @@ def _report(a, loaded, dense, small, ppl, texts, seconds) -> dict:
            "generate": {"prompts": list(PROMPTS), **texts}, "seconds": seconds, "peak_memory_mb": round(_peak_mb())}
     if small.plan.meta.get("reconstruction"):
         out["reconstruction"] = small.plan.meta["reconstruction"]
+    if "auto" in small.plan.meta:
+        out["auto"] = small.plan.meta["auto"]
     return out
 
 
@@ -76,6 +78,9 @@ def _print(r: dict) -> None:
     pp = r["perplexity"]
     print(f"{'perplexity':<26}{pp['dense']:>16.2f}{pp['pruned']:>16.2f}{pp['pruned'] / pp['dense']:>14.3f}")
     print(f"perplexity on {r['perplexity_on']}")
+    if "auto" in r:
+        tried = ", ".join(f"{k} {v:.4f}" for k, v in r["auto"]["errors"].items())
+        print(f"method auto: chose {r['auto']['chosen']} (output error after refit, held out: {tried})")
     for i, prompt in enumerate(r["generate"]["prompts"]):
         print(f"prompt {prompt!r}\n   dense: {r['generate']['dense'][i]!r}\n  pruned: {r['generate']['pruned'][i]!r}")
     s = r["seconds"]

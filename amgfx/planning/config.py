@@ -32,8 +32,10 @@ class PlanConfig:
     """The options of a plan (see :func:`amgfx.plan_for` for what each does).
 
     Attributes:
-        method: criterion name (``"snp"``, ``"taylor"``, ``"snp+amg"``, ``"qk=obs,mlp=flap"``, ...) or a
-            criterion object (then saved by its repr, and not replayable from the file).
+        method: criterion name (``"snp"``, ``"taylor"``, ``"snp+amg"``, ...), a criterion object or
+            ``{kind: criterion}`` (then saved by its repr, and not replayable from the file), or ``"auto"``:
+            the candidate with the lowest held-out output error after refit (:mod:`amgfx.auto`).
+        candidates: the methods ``"auto"`` tries (None: :data:`amgfx.auto.CANDIDATES`).
         target_flops, target_latency, ratios: the budget, one of them (none: :data:`DEFAULT_RATIOS`).
         tokens: fraction of key positions AMG removes per site (``None``: none).
         kinds: what is pruned (``None``: qk, v, head, mlp; residual channels are opt-in).
@@ -42,6 +44,7 @@ class PlanConfig:
         seed: the seed of sampled criteria and calibration order.
     """
     method: object = "snp"
+    candidates: tuple | None = None
     target_flops: float | None = None
     target_latency: float | None = None
     ratios: dict | None = None
@@ -59,10 +62,14 @@ class PlanConfig:
 
     def __post_init__(self):
         # normalise the sequences so that equal configs compare equal and hash
-        for name in ("kinds", "protect"):
+        for name in ("kinds", "protect", "candidates"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, tuple):
                 object.__setattr__(self, name, tuple(v))
+        for m in self.candidates or ():
+            if m == "auto":
+                raise AmgfxError("candidates of method='auto' are methods, not 'auto' itself")
+            check_options(m)
         check_options(self.method, self.target_flops, self.ratios, self.target_latency, tokens=self.tokens,
                       kinds=self.kinds, runtime=self.runtime)
         if self.scope not in ("model", "blocks"):
@@ -81,6 +88,8 @@ class PlanConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["method"] = self.method if isinstance(self.method, str) else repr(self.method)
+        d["candidates"] = None if self.candidates is None else [c if isinstance(c, str) else repr(c)
+                                                                for c in self.candidates]
         for name in ("kinds", "protect"):
             d[name] = None if d[name] is None else list(d[name])
         return d

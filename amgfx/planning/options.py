@@ -37,7 +37,8 @@ def check_options(method, target_flops=None, ratios=None, target_latency=None, *
     minutes on a large model): one of the targets, each in range, a known method, kinds and runtime."""
     if sum(x is not None for x in (target_flops, ratios, target_latency)) > 1:
         raise AmgfxError("give one of target_flops, target_latency or ratios")
-    resolve_method(method)
+    if method != "auto":                     # auto: its candidates are checked by PlanConfig
+        resolve_method(method)
     if target_flops is not None:
         _fraction("target_flops", target_flops)
     if target_latency is not None:

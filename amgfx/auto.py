@@ -1,0 +1,85 @@
+"""``method="auto"``: choose the criterion by measurement, on calibration data held out from scoring.
+
+The calibration batches are split: the last quarter (at least one batch) is held out. Each candidate
+method (:data:`CANDIDATES`, or ``PlanConfig.candidates``) scores and plans on the rest, the plan is rewritten
+and its kept weights refitted on the rest (:func:`amgfx.weights.refit.refit`), and its output is compared
+with the dense model's on the held-out batches (relative error of the first output, averaged). The plan
+with the lowest error is kept as it was measured, and ``plan.meta["auto"]`` records every candidate's error,
+the choice and how it was made, so ``plan.json`` says why. Deterministic for a seed: ties go to the
+earlier candidate.
+
+Cost: one calibration, plan, rewrite and refit per candidate on three quarters of the data (about the
+candidates' count times a one-shot prune); ``candidates=`` bounds it.
+
+Example:
+    >>> import torch, timm, amgfx
+    >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    >>> x = torch.randn(4, 3, 32, 32)
+    >>> calib = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    >>> plan = amgfx.plan_for(m, x, method="auto", target_flops=0.7, calib=calib,
+    ...                       candidates=("magnitude", "snp"), progress=False)
+    >>> a = plan.meta["auto"]
+    >>> sorted(a["errors"]), a["chosen"] in a["errors"], a["heldout_batches"]
+    (['magnitude', 'snp'], True, 1)
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import AmgfxError
+from .graph.fx import state_inputs
+from .passes.rewrite import rewrite
+from .planning.config import PlanConfig
+from .scoring.calibrate import batch_chunks
+from .weights.config import RefitConfig
+from .weights.refit import refit
+
+__all__ = ["CANDIDATES", "choose"]
+
+# the criteria that led on the real models measured (criteria_minilm, llm_real): taylor; obs for what it scores
+# with taylor's q/k pairs; SNP, the paper's own
+CANDIDATES = ("taylor", "obs+taylor", "snp")
+
+
+def _first(out) -> torch.Tensor:
+    return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def heldout_error(dense, pruned, batches) -> float:
+    """Mean over ``batches`` of ``|pruned - dense| / |dense|`` (Frobenius) of the first output."""
+    errs = []
+    with torch.no_grad():
+        for _, pieces in batch_chunks(dense, batches):
+            for args, kwargs, _ in pieces:
+                d = _first(dense(*args, **kwargs)).double()
+                p = _first(pruned(*state_inputs(pruned, list(args)), **kwargs)).double()
+                errs.append(float((p - d).norm() / d.norm().clamp_min(1e-30)))
+    return sum(errs) / len(errs)
+
+
+def choose(cg, config: PlanConfig, calib, plan_with, *, progress: bool = True):
+    """The plan of the candidate with the lowest held-out error after refit (see the module docstring).
+    ``plan_with(config, batches)`` scores and plans with one candidate's config."""
+    batches = list(calib) if calib is not None else []
+    if len(batches) < 2:
+        raise AmgfxError("method='auto' chooses on calibration data it holds out from scoring: give calib= with "
+                         f"at least 2 batches (got {len(batches)})")
+    n_held = max(1, len(batches) // 4)
+    fit, held = batches[:-n_held], batches[-n_held:]
+    errors, plans = {}, {}
+    for method in config.candidates or CANDIDATES:
+        name = method if isinstance(method, str) else repr(method)
+        plan = plan_with(config.with_options(method=method, candidates=None), fit)
+        small = refit(rewrite(cg, plan), cg, fit, RefitConfig(), progress=False)
+        errors[name], plans[name] = round(heldout_error(cg.gm, small, held), 6), plan
+        if progress:
+            print(f"auto: {name}: held-out error after refit {errors[name]:.4f}", file=sys.stderr, flush=True)
+    chosen = min(errors, key=errors.get)           # the first of equals: the candidates' order decides ties
+    plan = plans[chosen]
+    plan.meta["auto"] = {"chosen": chosen, "errors": errors, "heldout_batches": len(held), "fit_batches": len(fit),
+                         "measure": "relative error of the first output against the dense model, after refit, "
+                                    "on calibration batches held out from scoring and refit"}
+    return plan
