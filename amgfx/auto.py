@@ -3,10 +3,11 @@
 The calibration batches are split: the last quarter (at least one batch) is held out. Each candidate
 method (:data:`CANDIDATES`, or ``PlanConfig.candidates``) scores and plans on the rest, the plan is rewritten
 and its kept weights refitted on the rest (:func:`amgfx.weights.refit.refit`), and its output is compared
-with the dense model's on the held-out batches (relative error of the first output, averaged). The plan
+with the dense model's on the held-out batches (relative error of the first output at real tokens, averaged). The plan
 with the lowest error is kept as it was measured, and ``plan.meta["auto"]`` records every candidate's error,
 the choice and how it was made, so ``plan.json`` says why. Deterministic for a seed: ties go to the
-earlier candidate.
+earlier candidate. With fewer than two calibration batches nothing can be held out: the first candidate
+is used, with a warning, and ``plan.meta["auto"]["why"]`` says so.
 
 Cost: one calibration, plan, rewrite and refit per candidate on three quarters of the data (about the
 candidates' count times a one-shot prune); ``candidates=`` bounds it.
@@ -25,11 +26,11 @@ Example:
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import AmgfxError
 from .graph.fx import state_inputs
 from .passes.rewrite import rewrite
 from .planning.config import PlanConfig
@@ -48,14 +49,23 @@ def _first(out) -> torch.Tensor:
     return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
+def _real(out: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """``out`` at the real tokens only, where the batch carries an ``attention_mask`` [batch, tokens] that
+    matches it: what a padded position computes is read by nobody."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and out.dim() >= 2 and out.shape[:2] == mask.shape:
+        return out[mask.bool()]
+    return out
+
+
 def heldout_error(dense, pruned, batches) -> float:
-    """Mean over ``batches`` of ``|pruned - dense| / |dense|`` (Frobenius) of the first output."""
+    """Mean over ``batches`` of ``|pruned - dense| / |dense|`` (Frobenius) of the first output, at real tokens."""
     errs = []
     with torch.no_grad():
         for _, pieces in batch_chunks(dense, batches):
             for args, kwargs, _ in pieces:
-                d = _first(dense(*args, **kwargs)).double()
-                p = _first(pruned(*state_inputs(pruned, list(args)), **kwargs)).double()
+                d = _real(_first(dense(*args, **kwargs)).double(), kwargs)
+                p = _real(_first(pruned(*state_inputs(pruned, list(args)), **kwargs)).double(), kwargs)
                 errs.append(float((p - d).norm() / d.norm().clamp_min(1e-30)))
     return sum(errs) / len(errs)
 
@@ -64,13 +74,19 @@ def choose(cg, config: PlanConfig, calib, plan_with, *, progress: bool = True):
     """The plan of the candidate with the lowest held-out error after refit (see the module docstring).
     ``plan_with(config, batches)`` scores and plans with one candidate's config."""
     batches = list(calib) if calib is not None else []
-    if len(batches) < 2:
-        raise AmgfxError("method='auto' chooses on calibration data it holds out from scoring: give calib= with "
-                         f"at least 2 batches (got {len(batches)})")
+    candidates = config.candidates or CANDIDATES
+    if len(batches) < 2:                             # nothing to hold out: the first candidate, said so
+        first = candidates[0] if isinstance(candidates[0], str) else repr(candidates[0])
+        why = (f"{len(batches)} calibration batch(es): nothing to hold out, so the first candidate ({first}); "
+               "give calib= with at least 2 batches to choose by measurement")
+        warnings.warn(f"method='auto': {why}", stacklevel=3)
+        plan = plan_with(config.with_options(method=candidates[0], candidates=None), calib)
+        plan.meta["auto"] = {"chosen": first, "errors": {}, "why": why}
+        return plan
     n_held = max(1, len(batches) // 4)
     fit, held = batches[:-n_held], batches[-n_held:]
     errors, plans = {}, {}
-    for method in config.candidates or CANDIDATES:
+    for method in candidates:
         name = method if isinstance(method, str) else repr(method)
         plan = plan_with(config.with_options(method=method, candidates=None), fit)
         small = refit(rewrite(cg, plan), cg, fit, RefitConfig(), progress=False)

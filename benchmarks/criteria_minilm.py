@@ -29,6 +29,7 @@ import torch
 
 import amgfx
 from amgfx import data, models
+from amgfx.data import halves, views
 
 from ._report import RESULTS, write_md
 from .criteria_digits import bisect_ratio
@@ -50,20 +51,6 @@ def embed(model, enc) -> torch.Tensor:
             m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
             out.append((h * m).sum(1) / m.sum(1))
     return torch.nn.functional.normalize(torch.cat(out)[:n], dim=-1)
-
-
-def halves(paragraph: str) -> tuple:
-    """(first half, second half) of a paragraph's words: the query and the document :func:`heldout` embeds."""
-    w = paragraph.split()
-    return " ".join(w[: len(w) // 2]), " ".join(w[len(w) // 2:])
-
-
-def views(paragraphs: list, kind: str = "whole") -> list:
-    """The calibration texts: each paragraph ``whole``, or (``halves``) whole and also split into its
-    :func:`halves`, the lengths the evaluation embeds."""
-    if kind == "whole":
-        return list(paragraphs)
-    return list(paragraphs) + [h for p in paragraphs for h in halves(p)]
 
 
 def batches(path, texts: list) -> tuple:

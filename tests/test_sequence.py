@@ -91,6 +91,12 @@ class Smallest(amgfx.Magnitude):
         return -super().score(cg, group, stats, seed)
 
 
+def test_held_out_error_reads_real_tokens_only():
+    from amgfx.auto import _real
+    out, mask = torch.arange(12.).reshape(2, 3, 2), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert _real(out, {"attention_mask": mask}).shape == (3, 2) and _real(out, {}).shape == (2, 3, 2)
+
+
 def _loud_mlp():
     """The test ViT with half of every MLP's neurons made ten times louder: which half a plan keeps matters."""
     m, (x,), _ = models.vit()
@@ -118,9 +124,12 @@ def test_auto_picks_the_better_of_two_planted_criteria_and_says_so(order):
     assert saved["auto"]["chosen"] == "magnitude" and saved["config"]["plan"]["method"] == "auto"
 
 
-def test_auto_needs_held_out_data():
+def test_auto_without_data_to_hold_out_says_it_took_the_first_candidate():
     m, (x,), _ = models.vit()
-    with pytest.raises(amgfx.AmgfxError, match="at least 2 batches"):
-        amgfx.plan_for(m, x, method="auto", ratios={"mlp": 0.5}, calib=[torch.randn(4, *x.shape[1:])], progress=False)
+    with pytest.warns(UserWarning, match="nothing to hold out, so the first candidate"):
+        plan = amgfx.plan_for(m, x, method="auto", ratios={"mlp": 0.5}, calib=[torch.randn(4, *x.shape[1:])],
+                              candidates=("magnitude", "snp"), progress=False)
+    assert plan.meta["auto"]["chosen"] == "magnitude" and plan.meta["auto"]["errors"] == {}
+    assert plan.meta["criteria"]["mlp"].startswith("Magnitude")
     with pytest.raises(amgfx.AmgfxError, match="not 'auto' itself"):
         amgfx.PlanConfig(method="auto", candidates=("auto",))

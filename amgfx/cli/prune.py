@@ -29,7 +29,9 @@ from ..models import is_causal_lm
 from ._common import analysed, calibration, err, heldout, loaded_model, ort_runner
 
 
-METHOD, LM_METHOD = "snp+amg", "taylor"      # what --method means when it is not given
+# what --method means when it is not given: measured per model (amgfx.auto), except for causal LMs, where
+# each candidate would cost minutes (taylor led there, benchmarks/results/llm_real.md)
+METHOD, LM_METHOD = "auto", "taylor"
 
 
 def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
