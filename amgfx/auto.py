@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.utils._pytree as pytree
 
+from .errors import AmgfxError
 from .graph.fx import state_inputs
 from .passes.rewrite import rewrite
 from .planning.config import PlanConfig
@@ -85,17 +86,24 @@ def choose(cg, config: PlanConfig, calib, plan_with, *, progress: bool = True):
         return plan
     n_held = max(1, len(batches) // 4)
     fit, held = batches[:-n_held], batches[-n_held:]
-    errors, plans = {}, {}
+    errors, plans, failed = {}, {}, {}
     for method in candidates:
         name = method if isinstance(method, str) else repr(method)
-        plan = plan_with(config.with_options(method=method, candidates=None), fit)
+        try:
+            plan = plan_with(config.with_options(method=method, candidates=None), fit)
+        except AmgfxError as e:                      # this criterion cannot meet the budget: the others may
+            failed[name] = str(e).splitlines()[0]
+            continue
         small = refit(rewrite(cg, plan), cg, fit, RefitConfig(), progress=False)
         errors[name], plans[name] = round(heldout_error(cg.gm, small, held), 6), plan
         if progress:
             print(f"auto: {name}: held-out error after refit {errors[name]:.4f}", file=sys.stderr, flush=True)
+    if not errors:
+        raise AmgfxError(f"method='auto': no candidate could plan this: {next(iter(failed.values()))}")
     chosen = min(errors, key=errors.get)           # the first of equals: the candidates' order decides ties
     plan = plans[chosen]
-    plan.meta["auto"] = {"chosen": chosen, "errors": errors, "heldout_batches": len(held), "fit_batches": len(fit),
+    plan.meta["auto"] = {"chosen": chosen, "errors": errors, **({"failed": failed} if failed else {}),
+                         "heldout_batches": len(held), "fit_batches": len(fit),
                          "measure": "relative error of the first output against the dense model, after refit, "
                                     "on calibration batches held out from scoring and refit"}
     return plan
