@@ -284,7 +284,8 @@ def test_readme_first_command_prints_the_table(tmp_path):
     out = tmp_path / "minilm50"
     r = run(*[str(out) if c == "minilm50" else c for c in cmd])
     assert r.returncode == 0, r.stderr[-2000:]
-    for row in ("params", "FLOPs (measured)", "latency eager (ms)", "latency onnxruntime (ms)", "cosine to dense"):
+    for row in ("params", "FLOPs (measured)", "latency eager PyTorch (ms)", "latency onnxruntime (ms)", "cosine to dense",
+                "method auto: chose"):
         assert row in r.stdout
     rep = json.loads((out / "report.json").read_text())
     assert abs(rep["flops"]["measured"] / rep["flops"]["dense"] - 0.5) < 0.01 and rep["onnx_parity"] < 1e-4
