@@ -161,7 +161,8 @@ def test_plan_for_a_latency_target_records_prediction_and_every_measured_round(m
     clock = _clocked(monkeypatch, slowdown=1.2)     # the "runtime" disagrees with the planted table: corrections
     plan = amgfx.plan_for(m, x, method="magnitude", target_latency=0.7, progress=False)
     lat = plan.meta["latency"]
-    assert lat["runtime"] == "eager" and 2 <= len(lat["rounds"]) <= LATENCY_ROUNDS == clock.calls
+    # every measured round is recorded; how many it takes depends on the weights (it stops within tolerance)
+    assert lat["runtime"] == "eager" and 2 <= len(lat["rounds"]) == clock.calls <= LATENCY_ROUNDS
     first, second = lat["rounds"][:2]                                    # corrected by target / measured, damped
     assert second["goal"] == pytest.approx(min(1.0, first["goal"] * min(1.5, max(2 / 3, 0.7 / first["measured"]))),
                                            abs=1e-3)
