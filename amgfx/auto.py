@@ -29,7 +29,6 @@ import sys
 import warnings
 
 import torch
-import torch.utils._pytree as pytree
 
 from .errors import AmgfxError
 from .graph.fx import state_inputs
@@ -37,6 +36,7 @@ from .passes.rewrite import rewrite
 from .planning.config import PlanConfig
 from .scoring.calibrate import batch_chunks
 from .weights.config import RefitConfig
+from .weights.recover import first_output
 from .weights.refit import refit
 
 __all__ = ["CANDIDATES", "choose"]
@@ -44,10 +44,6 @@ __all__ = ["CANDIDATES", "choose"]
 # the criteria that led on the real models measured (criteria_minilm, llm_real): taylor; obs for what it scores
 # with taylor's q/k pairs; SNP, the paper's own
 CANDIDATES = ("taylor", "obs+taylor", "snp")
-
-
-def _first(out) -> torch.Tensor:
-    return next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def _real(out: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -65,8 +61,8 @@ def heldout_error(dense, pruned, batches) -> float:
     with torch.no_grad():
         for _, pieces in batch_chunks(dense, batches):
             for args, kwargs, _ in pieces:
-                d = _real(_first(dense(*args, **kwargs)).double(), kwargs)
-                p = _real(_first(pruned(*state_inputs(pruned, list(args)), **kwargs)).double(), kwargs)
+                d = _real(first_output(dense(*args, **kwargs)).double(), kwargs)
+                p = _real(first_output(pruned(*state_inputs(pruned, list(args)), **kwargs)).double(), kwargs)
                 errs.append(float((p - d).norm() / d.norm().clamp_min(1e-30)))
     return sum(errs) / len(errs)
 

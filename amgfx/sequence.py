@@ -25,11 +25,10 @@ import torch.fx as fx
 
 from .analysis.captured import Captured
 from .analysis.coupling import CouplingGraph
-from .api import analyze, plan_for, reconstruct as _reconstruct
+from .api import analyze, apply, plan_for, reconstruct as _reconstruct
 from .decode.capture import capture_decoder
 from .decode.step import Decoder
 from .errors import AmgfxError
-from .graph.fx import unshare
 from .graph.meta import EXAMPLE, PLAN, RECONSTRUCTION, VERIFIED
 from .passes.rewrite import checked, rewrite
 from .planning.config import PlanConfig, config_from_options
@@ -117,10 +116,9 @@ def run(cap: Captured, config: PlanConfig | None = None, *, calib=None, loss_fn=
     plan.meta["config"] = {**plan.meta.get("config", {}), "refit": refit.to_dict() if refit else None,
                            "recover": recover.to_dict() if recover else None}
     t = time.perf_counter()
-    out = Result(plan, [(checked if check else rewrite)(g, plan) for g in cap.graphs], seconds=seconds)
-    for g, p in zip(cap.graphs, out.pruned):
-        if not share:
-            unshare(p, g.gm)
+    # amgfx.apply owns every tensor of its result; the backend's shared rewrite is the driver's own
+    pruned = [(checked if check else rewrite)(g, plan) if share else apply(g, plan, check=check) for g in cap.graphs]
+    out = Result(plan, pruned, seconds=seconds)
     seconds["rewrite"] = round(time.perf_counter() - t, 3)
     if refit is not None and plan.keep:
         t = time.perf_counter()

@@ -128,3 +128,11 @@ def test_bad_options_are_named(options, msg):
     m = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
     with pytest.raises(Exception, match=msg):
         torch.compile(m, backend="amgfx", options=options, fullgraph=True)(torch.randn(2, 4))
+
+
+def test_the_backend_options_name_every_plan_config_field():
+    """backend.PLANNING is spelt out (listing backends imports nothing); it must be PlanConfig's fields, exactly."""
+    import dataclasses
+
+    from amgfx import backend
+    assert set(backend.PLANNING) == {f.name for f in dataclasses.fields(amgfx.PlanConfig)}
