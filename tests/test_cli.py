@@ -291,3 +291,15 @@ def test_readme_first_command_prints_the_table(tmp_path):
     assert abs(rep["flops"]["measured"] / rep["flops"]["dense"] - 0.5) < 0.01 and rep["onnx_parity"] < 1e-4
     if "--recover-steps" in cmd:     # recovery must bring the held-out embeddings closer to dense
         assert rep["cosine_to_dense"] > rep["recovery"]["cosine_before"], rep
+
+
+def test_prune_on_the_defaults_with_one_batch_says_what_auto_took(tmp_path, capsys):
+    """The default method is auto; one calibration batch leaves nothing to hold out, and the table says so
+    (a KeyError in the printed report once)."""
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    with pytest.warns(UserWarning, match="nothing to hold out"):
+        code = main(["prune", f"{f}:build", "--target-flops", "0.8", "--calib", "digits", "--calib-samples", "8"])
+    assert code == 0, capsys.readouterr().err
+    assert "method auto: 1 calibration batch(es): nothing to hold out, so the first candidate (taylor)" in \
+        capsys.readouterr().out

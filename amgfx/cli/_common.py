@@ -151,3 +151,12 @@ def heldout(a, loaded, n: int = 32):
             x = torch.nn.functional.interpolate(x, size=tuple(ex.shape[2:]), mode="bilinear")
         return [((x[i:i + 8],) + tuple(loaded.args[1:]), {}) for i in range(0, n, 8)], f"{n} held-out digits"
     return None, "the example inputs"
+
+
+def auto_line(a: dict) -> str:
+    """What method auto chose and why: every candidate's held-out error, or why nothing could be held out."""
+    if "why" in a:
+        return f"method auto: {a['why']}"
+    tried = ", ".join(f"{k} {v:.4f}" for k, v in a["errors"].items())
+    return (f"method auto: chose {a['chosen']} (output error after refit on {a['heldout_batches']} held-out "
+            f"calibration batch(es): {tried})")

@@ -26,7 +26,7 @@ from ..sequence import Result, prune, run
 from ..weights.config import RecoverConfig
 from ..weights.recover import Iterative
 from ..models import is_causal_lm
-from ._common import analysed, calibration, err, heldout, loaded_model, ort_runner
+from ._common import analysed, auto_line, calibration, err, heldout, loaded_model, ort_runner
 
 
 # what --method means when it is not given: measured per model (amgfx.auto), except for causal LMs, where
@@ -294,10 +294,7 @@ def _notes(report: dict) -> list[str]:
     """One line per optional part of the run the report holds (budget, refit, recovery, tokens, blocks)."""
     out = []
     if "auto" in report:
-        a = report["auto"]
-        tried = ", ".join(f"{k} {v:.4f}" for k, v in a["errors"].items())
-        out.append(f"method auto: chose {a['chosen']} (output error after refit on {a['heldout_batches']} held-out "
-                   f"calibration batch(es): {tried})")
+        out.append(auto_line(report["auto"]))
     if "target_latency" in report:
         t = report["target_latency"]
         out.append(f"latency budget: {t['target']} of dense in {t['runtime']}: predicted {t['predicted']:.3f}, "
@@ -323,5 +320,4 @@ def _notes(report: dict) -> list[str]:
         g = report["removed"]
         out.append(f"blocks: {len(g)} branch(es) removed whole: {', '.join(g[:4])}{', ...' if len(g) > 4 else ''}")
     return out
-
 

@@ -21,7 +21,7 @@ from ..errors import AmgfxError
 from ..files import save
 from ..planning.plan import Plan
 from ..runtime import export_onnx
-from ._common import err
+from ._common import auto_line, err
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
 EVAL_WINDOWS = 32
@@ -79,8 +79,7 @@ def _print(r: dict) -> None:
     print(f"{'perplexity':<26}{pp['dense']:>16.2f}{pp['pruned']:>16.2f}{pp['pruned'] / pp['dense']:>14.3f}")
     print(f"perplexity on {r['perplexity_on']}")
     if "auto" in r:
-        tried = ", ".join(f"{k} {v:.4f}" for k, v in r["auto"]["errors"].items())
-        print(f"method auto: chose {r['auto']['chosen']} (output error after refit, held out: {tried})")
+        print(auto_line(r["auto"]))
     for i, prompt in enumerate(r["generate"]["prompts"]):
         print(f"prompt {prompt!r}\n   dense: {r['generate']['dense'][i]!r}\n  pruned: {r['generate']['pruned'][i]!r}")
     s = r["seconds"]
