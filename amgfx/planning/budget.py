@@ -209,20 +209,35 @@ def select_tokens(cg, scores: dict, fraction: float, *, min_keep: float = 0.1, p
     return {name: sorted(set(range(sites[name].keys)) - d) for name, d in dropped.items() if d}
 
 
-def _head_pairs(cg) -> list[tuple[str, str]]:
-    """(qk group, v group) of each site where equal step counts give equal kept head dims.
-
-    That needs equal dense head dims and one column per unit on both sides; a RoPE q/k unit
-    spans a column pair, so such sites are left as they are.
-    """
+def _head_pairs(cg) -> list[tuple[str, str, int, int]]:
+    """(qk group, v group, columns per qk unit, columns per v unit) of each site whose q/k and v can keep
+    one head dim: equal dense head dims, whole columns per unit on both sides (a RoPE q/k unit is a
+    column pair, a v unit one column)."""
     groups = {g.name: g for g in cg.groups}
     per_head = lambda g: g.units // len(np.unique(g.heads))
     pairs = []
     for s in cg.sites:
         qk, v = groups.get(GroupId("qk", s.name)), groups.get(GroupId("v", s.name))
-        if qk is not None and v is not None and s.head_dim_qk == s.head_dim_v == per_head(qk) == per_head(v):
-            pairs.append((qk.name, v.name))
+        if qk is None or v is None or s.head_dim_qk != s.head_dim_v:
+            continue
+        if s.head_dim_qk % per_head(qk) == 0 and s.head_dim_v % per_head(v) == 0:
+            pairs.append((qk.name, v.name, s.head_dim_qk // per_head(qk), s.head_dim_v // per_head(v)))
     return pairs
+
+
+def _equal_widths(qk: Ladder, v: Ladder, sq: int, sv: int, cq: int, cv: int) -> tuple[int, int]:
+    """Step counts at most ``(sq, sv)`` giving q/k and v one kept head dim: the narrower side gives steps
+    back until it is as wide as the other (both are whole at zero steps, so this ends)."""
+    width = lambda lad, s, c: len(lad.keep(s)) // len(lad.order) * c
+    while sq > 0 or sv > 0:
+        wq, wv = width(qk, sq, cq), width(v, sv, cv)
+        if wq == wv:
+            break
+        if wq < wv:
+            sq -= 1
+        else:
+            sv -= 1
+    return sq, sv
 
 
 def _bisect(plan_at, n: int, goal: float, cost):
@@ -381,6 +396,7 @@ def _walk(cg, ladders: list, base: Plan, same_head_dim: bool):
     steps = sorted((lad.importance[k], lad.group.name, k) for lad in ladders for k in range(lad.max_steps))
     pairs = _head_pairs(cg) if same_head_dim else []
     whole = {lad.group.name: lad.max_steps for lad in ladders if lad.whole}
+    by_name = {lad.group.name: lad for lad in ladders}
 
     def plan_at(m: int) -> Plan:
         counts: dict = {}
@@ -389,8 +405,14 @@ def _walk(cg, ladders: list, base: Plan, same_head_dim: bool):
                 counts[name] = float("inf")
             else:
                 counts[name] = counts.get(name, 0) + 1
-        for qk, v in pairs:                     # the less pruned side sets both: min stays monotone in m
-            counts[qk] = counts[v] = min(counts.get(qk, 0), counts.get(v, 0))
+        for qk, v, cq, cv in pairs:             # the less pruned side sets both widths
+            sq, sv = counts.get(qk, 0), counts.get(v, 0)
+            if not (sq or sv) or math.isinf(sq) or math.isinf(sv):
+                continue
+            if qk not in by_name or v not in by_name:    # a side that cannot move keeps the other whole
+                counts[qk] = counts[v] = 0
+            else:
+                counts[qk], counts[v] = _equal_widths(by_name[qk], by_name[v], sq, sv, cq, cv)
         return _plan(ladders, counts, base)
 
     return plan_at, len(steps)
