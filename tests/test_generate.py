@@ -176,3 +176,21 @@ def test_amgfx_generate_trains_the_benchmark_lm_on_first_use_and_prunes_it(tmp_p
     assert run.returncode == 0, run.stderr[-2000:]
     out = __import__("json").loads(run.stdout)
     assert len(out["pruned"]["tokens"][0]) == 32 and (tmp_path / "lm70" / "decoder.pt2").is_file()
+
+
+def test_index_work_of_a_pruned_decode_graph_runs_once_not_once_per_layer():
+    """Heads that keep different q/k dims need RoPE's cos/sin gathered per head; that happens once for all
+    layers (one gather per table), and the pruned decode graph has no more nodes than the dense one."""
+    from amgfx.decode.capture import capture_decoder
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    dense = amgfx.decoder(tf.LlamaForCausalLM(tf.LlamaConfig(**cfg)).eval(), max_len=24, prompt_len=8)
+    small = amgfx.prune(dense, method="magnitude", ratios={"qk": .25, "mlp": .25}, progress=False)
+    captured = capture_decoder(dense).graphs[1].gm
+    calls = lambda gm, op=None: sum(n.op == "call_function" and (op is None or n.target is op) for n in gm.graph.nodes)
+    gather = torch.ops.aten.gather.default
+    assert calls(small.decode, gather) == 2 < cfg["num_hidden_layers"]          # cos and sin, for every layer
+    assert calls(small.decode) <= calls(captured)
+    got = amgfx.generate(small, PROMPTS, max_new_tokens=8, eos_token_id=None)
+    assert got == amgfx.generate(_zeroed(dense, small), PROMPTS, max_new_tokens=8, eos_token_id=None)

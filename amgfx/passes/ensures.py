@@ -126,10 +126,24 @@ def _folded(gm, r: Resolved) -> list:
     return out + _lints(gm, r)
 
 
+def _noops_dropped(gm, r: Resolved) -> list:
+    from .drop_noops import is_noop
+    return [f"{n.name}: {n.target} does nothing and is still there" for n in gm.graph.nodes if is_noop(n)]
+
+
+def _gathers_shared(gm, r: Resolved) -> list:
+    from collections import Counter
+    from .share_gathers import _batchable
+    keys = Counter(b[0][:2] + b[0][2:] for n in gm.graph.nodes if (b := _batchable(gm, n)) is not None)
+    return [f"{k[0].name} is gathered {c} times along dim {k[1]} at indices one gather could hold"
+            for k, c in keys.items() if c > 1]
+
+
 # property -> what holding it means for the graph (the names are pipeline.PROPERTIES)
 CHECKS = {"branches_removed": _branches_removed, "qkv_split": _lints, "token_rows": _token_rows,
           "live_rows": _live_rows, "params_shrunk": _params_shrunk, "shapes_fixed": _shapes_fixed,
-          "scale_pinned": _scale_pinned, "lowered": _lowered, "folded": _folded}
+          "scale_pinned": _scale_pinned, "lowered": _lowered, "noops_dropped": _noops_dropped,
+          "gathers_shared": _gathers_shared, "folded": _folded}
 
 
 def check(gm: fx.GraphModule, resolved: Resolved, properties) -> list:

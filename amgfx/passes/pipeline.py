@@ -48,7 +48,7 @@ __all__ = ["Pass", "PassResult", "graph_pass", "check_order", "run", "PassOrderE
            "PROPERTIES"]
 
 PROPERTIES = ("branches_removed", "qkv_split", "token_rows", "live_rows", "params_shrunk", "shapes_fixed", "scale_pinned", "lowered",
-              "folded")
+              "noops_dropped", "gathers_shared", "folded")
 
 
 class PassOrderError(RewriteError):
