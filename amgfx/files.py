@@ -137,7 +137,9 @@ class _OrtProgram:
     """An onnxruntime session called like the graph it was exported from: tensors in, tensors out."""
 
     def __init__(self, path):
-        self.session = ort_session(path)
+        # prefill and decode alternate, every token: a worker spinning idle in one would steal the cores
+        # the other is about to run on
+        self.session = ort_session(path, spinning=False)
         self.names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *args):
