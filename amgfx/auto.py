@@ -7,7 +7,9 @@ with the dense model's on the held-out batches (relative error of the first outp
 with the lowest error is kept as it was measured, and ``plan.meta["auto"]`` records every candidate's error,
 the choice and how it was made, so ``plan.json`` says why. Deterministic for a seed: ties go to the
 earlier candidate. With fewer than two calibration batches nothing can be held out: the first candidate
-is used, with a warning, and ``plan.meta["auto"]["why"]`` says so.
+is used (with a warning when one batch was given; without calib it is simply the default's data-free
+path) and ``plan.meta["auto"]["why"]`` says so. ``auto`` is the default method of :func:`amgfx.prune`,
+:func:`amgfx.plan_for`, the CLI and the compile backend.
 
 Cost: one calibration, plan, rewrite and refit per candidate on three quarters of the data (about the
 candidates' count times a one-shot prune); ``candidates=`` bounds it.
@@ -76,7 +78,8 @@ def choose(cg, config: PlanConfig, calib, plan_with, *, progress: bool = True):
         first = candidates[0] if isinstance(candidates[0], str) else repr(candidates[0])
         why = (f"{len(batches)} calibration batch(es): nothing to hold out, so the first candidate ({first}); "
                "give calib= with at least 2 batches to choose by measurement")
-        warnings.warn(f"method='auto': {why}", stacklevel=3)
+        if batches:                                  # data was given, too little of it: say so now
+            warnings.warn(f"method='auto': {why}", stacklevel=3)
         plan = plan_with(config.with_options(method=candidates[0], candidates=None), calib)
         plan.meta["auto"] = {"chosen": first, "errors": {}, "why": why}
         return plan

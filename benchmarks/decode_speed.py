@@ -175,7 +175,7 @@ def main(argv=None):
     if a.real:
         from amgfx import data, models
         loaded = models.load(models.SMOLLM2)
-        tok = models.tokenizer(loaded.path, [])
+        tok = models.tokenizer(loaded.path, ["The capital of France is"])
         encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]
         calib = list(data.token_windows(encode, "calib", PROMPT, 32).split(8))
         held = data.token_windows(encode, "eval", PROMPT, 8)

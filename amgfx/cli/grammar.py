@@ -372,7 +372,8 @@ def generate_parser(sub) -> None:
     p = g.add_argument_group("pruning (the decoder is pruned first when one of these is given)")
     p.add_argument("--target-flops", type=fraction, default=None, help="fraction of dense FLOPs to keep")
     p.add_argument("--ratios", type=ratios, default=None, help="fraction removed per kind, e.g. qk=0.25,v=0.25,mlp=0.5")
-    p.add_argument("--method", default="snp", help="criterion (default snp)")
+    p.add_argument("--method", default="taylor", help="criterion (default taylor: it led on the LMs measured, "
+                   "benchmarks/results/decoder_lm.md and llm_real.md)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration windows (default 64)")
     p.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares refit of the kept weights")
     p.add_argument("--out", metavar="DIR", help="save the pruned decoder here (decoder.pt2, plan.json, manifest.json)")

@@ -34,7 +34,8 @@ class PlanConfig:
     Attributes:
         method: criterion name (``"snp"``, ``"taylor"``, ``"snp+amg"``, ...), a criterion object or
             ``{kind: criterion}`` (then saved by its repr, and not replayable from the file), or ``"auto"``:
-            the candidate with the lowest held-out output error after refit (:mod:`amgfx.auto`).
+            the candidate with the lowest held-out output error after refit (:mod:`amgfx.auto`), the
+            default. With fewer than two calibration batches it takes its first candidate (``taylor``).
         candidates: the methods ``"auto"`` tries (None: :data:`amgfx.auto.CANDIDATES`).
         target_flops, target_latency, ratios: the budget, one of them (none: :data:`DEFAULT_RATIOS`).
         tokens: fraction of key positions AMG removes per site (``None``: none).
@@ -43,7 +44,7 @@ class PlanConfig:
         runtime, measure_latency: where a latency budget is measured.
         seed: the seed of sampled criteria and calibration order.
     """
-    method: object = "snp"
+    method: object = "auto"
     candidates: tuple | None = None
     target_flops: float | None = None
     target_latency: float | None = None
