@@ -133,3 +133,13 @@ def test_auto_without_data_to_hold_out_says_it_took_the_first_candidate():
     assert plan.meta["criteria"]["mlp"].startswith("Magnitude")
     with pytest.raises(amgfx.AmgfxError, match="not 'auto' itself"):
         amgfx.PlanConfig(method="auto", candidates=("auto",))
+
+
+def test_auto_is_the_default_and_without_calib_takes_its_first_candidate_quietly():
+    import warnings
+    m, (x,), _ = models.vit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # no calib given: nothing to warn about
+        plan = amgfx.plan_for(m, x, ratios={"mlp": 0.5}, candidates=("magnitude", "snp"), progress=False)
+    assert amgfx.PlanConfig().method == plan.meta["config"]["plan"]["method"] == "auto"
+    assert plan.meta["auto"]["chosen"] == "magnitude" and "nothing to hold out" in plan.meta["auto"]["why"]
