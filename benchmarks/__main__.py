@@ -19,7 +19,7 @@ import time
 
 SUITE = ["speed", "tokens_latency", "attention_lowering", "analysis_scaling", "calibration_cost", "compile_cost",
          "profile_ops", "levers", "repeat", "tool_cost", "criteria_digits", "criteria_minilm", "accuracy_sweep",
-         "reconstruction_ceiling", "recovery_digits", "recovery_minilm", "decoder_lm", "latency_budget"]
+         "reconstruction_ceiling", "recovery_digits", "recovery_minilm", "decoder_lm", "decode_speed", "latency_budget"]
 
 
 def main(argv=None) -> int:
