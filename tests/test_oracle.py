@@ -276,3 +276,25 @@ def test_the_tolerance_follows_the_models_own_rounding_error():
         assert amgfx.verify(cg, plan).tol == pytest.approx(NOISE_FACTOR * 1e-4)
     finally:
         cg.gm.meta[NOISE] = floor
+
+
+def test_a_miss_within_the_zeroed_models_own_rounding_passes_and_a_wrong_rewrite_still_fails(monkeypatch):
+    """Where the error exceeds the dense model's tolerance, the zeroed reference's own float32 error decides
+    (REFERENCE_FACTOR x it): half a real LLM's heads gone leaves a reference 60x worse conditioned than dense.
+    A planted wrong row errs far beyond that and still fails."""
+    import amgfx.passes.oracle as O
+    from amgfx.graph.fx import get_attr
+    m, args, kwargs, cg = analysed("llama_gqa")
+    plan = amgfx.Plan(keep={"mlp:layers.0.mlp": list(range(0, 96, 2))})
+    good = amgfx.apply(cg, plan, check=False)
+    bad = amgfx.apply(cg, plan, check=False)
+    with torch.no_grad():
+        get_attr(bad, "layers.0.mlp.down_proj.weight")[:, 0] += 1e-3    # a small but real error
+    miss = O.check(cg, plan, bad)
+    assert not miss.passed and miss.max_rel > 1e-5
+    calls = []
+    monkeypatch.setattr(O, "_noise_floor", lambda gm, example=None: calls.append(gm) or miss.max_rel / 2)
+    assert O.check(cg, plan, bad).passed and len(calls) == 1              # as if the reference rounded that much
+    monkeypatch.setattr(O, "_noise_floor", lambda gm, example=None: miss.max_rel / 10)
+    assert not O.check(cg, plan, bad).passed
+    assert O.check(cg, plan, good).passed and O.check(cg, plan, good).tol == 1e-5    # a pass never measures it

@@ -185,6 +185,9 @@ def _state_kept(out, state):
 # A correct rewrite differs from its reference by rounding only: seen up to 6x the model's own error (SmolLM2,
 # 30 layers, 128 tokens: 2.2e-5 against 3.5e-6); a wrong one (a channel moved, a scale lost) errs by 1e-2 and more.
 NOISE_FACTOR = 30
+# Where that fails, the zeroed reference's own rounding error decides: the pruned model and it are two float32
+# computations of one function, so they differ by about twice that error at most.
+REFERENCE_FACTOR = 3
 
 
 def noise_floor(gm) -> float:
@@ -200,8 +203,9 @@ def noise_floor(gm) -> float:
     return gm.meta[NOISE]
 
 
-def _noise_floor(gm) -> float:
+def _noise_floor(gm, example=None) -> float:
     up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    example = gm.meta[EXAMPLE] if example is None else example
     wide = copy_module(gm)
     for fqn, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if t.is_floating_point():                # (tied weights: every name, so no reader stays narrow)
@@ -212,8 +216,8 @@ def _noise_floor(gm) -> float:
         n.args, n.kwargs = pytree.tree_map(widen, n.args), pytree.tree_map(widen, n.kwargs)
     wide.recompile()
     try:
-        ref = pytree.tree_leaves(_run(wide, pytree.tree_map(up, gm.meta[EXAMPLE])))
-        got = pytree.tree_leaves(_run(gm, gm.meta[EXAMPLE]))
+        ref = pytree.tree_leaves(_run(wide, pytree.tree_map(up, example)))
+        got = pytree.tree_leaves(_run(gm, example))
     except (RuntimeError, TypeError, ValueError, AssertionError):   # cannot run wide (a dtype check): no estimate
         return 0.0
     rep = compare([g.double() if isinstance(g, torch.Tensor) else g for g in got], ref, VerifyReport())
@@ -230,10 +234,16 @@ def check(cg, plan: Plan, pruned, tol: float = 1e-5) -> VerifyReport:
     tol = max(tol, NOISE_FACTOR * noise_floor(cg.gm))
     tokens = {node: t.kept for node, t in plan.resolve(cg).tokens.items()}
     state = pruned.meta.get(STATE)
-    ref = _run(masked_keys(zeroed(cg, plan), tokens), _state_zeroed(example, state))
+    reference, ref_in = masked_keys(zeroed(cg, plan), tokens), _state_zeroed(example, state)
+    ref = _run(reference, ref_in)
     got = _run(pruned, pruned.meta[EXAMPLE] if state else example)
     ref = _state_kept(ref, state)
     report = VerifyReport(tol=tol, exact=bool(pruned.meta.get(EXACT, True)),
                           approximate_ops=list(pruned.meta.get(APPROXIMATE, [])),
                           removed=sorted(plan.removed_branches(cg)))
-    return compare(got, ref, report)
+    report = compare(got, ref, report)
+    if report.exact and not report.problems and report.outputs and report.max_rel > report.tol:
+        # the zeroed model can be far less well conditioned than the dense one (half of a real LLM's heads
+        # gone: 2e-4 against 3e-6); within a few times its own rounding error, the two agree
+        report.tol = max(report.tol, REFERENCE_FACTOR * _noise_floor(reference, ref_in))
+    return report
