@@ -226,3 +226,25 @@ def remove_marked(gm: fx.GraphModule, key: str) -> fx.GraphModule:
             gm.graph.erase_node(n)
     gm.recompile()
     return gm
+
+
+def batchable_gather(gm: fx.GraphModule, n: fx.Node):
+    """(group key, head dim, index) of ``gather(expand(table, sizes), dim, constant)`` expanded along one
+    dim only, else None."""
+    if n.op != "call_function" or n.target is not torch.ops.aten.gather.default or len(n.args) != 3 or n.kwargs:
+        return None
+    e, dim, idx = n.args
+    if not (isinstance(e, fx.Node) and e.target is torch.ops.aten.expand.default and isinstance(idx, fx.Node)
+            and idx.op == "get_attr"):
+        return None
+    table, sizes = e.args[0], list(e.args[1])
+    grown = [j for j, s in enumerate(sizes) if s != -1]
+    val = table.meta.get("val")
+    index = get_attr(gm, idx.target)
+    if len(grown) != 1 or val is None or not isinstance(index, torch.Tensor) or len(sizes) != val.dim():
+        return None
+    j = grown[0]
+    if val.shape[j] != 1 or j == dim % val.dim() or index.shape[j] != sizes[j]:
+        return None
+    rest = tuple(s for i, s in enumerate(index.shape) if i != j)
+    return (table, dim % val.dim(), j, rest), j, index

@@ -305,3 +305,28 @@ def set_sdpa_arg(node: fx.Node, name: str, value) -> None:
         node.update_arg(pos, value)
     else:
         node.update_kwarg(theirs, value)
+
+
+# Nodes that do nothing at run time (:mod:`amgfx.passes.drop_noops` removes them).
+ASSERTS = {aten._assert_tensor_metadata.default}
+# Casts that return their input when nothing changes (``copy`` defaults to False); ``_to_copy`` always copies.
+CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.alias.default}
+
+
+def is_noop(n: fx.Node) -> bool:
+    """Whether ``n`` is an assert or a cast that changes nothing about its input."""
+    if n.op != "call_function":
+        return False
+    if n.target in ASSERTS:
+        return True
+    if n.target not in CASTS or not isinstance(n.args[0], fx.Node) or n.kwargs.get("copy", False):
+        return False
+    if n.target is aten.to.dtype and len(n.args) > 3 and n.args[3]:            # to(x, dtype, non_blocking, copy)
+        return False
+    if n.target is aten.to.device and len(n.args) > 4 and n.args[4]:           # to(x, device, dtype, nb, copy)
+        return False
+    if n.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    a, b = n.args[0].meta.get("val"), n.meta.get("val")
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and a.device == b.device and a.layout == b.layout)

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -29,7 +30,8 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..graph.meta import DEAD_TOKENS, EXAMPLE, LOWERED, TOKEN_ROWS
-from ..graph.ops import SDPA, sdpa_args
+from ..graph.fx import batchable_gather
+from ..graph.ops import SDPA, is_noop, sdpa_args
 from ..planning.resolved import Resolved
 
 __all__ = ["CHECKS", "check", "debug"]
@@ -127,14 +129,11 @@ def _folded(gm, r: Resolved) -> list:
 
 
 def _noops_dropped(gm, r: Resolved) -> list:
-    from .drop_noops import is_noop
     return [f"{n.name}: {n.target} does nothing and is still there" for n in gm.graph.nodes if is_noop(n)]
 
 
 def _gathers_shared(gm, r: Resolved) -> list:
-    from collections import Counter
-    from .share_gathers import _batchable
-    keys = Counter(b[0][:2] + b[0][2:] for n in gm.graph.nodes if (b := _batchable(gm, n)) is not None)
+    keys = Counter(b[0] for n in gm.graph.nodes if (b := batchable_gather(gm, n)) is not None)
     return [f"{k[0].name} is gathered {c} times along dim {k[1]} at indices one gather could hold"
             for k, c in keys.items() if c > 1]
 

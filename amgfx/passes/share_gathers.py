@@ -39,7 +39,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from ..graph.fx import constant, get_attr
+from ..graph.fx import batchable_gather, constant
 from ..graph.ops import MOVE
 from .pipeline import graph_pass
 from ..planning.resolved import Resolved
@@ -76,33 +76,11 @@ def _frozen(a):
     return a if isinstance(a, (fx.Node, int, float, bool, str, type(None), torch.dtype, torch.device)) else id(a)
 
 
-def _batchable(gm, n: fx.Node):
-    """(group key, head dim, index) of ``gather(expand(table, sizes), dim, constant)`` expanded along one
-    dim only, else None."""
-    if n.op != "call_function" or n.target is not aten.gather.default or len(n.args) != 3 or n.kwargs:
-        return None
-    e, dim, idx = n.args
-    if not (isinstance(e, fx.Node) and e.target is aten.expand.default and isinstance(idx, fx.Node)
-            and idx.op == "get_attr"):
-        return None
-    table, sizes = e.args[0], list(e.args[1])
-    grown = [j for j, s in enumerate(sizes) if s != -1]
-    val = table.meta.get("val")
-    index = get_attr(gm, idx.target)
-    if len(grown) != 1 or val is None or not isinstance(index, torch.Tensor) or len(sizes) != val.dim():
-        return None
-    j = grown[0]
-    if val.shape[j] != 1 or j == dim % val.dim() or index.shape[j] != sizes[j]:
-        return None
-    rest = tuple(s for i, s in enumerate(index.shape) if i != j)
-    return (table, dim % val.dim(), j, rest), j, index
-
-
 def share_gathers_once(gm: fx.GraphModule) -> int:
-    """Batch the gathers of :func:`_batchable` that share a group key; returns how many gathers went."""
+    """Batch the gathers of :func:`amgfx.graph.fx.batchable_gather` that share a group key; returns how many gathers went."""
     groups = defaultdict(list)
     for n in gm.graph.nodes:
-        b = _batchable(gm, n)
+        b = batchable_gather(gm, n)
         if b is not None:
             groups[b[0]].append((n, b[1], b[2]))
     gone = 0
