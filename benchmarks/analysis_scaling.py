@@ -66,7 +66,11 @@ def planning(cg, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        allocate(cg, scores, 0.5)
+        try:
+            allocate(cg, scores, 0.5)
+        except amgfx.AmgfxError as e:          # the 7B shape on meta tensors: FLOPs prediction needs real ones
+            print(f"planning failed: {str(e).splitlines()[0]}", flush=True)
+            return float("nan")
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -132,7 +136,8 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt_nx = lambda r: ("skipped", "-") if r[8] == 0 else (f"{r[7]:.2f}", str(r[8]))
-    lines += [f"| {r[0]} | {r[1]:.1f} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[9]:.2f} | {r[5]} | {r[6]} | "
+    fmt_plan = lambda t: "- (fails on meta tensors)" if t != t else f"{t:.2f}"
+    lines += [f"| {r[0]} | {r[1]:.1f} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {fmt_plan(r[9])} | {r[5]} | {r[6]} | "
               f"{' | '.join(fmt_nx(r))} |" for r in rows]
     vitb = [r for r in rows if r[0] == "ViT depth 12, width 768"]
     if vitb:
