@@ -77,7 +77,8 @@ def _frozen(a):
 
 
 def share_gathers_once(gm: fx.GraphModule) -> int:
-    """Batch the gathers of :func:`amgfx.graph.fx.batchable_gather` that share a group key; returns how many gathers went."""
+    """Batch the gathers (:func:`amgfx.graph.fx.batchable_gather`) that share a group key; returns how many
+    gathers went."""
     groups = defaultdict(list)
     for n in gm.graph.nodes:
         b = batchable_gather(gm, n)
