@@ -229,8 +229,8 @@ def remove_marked(gm: fx.GraphModule, key: str) -> fx.GraphModule:
 
 
 def batchable_gather(gm: fx.GraphModule, n: fx.Node):
-    """(group key, head dim, index) of ``gather(expand(table, sizes), dim, constant)`` expanded along one
-    dim only, else None."""
+    """(group key, index) of ``gather(expand(table, sizes), dim, constant)`` expanded along one dim only, else
+    None; the key is (table, gather dim, expanded dim, the index's other sizes)."""
     if n.op != "call_function" or n.target is not torch.ops.aten.gather.default or len(n.args) != 3 or n.kwargs:
         return None
     e, dim, idx = n.args
@@ -247,4 +247,4 @@ def batchable_gather(gm: fx.GraphModule, n: fx.Node):
     if val.shape[j] != 1 or j == dim % val.dim() or index.shape[j] != sizes[j]:
         return None
     rest = tuple(s for i, s in enumerate(index.shape) if i != j)
-    return (table, dim % val.dim(), j, rest), j, index
+    return (table, dim % val.dim(), j, rest), index

@@ -28,7 +28,6 @@ from .pipeline import graph_pass
 from ..planning.resolved import Resolved
 
 
-
 @graph_pass(requires=("shapes_fixed",), ensures=("noops_dropped",))
 def drop_noops(gm: fx.GraphModule, resolved: Resolved) -> fx.GraphModule:
     for n in list(gm.graph.nodes):

@@ -8,8 +8,8 @@ inputs become one (every layer's ``unsqueeze(cos, 1)``); then all gathers of one
 whose index constants differ only along the expanded (head) dim, become one gather over the
 concatenated indices, which each former gather reads back as a slice (a view, no copy).
 
-In the pruned ``amgfx-lm`` decode graph this turns 16 expands and 16 gathers into 2 of each and 16
-slices.
+In the pruned ``amgfx-lm`` decode graph this turns 16 gathers into 4 (one per table and kept width) and
+16 slices.
 
 Example:
     >>> import torch, torch.fx as fx
@@ -83,24 +83,24 @@ def share_gathers_once(gm: fx.GraphModule) -> int:
     for n in gm.graph.nodes:
         b = batchable_gather(gm, n)
         if b is not None:
-            groups[b[0]].append((n, b[1], b[2]))
+            groups[b[0]].append((n, b[1]))
     gone = 0
     for (table, dim, j, _), members in groups.items():
         if len(members) < 2:
             continue
         first = members[0][0]
-        index = torch.cat([m[2] for m in members], dim=j)
+        index = torch.cat([idx for _, idx in members], dim=j)
         sizes = [-1] * len(first.args[0].args[1])
         sizes[j] = index.shape[j]
         with gm.graph.inserting_before(first):
             e = gm.graph.call_function(aten.expand.default, (table, sizes))
             g = gm.graph.call_function(aten.gather.default, (e, dim, constant(gm, first, index, "gather")))
             at = 0
-            for n, _, idx in members:
+            for n, idx in members:
                 piece = gm.graph.call_function(aten.slice.Tensor, (g, j, at, at + idx.shape[j]))
                 at += idx.shape[j]
                 n.replace_all_uses_with(piece)
-        for n, _, _ in members:
+        for n, _ in members:
             expand = n.args[0]
             gm.graph.erase_node(n)
             if not expand.users:
