@@ -2,6 +2,8 @@
 nodes, shape refresh), in the manner of ``torch.fx.passes``' own utilities."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -180,6 +182,11 @@ def drop_export_guards(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def on_meta(gm: torch.nn.Module) -> bool:
+    """Whether ``gm``'s weights live on the meta device (shapes only, as a model too big to load is analysed)."""
+    return any(t.device.type == "meta" for t in itertools.chain(gm.parameters(), gm.buffers()))
+
+
 def refresh_meta(gm: fx.GraphModule) -> None:
     """Re-run shape propagation with fake tensors so ``meta['val']`` describes the graph as it is now
     (at the example inputs ``gm.meta['amgfx_example']``)."""
@@ -190,7 +197,18 @@ def refresh_meta(gm: fx.GraphModule) -> None:
         return
     flat = pytree.tree_leaves(example)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat])
+    prop = FakeTensorProp(gm, mode)
+    if on_meta(gm):
+        # a model built on the meta device: the example and the index tables the passes added (real, on
+        # the CPU, as the plan's indices must stay readable) are propagated there too
+        flat = [t.to("meta") if isinstance(t, torch.Tensor) else t for t in flat]
+        fetch = prop.fetch_attr
+        prop.fetch_attr = lambda target: _to_meta(fetch(target))
+    prop.propagate(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat])
+
+
+def _to_meta(t):
+    return t.to("meta") if isinstance(t, torch.Tensor) and t.device.type != "meta" else t
 
 
 _DROPOUTS = {torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,

@@ -24,13 +24,11 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
-from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode,
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                            UnsupportedOperatorException)
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..graph.meta import DEAD_TOKENS, EXAMPLE, LOWERED, TOKEN_ROWS
-from ..graph.fx import batchable_gather
+from ..graph.fx import batchable_gather, refresh_meta
 from ..graph.ops import SDPA, is_noop, sdpa_args
 from ..planning.resolved import Resolved
 
@@ -83,12 +81,8 @@ def _shapes_fixed(gm, r: Resolved) -> list:
     """The graph propagates fake tensors of its example inputs: every size and view constant fits."""
     if EXAMPLE not in gm.meta:
         return []
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    leaves = pytree.tree_leaves(gm.meta[EXAMPLE])
     try:
-        with mode:
-            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in leaves]
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+        refresh_meta(gm)
     except CANNOT_FAKE:             # an op whose output shape depends on data: fake tensors cannot say
         return []
     except (RuntimeError, ValueError, IndexError, TypeError) as e:

@@ -24,7 +24,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..errors import RewriteError
-from ..graph.fx import copy_module
+from ..graph.fx import copy_module, on_meta
 from ..graph.meta import EXACT, PLAN, VERIFIED
 from .oracle import check
 from .pipeline import PassOrderError
@@ -76,6 +76,9 @@ def _culprits(cg, plan: Plan, names: list, tol: float) -> dict:
 def checked(cg, plan: Plan, tol: float = 1e-5) -> fx.GraphModule:
     """:func:`rewrite`, then the oracle; a wrong or failed rewrite raises, naming the groups."""
     plan.resolve(cg)                             # a plan that does not fit the model fails here, as itself
+    if on_meta(cg.gm):
+        raise RewriteError("the model's weights are on the meta device, so the oracle has nothing to run; rewrite "
+                           "with check=False (amgfx.apply) and verify once real weights are loaded")
     pruned, why, exc = _attempt(cg, plan, tol)
     if why is None:
         return pruned

@@ -59,7 +59,7 @@ def _device(n: fx.Node) -> str:
     """Where the node runs: its inputs' device. Nodes a pass inserted carry meta values; they run
     beside their real inputs (a kernel choice, and so the count, may depend on the device)."""
     devs = [v.device.type for a in n.all_input_nodes if isinstance(v := val(a), torch.Tensor)]
-    return next((d for d in devs if d != "meta"), "cpu")
+    return next((d for d in devs if d != "meta"), "meta" if devs else "cpu")   # all meta: a model built on meta
 
 
 def _spec(a, shp, override, device):
