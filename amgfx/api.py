@@ -184,30 +184,40 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, config: P
 
 def _plan(cg: CouplingGraph, cfg: PlanConfig, calib, loss_fn, progress: bool) -> Plan:
     """Score what ``cfg`` prunes, then spend its budget (latency, FLOPs or per-kind ratios)."""
-    ratios, kinds = cfg.ratios, cfg.kinds
-    if cfg.target_latency is not None or cfg.target_flops is not None:
-        kinds = DEFAULT_KINDS if kinds is None else tuple(kinds)
-    else:
-        ratios = (DEFAULT_RATIOS if cfg.tokens is None else {}) if ratios is None else ratios
-        kinds = tuple(k for k in KINDS if ratios.get(k, 0) and (kinds is None or k in kinds))
+    ratios, kinds = plan_kinds(cfg)
     s = score(cg, cfg.method, calib, kinds=kinds + (("tokens",) if cfg.tokens else ()), loss_fn=loss_fn,
               seed=cfg.seed, progress=progress)
+    return spend(cg, cfg, s, ratios, progress)
+
+
+def plan_kinds(cfg: PlanConfig) -> tuple:
+    """``(ratios, kinds)``: what ``cfg`` scores and prunes."""
+    ratios, kinds = cfg.ratios, cfg.kinds
+    if cfg.target_latency is not None or cfg.target_flops is not None:
+        return ratios, DEFAULT_KINDS if kinds is None else tuple(kinds)
+    ratios = (DEFAULT_RATIOS if cfg.tokens is None else {}) if ratios is None else ratios
+    return ratios, tuple(k for k in KINDS if ratios.get(k, 0) and (kinds is None or k in kinds))
+
+
+def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: bool = False) -> Plan:
+    """The plan ``cfg``'s budget (latency, FLOPs or per-kind ratios) buys with the scores ``s``."""
+    ratios = plan_kinds(cfg)[0] if ratios is None else ratios
     base = Plan(model={"fingerprint": fingerprint(cg.gm)})
     if cfg.tokens:
         base.tokens = select_tokens(cg, s.tokens, float(cfg.tokens), min_keep=cfg.min_keep, protect=cfg.protect)
         base.meta["tokens"] = float(cfg.tokens)
-    spend = dict(round_to=cfg.round_to, min_keep=cfg.min_keep, protect=cfg.protect, base=base,
-                 same_head_dim=cfg.same_head_dim, blocks=cfg.blocks)
+    opts = dict(round_to=cfg.round_to, min_keep=cfg.min_keep, protect=cfg.protect, base=base,
+                same_head_dim=cfg.same_head_dim, blocks=cfg.blocks)
     if cfg.target_latency is not None:
         from .timed_plan import timed_plan      # imports the op-time model: only when asked
         plan = timed_plan(cg, s.units, float(cfg.target_latency), cfg.runtime, lambda p: apply(cg, p, check=False),
-                          cfg.measure_latency, progress, spend)
+                          cfg.measure_latency, progress, opts)
     elif cfg.target_flops is None:
         plan = select_ratios(cg, s.units, ratios)
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(cfg.target_flops), scope=cfg.scope,
-                        normalize="none" if s.loss_scale else "group", **spend)
+                        normalize="none" if s.loss_scale else "group", **opts)
     plan.meta.update({"criteria": s.criteria, "seed": cfg.seed, "calibration_samples": s.samples})
     return plan
 

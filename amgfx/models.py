@@ -273,3 +273,118 @@ def load(spec: str, *, img_size: int | None = None) -> Loaded:
         raise ModelSpecError(f"path not found: {spec}")
     raise ModelSpecError(f"unknown model {spec!r}: not a timm model name, a Hugging Face directory, "
                          f"{MINILM}, or path/to/file.py:factory{_did_you_mean(spec)}")
+
+
+# --------------------------------------------------------------------------------------------
+# models bigger than memory: the shapes on the meta device, the weights read when a block needs them
+# --------------------------------------------------------------------------------------------
+class LazyWeights:
+    """The tensors of a Hugging Face directory's ``*.safetensors`` (sharded or not, any dtype), read one at a
+    time (memory-mapped) as float32. ``weights[fqn]`` takes the model's own parameter names; a tied weight
+    answers under each of its names (``aliases``: name -> the names sharing its tensor).
+
+    Example:
+        >>> import tempfile, torch, transformers as tf
+        >>> d = tempfile.mkdtemp()
+        >>> cfg = tf.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        ...                      vocab_size=40, architectures=["LlamaForCausalLM"])
+        >>> tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+        >>> w = LazyWeights(d)
+        >>> w["model.layers.0.mlp.up_proj.weight"].dtype, w.dtype("model.layers.0.mlp.up_proj.weight")
+        (torch.float32, torch.bfloat16)
+    """
+
+    def __init__(self, path: str, aliases: dict | None = None, prefix: str = ""):
+        import glob
+        import json
+
+        from safetensors import safe_open
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise ModelSpecError(f"{path} holds no *.safetensors files: streaming reads weights from them")
+        self.path, self.aliases, self.prefix = path, aliases or {}, prefix    # prefix: what the graph adds to names
+        self._where = {}
+        self._files = {f: safe_open(f, "pt", device="cpu") for f in files}
+        for f, h in self._files.items():
+            for k in h.keys():
+                self._where[k] = f
+        self._dtypes = {}
+        for f in files:
+            with open(f, "rb") as fh:          # the header says each tensor's dtype without reading it
+                n = int.from_bytes(fh.read(8), "little")
+                head = json.loads(fh.read(n))
+            self._dtypes.update({k: v["dtype"] for k, v in head.items() if k != "__metadata__"})
+
+    def _key(self, fqn: str) -> str | None:
+        for k in (fqn, *self.aliases.get(fqn, ())):
+            k = k[len(self.prefix):] if self.prefix and k.startswith(self.prefix) else k
+            if k in self._where:
+                return k
+        return None
+
+    def __contains__(self, fqn: str) -> bool:
+        return self._key(fqn) is not None
+
+    def __getitem__(self, fqn: str) -> torch.Tensor:
+        k = self._key(fqn)
+        if k is None:
+            raise KeyError(f"{fqn} is in none of the safetensors files of {self.path}")
+        return self.stored(fqn).float()
+
+    def stored(self, fqn: str) -> torch.Tensor:
+        """The tensor as stored (its own dtype)."""
+        k = self._key(fqn)
+        if k is None:
+            raise KeyError(f"{fqn} is in none of the safetensors files of {self.path}")
+        return self._files[self._where[k]].get_tensor(k)
+
+    def dtype(self, fqn: str) -> torch.dtype:
+        """The dtype the tensor is stored in (what pruned weights are written back as); a tensor the files
+        do not hold (a bias the refit added) takes the dtype most of them have."""
+        k = self._key(fqn)
+        if k is None:
+            from collections import Counter
+            name = Counter(self._dtypes.values()).most_common(1)[0][0]
+        else:
+            name = self._dtypes[k]
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(
+            name, torch.float32)
+
+    def keys(self):
+        return self._where.keys()
+
+
+def meta_model(path: str):
+    """The model of a Hugging Face directory with its parameters on the meta device (no memory, no weights
+    read), and its buffers (RoPE tables, position ids: computed, never stored) real: ``(model, buffers,
+    aliases)``; ``aliases`` maps each parameter name to the other names of the same (tied) tensor."""
+    import transformers as tf
+    cfg = tf.AutoConfig.from_pretrained(path)
+    auto = tf.AutoModelForCausalLM if is_causal_lm(cfg) else tf.AutoModel
+    with _parameters_on_meta():
+        model = auto.from_config(cfg, dtype=torch.float32).eval()
+    buffers = {k: b for k, b in model.named_buffers(remove_duplicate=False)}
+    by_tensor: dict = {}
+    for k, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(k)
+    aliases = {k: [o for o in names if o != k] for names in by_tensor.values() for k in names}
+    return model.to("meta"), buffers, aliases
+
+
+class _parameters_on_meta:
+    """Every parameter registered inside goes to the meta device at once (its init is then free); buffers
+    stay where they were made."""
+
+    def __enter__(self):
+        self._old = old = torch.nn.Module.register_parameter
+
+        def register(module, name, param):
+            if param is not None and param.device.type != "meta":
+                param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            old(module, name, param)
+        torch.nn.Module.register_parameter = register
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.Module.register_parameter = self._old
+        return False

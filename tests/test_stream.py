@@ -31,3 +31,99 @@ def test_a_plan_and_its_rewrite_come_out_of_a_model_on_the_meta_device_as_they_d
     assert all(t.device.type == "meta" for t in small_meta.parameters())
     with pytest.raises(amgfx.RewriteError, match="meta device"):
         amgfx.apply(meta.gm, p_meta)             # the oracle needs real weights, and says so
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "gpt2", "llama"])
+def test_the_graph_cut_where_only_the_residual_stream_is_live_runs_segment_by_segment_to_the_same_output(name):
+    import timm
+    from amgfx.graph.segments import run_segments, segments
+    torch.manual_seed(0)
+    ids = {"input_ids": torch.randint(0, 50, (1, 8))}
+    model, args, kwargs, layers = {
+        "vit": lambda: (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3),
+                        (torch.randn(1, 3, 32, 32),), {}, 3),
+        "bert": lambda: (tf.BertModel(tf.BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                                    num_attention_heads=4, vocab_size=50)), (), ids, 2),
+        "gpt2": lambda: (tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50,
+                                                          bos_token_id=0, eos_token_id=0)), (), ids, 2),
+        "llama": lambda: (tf.LlamaForCausalLM(tf.LlamaConfig(
+            num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=50, tie_word_embeddings=True)), (), ids, 2)}[name]()
+    gm = amgfx.capture(model.eval(), args, kwargs)
+    segs = segments(gm)
+    # at least an attention and an MLP segment per layer: no segment holds two layers' weights
+    assert len(segs) >= 2 * layers
+    got = [t for t in torch.utils._pytree.tree_leaves(run_segments(gm, segs, args, kwargs)) if torch.is_tensor(t)]
+    want = [t for t in torch.utils._pytree.tree_leaves(gm(*args, **kwargs)) if torch.is_tensor(t)]
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny LLaMA directory as a user brings one: bf16 safetensors, GQA, tied embeddings."""
+    d = tmp_path_factory.mktemp("llama")
+    cfg = tf.LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=60, architectures=["LlamaForCausalLM"],
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "snp"])
+def test_a_streamed_prune_gives_the_whole_model_path_s_plan_and_refitted_weights(llama_dir, method):
+    from amgfx.stream import _source, assemble, prune_streamed
+    model = tf.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    calib = [torch.randint(0, 60, (2, 16)) for _ in range(6)]
+    cfg = amgfx.PlanConfig(method=method, target_flops=0.6, scope="blocks")
+    streamed = prune_streamed(llama_dir, cfg, calib=calib, max_new_tokens=8, progress=False)
+    whole = amgfx.prune(amgfx.decoder(model, max_len=24, prompt_len=16), config=cfg, calib=calib, reconstruct=True,
+                        progress=False)
+    assert streamed.plan.keep == whole.plan.keep and streamed.plan.keep
+    assert all(s.verified for s in streamed.segments if s.groups) and sum(s.refit_layers for s in streamed.segments)
+    for fqn, w in whole.prefill.named_parameters():
+        got = streamed.weights[fqn]
+        assert got.dtype == torch.bfloat16                      # written back as stored
+        assert torch.allclose(got.float(), w.to(torch.bfloat16).float(), rtol=0, atol=1e-5), fqn
+        w.data = w.data.to(torch.bfloat16).float()              # the whole path's weights as they would be stored
+    # the streamed weights assembled into the whole pruned decoder compute what the whole path's does
+    cap, _, _, buffers = _source(llama_dir, calib, None, 8)
+    small = assemble(cap, streamed.plan, streamed.weights, buffers)
+    x = small.prefill_inputs(calib[0][:1])
+    with torch.no_grad():
+        got, want = small.prefill(*x)[0], whole.prefill(*x)[0]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert small.cache_shapes == whole.cache_shapes
+
+
+def test_amgfx_prune_stream_writes_a_decoder_that_generate_runs_and_says_how_each_block_went(tmp_path, capsys):
+    import json
+    import os
+    from amgfx import data
+    from amgfx.cli import main
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    d = tmp_path / "lm"
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(data.text("calib"), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(fast), bos_token_id=1, eos_token_id=2,
+                         architectures=["LlamaForCausalLM"], tie_word_embeddings=True)
+    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    out = tmp_path / "lm50"
+    code = main(["prune", str(d), "--stream", "--target-flops", "0.5", "--calib", "text", "--calib-samples", "8",
+                 "--seq-len", "16", "--batch-size", "2", "--out", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["streamed"] and report["verified"]
+    b = report["flops"]["blocks"]
+    assert b["planned"] <= 0.5 * b["dense"] and report["perplexity"]["pruned"] > 1
+    assert sum(1 for s in report["segments"] if s["groups"]) == 4     # attention and MLP of each layer
+    assert {"decoder.pt2", "plan.json", "manifest.json", "report.json", "tokenizer.json"} <= set(os.listdir(out))
+    assert not [f for f in os.listdir(out / "stream") if f.endswith(".safetensors")]   # decoder.pt2 holds them
+    assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["saved"]["tokens"][0]) == 4

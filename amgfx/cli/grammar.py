@@ -214,6 +214,7 @@ PRUNE_EXAMPLES = """examples:
   amgfx prune deit_small_patch16_224 --target-flops 0.5 --calib digits --round-to 1 --no-same-head-dim   # SNP's own widths
   amgfx prune vit_tiny_patch16_224 --img-size 64 --target-flops 0.5 --calib digits --draw plan.png
   amgfx prune smollm2-135m --target-flops 0.8 --calib text --out smol80 --onnx     # a causal LM: 80% of block FLOPs
+  amgfx prune ./llama-1b --target-flops 0.5 --calib text --out llama50 --stream   # one block in memory at a time
 """
 
 
@@ -283,6 +284,10 @@ def prune_parser(sub) -> None:
                      help="default: kd for classifiers (2-D output), cosine per token otherwise")
     rec.add_argument("--iterative", type=int, default=1, metavar="K",
                      help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
+    r.add_argument("--stream", action="store_true",
+                   help="prune a Hugging Face causal LM directory one block at a time, its weights read from the "
+                        "safetensors files as each block runs (taken by itself when the float32 weights would "
+                        "need more than half the memory available; see amgfx.stream)")
     r.add_argument("--draw", metavar="PNG", help="draw the plan per layer (kept units, FLOPs kept) to this PNG")
     r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
     r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "

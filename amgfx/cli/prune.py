@@ -25,6 +25,7 @@ from ..planning.plan import Plan
 from ..sequence import Result, prune, run
 from ..weights.config import RecoverConfig
 from ..weights.recover import Iterative
+from .. import models
 from ..models import is_causal_lm
 from ._common import analysed, auto_line, calibration, err, heldout, loaded_model, ort_runner
 
@@ -119,6 +120,9 @@ def cmd_prune(a) -> int:
     """``amgfx prune``: load, analyse, plan, rewrite, verify, refit, recover, deploy, measure, report."""
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
+    from .prune_stream import cmd_prune_stream, wants_stream
+    if wants_stream(a, models.hf_dir_of(a.model)):       # too big to hold whole (or --stream): block by block
+        return cmd_prune_stream(a, models.hf_dir_of(a.model))
     say(f"loading and analysing {a.model} ...")
     loaded = loaded_model(a)
     if isinstance(loaded, int):

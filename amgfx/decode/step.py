@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelSpecError
+from ..graph.fx import on_meta
 
 __all__ = ["Step", "Decoder", "decoder"]
 
@@ -190,7 +191,8 @@ def decoder(lm: nn.Module, *, max_len: int = 64, prompt_len: int = 16, batch: in
     if not 0 < prompt_len < max_len:
         raise ModelSpecError(f"need 0 < prompt_len < max_len, got prompt_len={prompt_len}, max_len={max_len}")
     layers, kv, hd = _layout(lm)
-    _check_causal(lm, lm.config.vocab_size)
+    if not on_meta(lm):            # a model built on the meta device (streamed) has nothing to run yet
+        _check_causal(lm, lm.config.vocab_size)
     step = Step(lm).eval()
     cfg = lm.config
     eos = getattr(cfg, "eos_token_id", None)

@@ -182,6 +182,19 @@ def drop_export_guards(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def off_meta(g: fx.Graph, device="cpu") -> fx.Graph:
+    """A graph captured on the meta device made to run on ``device`` (in place): every op that makes or moves
+    a tensor onto meta makes it on ``device``, and export's checks of the captured device are taken out."""
+    from .ops import ASSERTS
+    real = lambda a: torch.device(device) if isinstance(a, torch.device) and a.type == "meta" else a
+    for n in list(g.nodes):
+        if n.target in ASSERTS and not n.users:
+            g.erase_node(n)
+            continue
+        n.args, n.kwargs = fx.node.map_aggregate(n.args, real), fx.node.map_aggregate(n.kwargs, real)
+    return g
+
+
 def on_meta(gm: torch.nn.Module) -> bool:
     """Whether ``gm``'s weights live on the meta device (shapes only, as a model too big to load is analysed)."""
     return any(t.device.type == "meta" for t in itertools.chain(gm.parameters(), gm.buffers()))

@@ -113,7 +113,7 @@ def probe(cg, tol: float = 1e-5) -> dict:
     Returns ``{group name: reason}`` (also kept in ``cg.refused``). Skipped for a graph whose
     parameters live on the meta device (nothing can run).
     """
-    if any(p.device.type == "meta" for p in cg.gm.parameters()):
+    if on_meta(cg.gm):
         return cg.refused
     plan = _probe_plan(cg, cg.groups)
     if not plan.keep:

@@ -445,11 +445,13 @@ def _write(pruned, t: _Target, w: torch.Tensor) -> None:
 
 def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, calib, *, damp: float | None = None,
                  sequential: bool = True, residual: bool = True, add_bias: bool = False,
-                 progress: bool = True) -> list[LayerFit]:
+                 progress: bool = True, pruned_calib=None) -> list[LayerFit]:
     """Refit, in ``pruned`` (its tensors replaced, never written into), every layer whose input columns
     ``params`` (:attr:`Resolved.params`) removes, so that its output matches ``dense``'s on ``calib``;
     see the module docstring. ``sequential=False`` fits each layer on the inputs of the model as the
     rewrite left it (independently, as Kwon et al.'s mask tuning does), so errors compound.
+    ``pruned_calib`` (one item per item of ``calib``) is what ``pruned`` reads instead, where the two differ:
+    a block refitted on the outputs of the blocks before it as already pruned (:mod:`amgfx.stream`).
     """
     from tqdm.auto import tqdm
 
@@ -458,8 +460,9 @@ def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, ca
         if t.new_bias:
             attach_bias(pruned, t.weight, t.bias)
     source = pruned if sequential else copy_module(pruned)    # the copy keeps the rewrite's tensors
-    runs = [(_Cursor(dense, state_inputs(dense, flat)), _Cursor(source, state_inputs(source, flat)), mask)
-            for flat, mask in chunks(dense, calib)]
+    theirs = chunks(dense, calib if pruned_calib is None else pruned_calib)
+    runs = [(_Cursor(dense, state_inputs(dense, flat)), _Cursor(source, state_inputs(source, flat_p)), mask)
+            for (flat, mask), (flat_p, _) in zip(chunks(dense, calib), theirs)]
     fits = []
     for t in tqdm(todo, desc="reconstructing", unit="layer", disable=not progress, leave=False):
         w, n, before, after, used = _fit(t, source, dense, runs, damp, residual)

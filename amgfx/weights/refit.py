@@ -50,9 +50,11 @@ def _qk_source(cg, plan: Plan, calib, on: bool):
     return src, scales
 
 
-def refit(pruned: fx.GraphModule, cg, calib, config: RefitConfig, *, progress: bool = True) -> fx.GraphModule:
+def refit(pruned: fx.GraphModule, cg, calib, config: RefitConfig, *, progress: bool = True,
+          pruned_calib=None) -> fx.GraphModule:
     """``pruned`` (rewritten from ``cg`` by the plan in its meta) with its kept weights refitted on ``calib``;
-    a new GraphModule whose ``meta["amgfx_reconstruction"]`` lists every layer fitted."""
+    a new GraphModule whose ``meta["amgfx_reconstruction"]`` lists every layer fitted. ``pruned_calib``: what
+    the pruned model reads instead of ``calib``, item by item (see :func:`refit_layers`)."""
     plan = pruned.meta.get(PLAN)
     if plan is None:
         raise AmgfxError("reconstruct() needs a model pruned by amgfx (its plan is in meta['amgfx_plan'])")
@@ -65,7 +67,8 @@ def refit(pruned: fx.GraphModule, cg, calib, config: RefitConfig, *, progress: b
         out = rewrite(src, plan) if scales else copy_module(pruned)
         fit_model = rewrite(src, fit_plan) if resolved.dead else out
         fits = refit_layers(fit_model, cg.gm, resolved.params, calib, damp=config.damp, sequential=config.sequential,
-                            residual=config.residual, add_bias=config.add_bias, progress=progress)
+                            residual=config.residual, add_bias=config.add_bias, progress=progress,
+                            pruned_calib=pruned_calib)
         if fit_model is not out:
             for f in fits:
                 if f.bias and not has_attr(out, f.bias):     # a bias the fit added: the same edit here

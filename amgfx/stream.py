@@ -1,0 +1,346 @@
+"""Streaming: prune a Hugging Face model directory one block at a time, never holding all of its weights.
+
+The whole-model sequence (:mod:`amgfx.sequence`) captures a model with its weights and calibrates it at
+once. Here the model is built and captured on the meta device (shapes only), the graph is cut into
+segments where only the residual stream is live (:mod:`amgfx.graph.segments`: found in the graph, so
+any architecture), and each segment's weights are read from the directory's safetensors only while it
+runs. Two passes over the segments:
+
+1. **score**: the calibration windows run through segment k (its groups scored as the chosen criterion
+   scores them) and on as the *dense* activations at its end, the inputs of segment k + 1;
+2. **rewrite**: with the plan made from every segment's scores (the whole model's budget walk, on the
+   meta graph), each segment is rewritten, held against the zeroing oracle, refitted on the outputs of
+   the segments before it *as already pruned* (as SparseGPT does: errors do not compound), and its pruned
+   weights written out in the dtype they were stored in.
+
+A causal LM is streamed as the prefill graph of its :class:`amgfx.Decoder` (the decode step shares its
+weights and takes the same plan); :func:`assemble` builds the pruned Decoder, or GraphModule, from the
+pruned weights alone. Segments after the last one with groups (the final norm and LM head) are not run.
+
+What is held at once: one segment's weights (float32), the activations at one cut for every calibration
+window (dense and pruned: ``2 x windows x tokens x hidden x 4`` bytes), the refit's Gram matrices of
+one layer, and the calibration statistics. Criteria that read forward statistics (``magnitude``, ``snp``,
+``flap``, ``wanda``) score exactly as on the whole model; gradient criteria (``taylor``) see a segment's
+own output (the default loss on it), so they are block-local here. The residual stream and token
+pruning span every block, and are refused.
+
+Example (a tiny LLaMA directory, streamed as a decoder):
+    >>> import tempfile, torch, transformers as tf, amgfx
+    >>> from amgfx.stream import prune_streamed
+    >>> d = tempfile.mkdtemp()
+    >>> cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+    ...                      num_key_value_heads=2, vocab_size=60, architectures=["LlamaForCausalLM"])
+    >>> tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    >>> calib = [torch.randint(0, 60, (1, 16)) for _ in range(4)]      # token windows
+    >>> r = prune_streamed(d, amgfx.PlanConfig(method="magnitude", target_flops=0.7, scope="blocks"), calib=calib,
+    ...                    progress=False)
+    >>> all(s.verified for s in r.segments if s.groups), r.plan.meta["flops"]["blocks"]["planned"] <= 0.7 * r.plan.meta["flops"]["blocks"]["dense"]
+    (True, True)
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .api import Scores, analyze, apply, plan_kinds, score, spend
+from .errors import AmgfxError
+from .graph.fx import state_inputs
+from .graph.meta import EXAMPLE, PLAN
+from .graph.segments import Segment, extract, graph_inputs, segments
+from .models import LazyWeights, meta_model
+from .planning.config import PlanConfig, config_from_options
+from .planning.plan import Plan
+from .scoring.calibrate import batch_chunks
+from .weights.config import RefitConfig
+from .weights.refit import refit
+
+__all__ = ["SegmentReport", "Streamed", "prune_streamed", "STREAM_METHOD"]
+
+STREAM_METHOD = "magnitude"     # what "auto" means here until a measured choice exists (auto refits every candidate)
+
+
+@dataclass
+class SegmentReport:
+    """One segment as streamed: its groups, how long each pass took, memory, and the oracle's verdict."""
+    index: int
+    params: int                      # parameters read (dense)
+    groups: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    rss_mb: float = 0.0              # resident memory when the segment was done
+    verified: bool | None = None     # the rewrite against the zeroing oracle (None: nothing pruned here)
+    refit_layers: int = 0
+
+
+@dataclass
+class Streamed:
+    """What :func:`prune_streamed` made: the plan, a report per segment, the pruned weights (in memory, or in
+    ``out`` one safetensors file per segment), the seconds of each stage and the peak resident memory.
+    :meth:`model` assembles the pruned model from them."""
+    plan: Plan
+    segments: list
+    weights: dict                    # pruned FQN -> tensor in its stored dtype (empty when written to ``out``)
+    seconds: dict
+    peak_rss_mb: float
+    out: str | None = None
+    captured: object = field(default=None, repr=False)      # the capture on meta the plan was made on
+    buffers: dict = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"segments": [asdict(s) for s in self.segments], "seconds": self.seconds,
+                "peak_rss_mb": self.peak_rss_mb, "out": self.out}
+
+    def model(self):
+        """The pruned model, whole (a :class:`amgfx.Decoder` for a causal LM): :func:`assemble`."""
+        tensors = self.weights
+        if not tensors and self.out:
+            from safetensors.torch import load_file
+            tensors = {}
+            for s in self.segments:
+                tensors.update(load_file(os.path.join(self.out, f"segment-{s.index:04d}.safetensors")))
+        return assemble(self.captured, self.plan, tensors, self.buffers)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _attrs(seg: Segment, weights: LazyWeights, buffers: dict) -> dict:
+    """The tensors segment ``seg`` reads: parameters from the files (float32), buffers as the model made them."""
+    out = {}
+    for t in seg.params:
+        if t not in weights:
+            raise AmgfxError(f"{t} is not in the safetensors files of {weights.path}")
+        out[t] = torch.nn.Parameter(weights[t], requires_grad=False)
+    for t in seg.buffers:
+        if t not in buffers:
+            raise AmgfxError(f"segment {seg.index} reads {t}, which is neither a stored weight nor a buffer the "
+                             "model computes (a constant captured on the meta device has no value)")
+        out[t] = buffers[t]
+    return out
+
+
+def _last_reader(segs: list) -> dict:
+    """Value name -> index of the last segment that reads it (values no later segment reads are dropped)."""
+    last: dict = {}
+    for s in segs:
+        for i in s.inputs:
+            last[i] = s.index
+    return last
+
+
+def _advance(sg: fx.GraphModule, seg: Segment, states: list, last: dict) -> None:
+    """Run ``sg`` on every window's state, in place: its outputs added, what no later segment reads dropped."""
+    with torch.no_grad():
+        for st in states:
+            outs = sg(*state_inputs(sg, [st[i] for i in seg.inputs]))    # a pruned KV cache input is smaller
+            st.update(zip(seg.outputs, outs))
+            for name in [k for k in st if last.get(k, -1) <= seg.index and k not in seg.outputs]:
+                del st[name]
+
+
+def _inputs(seg: Segment, states: list) -> list:
+    return [tuple(st[i] for i in seg.inputs) for st in states]
+
+
+def _source(path: str, calib: list, example, max_new_tokens: int):
+    """``(captured on meta, calibration batches of its first graph, weights, buffers by graph FQN)``: a causal
+    LM as a :class:`amgfx.Decoder` (prefill + decode step; ``calib`` is ``[n, T]`` token windows), any other
+    model as its forward graph (``calib``: its input dicts)."""
+    import transformers as tf
+
+    from .decode.capture import capture_decoder
+    from .decode.step import decoder
+    from .models import is_causal_lm
+    from .sequence import capture_module
+    model, buffers, aliases = meta_model(path)
+    if is_causal_lm(tf.AutoConfig.from_pretrained(path)):
+        ids = [torch.as_tensor(c) for c in calib]
+        if any(c.dim() != 2 or c.shape[1] != ids[0].shape[1] for c in ids):
+            raise AmgfxError("a causal LM streams on token windows: calib is a list of [n, T] id tensors, one T")
+        t = int(ids[0].shape[1])
+        cap = capture_decoder(decoder(model, max_len=t + max_new_tokens, prompt_len=t, batch=1))
+        prefix = "lm."
+        batches = cap.batches(ids)
+    else:
+        ex = example if example is not None else calib[0]
+        ex_args, ex_kwargs = ((), dict(ex)) if isinstance(ex, dict) else (tuple(ex), {})
+        cap = capture_module(model, ex_args, ex_kwargs)
+        prefix, batches = "", calib
+    strip = {f"{prefix}{k}": [f"{prefix}{a}" for a in v] for k, v in aliases.items()}
+    return cap, batches, LazyWeights(path, strip, prefix=prefix), {f"{prefix}{k}": b for k, b in buffers.items()}
+
+
+def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, example=None, reconstruct: bool = True,
+                   out: str | None = None, max_new_tokens: int = 32, progress: bool = True, **options) -> Streamed:
+    """Prune the Hugging Face directory ``path`` segment by segment (see the module docstring).
+
+    ``calib``: for a causal LM, token windows (``[n, T]`` id tensors, one ``T``: the prefill's prompt length; the
+    result is a :class:`amgfx.Decoder` with ``T + max_new_tokens`` cache slots); for other models, a list of
+    input dicts (``{"input_ids": [B, T]}``), every one the same shape, ``example`` the inputs to capture with
+    (default: the first). ``config`` and ``options`` are :class:`amgfx.PlanConfig` (``method="auto"`` means
+    :data:`STREAM_METHOD` here). ``reconstruct``: refit each pruned segment on the pruned stream. ``out``: a
+    directory to write the plan, the pruned weights (one safetensors file per segment, in their stored dtype)
+    and ``stream.json``; without it the pruned weights are returned in :attr:`Streamed.weights`.
+    """
+    from tqdm.auto import tqdm
+    cfg = config_from_options(config, **options)
+    if cfg.method == "auto":
+        cfg = config_from_options(cfg, method=STREAM_METHOD)
+    ratios, kinds = plan_kinds(cfg)
+    if "residual" in kinds or cfg.tokens:
+        raise AmgfxError("streaming prunes block by block: residual channels and tokens span every block; "
+                         "leave them out (kinds=qk,v,head,mlp) or prune the whole model")
+    if cfg.target_latency is not None:
+        raise AmgfxError("streaming plans by FLOPs or ratios: target_latency times the whole model")
+    calib = list(calib)
+    if not calib:
+        raise AmgfxError("streaming needs calibration data (calib=)")
+    t0 = time.perf_counter()
+    cap, batches, weights, buffers = _source(path, calib, example, max_new_tokens)
+    cg = cap.graphs[0]
+    gm = cg.gm
+    segs = segments(gm, together=[{m.param for m in g.members} for g in cg.groups if g.kind != "residual"])
+    last = _last_reader(segs)
+    windows = [graph_inputs(gm, a, k) for _, pieces in batch_chunks(gm, batches) for a, k, _ in pieces]
+    seconds = {"capture": time.perf_counter() - t0}
+    reports = [SegmentReport(s.index, 0) for s in segs]
+    # segments after the last one with groups change nothing the plan reads (the final norm and head): not run
+    wanted = {g.name for g in cg.groups if g.kind in kinds}
+    end = max((s.index for s in segs if any(_holds(g, s) for g in cg.groups if g.name in wanted)), default=-1)
+
+    # pass 1: scores, on the dense stream
+    t = time.perf_counter()
+    merged = Scores()
+    states = [dict(w) for w in windows]
+    for s in tqdm(segs[:end + 1], desc="scoring blocks", unit="segment", disable=not progress):
+        ts = time.perf_counter()
+        sg = extract(gm, s, _attrs(s, weights, buffers))
+        reports[s.index].params = sum(p.numel() for p in sg.parameters())
+        sg.meta[EXAMPLE] = (_inputs(s, states[:1])[0], {})
+        scg = analyze(sg)                      # real weights here: the probe refuses what cannot be pruned
+        cg.refuse(scg.refused)
+        if any(g.kind in kinds for g in scg.groups):
+            sc = score(scg, cfg.method, _inputs(s, states), kinds=kinds, seed=cfg.seed, progress=False)
+            merged.units.update(sc.units)
+            merged.extra.update(sc.extra)
+            merged.criteria, merged.samples, merged.loss_scale = sc.criteria, sc.samples, sc.loss_scale
+            reports[s.index].groups = sorted(sc.units)
+        _advance(sg, s, states, last)
+        del sg, scg
+        reports[s.index].seconds["score"] = time.perf_counter() - ts
+    del states
+    unknown = set(merged.units) - {g.name for g in cg.groups}
+    if unknown:
+        raise AmgfxError(f"segments found groups the whole graph does not have: {sorted(unknown)[:3]}")
+    seconds["score"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    plan = spend(cg, cfg, merged, ratios)
+    plan.meta.update({"method": cfg.method, "config": {"plan": cfg.to_dict()}, "streamed": True})
+    seconds["plan"] = time.perf_counter() - t
+
+    # pass 2: rewrite, check and refit each segment on the pruned stream
+    t = time.perf_counter()
+    if out:
+        os.makedirs(out, exist_ok=True)
+        plan.save(os.path.join(out, "plan.json"))
+    dense, pruned_states = [dict(w) for w in windows], [dict(w) for w in windows]
+    kept: dict = {}
+    done: set = set()
+    for s in tqdm(segs, desc="pruning blocks", unit="segment", disable=not progress):
+        ts = time.perf_counter()
+        sub = Plan(keep={k: v for k, v in plan.keep.items() if k in reports[s.index].groups},
+                   units={k: v for k, v in plan.units.items() if k in reports[s.index].groups}, options=dict(plan.options))
+        if s.index > end:                     # the head: its weights as stored
+            written = {k: weights.stored(k) for k in s.params if k not in done and not _alias_done(weights, k, done)}
+        else:
+            sg = extract(gm, s, _attrs(s, weights, buffers))
+            sg.meta[EXAMPLE] = (_inputs(s, pruned_states[:1])[0], {})
+            small = sg
+            if sub.keep:
+                scg = analyze(sg, probe=False)
+                small = apply(scg, sub)          # held against the zeroing oracle on this segment's inputs; raises if wrong
+                reports[s.index].verified = True
+                if reconstruct:
+                    small.meta[PLAN] = sub
+                    small = refit(small, scg, _inputs(s, dense), RefitConfig(), progress=False,
+                                  pruned_calib=_inputs(s, pruned_states))
+                    reports[s.index].refit_layers = len(small.meta["amgfx_reconstruction"]["layers"])
+            if s.index < end:
+                _advance(sg, s, dense, last)
+                _advance(small, s, pruned_states, last)
+            written = {k: _as_stored(weights, k, v) for k, v in small.named_parameters()
+                       if k not in done and not _alias_done(weights, k, done)}
+            del sg, small
+        done |= set(written)
+        if out:
+            from safetensors.torch import save_file
+            save_file(written, os.path.join(out, f"segment-{s.index:04d}.safetensors"))
+        else:
+            kept.update(written)
+        reports[s.index].seconds["prune"] = time.perf_counter() - ts
+        reports[s.index].rss_mb = _rss_mb()
+    del dense, pruned_states
+    seconds["prune"] = time.perf_counter() - t
+    result = Streamed(plan, reports, kept, seconds, _peak_mb(), out, cap, buffers)
+    if out:
+        with open(os.path.join(out, "stream.json"), "w") as f:
+            json.dump({"source": os.path.abspath(path), **result.to_dict()}, f, indent=1)
+    return result
+
+
+def _holds(g, s: Segment) -> bool:
+    return {m.param for m in g.members} <= set(s.params)
+
+
+def _alias_done(weights: LazyWeights, k: str, done: set) -> bool:
+    """A tied weight is written once, under the first of its names."""
+    return any(a in done for a in weights.aliases.get(k, ()))
+
+
+def _as_stored(weights: LazyWeights, k: str, v: torch.Tensor) -> torch.Tensor:
+    return v.detach().to(weights.dtype(k) if v.is_floating_point() else v.dtype).contiguous()
+
+
+def assemble(cap, plan: Plan, tensors: dict, buffers: dict):
+    """The pruned model, whole: every graph of ``cap`` (captured on meta) rewritten by ``plan`` and its tensors
+    filled from ``tensors`` (pruned FQN -> tensor, any dtype; computed in float32) and ``buffers``; what
+    :func:`amgfx.prune` returns for the same capture (a Decoder for a causal LM). Needs the pruned weights in
+    memory (float32), not the dense ones."""
+    from .graph.fx import off_meta, replace_attr
+    from .sequence import run
+    import torch.utils._pytree as pytree
+    r = run(cap, plan=plan, check=False, reconstruct=False, progress=False)
+    graphs = r.graphs()
+    made: dict = {}
+    for g in graphs:
+        for fqn, t in list(g.named_parameters(remove_duplicate=False)) + list(g.named_buffers(remove_duplicate=False)):
+            if t.device.type != "meta":
+                continue
+            if fqn not in made:
+                src = tensors.get(fqn, buffers.get(fqn))
+                if src is None:
+                    raise AmgfxError(f"the streamed weights have no {fqn}: the rewrite of the whole graph made a tensor "
+                                     "the segments did not (report it)")
+                if tuple(src.shape) != tuple(t.shape):
+                    raise AmgfxError(f"{fqn}: streamed {list(src.shape)}, the rewritten graph wants {list(t.shape)}")
+                made[fqn] = src.float() if src.is_floating_point() else src
+            replace_attr(g, fqn, made[fqn], t)
+        off_meta(g.graph)
+        g.recompile()
+        g.meta[EXAMPLE] = pytree.tree_map(
+            lambda x: torch.zeros(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) and x.is_meta else x,
+            g.meta[EXAMPLE])
+    return cap.finish(graphs, plan)
