@@ -304,10 +304,9 @@ class LazyWeights:
             raise ModelSpecError(f"{path} holds no *.safetensors files: streaming reads weights from them")
         self.path, self.aliases, self.prefix = path, aliases or {}, prefix    # prefix: what the graph adds to names
         self._where = {}
-        self._files = {f: safe_open(f, "pt", device="cpu") for f in files}
-        for f, h in self._files.items():
-            for k in h.keys():
-                self._where[k] = f
+        for f in files:
+            with safe_open(f, "pt", device="cpu") as h:
+                self._where.update({k: f for k in h.keys()})
         self._dtypes = {}
         for f in files:
             with open(f, "rb") as fh:          # the header says each tensor's dtype without reading it
@@ -336,7 +335,10 @@ class LazyWeights:
         k = self._key(fqn)
         if k is None:
             raise KeyError(f"{fqn} is in none of the safetensors files of {self.path}")
-        return self._files[self._where[k]].get_tensor(k)
+        from safetensors import safe_open
+        # opened per read: a mapping held open keeps every page it ever read resident
+        with safe_open(self._where[k], "pt", device="cpu") as h:
+            return h.get_tensor(k)
 
     def dtype(self, fqn: str) -> torch.dtype:
         """The dtype the tensor is stored in (what pruned weights are written back as); a tensor the files

@@ -104,7 +104,20 @@ class Streamed:
             tensors = {}
             for s in self.segments:
                 tensors.update(load_file(os.path.join(self.out, f"segment-{s.index:04d}.safetensors")))
-        return assemble(self.captured, self.plan, tensors, self.buffers)
+        return assemble(self.captured, self.plan, dict(tensors), self.buffers)
+
+
+def _release() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed blocks below its (growing) mmap threshold in
+    the heap, so a run that frees one block's weights and reads the next would otherwise grow by a block's
+    worth each time."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to trim
+        pass
 
 
 def _rss_mb() -> float:
@@ -213,17 +226,20 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     gm = cg.gm
     segs = segments(gm, together=[{m.param for m in g.members} for g in cg.groups if g.kind != "residual"])
     last = _last_reader(segs)
-    windows = [graph_inputs(gm, a, k) for _, pieces in batch_chunks(gm, batches) for a, k, _ in pieces]
+    windows = _shared([graph_inputs(gm, a, k) for _, pieces in batch_chunks(gm, batches) for a, k, _ in pieces])
     seconds = {"capture": time.perf_counter() - t0}
     reports = [SegmentReport(s.index, 0) for s in segs]
     # segments after the last one with groups change nothing the plan reads (the final norm and head): not run
     wanted = {g.name for g in cg.groups if g.kind in kinds}
     end = max((s.index for s in segs if any(_holds(g, s) for g in cg.groups if g.name in wanted)), default=-1)
+    # nor are those before the first one twice (the embedding): pass 2 starts from pass 1's stream after them
+    first = min((s.index for s in segs if any(_holds(g, s) for g in cg.groups if g.name in wanted)), default=0)
 
     # pass 1: scores, on the dense stream
     t = time.perf_counter()
     merged = Scores()
     states = [dict(w) for w in windows]
+    start = [dict(w) for w in windows]
     for s in tqdm(segs[:end + 1], desc="scoring blocks", unit="segment", disable=not progress):
         ts = time.perf_counter()
         sg = extract(gm, s, _attrs(s, weights, buffers))
@@ -239,6 +255,9 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
             reports[s.index].groups = sorted(sc.units)
         _advance(sg, s, states, last)
         del sg, scg
+        _release()
+        if s.index + 1 == first:
+            start = [dict(st) for st in states]
         reports[s.index].seconds["score"] = time.perf_counter() - ts
     del states
     unknown = set(merged.units) - {g.name for g in cg.groups}
@@ -256,14 +275,15 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     if out:
         os.makedirs(out, exist_ok=True)
         plan.save(os.path.join(out, "plan.json"))
-    dense, pruned_states = [dict(w) for w in windows], [dict(w) for w in windows]
+    dense, pruned_states = [dict(w) for w in start], [dict(w) for w in start]
+    del start
     kept: dict = {}
     done: set = set()
     for s in tqdm(segs, desc="pruning blocks", unit="segment", disable=not progress):
         ts = time.perf_counter()
         sub = Plan(keep={k: v for k, v in plan.keep.items() if k in reports[s.index].groups},
                    units={k: v for k, v in plan.units.items() if k in reports[s.index].groups}, options=dict(plan.options))
-        if s.index > end:                     # the head: its weights as stored
+        if s.index > end or s.index < first:      # the embedding and the head: their weights as stored
             written = {k: weights.stored(k) for k in s.params if k not in done and not _alias_done(weights, k, done)}
         else:
             sg = extract(gm, s, _attrs(s, weights, buffers))
@@ -290,6 +310,8 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
             save_file(written, os.path.join(out, f"segment-{s.index:04d}.safetensors"))
         else:
             kept.update(written)
+        del written
+        _release()
         reports[s.index].seconds["prune"] = time.perf_counter() - ts
         reports[s.index].rss_mb = _rss_mb()
     del dense, pruned_states
@@ -299,6 +321,17 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
         with open(os.path.join(out, "stream.json"), "w") as f:
             json.dump({"source": os.path.abspath(path), **result.to_dict()}, f, indent=1)
     return result
+
+
+def _shared(windows: list) -> list:
+    """Inputs equal in every window (a decoder's empty KV cache, its slots and positions) held once: a row cut
+    from a batch keeps the whole batch's storage alive, and 64 windows of a 1B model's empty cache are 0.7 GB."""
+    for name, first in windows[0].items():
+        if isinstance(first, torch.Tensor) and all(torch.equal(w[name], first) for w in windows[1:]):
+            one = first.clone()
+            for w in windows:
+                w[name] = one
+    return windows
 
 
 def _holds(g, s: Segment) -> bool:
@@ -314,30 +347,39 @@ def _as_stored(weights: LazyWeights, k: str, v: torch.Tensor) -> torch.Tensor:
     return v.detach().to(weights.dtype(k) if v.is_floating_point() else v.dtype).contiguous()
 
 
-def assemble(cap, plan: Plan, tensors: dict, buffers: dict):
+def assemble(cap, plan: Plan, tensors: dict, buffers: dict, *, stored: bool = True):
     """The pruned model, whole: every graph of ``cap`` (captured on meta) rewritten by ``plan`` and its tensors
-    filled from ``tensors`` (pruned FQN -> tensor, any dtype; computed in float32) and ``buffers``; what
-    :func:`amgfx.prune` returns for the same capture (a Decoder for a causal LM). Needs the pruned weights in
-    memory (float32), not the dense ones."""
-    from .graph.fx import off_meta, replace_attr
+    filled from ``tensors`` (pruned FQN -> tensor, any dtype) and ``buffers``; what :func:`amgfx.prune` returns
+    for the same capture (a Decoder for a causal LM), computing in float32. ``stored`` keeps each weight in the
+    dtype it came in (bf16: half the memory of float32), cast where the graph reads it
+    (:func:`amgfx.graph.fx.read_as`; the same outputs); else every weight is converted to float32 up front."""
+    from .graph.fx import off_meta, read_as, replace_attr
     from .sequence import run
     import torch.utils._pytree as pytree
     r = run(cap, plan=plan, check=False, reconstruct=False, progress=False)
     graphs = r.graphs()
-    made: dict = {}
+    made: dict = {}                  # meta tensor -> its real one (tied names and both graphs share it)
+    by_name: dict = {}
     for g in graphs:
         for fqn, t in list(g.named_parameters(remove_duplicate=False)) + list(g.named_buffers(remove_duplicate=False)):
             if t.device.type != "meta":
                 continue
-            if fqn not in made:
-                src = tensors.get(fqn, buffers.get(fqn))
+            if id(t) not in made and fqn in by_name:          # the same weight in the other graph
+                made[id(t)] = (t, by_name[fqn])
+            if id(t) not in made:
+                src = tensors.pop(fqn, None) if fqn in tensors else buffers.get(fqn)   # each source dropped once read
                 if src is None:
                     raise AmgfxError(f"the streamed weights have no {fqn}: the rewrite of the whole graph made a tensor "
                                      "the segments did not (report it)")
                 if tuple(src.shape) != tuple(t.shape):
                     raise AmgfxError(f"{fqn}: streamed {list(src.shape)}, the rewritten graph wants {list(t.shape)}")
-                made[fqn] = src.float() if src.is_floating_point() else src
-            replace_attr(g, fqn, made[fqn], t)
+                keep = not src.is_floating_point() or (stored and src.dtype in (torch.bfloat16, torch.float16))
+                made[id(t)] = (t, src if keep else src.float())
+            by_name[fqn] = made[id(t)][1]
+            replace_attr(g, fqn, made[id(t)][1], t)
+        low = {fqn for fqn, v in list(g.named_parameters(remove_duplicate=False)) + list(g.named_buffers(
+            remove_duplicate=False)) if v.dtype in (torch.bfloat16, torch.float16)}
+        read_as(g, low)
         off_meta(g.graph)
         g.recompile()
         g.meta[EXAMPLE] = pytree.tree_map(

@@ -195,6 +195,28 @@ def off_meta(g: fx.Graph, device="cpu") -> fx.Graph:
     return g
 
 
+def read_as(gm: fx.GraphModule, names: set, dtype=torch.float32) -> int:
+    """Cast the attributes ``names`` to ``dtype`` where the graph reads them (in place): weights kept in the
+    precision they were stored in (bf16: half the memory) while the graph computes as captured. The values
+    read are exactly the stored ones, so outputs are the same as with the weights converted up front.
+    Returns how many reads were cast."""
+    n_cast = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "get_attr" or n.target not in names:
+            continue
+        users = [u for u in n.users]
+        with gm.graph.inserting_after(n):
+            c = gm.graph.call_function(aten._to_copy.default, (n,), {"dtype": dtype})
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            c.meta["val"] = v.to(dtype) if v.device.type == "meta" else torch.empty(v.shape, dtype=dtype, device="meta")
+        for u in users:
+            u.replace_input_with(n, c)
+        n_cast += 1
+    gm.recompile()
+    return n_cast
+
+
 def on_meta(gm: torch.nn.Module) -> bool:
     """Whether ``gm``'s weights live on the meta device (shapes only, as a model too big to load is analysed)."""
     return any(t.device.type == "meta" for t in itertools.chain(gm.parameters(), gm.buffers()))
