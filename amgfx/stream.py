@@ -45,7 +45,6 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.fx as fx
 
@@ -196,7 +195,8 @@ def _source(path: str, calib: list, example, max_new_tokens: int):
 
 
 def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, example=None, reconstruct: bool = True,
-                   out: str | None = None, max_new_tokens: int = 32, progress: bool = True, **options) -> Streamed:
+                   out: str | None = None, resume: bool = False, max_new_tokens: int = 32, progress: bool = True,
+                   **options) -> Streamed:
     """Prune the Hugging Face directory ``path`` segment by segment (see the module docstring).
 
     ``calib``: for a causal LM, token windows (``[n, T]`` id tensors, one ``T``: the prefill's prompt length; the
@@ -205,9 +205,10 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     (default: the first). ``config`` and ``options`` are :class:`amgfx.PlanConfig` (``method="auto"`` means
     :data:`STREAM_METHOD` here). ``reconstruct``: refit each pruned segment on the pruned stream. ``out``: a
     directory to write the plan, the pruned weights (one safetensors file per segment, in their stored dtype)
-    and ``stream.json``; without it the pruned weights are returned in :attr:`Streamed.weights`.
+    and ``stream.json``; without it the pruned weights are returned in :attr:`Streamed.weights`. With ``out``,
+    the run is checkpointed after every segment, and ``resume=True`` goes on from the last segment done by a
+    run of the same model, data and settings that stopped (an error if ``out`` holds another run's).
     """
-    from tqdm.auto import tqdm
     cfg = config_from_options(config, **options)
     if cfg.method == "auto":
         cfg = config_from_options(cfg, method=STREAM_METHOD)
@@ -222,105 +223,214 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
         raise AmgfxError("streaming needs calibration data (calib=)")
     t0 = time.perf_counter()
     cap, batches, weights, buffers = _source(path, calib, example, max_new_tokens)
-    cg = cap.graphs[0]
-    gm = cg.gm
-    segs = segments(gm, together=[{m.param for m in g.members} for g in cg.groups if g.kind != "residual"])
-    last = _last_reader(segs)
-    windows = _shared([graph_inputs(gm, a, k) for _, pieces in batch_chunks(gm, batches) for a, k, _ in pieces])
+    run = _Run(cap, weights, buffers, cfg, kinds, progress)
+    run.windows = _shared([graph_inputs(run.gm, a, k) for _, pieces in batch_chunks(run.gm, batches)
+                           for a, k, _ in pieces])
+    ck = _Checkpoint(out, _key(path, cfg, calib, reconstruct, max_new_tokens)) if out else None
+    state = ck.load(resume) if ck else None
     seconds = {"capture": time.perf_counter() - t0}
-    reports = [SegmentReport(s.index, 0) for s in segs]
-    # segments after the last one with groups change nothing the plan reads (the final norm and head): not run
-    wanted = {g.name for g in cg.groups if g.kind in kinds}
-    end = max((s.index for s in segs if any(_holds(g, s) for g in cg.groups if g.name in wanted)), default=-1)
-    # nor are those before the first one twice (the embedding): pass 2 starts from pass 1's stream after them
-    first = min((s.index for s in segs if any(_holds(g, s) for g in cg.groups if g.name in wanted)), default=0)
-
-    # pass 1: scores, on the dense stream
     t = time.perf_counter()
-    merged = Scores()
-    states = [dict(w) for w in windows]
-    start = [dict(w) for w in windows]
-    for s in tqdm(segs[:end + 1], desc="scoring blocks", unit="segment", disable=not progress):
-        ts = time.perf_counter()
-        sg = extract(gm, s, _attrs(s, weights, buffers))
-        reports[s.index].params = sum(p.numel() for p in sg.parameters())
+    if state is None or state["phase"] == "score":
+        scores = _score_pass(run, ck, state)
+        seconds["score"] = time.perf_counter() - t
+        t = time.perf_counter()
+        plan = spend(run.cg, cfg, scores, ratios)
+        plan.meta.update({"method": cfg.method, "config": {"plan": cfg.to_dict()}, "streamed": True})
+        seconds["plan"] = time.perf_counter() - t
+        state = None
+    else:
+        plan = Plan.load(os.path.join(out, "plan.json"))
+        run.cg.refuse(state["refused"])
+    t = time.perf_counter()
+    kept = _prune_pass(run, plan, reconstruct, ck, state)
+    seconds["prune"] = time.perf_counter() - t
+    result = Streamed(plan, run.reports, kept, seconds, _peak_mb(), out, cap, buffers)
+    if ck:
+        ck.finish({"source": os.path.abspath(path), **result.to_dict()})
+    return result
+
+
+class _Run:
+    """What both passes share: the capture on meta, its segments, the weights, the windows, the reports."""
+
+    def __init__(self, cap, weights, buffers, cfg, kinds, progress):
+        self.cap, self.weights, self.buffers, self.cfg, self.kinds, self.progress = cap, weights, buffers, cfg, kinds, progress
+        self.cg = cap.graphs[0]
+        self.gm = self.cg.gm
+        self.segs = segments(self.gm, together=[{m.param for m in g.members} for g in self.cg.groups
+                                                if g.kind != "residual"])
+        self.last = _last_reader(self.segs)
+        self.reports = [SegmentReport(s.index, 0) for s in self.segs]
+        with_groups = [s.index for s in self.segs if any(_holds(g, s) for g in self.cg.groups if g.kind in kinds)]
+        # segments after the last one with groups change nothing the plan reads (the final norm and head): not
+        # run; those before the first (the embedding) run once: pass 2 starts from pass 1's stream after them
+        self.first, self.end = (min(with_groups), max(with_groups)) if with_groups else (0, -1)
+        self.windows: list = []
+
+    def extract(self, s: Segment, states: list) -> fx.GraphModule:
+        sg = extract(self.gm, s, _attrs(s, self.weights, self.buffers))
         sg.meta[EXAMPLE] = (_inputs(s, states[:1])[0], {})
+        return sg
+
+    def bar(self, items, desc):
+        from tqdm.auto import tqdm
+        return tqdm(items, desc=desc, unit="segment", disable=not self.progress)
+
+
+def _score_pass(run: _Run, ck, state) -> Scores:
+    """Pass 1: every segment's groups scored on the dense stream (from a checkpoint's segment on, if given)."""
+    merged = Scores()
+    states, start, begin = [dict(w) for w in run.windows], [dict(w) for w in run.windows], 0
+    if state is not None:
+        states, start, begin = state["states"], state["start"], state["next"]
+        merged = state["scores"]
+        run.cg.refuse(state["refused"])
+        run.reports = state["reports"]
+    bar = run.bar(run.segs[begin:run.end + 1], "scoring blocks")
+    for s in bar:
+        bar.set_postfix(rss=f"{_rss_mb():,.0f} MB", refresh=False)
+        ts = time.perf_counter()
+        sg = run.extract(s, states)
+        run.reports[s.index].params = sum(p.numel() for p in sg.parameters())
         scg = analyze(sg)                      # real weights here: the probe refuses what cannot be pruned
-        cg.refuse(scg.refused)
-        if any(g.kind in kinds for g in scg.groups):
-            sc = score(scg, cfg.method, _inputs(s, states), kinds=kinds, seed=cfg.seed, progress=False)
+        run.cg.refuse(scg.refused)
+        if any(g.kind in run.kinds for g in scg.groups):
+            sc = score(scg, run.cfg.method, _inputs(s, states), kinds=run.kinds, seed=run.cfg.seed, progress=False)
             merged.units.update(sc.units)
             merged.extra.update(sc.extra)
             merged.criteria, merged.samples, merged.loss_scale = sc.criteria, sc.samples, sc.loss_scale
-            reports[s.index].groups = sorted(sc.units)
-        _advance(sg, s, states, last)
+            run.reports[s.index].groups = sorted(sc.units)
+        _advance(sg, s, states, run.last)
         del sg, scg
         _release()
-        if s.index + 1 == first:
+        if s.index + 1 == run.first:
             start = [dict(st) for st in states]
-        reports[s.index].seconds["score"] = time.perf_counter() - ts
-    del states
-    unknown = set(merged.units) - {g.name for g in cg.groups}
+        run.reports[s.index].seconds["score"] = time.perf_counter() - ts
+        if ck:
+            ck.save({"phase": "score", "next": s.index + 1, "states": states, "start": start, "scores": merged,
+                     "refused": dict(run.cg.refused), "reports": run.reports})
+    unknown = set(merged.units) - {g.name for g in run.cg.groups}
     if unknown:
         raise AmgfxError(f"segments found groups the whole graph does not have: {sorted(unknown)[:3]}")
-    seconds["score"] = time.perf_counter() - t
+    run.start = start
+    return merged
 
-    t = time.perf_counter()
-    plan = spend(cg, cfg, merged, ratios)
-    plan.meta.update({"method": cfg.method, "config": {"plan": cfg.to_dict()}, "streamed": True})
-    seconds["plan"] = time.perf_counter() - t
 
-    # pass 2: rewrite, check and refit each segment on the pruned stream
-    t = time.perf_counter()
-    if out:
-        os.makedirs(out, exist_ok=True)
-        plan.save(os.path.join(out, "plan.json"))
-    dense, pruned_states = [dict(w) for w in start], [dict(w) for w in start]
-    del start
+def _prune_pass(run: _Run, plan: Plan, reconstruct: bool, ck, state) -> dict:
+    """Pass 2: each segment rewritten by its part of ``plan``, checked, refitted on the pruned stream, and its
+    weights written (to the checkpoint's directory, else returned)."""
+    weights = run.weights
+    if state is None:
+        dense, pruned, done, begin = [dict(w) for w in run.start], [dict(w) for w in run.start], set(), 0
+        if ck:
+            plan.save(os.path.join(ck.out, "plan.json"))
+    else:
+        dense, pruned, done, begin = state["dense"], state["pruned"], state["done"], state["next"]
+        run.reports = state["reports"]
     kept: dict = {}
-    done: set = set()
-    for s in tqdm(segs, desc="pruning blocks", unit="segment", disable=not progress):
+    bar = run.bar(run.segs[begin:], "pruning blocks")
+    for s in bar:
+        bar.set_postfix(rss=f"{_rss_mb():,.0f} MB", refresh=False)
         ts = time.perf_counter()
-        sub = Plan(keep={k: v for k, v in plan.keep.items() if k in reports[s.index].groups},
-                   units={k: v for k, v in plan.units.items() if k in reports[s.index].groups}, options=dict(plan.options))
-        if s.index > end or s.index < first:      # the embedding and the head: their weights as stored
+        mine = set(run.reports[s.index].groups)
+        sub = Plan(keep={k: v for k, v in plan.keep.items() if k in mine},
+                   units={k: v for k, v in plan.units.items() if k in mine}, options=dict(plan.options))
+        if s.index > run.end or s.index < run.first:      # the embedding and the head: their weights as stored
             written = {k: weights.stored(k) for k in s.params if k not in done and not _alias_done(weights, k, done)}
         else:
-            sg = extract(gm, s, _attrs(s, weights, buffers))
-            sg.meta[EXAMPLE] = (_inputs(s, pruned_states[:1])[0], {})
+            sg = run.extract(s, pruned)
             small = sg
             if sub.keep:
                 scg = analyze(sg, probe=False)
                 small = apply(scg, sub)          # held against the zeroing oracle on this segment's inputs; raises if wrong
-                reports[s.index].verified = True
+                run.reports[s.index].verified = True
                 if reconstruct:
                     small.meta[PLAN] = sub
                     small = refit(small, scg, _inputs(s, dense), RefitConfig(), progress=False,
-                                  pruned_calib=_inputs(s, pruned_states))
-                    reports[s.index].refit_layers = len(small.meta["amgfx_reconstruction"]["layers"])
-            if s.index < end:
-                _advance(sg, s, dense, last)
-                _advance(small, s, pruned_states, last)
+                                  pruned_calib=_inputs(s, pruned))
+                    run.reports[s.index].refit_layers = len(small.meta["amgfx_reconstruction"]["layers"])
+            if s.index < run.end:
+                _advance(sg, s, dense, run.last)
+                _advance(small, s, pruned, run.last)
             written = {k: _as_stored(weights, k, v) for k, v in small.named_parameters()
                        if k not in done and not _alias_done(weights, k, done)}
             del sg, small
         done |= set(written)
-        if out:
-            from safetensors.torch import save_file
-            save_file(written, os.path.join(out, f"segment-{s.index:04d}.safetensors"))
+        if ck:
+            ck.write(f"segment-{s.index:04d}.safetensors", written)
         else:
             kept.update(written)
         del written
         _release()
-        reports[s.index].seconds["prune"] = time.perf_counter() - ts
-        reports[s.index].rss_mb = _rss_mb()
-    del dense, pruned_states
-    seconds["prune"] = time.perf_counter() - t
-    result = Streamed(plan, reports, kept, seconds, _peak_mb(), out, cap, buffers)
-    if out:
-        with open(os.path.join(out, "stream.json"), "w") as f:
-            json.dump({"source": os.path.abspath(path), **result.to_dict()}, f, indent=1)
-    return result
+        run.reports[s.index].seconds["prune"] = time.perf_counter() - ts
+        run.reports[s.index].rss_mb = _rss_mb()
+        if ck:
+            ck.save({"phase": "prune", "next": s.index + 1, "dense": dense, "pruned": pruned, "done": done,
+                     "refused": dict(run.cg.refused), "reports": run.reports})
+    return kept
+
+
+def _key(path, cfg, calib, reconstruct, max_new_tokens) -> str:
+    """What makes two runs the same run: the model, the settings and the calibration data."""
+    import hashlib
+    h = hashlib.sha256(json.dumps([os.path.abspath(path), cfg.to_dict(), reconstruct, max_new_tokens],
+                                  sort_keys=True, default=str).encode())
+    for c in calib:
+        for t in (c.values() if isinstance(c, dict) else c if isinstance(c, (list, tuple)) else [c]):
+            h.update(torch.as_tensor(t).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Checkpoint:
+    """``out/checkpoint.pt`` (the streams and what is done, after every segment, replaced atomically) and
+    ``out/progress.json``; an interrupted run resumes from them, a finished one removes the checkpoint."""
+
+    def __init__(self, out: str, key: str):
+        self.out, self.key = out, key
+        os.makedirs(out, exist_ok=True)
+
+    def _path(self, name):
+        return os.path.join(self.out, name)
+
+    def load(self, resume: bool):
+        """The saved state to go on from (None: start afresh)."""
+        try:
+            with open(self._path("progress.json")) as f:
+                progress = json.load(f)
+        except (OSError, ValueError):
+            progress = None
+        if not resume:
+            return None
+        if progress is None or progress.get("phase") == "done" or not os.path.isfile(self._path("checkpoint.pt")):
+            return None                         # nothing unfinished there: a fresh run
+        if progress.get("key") != self.key:
+            raise AmgfxError(f"{self.out} holds an unfinished run of another model, data or settings; resume it with "
+                             "those, or give another output directory")
+        return torch.load(self._path("checkpoint.pt"), weights_only=False)
+
+    def save(self, state: dict) -> None:
+        tmp = self._path("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self._path("checkpoint.pt"))
+        self._progress({"key": self.key, "phase": state["phase"], "next": state["next"]})
+
+    def write(self, name: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+        save_file(tensors, self._path(name + ".tmp"))
+        os.replace(self._path(name + ".tmp"), self._path(name))
+
+    def finish(self, summary: dict) -> None:
+        with open(self._path("stream.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        self._progress({"key": self.key, "phase": "done"})
+        if os.path.exists(self._path("checkpoint.pt")):
+            os.remove(self._path("checkpoint.pt"))
+
+    def _progress(self, d: dict) -> None:
+        tmp = self._path("progress.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(d, f)
+        os.replace(tmp, self._path("progress.json"))
 
 
 def _shared(windows: list) -> list:

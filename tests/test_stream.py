@@ -127,3 +127,37 @@ def test_amgfx_prune_stream_writes_a_decoder_that_generate_runs_and_says_how_eac
     assert not [f for f in os.listdir(out / "stream") if f.endswith(".safetensors")]   # decoder.pt2 holds them
     assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["saved"]["tokens"][0]) == 4
+
+
+def test_an_interrupted_streamed_prune_resumes_from_the_block_it_stopped_at(llama_dir, tmp_path, monkeypatch):
+    import amgfx.stream as stream
+    from safetensors.torch import load_file
+    torch.manual_seed(2)
+    calib = [torch.randint(0, 60, (2, 16)) for _ in range(4)]
+    cfg = amgfx.PlanConfig(method="snp", target_flops=0.6, scope="blocks")
+    whole = stream.prune_streamed(llama_dir, cfg, calib=calib, out=str(tmp_path / "a"), progress=False)
+    real, calls = stream._advance, []
+
+    def stop_in_pass_2(sg, s, states, last):
+        calls.append(s.index)
+        if len(calls) == 2 * whole.segments[-1].index:          # in the middle of pass 2
+            raise KeyboardInterrupt
+        return real(sg, s, states, last)
+    monkeypatch.setattr(stream, "_advance", stop_in_pass_2)
+    with pytest.raises(KeyboardInterrupt):
+        stream.prune_streamed(llama_dir, cfg, calib=calib, out=str(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(stream, "_advance", real)
+    assert not (tmp_path / "b" / "stream.json").exists()                 # nothing says it finished
+    stopped_at = calls[-1]
+    redone, extract = [], stream.extract
+    monkeypatch.setattr(stream, "extract", lambda gm, s, attrs: redone.append(s.index) or extract(gm, s, attrs))
+    resumed = stream.prune_streamed(llama_dir, cfg, calib=calib, out=str(tmp_path / "b"), resume=True, progress=False)
+    assert redone and min(redone) == stopped_at          # neither pass 1 nor the blocks done before are run again
+    assert resumed.plan.keep == whole.plan.keep
+    for s in whole.segments:
+        a, b = (load_file(str(tmp_path / d / f"segment-{s.index:04d}.safetensors")) for d in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+    with pytest.raises(amgfx.AmgfxError, match="another model, data or settings"):
+        stream._Checkpoint(str(tmp_path / "c"), "k1").save({"phase": "prune", "next": 1})
+        stream._Checkpoint(str(tmp_path / "c"), "k2").load(resume=True)

@@ -288,6 +288,9 @@ def prune_parser(sub) -> None:
                    help="prune a Hugging Face causal LM directory one block at a time, its weights read from the "
                         "safetensors files as each block runs (taken by itself when the float32 weights would "
                         "need more than half the memory available; see amgfx.stream)")
+    r.add_argument("--resume", action="store_true",
+                   help="with streaming and --out: go on from the last block an interrupted run of the same "
+                        "command finished")
     r.add_argument("--draw", metavar="PNG", help="draw the plan per layer (kept units, FLOPs kept) to this PNG")
     r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
     r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "

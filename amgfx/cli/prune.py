@@ -123,6 +123,8 @@ def cmd_prune(a) -> int:
     from .prune_stream import cmd_prune_stream, wants_stream
     if wants_stream(a, models.hf_dir_of(a.model)):       # too big to hold whole (or --stream): block by block
         return cmd_prune_stream(a, models.hf_dir_of(a.model))
+    if a.resume:
+        return err("--resume goes on from an interrupted streamed run (--stream, or a model too big to hold whole)")
     say(f"loading and analysing {a.model} ...")
     loaded = loaded_model(a)
     if isinstance(loaded, int):

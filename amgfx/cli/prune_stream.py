@@ -71,6 +71,8 @@ def cmd_prune_stream(a, path: str) -> int:
                    "an encoder streams with amgfx.stream.prune_streamed in Python")
     if a.calib not in ("text", "example"):
         return err(f"--calib {a.calib}: a causal LM calibrates on text (--calib text)")
+    if a.resume and not a.out:
+        return err("--resume goes on from the run in --out DIR; give --out")
     if a.recover_steps or a.iterative > 1 or a.tokens or a.target_latency is not None or a.plan or a.onnx:
         return err("--stream prunes by --target-flops or --ratios; recovery, --iterative, --tokens, "
                    "--target-latency, --plan and --onnx are not available while streaming yet")
@@ -87,7 +89,7 @@ def cmd_prune_stream(a, path: str) -> int:
             f"block on {len(windows)} windows of {a.seq_len} tokens ...")
         method = a.method if a.method not in (None, "auto") else STREAM_METHOD
         scope = a.budget_scope if a.budget_scope != "auto" else "blocks"
-        r = prune_streamed(path, calib=calib, out=work, reconstruct=not a.no_reconstruct, method=method,
+        r = prune_streamed(path, calib=calib, out=work, resume=a.resume, reconstruct=not a.no_reconstruct, method=method,
                            target_flops=None if a.ratios else a.target_flops, ratios=a.ratios, kinds=a.kinds,
                            round_to=a.round_to, min_keep=a.min_keep, protect=a.protect,
                            same_head_dim=a.same_head_dim, seed=a.seed, scope=scope, progress=not (a.quiet or a.json))

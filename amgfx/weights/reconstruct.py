@@ -124,6 +124,10 @@ class _Cursor(fx.Interpreter):
     def _restart(self):
         self.env, self.args_iter, self.at = {}, iter(self.flat), 0
 
+    def restart(self) -> None:
+        """Drop what the cursor holds; the next :meth:`before` runs from the inputs again."""
+        self._restart()
+
     def before(self, node: fx.Node) -> dict:
         """Run every node before ``node`` (from the start again if the cursor is past it); the values live
         there, ``{node: value}``."""
@@ -358,7 +362,7 @@ class _Normal:
         return (torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution).T
 
 
-def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bool = True) -> tuple:
+def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bool = True, last: bool = False) -> tuple:
     """Accumulate the normal equations of ``t`` (pruned inputs read from ``source``) over ``runs`` (a
     dense and a pruned :class:`_Cursor` and the token mask, per calibration chunk) and solve; returns
     (new ``[out, in (+1)]`` weights, tokens, error before, error after, damp used).
@@ -407,6 +411,9 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
             if delta.shape == y.shape:
                 y = y + delta
         folds[i % 2].add(xp, y)
+        if last:           # no later layer resumes from here: hold one chunk's values at a time, not all of them
+            run_d.restart()
+            run_p.restart()
     whole = folds[0] + folds[1] if folds[1].n else folds[0]
     if damp is None:
         if folds[1].n:                      # fit on one fold, judge on the other, both ways
@@ -465,7 +472,7 @@ def refit_layers(pruned: fx.GraphModule, dense: fx.GraphModule, params: dict, ca
             for (flat, mask), (flat_p, _) in zip(chunks(dense, calib), theirs)]
     fits = []
     for t in tqdm(todo, desc="reconstructing", unit="layer", disable=not progress, leave=False):
-        w, n, before, after, used = _fit(t, source, dense, runs, damp, residual)
+        w, n, before, after, used = _fit(t, source, dense, runs, damp, residual, last=t is todo[-1])
         _write(pruned, t, w)
         if source is pruned:
             for _, run_p, _ in runs:
