@@ -246,6 +246,7 @@ def run_one(name: str) -> dict:
         reasons += [f"{n}: {r}" for n, r in cg.refused.items() if n.split(":")[0] in ("mlp", "residual")]
         row["reasons"] = reasons
         row["ops"] = attention_ops(cg.gm)
+        row["segments"] = _segments(cg)
         plan = amgfx.plan_for(cg, method="magnitude", ratios=RATIOS, progress=False)
         # a group with a norm inside (normformer-style MLP) is approximate by nature: the oracle cannot judge it
         inexact = sorted(g.name for g in cg.groups if not g.exact and g.name in plan.keep)
@@ -281,10 +282,40 @@ def run_one(name: str) -> dict:
     return row
 
 
+def _segments(cg) -> str:
+    """How streaming would cut the model (:mod:`amgfx.graph.segments`): the count of segments, and whether
+    running them one after another gives the graph's own output on the example."""
+    from amgfx.graph.segments import run_segments, segments
+    try:
+        segs = segments(cg.gm, together=[{m.param for m in g.members} for g in cg.groups if g.kind != "residual"])
+        args, kwargs = cg.gm.meta["amgfx_example"]
+        with torch.no_grad():
+            got = [t for t in torch.utils._pytree.tree_leaves(run_segments(cg.gm, segs, args, kwargs)) if torch.is_tensor(t)]
+            want = [t for t in torch.utils._pytree.tree_leaves(cg.gm(*args, **kwargs)) if torch.is_tensor(t)]
+    except Exception as e:  # recorded, not raised: the sweep's outcome is the prune's
+        return f"error: {type(e).__name__}"
+    same = len(got) == len(want) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+                                         for a, b in zip(got, want))
+    with_groups = sum(1 for s in segs if s.params and any({m.param for m in g.members} <= set(s.params)
+                                                        for g in cg.groups if g.kind != "residual"))
+    return f"{len(segs)} ({with_groups} with groups)" + ("" if same else ", OUTPUT DIFFERS")
+
+
 def _acc(r) -> str:
     a = r.get("accounting")
     return "-" if a is None else f"{a['supported']} / {a['refused']} / {a['not attention']}" + (
         f" (+{a['unaccounted']} unaccounted)" if a["unaccounted"] else "")
+
+
+def _streamable(rows) -> str:
+    """Models cut into more than one segment whose chained run gives the graph's output (streaming holds one
+    segment's weights at a time); the rest by what happened."""
+    seg = [r["segments"] for r in rows if "segments" in r]
+    ok = [x for x in seg if not x.startswith(("error", "1 ")) and "DIFFERS" not in x]
+    bad = len([x for x in seg if "DIFFERS" in x or x.startswith("error")])
+    one = len([x for x in seg if x.startswith("1 ")])
+    return (f"{len(ok)} of {len(seg)} analysed models cut into segments that rerun to the same output"
+            + (f"; {one} in one segment" if one else "") + (f"; {bad} failed" if bad else ""))
 
 
 def main(argv=None) -> list[dict]:
@@ -312,20 +343,21 @@ def main(argv=None) -> list[dict]:
              f"{len(rows)} models (random weights, tiny configs), magnitude ratios {RATIOS}, "
              f"{time.perf_counter() - t0:.0f} s.", "",
              "**Outcomes: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v or k in ("exact", "partial")) + "**",
+             "**Streamable: " + _streamable(rows) + "**",
              "Attention ops: every softmax and fused-attention op of the captured graph, as supported sites / "
              "refused sites (with the reason) / not attention (with the rule); a model where they do not add up "
              "to the count taken apart from amgfx's is `silent`.",
              "", "| model | outcome | sites (supported) | attention ops: supported / refused / not attention | mlps | "
                  "streams | groups pruned | "
-                 "oracle max rel | FLOPs kept | s | why / what is left whole |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "oracle max rel | FLOPs kept | segments (streaming) | s | why / what is left whole |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         err = f"{r['err']:.1e}" if "err" in r else "-"
         fl = f"{r['flops']:.3f}" if "flops" in r else "-"
         why = (r.get("why") or "").replace("|", "/")
         lines.append(f"| {r['model']} | {r['outcome']} | {r.get('sites', '-')} ({r.get('supported', '-')}) | "
                      f"{_acc(r)} | {r.get('mlps', '-')} | {r.get('streams', '-')} | {r.get('groups', '-')} | "
-                     f"{err} | {fl} | {r.get('seconds', 0):.1f} | {why} |")
+                     f"{err} | {fl} | {r.get('segments', '-')} | {r.get('seconds', 0):.1f} | {why} |")
     write_md(a.out, lines)
     return rows
 

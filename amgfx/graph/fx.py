@@ -199,20 +199,31 @@ def read_as(gm: fx.GraphModule, names: set, dtype=torch.float32) -> int:
     """Cast the attributes ``names`` to ``dtype`` where the graph reads them (in place): weights kept in the
     precision they were stored in (bf16: half the memory) while the graph computes as captured. The values
     read are exactly the stored ones, so outputs are the same as with the weights converted up front.
-    Returns how many reads were cast."""
+
+    Each reader gets its own cast, placed just before it, so one weight at a time is held converted (export
+    puts every ``get_attr`` first: a cast there would convert the whole model at once); an embedding lookup
+    gathers its rows first and casts those. Returns how many casts were added.
+    """
     n_cast = 0
     for n in list(gm.graph.nodes):
         if n.op != "get_attr" or n.target not in names:
             continue
-        users = [u for u in n.users]
-        with gm.graph.inserting_after(n):
-            c = gm.graph.call_function(aten._to_copy.default, (n,), {"dtype": dtype})
         v = n.meta.get("val")
-        if isinstance(v, torch.Tensor):
-            c.meta["val"] = v.to(dtype) if v.device.type == "meta" else torch.empty(v.shape, dtype=dtype, device="meta")
-        for u in users:
-            u.replace_input_with(n, c)
-        n_cast += 1
+        for u in list(n.users):
+            if u.target is aten.embedding.default and u.args[0] is n:      # gather rows, then cast them
+                with gm.graph.inserting_after(u):
+                    c = gm.graph.call_function(aten._to_copy.default, (u,), {"dtype": dtype})
+                u.replace_all_uses_with(c, delete_user_cb=lambda x: x is not c)
+                uv = u.meta.get("val")
+                if isinstance(uv, torch.Tensor):
+                    c.meta["val"] = torch.empty(uv.shape, dtype=dtype, device="meta")
+            else:
+                with gm.graph.inserting_before(u):
+                    c = gm.graph.call_function(aten._to_copy.default, (n,), {"dtype": dtype})
+                if isinstance(v, torch.Tensor):
+                    c.meta["val"] = torch.empty(v.shape, dtype=dtype, device="meta")
+                u.replace_input_with(n, c)
+            n_cast += 1
     gm.recompile()
     return n_cast
 
