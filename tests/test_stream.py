@@ -161,3 +161,24 @@ def test_an_interrupted_streamed_prune_resumes_from_the_block_it_stopped_at(llam
     with pytest.raises(amgfx.AmgfxError, match="another model, data or settings"):
         stream._Checkpoint(str(tmp_path / "c"), "k1").save({"phase": "prune", "next": 1})
         stream._Checkpoint(str(tmp_path / "c"), "k2").load(resume=True)
+
+
+def test_an_encoder_directory_streams_to_the_whole_model_path_s_plan_and_weights(tmp_path):
+    from amgfx.stream import prune_streamed
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        vocab_size=80, architectures=["BertModel"])
+    tf.BertModel(cfg).eval().save_pretrained(tmp_path)
+    model = tf.AutoModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    mask = torch.ones(2, 12, dtype=torch.long)
+    calib = [{"input_ids": torch.randint(0, 80, (2, 12)), "attention_mask": mask} for _ in range(4)]
+    plan_cfg = amgfx.PlanConfig(method="snp", target_flops=0.6)
+    streamed = prune_streamed(str(tmp_path), plan_cfg, calib=calib, progress=False)
+    whole = amgfx.prune(model, (), calib[0], config=plan_cfg, calib=calib, reconstruct=True, progress=False)
+    assert streamed.plan.keep == whole.meta["amgfx_plan"].keep and streamed.plan.keep
+    for fqn, w in whole.named_parameters():
+        assert torch.allclose(streamed.weights[fqn], w, rtol=0, atol=1e-5), fqn
+    small = streamed.model()
+    with torch.no_grad():
+        got, want = small(**calib[0]), whole(**calib[0])
+    assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)

@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from ..errors import CaptureError, foreign_errors
 from .canonical import spell_out_shape_of
 from .fold import fold_batch_norms
-from .fx import refresh_meta
+from .fx import on_meta, refresh_meta
 from .meta import CAPTURED, DIMS, DYNAMIC_BATCH, EXAMPLE
 from .mutation import own_written_state, refuse_stateful_outputs
 from .ops import register_library_layers
@@ -207,6 +207,8 @@ def capture(model: nn.Module, example_inputs=None, example_kwargs: dict | None =
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     _check_example(args, kwargs)
+    if on_meta(model):    # shapes only (a model too big to load): its example goes there too, as export records it
+        args, kwargs = pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, (args, kwargs))
     with _eval_mode(model), _no_kv_cache(model), _module_tracker(model) as stack, _quiet_torch_logs(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")

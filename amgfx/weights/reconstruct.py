@@ -331,17 +331,22 @@ class _Normal:
         self.n = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        g, b, yy = x.T @ x, x.T @ y, (y * y).sum(0)
         if self.G is None:
-            self.G, self.B, self.yy = g, b, yy
-        else:
-            self.G, self.B, self.yy = self.G + g, self.B + b, self.yy + yy
+            self.G, self.B, self.yy = x.T @ x, x.T @ y, (y * y).sum(0)
+        else:       # in place: a wide layer's G is hundreds of MB, and a sum would hold three of them
+            self.G.addmm_(x.T, x)
+            self.B.addmm_(x.T, y)
+            self.yy += (y * y).sum(0)
         self.n += x.shape[0]
 
-    def __add__(self, o):
-        s = _Normal()
-        s.G, s.B, s.yy, s.n = self.G + o.G, self.B + o.B, self.yy + o.yy, self.n + o.n
-        return s
+    def merge(self, o) -> "_Normal":
+        """``self`` plus ``o``, in place (``o`` is spent)."""
+        self.G += o.G
+        self.B += o.B
+        self.yy += o.yy
+        self.n += o.n
+        o.G = o.B = o.yy = None
+        return self
 
     def err(self, w: torch.Tensor, rows=None) -> float:
         """``||X w^T - Y||^2 / ||Y||^2`` for ``w`` [r, k (+1)] (the output ``rows`` of ``Y`` only, if given)."""
@@ -356,7 +361,8 @@ class _Normal:
         lam = torch.full((self.G.shape[0],), damp * float(self.G.diagonal()[:k].mean()) + 1e-12, dtype=torch.float64)
         if free_last:
             lam[-1] = 1e-12                  # the bias is free: it takes the mean shift (FLAP's compensation)
-        A = self.G + torch.diag(lam)
+        A = self.G.clone()
+        A.diagonal().add_(lam)
         rhs = (self.B if rows is None else self.B[:, rows]) + lam[:, None] * w0.T
         L, info = torch.linalg.cholesky_ex(A)
         return (torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution).T
@@ -414,7 +420,6 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
         if last:           # no later layer resumes from here: hold one chunk's values at a time, not all of them
             run_d.restart()
             run_p.restart()
-    whole = folds[0] + folds[1] if folds[1].n else folds[0]
     if damp is None:
         if folds[1].n:                      # fit on one fold, judge on the other, both ways
             rows = torch.linspace(0, w0.shape[0] - 1, min(CV_ROWS, w0.shape[0])).round().long().unique()
@@ -425,6 +430,8 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
             damp = downhill(DAMPS, held_out)
         else:
             damp = 1.0
+    whole = folds[0].merge(folds[1]) if folds[1].n else folds[0]
+    del folds
     w = whole.solve(w0, damp, bool(t.bias))
     before, after = whole.err(w0), whole.err(w)
     if not np.isfinite(after) or after > before:      # numerically worse than what the rewrite kept: keep that
