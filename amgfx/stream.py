@@ -48,12 +48,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
+import torch.utils._pytree as pytree
+
 from .api import Scores, analyze, apply, plan_kinds, score, spend
+from .decode.capture import capture_decoder
+from .decode.step import decoder
 from .errors import AmgfxError
-from .graph.fx import state_inputs
+from .graph.fx import off_meta, read_as, replace_attr, state_inputs
 from .graph.meta import EXAMPLE, PLAN
 from .graph.segments import Segment, extract, graph_inputs, segments
-from .models import LazyWeights, meta_model
+from .models import LazyWeights, is_causal_lm, meta_model
+from .sequence import capture_module, run
 from .planning.config import PlanConfig, config_from_options
 from .planning.plan import Plan
 from .scoring.calibrate import batch_chunks
@@ -171,11 +176,6 @@ def _source(path: str, calib: list, example, max_new_tokens: int):
     LM as a :class:`amgfx.Decoder` (prefill + decode step; ``calib`` is ``[n, T]`` token windows), any other
     model as its forward graph (``calib``: its input dicts)."""
     import transformers as tf
-
-    from .decode.capture import capture_decoder
-    from .decode.step import decoder
-    from .models import is_causal_lm
-    from .sequence import capture_module
     model, buffers, aliases = meta_model(path)
     if is_causal_lm(tf.AutoConfig.from_pretrained(path)):
         ids = [torch.as_tensor(c) for c in calib]
@@ -463,9 +463,6 @@ def assemble(cap, plan: Plan, tensors: dict, buffers: dict, *, stored: bool = Tr
     for the same capture (a Decoder for a causal LM), computing in float32. ``stored`` keeps each weight in the
     dtype it came in (bf16: half the memory of float32), cast where the graph reads it
     (:func:`amgfx.graph.fx.read_as`; the same outputs); else every weight is converted to float32 up front."""
-    from .graph.fx import off_meta, read_as, replace_attr
-    from .sequence import run
-    import torch.utils._pytree as pytree
     r = run(cap, plan=plan, check=False, reconstruct=False, progress=False)
     graphs = r.graphs()
     made: dict = {}                  # meta tensor -> its real one (tied names and both graphs share it)

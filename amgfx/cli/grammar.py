@@ -231,6 +231,16 @@ def _round_to(text: str):
     return n
 
 
+def _stream_args(r) -> None:
+    r.add_argument("--stream", action="store_true",
+                   help="prune a Hugging Face causal LM directory one block at a time, its weights read from the "
+                        "safetensors files as each block runs (taken by itself above 2 GiB of float32 weights or "
+                        "half the memory available; see amgfx.stream)")
+    r.add_argument("--resume", action="store_true",
+                   help="with streaming and --out: go on from the last block an interrupted run of the same "
+                        "command finished")
+
+
 def prune_parser(sub) -> None:
     r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
                        description=PRUNE_HELP, epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,8 +264,7 @@ def prune_parser(sub) -> None:
     r.add_argument("--tokens", type=float, default=None, metavar="F",
                    help="also remove fraction F of all key positions (AMG static token pruning; ranked globally, "
                         "class/distillation/register tokens kept); counts toward --target-flops")
-    r.add_argument("--method", default=None,
-                   help="criterion, several joined by '+', or auto (default auto; taylor for causal LMs)")
+    r.add_argument("--method", help="criterion, several joined by '+', or auto (default auto; taylor for causal LMs)")
     calib_args(r)
     r.add_argument("--no-reconstruct", action="store_true",
                    help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")
@@ -284,13 +293,7 @@ def prune_parser(sub) -> None:
                      help="default: kd for classifiers (2-D output), cosine per token otherwise")
     rec.add_argument("--iterative", type=int, default=1, metavar="K",
                      help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
-    r.add_argument("--stream", action="store_true",
-                   help="prune a Hugging Face causal LM directory one block at a time, its weights read from the "
-                        "safetensors files as each block runs (taken by itself when the float32 weights would "
-                        "need more than half the memory available; see amgfx.stream)")
-    r.add_argument("--resume", action="store_true",
-                   help="with streaming and --out: go on from the last block an interrupted run of the same "
-                        "command finished")
+    _stream_args(r)
     r.add_argument("--draw", metavar="PNG", help="draw the plan per layer (kept units, FLOPs kept) to this PNG")
     r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")
     r.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx (opset 23, dynamic batch), check "

@@ -120,7 +120,7 @@ def cmd_prune(a) -> int:
     """``amgfx prune``: load, analyse, plan, rewrite, verify, refit, recover, deploy, measure, report."""
     say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
     t_start = time.perf_counter()
-    from .prune_stream import cmd_prune_stream, wants_stream
+    from .prune_stream import cmd_prune_stream, wants_stream   # (its imports: only a streamed prune pays for them)
     if wants_stream(a, models.hf_dir_of(a.model)):       # too big to hold whole (or --stream): block by block
         return cmd_prune_stream(a, models.hf_dir_of(a.model))
     if a.resume:

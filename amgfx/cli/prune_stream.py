@@ -62,29 +62,37 @@ def wants_stream(a, path: str | None) -> bool:
     return need > STREAM_ABOVE or (bool(avail) and need > STREAM_HEADROOM * avail)
 
 
-def cmd_prune_stream(a, path: str) -> int:
-    say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
-    from ..stream import STREAM_METHOD, prune_streamed
+def _refusal(a, path: str) -> str | None:
+    """Why this command cannot stream, or None."""
     import transformers as tf
     if not models.is_causal_lm(tf.AutoConfig.from_pretrained(path)):
-        return err(f"{path}: streaming from the command line is for causal LMs (a *ForCausalLM directory); "
-                   "an encoder streams with amgfx.stream.prune_streamed in Python")
+        return (f"{path}: streaming from the command line is for causal LMs (a *ForCausalLM directory); "
+                "an encoder streams with amgfx.stream.prune_streamed in Python")
     if a.calib not in ("text", "example"):
-        return err(f"--calib {a.calib}: a causal LM calibrates on text (--calib text)")
+        return f"--calib {a.calib}: a causal LM calibrates on text (--calib text)"
     if a.resume and not a.out:
-        return err("--resume goes on from the run in --out DIR; give --out")
+        return "--resume goes on from the run in --out DIR; give --out"
     if a.recover_steps or a.iterative > 1 or a.tokens or a.target_latency is not None or a.plan or a.onnx:
-        return err("--stream prunes by --target-flops or --ratios; recovery, --iterative, --tokens, "
-                   "--target-latency, --plan and --onnx are not available while streaming yet")
+        return ("--stream prunes by --target-flops or --ratios; recovery, --iterative, --tokens, "
+                "--target-latency, --plan and --onnx are not available while streaming yet")
+    return None
+
+
+def cmd_prune_stream(a, path: str) -> int:
+    say = (lambda *x: None) if (a.quiet or a.json) else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    from ..stream import STREAM_METHOD, prune_streamed     # (the streaming machinery: only when it runs)
+    why = _refusal(a, path)
+    if why:
+        return err(why)
     need, avail = footprint(path)
     t0 = time.perf_counter()
+    work = os.path.join(a.out, "stream") if a.out else tempfile.mkdtemp(prefix="amgfx-stream-")
     try:
         tok = models.tokenizer(path, ["The quick brown fox jumps over the lazy dog."])
         encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]
         windows = _windows(encode, "calib", a.seq_len, a.calib_samples, a.batch_size)
         held = _windows(encode, "eval", a.seq_len, EVAL_WINDOWS, 1)
         calib = [windows[i:i + a.batch_size] for i in range(0, len(windows), a.batch_size)]
-        work = os.path.join(a.out, "stream") if a.out else tempfile.mkdtemp(prefix="amgfx-stream-")
         say(f"streaming {path} ({need / 2**30:.1f} GiB in float32, {avail / 2**30:.1f} GiB available) block by "
             f"block on {len(windows)} windows of {a.seq_len} tokens ...")
         method = a.method if a.method not in (None, "auto") else STREAM_METHOD
@@ -111,16 +119,7 @@ def cmd_prune_stream(a, path: str) -> int:
     finally:
         if not a.out:
             shutil.rmtree(work, ignore_errors=True)
-    flops = r.plan.meta.get("flops", {})
-    report = {"model": a.model, "method": method, "streamed": True, "scope": scope,
-              "calibration": f"{len(windows)} windows of {a.seq_len} tokens of standard-library docstrings",
-              "flops": flops, "perplexity": {"pruned": ppl, "on": f"{EVAL_WINDOWS} held-out windows of {a.seq_len} "
-                                                                   "tokens", "dense": None},
-              "generate": {"prompts": list(PROMPTS), "pruned": texts},
-              "segments": [s.__dict__ for s in r.segments], "verified": all(s.verified for s in r.segments if s.groups),
-              "seconds": {**{k: round(v, 2) for k, v in r.seconds.items()}, "assemble+evaluate+save": round(t2 - t1, 2),
-                          "total": round(t2 - t0, 2)},
-              "peak_memory_mb": round(_peak_mb()), "weights_float32_mb": round(need / 2**20)}
+    report = _report(a, r, method, scope, windows, ppl, texts, need, t2 - t1, t2 - t0)
     if a.out:
         for f in glob.glob(os.path.join(work, "segment-*.safetensors")):
             os.remove(f)                  # decoder.pt2 holds them now
@@ -130,18 +129,35 @@ def cmd_prune_stream(a, path: str) -> int:
     if a.json:
         print(json.dumps({**report, "files": files}))
     elif not a.quiet:
-        b = flops.get("blocks", {})
-        print(f"{a.model}; {method}, streamed block by block on {report['calibration']}")
-        if b:
-            print(f"FLOPs (decoder blocks) {b['dense']:,} -> {b['planned']:,} ({b['planned'] / b['dense']:.3f})")
-        print(f"perplexity (pruned) {ppl:.2f} on {report['perplexity']['on']}; dense not measured (not loaded whole)")
-        print(f"{sum(1 for s in r.segments if s.verified)} of {sum(1 for s in r.segments if s.groups)} pruned "
-              f"segments verified against the zeroing oracle")
-        s = report["seconds"]
-        print(f"time: capture {s['capture']:.1f}s, score {s['score']:.1f}s, plan {s['plan']:.1f}s, prune+refit "
-              f"{s['prune']:.1f}s, assemble+evaluate+save {s['assemble+evaluate+save']:.1f}s; peak memory "
-              f"{report['peak_memory_mb']:,} MB (weights in float32: {report['weights_float32_mb']:,} MB)")
-        if files:
-            print("wrote " + ", ".join(files))
+        _print(a, r, report, files)
     return 0
 
+
+
+def _report(a, r, method, scope, windows, ppl, texts, need, t_eval, t_total) -> dict:
+    return {"model": a.model, "method": method, "streamed": True, "scope": scope,
+            "calibration": f"{len(windows)} windows of {a.seq_len} tokens of standard-library docstrings",
+            "flops": r.plan.meta.get("flops", {}),
+            "perplexity": {"pruned": ppl, "on": f"{EVAL_WINDOWS} held-out windows of {a.seq_len} tokens", "dense": None},
+            "generate": {"prompts": list(PROMPTS), "pruned": texts},
+            "segments": [s.__dict__ for s in r.segments], "verified": all(s.verified for s in r.segments if s.groups),
+            "seconds": {**{k: round(v, 2) for k, v in r.seconds.items()}, "assemble+evaluate+save": round(t_eval, 2),
+                        "total": round(t_total, 2)},
+            "peak_memory_mb": round(_peak_mb()), "weights_float32_mb": round(need / 2**20)}
+
+
+def _print(a, r, report: dict, files: list) -> None:
+    b = report["flops"].get("blocks", {})
+    print(f"{a.model}; {report['method']}, streamed block by block on {report['calibration']}")
+    if b:
+        print(f"FLOPs (decoder blocks) {b['dense']:,} -> {b['planned']:,} ({b['planned'] / b['dense']:.3f})")
+    print(f"perplexity (pruned) {report['perplexity']['pruned']:.2f} on {report['perplexity']['on']}; dense not "
+          "measured (not loaded whole)")
+    print(f"{sum(1 for s in r.segments if s.verified)} of {sum(1 for s in r.segments if s.groups)} pruned "
+          f"segments verified against the zeroing oracle")
+    s = report["seconds"]
+    print(f"time: capture {s['capture']:.1f}s, score {s.get('score', 0):.1f}s, plan {s.get('plan', 0):.1f}s, "
+          f"prune+refit {s['prune']:.1f}s, assemble+evaluate+save {s['assemble+evaluate+save']:.1f}s; peak memory "
+          f"{report['peak_memory_mb']:,} MB (weights in float32: {report['weights_float32_mb']:,} MB)")
+    if files:
+        print("wrote " + ", ".join(files))

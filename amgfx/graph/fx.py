@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 from ..errors import RewriteError
 from .indexprop import fetch_attr as get_attr
 from .meta import DIMS, EXAMPLE, STATE
-from .ops import FUSED_ATTENTION, sdpa_args
+from .ops import ASSERTS, FUSED_ATTENTION, sdpa_args
 
 aten = torch.ops.aten
 
@@ -185,7 +185,6 @@ def drop_export_guards(gm: fx.GraphModule) -> None:
 def off_meta(g: fx.Graph, device="cpu") -> fx.Graph:
     """A graph captured on the meta device made to run on ``device`` (in place): every op that makes or moves
     a tensor onto meta makes it on ``device``, and export's checks of the captured device are taken out."""
-    from .ops import ASSERTS
     real = lambda a: torch.device(device) if isinstance(a, torch.device) and a.type == "meta" else a
     for n in list(g.nodes):
         if n.target in ASSERTS and not n.users:

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import AmgfxError
-from .fx import off_meta
+from .fx import get_attr, off_meta
 from .meta import CAPTURED, DYNAMIC_BATCH
 
 __all__ = ["Segment", "segments", "extract", "run_segments"]
@@ -197,8 +196,8 @@ def run_segments(gm: fx.GraphModule, segs: list, args, kwargs=None, *, attrs: di
     """Run ``gm`` segment by segment (each extracted with ``attrs``, default ``gm``'s own tensors) on
     ``(args, kwargs)``: what ``gm`` returns. A check that the cut is faithful; :mod:`amgfx.stream` does the
     same over many batches, block by block."""
-    if attrs is None:
-        attrs = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    if attrs is None:        # every attribute the graph reads: parameters, buffers and plain tensor constants
+        attrs = {n.target: get_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     env = graph_inputs(gm, args, kwargs or {})
     env.update({n.name: attrs[n.target] for n in gm.graph.nodes if n.op == "get_attr" and n.target in attrs})
     for s in segs:

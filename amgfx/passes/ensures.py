@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
                                            UnsupportedOperatorException)

@@ -431,7 +431,6 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
         else:
             damp = 1.0
     whole = folds[0].merge(folds[1]) if folds[1].n else folds[0]
-    del folds
     w = whole.solve(w0, damp, bool(t.bias))
     before, after = whole.err(w0), whole.err(w)
     if not np.isfinite(after) or after > before:      # numerically worse than what the rewrite kept: keep that
