@@ -70,7 +70,7 @@ def llama_dir(tmp_path_factory):
     return str(d)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "snp"])
+@pytest.mark.parametrize("method", [pytest.param("magnitude", marks=pytest.mark.slow), "snp"])   # the suite's budget
 def test_a_streamed_prune_gives_the_whole_model_path_s_plan_and_refitted_weights(llama_dir, method):
     from amgfx.stream import _source, assemble, prune_streamed
     model = tf.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
@@ -129,6 +129,7 @@ def test_amgfx_prune_stream_writes_a_decoder_that_generate_runs_and_says_how_eac
     assert len(json.loads(capsys.readouterr().out)["saved"]["tokens"][0]) == 4
 
 
+@pytest.mark.slow       # three streamed prunes, about 20 s
 def test_an_interrupted_streamed_prune_resumes_from_the_block_it_stopped_at(llama_dir, tmp_path, monkeypatch):
     import amgfx.stream as stream
     from safetensors.torch import load_file
