@@ -132,6 +132,11 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
         return err(f"cannot write to {a.out}: {e}")
     report = _report(a, loaded, dense, small, ppl, texts, {"load": round(t_load, 2), "prune": round(t1 - t0, 2),
                                                             "evaluate": round(t2 - t1, 2)})
+    return emit(a, report, files, lambda: _print(report))
+
+
+def emit(a, report: dict, files: list, show) -> int:
+    """``report.json`` into ``--out``, then the report as JSON (``--json``), or ``show()`` and the files written."""
     if a.out:
         with open(os.path.join(a.out, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
@@ -139,7 +144,7 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
     if a.json:
         print(json.dumps({**report, "files": files}))
     elif not a.quiet:
-        _print(report)
+        show()
         if files:
             print("wrote " + ", ".join(files))
     return 0

@@ -21,7 +21,7 @@ from .. import models
 from ..errors import AmgfxError
 from ..files import save
 from ._common import err
-from .prune_lm import EVAL_WINDOWS, PROMPTS, _generate, _peak_mb, _windows
+from .prune_lm import EVAL_WINDOWS, PROMPTS, _generate, _peak_mb, _windows, emit
 
 STREAM_ABOVE = 2 * 2**30    # float32 weights above this (about 500M parameters) stream ...
 STREAM_HEADROOM = 0.5       # ... as do those over this share of the memory available
@@ -120,17 +120,9 @@ def cmd_prune_stream(a, path: str) -> int:
         if not a.out:
             shutil.rmtree(work, ignore_errors=True)
     report = _report(a, r, method, scope, windows, ppl, texts, need, t2 - t1, t2 - t0)
-    if a.out:
-        for f in glob.glob(os.path.join(work, "segment-*.safetensors")):
-            os.remove(f)                  # decoder.pt2 holds them now
-        with open(os.path.join(a.out, "report.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        files.append(os.path.join(a.out, "report.json"))
-    if a.json:
-        print(json.dumps({**report, "files": files}))
-    elif not a.quiet:
-        _print(a, r, report, files)
-    return 0
+    for f in glob.glob(os.path.join(work, "segment-*.safetensors")) if a.out else ():
+        os.remove(f)                      # decoder.pt2 holds them now
+    return emit(a, report, files, lambda: _print(a, r, report))
 
 
 
@@ -146,7 +138,7 @@ def _report(a, r, method, scope, windows, ppl, texts, need, t_eval, t_total) -> 
             "peak_memory_mb": round(_peak_mb()), "weights_float32_mb": round(need / 2**20)}
 
 
-def _print(a, r, report: dict, files: list) -> None:
+def _print(a, r, report: dict) -> None:
     b = report["flops"].get("blocks", {})
     print(f"{a.model}; {report['method']}, streamed block by block on {report['calibration']}")
     if b:
@@ -159,5 +151,3 @@ def _print(a, r, report: dict, files: list) -> None:
     print(f"time: capture {s['capture']:.1f}s, score {s.get('score', 0):.1f}s, plan {s.get('plan', 0):.1f}s, "
           f"prune+refit {s['prune']:.1f}s, assemble+evaluate+save {s['assemble+evaluate+save']:.1f}s; peak memory "
           f"{report['peak_memory_mb']:,} MB (weights in float32: {report['weights_float32_mb']:,} MB)")
-    if files:
-        print("wrote " + ", ".join(files))
