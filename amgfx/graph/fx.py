@@ -229,7 +229,8 @@ def read_as(gm: fx.GraphModule, names: set, dtype=torch.float32) -> int:
 
 def on_meta(gm: torch.nn.Module) -> bool:
     """Whether ``gm``'s weights live on the meta device (shapes only, as a model too big to load is analysed)."""
-    return any(t.device.type == "meta" for t in itertools.chain(gm.parameters(), gm.buffers()))
+    first = next(itertools.chain(gm.parameters(), gm.buffers()), None)     # a model is built on meta whole
+    return first is not None and first.device.type == "meta"
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:

@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from ..errors import InternalError, RewriteError, foreign_errors
 from ..graph.branches import remove_branch
-from ..graph.fx import copy_module
+from ..graph.fx import copy_module, on_meta
 from ..graph.indexprop import shape, val
 from ..graph.ops import GROUPED
 from ..graph.masks import propagate_masks
@@ -59,7 +59,11 @@ def _device(n: fx.Node) -> str:
     """Where the node runs: its inputs' device. Nodes a pass inserted carry meta values; they run
     beside their real inputs (a kernel choice, and so the count, may depend on the device)."""
     devs = [v.device.type for a in n.all_input_nodes if isinstance(v := val(a), torch.Tensor)]
-    return next((d for d in devs if d != "meta"), "meta" if devs else "cpu")   # all meta: a model built on meta
+    real = next((d for d in devs if d != "meta"), None)
+    if real is not None:
+        return real
+    gm = n.graph.owning_module          # every input a pass made: meta only where the model itself is
+    return "meta" if gm is not None and on_meta(gm) else "cpu"
 
 
 def _spec(a, shp, override, device):
