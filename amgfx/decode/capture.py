@@ -62,13 +62,11 @@ def _graphs(dec: Decoder, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, dec.vocab_size, (dec.batch, dec.prompt_len), generator=g)
     pre_in = dec.prefill_inputs(ids)
-    if on_meta(dec.prefill):          # a model built on the meta device: shapes only, all the way through
+    if on_meta(dec.prefill):          # run below on meta; capture() takes any example there by itself
         pre_in = tuple(t.to("meta") for t in pre_in)
     with torch.no_grad():
         history = dec.prefill(*pre_in)[1:]
     dec_in = dec.decode_inputs(ids[:, -1], pre_in[1][:, -1] + 1, dec.prompt_len, pre_in[3], history)
-    if on_meta(dec.prefill):
-        dec_in = tuple(t.to("meta") for t in dec_in)
     cgs = []
     for m, x in ((dec.prefill, pre_in), (dec.decode, dec_in)):
         cg = analyze.analyze(capture(m, x, dynamic_batch=False))
