@@ -95,13 +95,12 @@ def _save_decoder(dec, directory) -> dict:
     """``decoder.pt2`` (programs ``prefill`` and ``decode``, each exported at its static example), plan, manifest."""
     from importlib.metadata import version
 
-    from torch.export.pt2_archive._package import package_pt2
     if not all(isinstance(m, fx.GraphModule) and EXAMPLE in m.meta for m in (dec.prefill, dec.decode)):
         raise AmgfxError("amgfx.save takes a Decoder that amgfx.prune returned (its graphs are captured)")
     os.makedirs(directory, exist_ok=True)
     with foreign_errors(AmgfxError, "export of the decoder"):
         eps = {"prefill": export_program(dec.prefill), "decode": export_program(dec.decode)}
-        package_pt2(os.path.join(directory, "decoder.pt2"), exported_programs=eps)
+        package_shared(os.path.join(directory, "decoder.pt2"), eps)
     if dec.plan is not None:
         dec.plan.save(os.path.join(directory, "plan.json"))
     tok, copied = _copy_tokenizer(dec.meta.get("tokenizer"), directory)
@@ -112,6 +111,35 @@ def _save_decoder(dec, directory) -> dict:
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+def package_shared(path: str, eps: dict) -> None:
+    """``torch.export``'s ``package_pt2`` for programs that share their weights (a decoder's prefill and decode
+    step): each storage is written once, both programs' weight configs name its record, and it is written from
+    the tensor's own memory. ``package_pt2`` writes every program's weights apart, each through a ``bytes``
+    copy: a pruned 1B-shaped decoder.pt2 held its weights twice (1.30 GB for 0.62 GB on the 2-layer shape) and
+    saving copied its 525 MB embedding once more in memory. ``load_pt2`` reads the archive as its own."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import serialize, serialize_tensor_meta
+    from torch.export.pt2_archive import _package as pt2
+    from torch.export.pt2_archive import constants as c
+    written: dict = {}                  # (storage address, bytes) -> its record
+    with pt2.PT2ArchiveWriter(path) as w:
+        for name, ep in eps.items():
+            config = {}
+            for fqn, t in ep.state_dict.items():
+                st = t.untyped_storage()
+                key = (st.data_ptr(), st.nbytes()) if st.nbytes() else id(t)     # empty ones have no address
+                if key not in written:
+                    written[key] = f"{c.WEIGHT_FILENAME_PREFIX}{len(written)}"
+                    w.archive_file.write_record(os.path.join(c.WEIGHTS_DIR, written[key]), st.cpu(), st.nbytes())
+                config[fqn] = schema.PayloadMeta(path_name=written[key], is_param=isinstance(t, torch.nn.Parameter),
+                                                 use_pickle=False, tensor_meta=serialize_tensor_meta(t))
+            pt2._package_payload_config(w, schema.PayloadConfig(config=config), c.WEIGHTS_CONFIG_FILENAME_FORMAT.format(name))
+            pt2._package_payload_config(w, pt2._package_constants(name, ep, w), c.CONSTANTS_CONFIG_FILENAME_FORMAT.format(name))
+            art = serialize(ep, None, pt2.DEFAULT_PICKLE_PROTOCOL, serialize_state_dict=False, serialize_constants=False)
+            w.write_bytes(c.MODELS_FILENAME_FORMAT.format(name), art.exported_program)
+            w.write_bytes(c.SAMPLE_INPUTS_FILENAME_FORMAT.format(name), art.example_inputs)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",

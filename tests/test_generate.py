@@ -1,5 +1,7 @@
 """Pruned decoders generate: ``amgfx.decoder`` -> ``amgfx.prune`` -> ``amgfx.generate``, token for token
 the zeroed dense model's greedy decoding, with a cache smaller by what the plan keeps."""
+import zipfile
+
 import pytest
 import torch
 
@@ -97,6 +99,11 @@ def test_a_saved_decoder_generates_the_same_from_pt2_and_from_onnxruntime(tmp_pa
     small = amgfx.prune(dense, method="magnitude", ratios=PLAN, progress=False)
     manifest = amgfx.save(small, tmp_path)
     assert manifest["files"] == ["decoder.pt2", "plan.json"] and manifest["cache_shapes"] == small.cache_shapes
+    with zipfile.ZipFile(tmp_path / "decoder.pt2") as z:      # both programs read one copy of each weight
+        stored = sum(i.file_size for i in z.infolist() if "/weights/weight_" in i.filename)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for g in (small.prefill, small.decode) for t in g.state_dict().values()}
+    assert stored == sum(storages.values())
     amgfx.export_onnx(small, tmp_path)
     want = amgfx.generate(small, PROMPTS, max_new_tokens=16, eos_token_id=None)
     back = amgfx.load(tmp_path)
