@@ -56,9 +56,10 @@ def test_block_scope_budgets_the_blocks_and_leaves_the_head_out(tiny_lm_dir):
 def test_amgfx_prune_on_a_causal_lm_writes_a_decoder_that_generate_runs(tiny_lm_dir, tmp_path, capsys):
     out = tmp_path / "lm60"
     code = main(["prune", tiny_lm_dir, "--target-flops", "0.6", "--calib", "text", "--calib-samples", "8",
-                 "--seq-len", "16", "--batch-size", "2", "--out", str(out), "--json"])
+                 "--refit-samples", "12", "--seq-len", "16", "--batch-size", "2", "--out", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["scope"] == "blocks" and report["method"] == "taylor"
+    assert report["calibration"].endswith("(the refit: 12)")
     f = report["flops"]
     assert f["blocks_pruned"] <= 0.6 * f["blocks_dense"] and f["pruned"] < f["dense"]
     assert report["perplexity"]["dense"] > 1 and report["perplexity"]["pruned"] > 1
@@ -68,6 +69,20 @@ def test_amgfx_prune_on_a_causal_lm_writes_a_decoder_that_generate_runs(tiny_lm_
     assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4", "--json"]) == 0
     gen = json.loads(capsys.readouterr().out)
     assert len(gen["saved"]["tokens"][0]) == 4
+
+
+def test_the_refit_reads_its_own_batches(tiny_lm_dir):
+    from amgfx.graph.meta import RECONSTRUCTION
+    dec = amgfx.decoder(models.load(tiny_lm_dir).model, max_len=20, prompt_len=16, batch=1)
+    ids = lambda n, seed: torch.randint(3, 300, (n, 16), generator=torch.Generator().manual_seed(seed))
+    small = amgfx.prune(dec, method="magnitude", ratios={"mlp": 0.5}, calib=[ids(2, 0)],
+                        refit_calib=[ids(2, 1), ids(2, 2), ids(1, 3)], progress=False)
+    assert small.prefill.meta[RECONSTRUCTION]["samples"] == 5 * 16       # every refit token, none of calib's
+    timm = pytest.importorskip("timm")
+    vit, x = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1), torch.randn(2, 3, 32, 32)
+    with pytest.raises(amgfx.AmgfxError, match="refit_calib= is not taken with schedule="):     # not ignored
+        amgfx.prune(vit, x, method="magnitude", target_flops=0.8, calib=[x], refit_calib=[x],
+                    schedule=amgfx.Iterative(steps=2), progress=False)
 
 
 def test_without_the_wheel_smollm2_says_which_package_to_install(monkeypatch, capsys):

@@ -268,6 +268,9 @@ def prune_parser(sub) -> None:
     calib_args(r)
     r.add_argument("--no-reconstruct", action="store_true",
                    help="skip the least-squares refit of the kept weights on the calibration data (amgfx.reconstruct)")
+    r.add_argument("--refit-samples", type=int, default=None, metavar="N",
+                   help="samples the refit reads (it runs forward only, so more than scoring is cheap); default: "
+                        "128 windows for causal LMs, the calibration samples otherwise")
     r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
                    help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
     r.add_argument("--round-to", type=_round_to, default="auto",

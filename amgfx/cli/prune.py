@@ -144,7 +144,7 @@ def cmd_prune(a) -> int:
         return recovery
     t0 = time.perf_counter()
     try:
-        result = _run(a, cg, batches, calib["batches"] is not None, recovery, say)
+        result = _run(a, cg, batches, calib["batches"] is not None, recovery, say, calib.get("refit"))
         plan, pruned = result.plan, result.model
         check = verify(cg, plan) if a.iterative > 1 else result.verify     # a schedule: its composed plan
         if a.draw:
@@ -194,6 +194,11 @@ def _analysed(a, loaded):
         if isinstance(got, int):
             return got
         calib["batches"], calib["note"] = got
+        if a.refit_samples is not None and got[0] is not None:     # the refit's own, more, samples
+            more = calibration(a, loaded, n=a.refit_samples)
+            if isinstance(more, int):
+                return more
+            calib["refit"] = more[0]
         return 0
 
     got = analysed(a, prepare, loaded)
@@ -216,7 +221,7 @@ def _config(a) -> PlanConfig:
                       blocks=a.remove_blocks, seed=a.seed)
 
 
-def _run(a, cg, batches, refit: bool, recovery, say):
+def _run(a, cg, batches, refit: bool, recovery, say, refit_batches=None):
     """The prune sequence (amgfx.sequence) with the flags' configs: plan (or replay --plan), rewrite, check
     against the oracle, refit (on calibration data, unless --no-reconstruct), recover (--recover-steps)."""
     progress, refit = not (a.quiet or a.json), refit and not a.no_reconstruct
@@ -226,8 +231,8 @@ def _run(a, cg, batches, refit: bool, recovery, say):
         say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
         opts = {k: v for k, v in (config.to_dict() if config else {}).items()
                 if k in ("lr", "loss", "seed") and v is not None}
-        pruned = prune(cg, config=_config(a), calib=batches, progress=progress, schedule=Iterative(
-            steps=a.iterative, recover_steps=a.recover_steps, data=data, recover=opts))
+        pruned = prune(cg, config=_config(a), calib=batches, progress=progress, refit_calib=refit_batches,
+                       schedule=Iterative(steps=a.iterative, recover_steps=a.recover_steps, data=data, recover=opts))
         return Result(pruned.meta[PLAN], [pruned], seconds={"plan": time.perf_counter() - t, "rewrite": 0.0})
     if a.target_latency is not None:
         say(f"planning to {a.target_latency} of the dense time in {a.runtime} (op times measured once, "
@@ -236,7 +241,7 @@ def _run(a, cg, batches, refit: bool, recovery, say):
         say("then " + " and ".join(w for w, on in (("reconstructing the kept weights", refit),
                                                     (f"recovering {a.recover_steps} steps", config)) if on) + " ...")
     return run(Captured((cg,)), _config(a), calib=batches, plan=Plan.load(a.plan) if a.plan else None,
-               reconstruct=refit, recover=config, recover_data=data, progress=progress)
+               reconstruct=refit, recover=config, recover_data=data, refit_calib=refit_batches, progress=progress)
 
 
 def _refit_report(result) -> dict | None:

@@ -25,6 +25,9 @@ from ._common import auto_line, err
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
 EVAL_WINDOWS = 32
+# the refit runs forward only: twice the scoring's windows cost it a minute on SmolLM2 and, at 50% of block
+# FLOPs, took perplexity after refit from 61.8 to 56.7 (benchmarks/results/llm_real.md)
+REFIT_WINDOWS = 128
 
 
 def _peak_mb() -> float:
@@ -50,7 +53,8 @@ def _report(a, loaded, dense, small, ppl, texts, seconds) -> dict:
     blocks = flops.get("blocks", {})
     count = lambda d: sum(p.numel() for p in {id(p): p for p in d.prefill.parameters()}.values())
     out = {"model": a.model, "method": a.method, "scope": small.plan.meta.get("scope", "model"),
-           "calibration": f"{a.calib_samples} windows of {a.seq_len} tokens of standard-library docstrings",
+           "calibration": f"{a.calib_samples} windows of {a.seq_len} tokens of standard-library docstrings"
+                          + (f" (the refit: {a.refit_samples})" if a.refit_samples != a.calib_samples else ""),
            "params": {"dense": count(dense), "pruned": count(small)},
            "flops": {"dense": flops.get("dense"), "pruned": flops.get("planned"),
                      **({"blocks_dense": blocks["dense"], "blocks_pruned": blocks["planned"]} if blocks else {})},
@@ -97,9 +101,13 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
     try:
         tok = models.tokenizer(loaded.path, ["The quick brown fox jumps over the lazy dog."])
         encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]
-        calib = _windows(encode, "calib", a.seq_len, a.calib_samples, a.batch_size)
+        a.refit_samples = REFIT_WINDOWS if a.refit_samples is None else a.refit_samples
+        windows = _windows(encode, "calib", a.seq_len, max(a.calib_samples, a.refit_samples), a.batch_size)
+        whole = lambda k: max(a.batch_size, k // a.batch_size * a.batch_size)     # whole batches
+        calib, fit = windows[:whole(a.calib_samples)], windows[:whole(a.refit_samples)]
         held = _windows(encode, "eval", a.seq_len, EVAL_WINDOWS, 1)
-        a.calib_samples = len(calib)
+        a.calib_samples, a.refit_samples = len(calib), len(fit)
+        rows = lambda w: [w[i:i + a.batch_size] for i in range(0, len(w), a.batch_size)]
         # captured at batch 1: the analysis and the rewrite work on masks of the graph's shapes (4x fewer
         # rows than at batch 4); calibration batches are run in rows of the captured batch anyway
         dense = decoder(loaded.model, max_len=a.seq_len + 32, prompt_len=a.seq_len, batch=1)
@@ -108,7 +116,7 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
         say(f"pruning {a.model} as a decoder (prefill + decode step, one plan) on {len(calib)} windows ...")
         scope = a.budget_scope if a.budget_scope != "auto" else "blocks"
         small = prune(dense, method=a.method, target_flops=None if (a.ratios or a.plan) else a.target_flops,
-                      ratios=a.ratios, plan=_plan(a), calib=[calib[i:i + a.batch_size] for i in range(0, len(calib), a.batch_size)],
+                      ratios=a.ratios, plan=_plan(a), calib=rows(calib), refit_calib=rows(fit),
                       reconstruct=not a.no_reconstruct, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
                       protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed, scope=scope,
                       progress=not (a.quiet or a.json))
