@@ -23,7 +23,8 @@ import warnings
 
 import torch
 
-__all__ = ["digits", "text", "halves", "views", "token_windows", "image_folder", "CALIB_MODULES", "EVAL_MODULES"]
+__all__ = ["digits", "text", "halves", "views", "token_windows", "byte_bpe", "image_folder", "CALIB_MODULES",
+           "EVAL_MODULES"]
 
 CALIB_MODULES = ("collections", "functools", "itertools", "pathlib", "argparse", "json", "subprocess",
                  "threading", "logging", "unittest", "typing", "dataclasses", "string", "textwrap", "shutil")
@@ -107,6 +108,28 @@ def token_windows(encode, split: str, seq: int, n: int | None = None) -> torch.T
     if n is not None and n > count:
         raise ValueError(f"the {split} text has {count} windows of {seq} tokens, fewer than the {n} asked for")
     return ids[:count * seq].reshape(count, seq)[:n]
+
+
+def byte_bpe(directory: str, vocab_size: int):
+    """A byte-level BPE tokenizer trained on the calibration text and saved into ``directory`` as a Hugging Face
+    one (``<unk>``, ``<s>``, ``</s>`` are ids 0-2): what a model directory made here (tests, benchmarks) ships
+    instead of a downloaded tokenizer. Returns the ``PreTrainedTokenizerFast``.
+
+    Example:
+        >>> import tempfile
+        >>> tok = byte_bpe(tempfile.mkdtemp(), 300)
+        >>> len(tok), tok.decode(tok("Return the value.")["input_ids"])
+        (300, 'Return the value.')
+    """
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(text("calib"), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+    return fast
 
 
 def image_folder(path: str, size: int, channels: int = 3, n: int | None = None) -> torch.Tensor:

@@ -37,18 +37,12 @@ def make_dir(path: str, layers: int) -> str:
     """The random bf16 directory (config, two safetensors shards, tokenizer); kept when it is there."""
     import transformers as tf
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 
     from amgfx import data
     if os.path.isfile(os.path.join(path, "done")):
         return path
     os.makedirs(path, exist_ok=True)
-    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(data.text("calib"), trainers.BpeTrainer(
-        vocab_size=8000, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
+    data.byte_bpe(path, 8000)
     cfg = tf.LlamaConfig(num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
                          **SHAPE)
     cfg.save_pretrained(path)

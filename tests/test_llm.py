@@ -18,15 +18,8 @@ tf = pytest.importorskip("transformers")
 def tiny_lm_dir(tmp_path_factory):
     """A LLaMA (2 layers, GQA) with a byte-level BPE tokenizer trained on the calibration text: a Hugging Face
     directory as a user would bring one, nothing downloaded."""
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
     d = tmp_path_factory.mktemp("tiny_lm")
-    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(data.text("calib"), trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(d)
+    fast = data.byte_bpe(str(d), 400)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=128,

@@ -102,14 +102,8 @@ def test_amgfx_prune_stream_writes_a_decoder_that_generate_runs_and_says_how_eac
     import os
     from amgfx import data
     from amgfx.cli import main
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
     d = tmp_path / "lm"
-    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(data.text("calib"), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(d)
+    fast = data.byte_bpe(str(d), 300)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(fast), bos_token_id=1, eos_token_id=2,
