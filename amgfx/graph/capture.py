@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from ..errors import CaptureError, foreign_errors
 from .canonical import spell_out_shape_of
 from .fold import fold_batch_norms
-from .fx import on_meta, refresh_meta
+from .fx import nonfinite, on_meta, refresh_meta
 from .meta import CAPTURED, DIMS, DYNAMIC_BATCH, EXAMPLE
 from .mutation import own_written_state, refuse_stateful_outputs
 from .ops import register_library_layers
@@ -123,8 +123,7 @@ def _check_example(args: tuple, kwargs: dict) -> None:
     named = [(f"input {i}", a) for i, a in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]
     for name, value in named:
         for t in pytree.tree_leaves(value):
-            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta"
-                    and bool(torch.isnan(t).any())):
+            if nonfinite(t, inf=False):
                 raise CaptureError(f"the example inputs: {name} contains NaN; give finite example values "
                                    "(only their shapes and dtypes shape the graph)")
 

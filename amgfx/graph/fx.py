@@ -233,6 +233,14 @@ def on_meta(gm: torch.nn.Module) -> bool:
     return first is not None and first.device.type == "meta"
 
 
+def nonfinite(t, *, inf: bool = True) -> bool:
+    """Whether tensor ``t`` holds a NaN (or, with ``inf``, an infinity); one on the meta device holds no values
+    to check (a model too big to load is captured and planned there)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta":
+        return False
+    return not bool(torch.isfinite(t).all()) if inf else bool(torch.isnan(t).any())
+
+
 def refresh_meta(gm: fx.GraphModule) -> None:
     """Re-run shape propagation with fake tensors so ``meta['val']`` describes the graph as it is now
     (at the example inputs ``gm.meta['amgfx_example']``)."""

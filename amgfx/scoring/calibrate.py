@@ -41,6 +41,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import AmgfxError
+from ..graph.fx import nonfinite
 from ..graph.indexprop import fetch_attr
 from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
 from ..graph.ops import SDPA, sdpa_args
@@ -97,7 +98,7 @@ def _check(i: int, args, kwargs, ex_args, ex_kwargs) -> int:
             raise CalibrationError(f"calibration batch {i}: {name} has shape {list(g.shape)}, but the example "
                                    f"inputs have {list(w.shape)}; only the batch (first) dim may differ. "
                                    "Pad or resize the data to the example's shape.")
-        if g.is_floating_point() and g.device.type != "meta" and not bool(torch.isfinite(g).all()):
+        if nonfinite(g):
             raise CalibrationError(f"calibration batch {i}: {name} contains NaN or Inf")
         if batch is not None and g.shape[0] != batch:
             raise CalibrationError(f"calibration batch {i}: inputs disagree on the batch size")
