@@ -207,6 +207,18 @@ def test_prune_refits_on_the_calibration_data_unless_told(tmp_path, capsys, flag
         assert r["layers"] > 0 and r["tokens"] > 0 and r["error_after"] <= r["error_before"]
 
 
+def test_prune_refits_on_its_own_samples_when_told(tmp_path, capsys):
+    f = tmp_path / "m.py"
+    f.write_text(FACTORY)
+    tokens = []
+    for more in ([], ["--refit-samples", "12"]):
+        code = main(["prune", f"{f}:build", "--target-flops", "0.3", "--calib", "digits", "--calib-samples", "8",
+                     "--batch-size", "4", *more, "--json"])
+        assert code == 0, capsys.readouterr().err
+        tokens.append(json.loads(capsys.readouterr().out)["reconstruction"]["tokens"])
+    assert tokens[1] * 8 == tokens[0] * 12          # the refit read 12 samples, the scoring 8
+
+
 def test_prune_calibrates_on_an_image_folder(tmp_path, capsys):
     from PIL import Image
     f = tmp_path / "m.py"
