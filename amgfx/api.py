@@ -6,6 +6,7 @@ The flow runs one way: model -> graph -> coupling groups -> scores -> plan -> pa
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass, field
 
@@ -185,6 +186,8 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, config: P
 def _plan(cg: CouplingGraph, cfg: PlanConfig, calib, loss_fn, progress: bool) -> Plan:
     """Score what ``cfg`` prunes, then spend its budget (latency, FLOPs or per-kind ratios)."""
     ratios, kinds = plan_kinds(cfg)
+    if calib is not None and cfg.score_batches is not None:      # the first batches score; a refit reads all
+        calib = list(itertools.islice(calib, cfg.score_batches))
     s = score(cg, cfg.method, calib, kinds=kinds + (("tokens",) if cfg.tokens else ()), loss_fn=loss_fn,
               seed=cfg.seed, progress=progress)
     return spend(cg, cfg, s, ratios, progress)

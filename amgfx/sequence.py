@@ -99,15 +99,15 @@ def _refuse(cap: Captured, **given) -> None:
 
 def run(cap: Captured, config: PlanConfig | None = None, *, calib=None, loss_fn=None, plan: Plan | None = None,
         reconstruct: bool | RefitConfig | None = None, recover: RecoverConfig | None = None, recover_data=None,
-        refit_calib=None, teacher=None, check: bool = True, share: bool = False, progress: bool = True) -> Result:
+        teacher=None, check: bool = True, share: bool = False, progress: bool = True) -> Result:
     """Plan (unless ``plan`` is given), rewrite every graph of ``cap`` and check it against the oracle, refit the
-    first on ``refit_calib`` or ``calib`` (see ``reconstruct``), recover it (``recover``, on ``recover_data`` or
-    ``calib``, against ``teacher`` or the dense graph). The configs are written into ``plan.meta["config"]``.
-    ``share`` leaves the weights the rewrite did not change shared with the captured model (the compile
-    backend's choice); else the result owns every tensor, so training it cannot touch the user's model."""
+    first on ``calib`` (see ``reconstruct``), recover it (``recover``, on ``recover_data`` or ``calib``, against
+    ``teacher`` or the dense graph). The configs are written into ``plan.meta["config"]``. ``share`` leaves the
+    weights the rewrite did not change shared with the captured model (the compile backend's choice); else
+    the result owns every tensor, so training it cannot touch the user's model."""
     config = config or PlanConfig()
     _refuse(cap, tokens=config.tokens, recover=recover is not None and recover.steps)
-    cg, refit = cap.graphs[0], _refit_config(reconstruct, calib if refit_calib is None else refit_calib)
+    cg, refit = cap.graphs[0], _refit_config(reconstruct, calib)
     batches = cap.batches(calib) if calib is not None else None
     t, seconds = time.perf_counter(), {}
     if plan is None:
@@ -122,8 +122,7 @@ def run(cap: Captured, config: PlanConfig | None = None, *, calib=None, loss_fn=
     seconds["rewrite"] = round(time.perf_counter() - t, 3)
     if refit is not None and plan.keep:
         t = time.perf_counter()
-        fit = cap.batches(refit_calib) if refit_calib is not None else batches
-        out.refitted = _reconstruct(out.pruned[0], cg, fit, refit, progress=progress)
+        out.refitted = _reconstruct(out.pruned[0], cg, batches, refit, progress=progress)
         seconds["refit"] = round(time.perf_counter() - t, 3)
     if recover is not None and recover.steps:
         t = time.perf_counter()
@@ -144,8 +143,7 @@ def _recover_step(model, teacher, data, config: RecoverConfig, progress: bool):
 def prune(model, example_inputs=None, example_kwargs=None, *, config: PlanConfig | None = None, method=None,
           target_flops: float | None = None, ratios: dict | None = None, calib=None, loss_fn=None,
           plan: Plan | None = None, schedule=None, progress: bool = True,
-          reconstruct: bool | RefitConfig | None = None, recover: RecoverConfig | None = None, refit_calib=None,
-          **options):
+          reconstruct: bool | RefitConfig | None = None, recover: RecoverConfig | None = None, **options):
     """Score, plan and rewrite in one call (the prune sequence, :func:`run`); the Plan is in ``result.meta[PLAN]``.
 
     Give ``target_flops`` (fraction of dense FLOPs kept) or ``ratios`` (``{kind: fraction removed}`` per site),
@@ -156,9 +154,7 @@ def prune(model, example_inputs=None, example_kwargs=None, *, config: PlanConfig
 
     With ``calib`` the kept weights are then refitted to the dense model on it (:func:`amgfx.reconstruct`;
     ``reconstruct=False`` skips that, ``reconstruct=True`` without ``calib`` fits on the example inputs, a
-    :class:`amgfx.RefitConfig` sets how). ``refit_calib`` gives the refit batches of its own (default ``calib``):
-    it runs forward only, so it affords more than the scoring's backward does (on SmolLM2 at 50% of block
-    FLOPs, 128 windows for the refit over 64 for scoring: perplexity 56.7 against 61.8). ``recover=amgfx.RecoverConfig(steps=n)`` then distils the result from
+    :class:`amgfx.RefitConfig` sets how). ``recover=amgfx.RecoverConfig(steps=n)`` then distils the result from
     the dense model on ``calib`` (:func:`amgfx.recover`, guarded by held-out batches). The configs that ran are
     in ``plan.meta["config"]``, so ``PlanConfig.from_dict(plan.meta["config"]["plan"])`` plans again exactly.
 
@@ -189,12 +185,10 @@ def prune(model, example_inputs=None, example_kwargs=None, *, config: PlanConfig
     cap = captured(model, example_inputs, example_kwargs, seed=cfg.seed)
     if schedule is not None:
         _refuse(cap, schedule=True)
-        if refit_calib is not None:
-            raise AmgfxError("refit_calib= is not taken with schedule= yet: each step refits on calib")
         return _iterate(cap.graphs[0], schedule, cfg, plan=plan, calib=calib, loss_fn=loss_fn,
                         reconstruct=reconstruct, progress=progress)
     out = run(cap, cfg, calib=calib, loss_fn=loss_fn, plan=plan, reconstruct=reconstruct, recover=recover,
-              refit_calib=refit_calib, check=check, progress=progress)
+              check=check, progress=progress)
     return cap.finish(out.graphs(), out.plan)
 
 

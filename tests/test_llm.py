@@ -64,18 +64,16 @@ def test_amgfx_prune_on_a_causal_lm_writes_a_decoder_that_generate_runs(tiny_lm_
     assert len(gen["saved"]["tokens"][0]) == 4
 
 
-def test_the_refit_reads_its_own_batches(tiny_lm_dir):
+def test_the_first_score_batches_score_and_the_refit_reads_them_all(tiny_lm_dir):
     from amgfx.graph.meta import RECONSTRUCTION
     dec = amgfx.decoder(models.load(tiny_lm_dir).model, max_len=20, prompt_len=16, batch=1)
     ids = lambda n, seed: torch.randint(3, 300, (n, 16), generator=torch.Generator().manual_seed(seed))
-    small = amgfx.prune(dec, method="magnitude", ratios={"mlp": 0.5}, calib=[ids(2, 0)],
-                        refit_calib=[ids(2, 1), ids(2, 2), ids(1, 3)], progress=False)
-    assert small.prefill.meta[RECONSTRUCTION]["samples"] == 5 * 16       # every refit token, none of calib's
-    timm = pytest.importorskip("timm")
-    vit, x = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1), torch.randn(2, 3, 32, 32)
-    with pytest.raises(amgfx.AmgfxError, match="refit_calib= is not taken with schedule="):     # not ignored
-        amgfx.prune(vit, x, method="magnitude", target_flops=0.8, calib=[x], refit_calib=[x],
-                    schedule=amgfx.Iterative(steps=2), progress=False)
+    calib = [ids(2, 0), ids(2, 1), ids(1, 2)]
+    small = amgfx.prune(dec, method="taylor", target_flops=0.7, calib=calib, score_batches=1, progress=False)
+    assert small.prefill.meta[RECONSTRUCTION]["samples"] == 5 * 16       # the refit: every token
+    assert small.plan.meta["calibration_samples"] == 2                   # the scoring: the first batch's
+    with pytest.raises(amgfx.AmgfxError, match="score_batches must be None or a positive integer"):
+        amgfx.PlanConfig(score_batches=0)
 
 
 def test_without_the_wheel_smollm2_says_which_package_to_install(monkeypatch, capsys):

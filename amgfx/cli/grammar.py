@@ -241,6 +241,21 @@ def _stream_args(r) -> None:
                         "command finished")
 
 
+def _recover_args(r) -> None:
+    """amgfx prune's recovery flags (distillation after pruning)."""
+    rec = r.add_argument_group("recovery (distillation from the dense model; see amgfx.recover)")
+    rec.add_argument("--recover-steps", type=int, default=0, metavar="N", help="train N steps after pruning (default 0)")
+    rec.add_argument("--recover-data", default=None, metavar="SRC",
+                     help="text | digits | DIR: training data for recovery (default: --calib's source, all of it)")
+    rec.add_argument("--recover-samples", type=int, default=None, metavar="N", help="use N samples (default all)")
+    rec.add_argument("--recover-batch", type=int, default=16, metavar="B", help="batch size (default 16)")
+    rec.add_argument("--recover-lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
+    rec.add_argument("--recover-loss", choices=["kd", "cosine", "mse"], default=None,
+                     help="default: kd for classifiers (2-D output), cosine per token otherwise")
+    rec.add_argument("--iterative", type=int, default=1, metavar="K",
+                     help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
+
+
 def prune_parser(sub) -> None:
     r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
                        description=PRUNE_HELP, epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,17 +300,7 @@ def prune_parser(sub) -> None:
     r.add_argument("--protect", action="append", default=[], metavar="GLOB",
                    help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
     r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")
-    rec = r.add_argument_group("recovery (distillation from the dense model; see amgfx.recover)")
-    rec.add_argument("--recover-steps", type=int, default=0, metavar="N", help="train N steps after pruning (default 0)")
-    rec.add_argument("--recover-data", default=None, metavar="SRC",
-                     help="text | digits | DIR: training data for recovery (default: --calib's source, all of it)")
-    rec.add_argument("--recover-samples", type=int, default=None, metavar="N", help="use N samples (default all)")
-    rec.add_argument("--recover-batch", type=int, default=16, metavar="B", help="batch size (default 16)")
-    rec.add_argument("--recover-lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
-    rec.add_argument("--recover-loss", choices=["kd", "cosine", "mse"], default=None,
-                     help="default: kd for classifiers (2-D output), cosine per token otherwise")
-    rec.add_argument("--iterative", type=int, default=1, metavar="K",
-                     help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
+    _recover_args(r)
     _stream_args(r)
     r.add_argument("--draw", metavar="PNG", help="draw the plan per layer (kept units, FLOPs kept) to this PNG")
     r.add_argument("--out", metavar="DIR", help="write model.pt2, plan.json, manifest.json and report.json here")

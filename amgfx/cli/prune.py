@@ -125,6 +125,9 @@ def cmd_prune(a) -> int:
         return cmd_prune_stream(a, models.hf_dir_of(a.model))
     if a.resume:
         return err("--resume goes on from an interrupted streamed run (--stream, or a model too big to hold whole)")
+    if a.refit_samples is not None and a.refit_samples < a.calib_samples:
+        return err(f"--refit-samples {a.refit_samples}: the refit reads every scoring sample, so at least "
+                   f"--calib-samples ({a.calib_samples})")
     say(f"loading and analysing {a.model} ...")
     loaded = loaded_model(a)
     if isinstance(loaded, int):
@@ -144,7 +147,7 @@ def cmd_prune(a) -> int:
         return recovery
     t0 = time.perf_counter()
     try:
-        result = _run(a, cg, batches, calib["batches"] is not None, recovery, say, calib.get("refit"))
+        result = _run(a, cg, batches, calib["batches"] is not None, recovery, say)
         plan, pruned = result.plan, result.model
         check = verify(cg, plan) if a.iterative > 1 else result.verify     # a schedule: its composed plan
         if a.draw:
@@ -189,16 +192,11 @@ def _analysed(a, loaded):
     code; the calibration data are made before the capture, so a bad --calib is refused first."""
     calib = {}
 
-    def prepare(loaded):
-        got = calibration(a, loaded)
+    def prepare(loaded):        # the refit's samples are the first --refit-samples; the first --calib-samples score
+        got = calibration(a, loaded, n=max(a.calib_samples, a.refit_samples or 0))
         if isinstance(got, int):
             return got
         calib["batches"], calib["note"] = got
-        if a.refit_samples is not None and got[0] is not None:     # the refit's own, more, samples
-            more = calibration(a, loaded, n=a.refit_samples)
-            if isinstance(more, int):
-                return more
-            calib["refit"] = more[0]
         return 0
 
     got = analysed(a, prepare, loaded)
@@ -218,10 +216,11 @@ def _config(a) -> PlanConfig:
                       ratios=a.ratios, tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
                       scope="model" if a.budget_scope == "auto" else a.budget_scope, kinds=a.kinds,
                       round_to=a.round_to, min_keep=a.min_keep, protect=a.protect, same_head_dim=a.same_head_dim,
-                      blocks=a.remove_blocks, seed=a.seed)
+                      blocks=a.remove_blocks, seed=a.seed,
+                      score_batches=-(-a.calib_samples // a.batch_size) if a.refit_samples else None)
 
 
-def _run(a, cg, batches, refit: bool, recovery, say, refit_batches=None):
+def _run(a, cg, batches, refit: bool, recovery, say):
     """The prune sequence (amgfx.sequence) with the flags' configs: plan (or replay --plan), rewrite, check
     against the oracle, refit (on calibration data, unless --no-reconstruct), recover (--recover-steps)."""
     progress, refit = not (a.quiet or a.json), refit and not a.no_reconstruct
@@ -231,8 +230,8 @@ def _run(a, cg, batches, refit: bool, recovery, say, refit_batches=None):
         say(f"pruning in {a.iterative} steps, recovering {a.recover_steps} steps after each ...")
         opts = {k: v for k, v in (config.to_dict() if config else {}).items()
                 if k in ("lr", "loss", "seed") and v is not None}
-        pruned = prune(cg, config=_config(a), calib=batches, progress=progress, refit_calib=refit_batches,
-                       schedule=Iterative(steps=a.iterative, recover_steps=a.recover_steps, data=data, recover=opts))
+        pruned = prune(cg, config=_config(a), calib=batches, progress=progress, schedule=Iterative(
+            steps=a.iterative, recover_steps=a.recover_steps, data=data, recover=opts))
         return Result(pruned.meta[PLAN], [pruned], seconds={"plan": time.perf_counter() - t, "rewrite": 0.0})
     if a.target_latency is not None:
         say(f"planning to {a.target_latency} of the dense time in {a.runtime} (op times measured once, "
@@ -241,7 +240,7 @@ def _run(a, cg, batches, refit: bool, recovery, say, refit_batches=None):
         say("then " + " and ".join(w for w, on in (("reconstructing the kept weights", refit),
                                                     (f"recovering {a.recover_steps} steps", config)) if on) + " ...")
     return run(Captured((cg,)), _config(a), calib=batches, plan=Plan.load(a.plan) if a.plan else None,
-               reconstruct=refit, recover=config, recover_data=data, refit_calib=refit_batches, progress=progress)
+               reconstruct=refit, recover=config, recover_data=data, progress=progress)
 
 
 def _refit_report(result) -> dict | None:

