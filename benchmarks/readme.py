@@ -137,13 +137,13 @@ def llm_real() -> list[str]:
     lines = _read("llm_real.md")
     i = next(k for k, l in enumerate(lines) if l.startswith("|"))
     j = next(k for k in range(i, len(lines)) if not lines[k].startswith("|"))
-    verdicts = [l for l in lines if l.startswith("- ") and "of block FLOPs" in l]
+    verdicts = [l for l in lines if l.startswith("- ") and "of block FLOPs" in l]     # and the distillation's
     about = next(l for l in lines if "`python -m benchmarks.llm_real" in l)
     cells = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines[i + 2:j]]
     dense = next(c for c in cells if c[0] == "dense")
     best: dict = {}                          # target -> plan -> (best perplexity, x dense, blocks kept)
     for c in cells:
-        if c[0] != "dense":
+        if c[0] != "dense" and "distillation" not in c[0]:      # no training in this table: the file has it
             name = c[0].split(" (")[0] if not c[0].startswith("amgfx") else "amgfx (best criterion)"
             got = (float(c[7]) if c[7] not in ("", "-") else float(c[6]), c[8], c[2]) if c[8] else None
             if got is not None and (name not in best.setdefault(c[1], {}) or got[0] < best[c[1]][name][0]):
