@@ -48,12 +48,17 @@ def _generate(dec, tok, max_new: int = 32) -> list[str]:
     return [tok.decode(r) for r in out]
 
 
+def calib_note(n: int, seq: int) -> str:
+    """What an LM was calibrated on, for its report (the whole and the streamed route)."""
+    return f"{n} windows of {seq} tokens of standard-library docstrings"
+
+
 def _report(a, loaded, dense, small, ppl, texts, seconds) -> dict:
     flops = small.plan.meta.get("flops", {})
     blocks = flops.get("blocks", {})
     count = lambda d: sum(p.numel() for p in {id(p): p for p in d.prefill.parameters()}.values())
     out = {"model": a.model, "method": a.method, "scope": small.plan.meta.get("scope", "model"),
-           "calibration": f"{a.calib_samples} windows of {a.seq_len} tokens of standard-library docstrings"
+           "calibration": calib_note(a.calib_samples, a.seq_len)
                           + (f" (the refit: {a.refit_samples})" if a.refit_samples != a.calib_samples else ""),
            "params": {"dense": count(dense), "pruned": count(small)},
            "flops": {"dense": flops.get("dense"), "pruned": flops.get("planned"),

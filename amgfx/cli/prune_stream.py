@@ -21,7 +21,7 @@ from .. import models
 from ..errors import AmgfxError
 from ..files import save
 from ._common import err
-from .prune_lm import EVAL_WINDOWS, PROMPTS, _generate, _peak_mb, _windows, emit
+from .prune_lm import EVAL_WINDOWS, PROMPTS, _generate, _peak_mb, _windows, calib_note, emit
 
 STREAM_ABOVE = 2 * 2**30    # float32 weights above this (about 500M parameters) stream ...
 STREAM_HEADROOM = 0.5       # ... as do those over this share of the memory available
@@ -126,10 +126,9 @@ def cmd_prune_stream(a, path: str) -> int:
     return emit(a, report, files, lambda: _print(a, r, report))
 
 
-
 def _report(a, r, method, scope, windows, ppl, texts, need, t_eval, t_total) -> dict:
     return {"model": a.model, "method": method, "streamed": True, "scope": scope,
-            "calibration": f"{len(windows)} windows of {a.seq_len} tokens of standard-library docstrings",
+            "calibration": calib_note(len(windows), a.seq_len),
             "flops": r.plan.meta.get("flops", {}),
             "perplexity": {"pruned": ppl, "on": f"{EVAL_WINDOWS} held-out windows of {a.seq_len} tokens", "dense": None},
             "generate": {"prompts": list(PROMPTS), "pruned": texts},
