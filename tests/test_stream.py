@@ -177,3 +177,31 @@ def test_an_encoder_directory_streams_to_the_whole_model_path_s_plan_and_weights
     with torch.no_grad():
         got, want = small(**calib[0]), whole(**calib[0])
     assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
+
+
+def test_a_stored_dtype_weight_read_by_a_wide_linear_is_cast_block_by_block_to_the_same_output(monkeypatch):
+    from amgfx.graph import fx as gfx
+    from amgfx.graph.capture import capture
+
+    class Head(torch.nn.Module):               # a tied embedding and LM head, the case that needs it
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(1000, 32)
+            self.bias = torch.nn.Parameter(torch.randn(1000))
+
+        def forward(self, ids):
+            return torch.nn.functional.linear(self.emb(ids), self.emb.weight, self.bias)
+
+    torch.manual_seed(0)
+    m, ids = Head().eval(), torch.randint(0, 1000, (2, 5))
+    gm = capture(m, (ids,))
+    for fqn, t in list(gm.named_parameters()):
+        gfx.replace_attr(gm, fqn, torch.nn.Parameter(t.detach().bfloat16(), requires_grad=False), t)
+    want = torch.nn.functional.linear(m.emb(ids).bfloat16().float(), m.emb.weight.bfloat16().float(),
+                                      m.bias.bfloat16().float())
+    monkeypatch.setattr(gfx, "READ_CHUNK_BYTES", 300 * 32 * 4)         # 300 rows a block: 4 blocks
+    gfx.read_as(gm, {k for k, _ in gm.named_parameters()})
+    linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 4 and all(n.meta["val"].shape[-1] <= 300 for n in linears)
+    out = gm(ids)
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, want)

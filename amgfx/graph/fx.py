@@ -201,7 +201,10 @@ def read_as(gm: fx.GraphModule, names: set, dtype=torch.float32) -> int:
 
     Each reader gets its own cast, placed just before it, so one weight at a time is held converted (export
     puts every ``get_attr`` first: a cast there would convert the whole model at once); an embedding lookup
-    gathers its rows first and casts those. Returns how many casts were added.
+    gathers its rows first and casts those; a linear layer whose converted weight would be over
+    :data:`READ_CHUNK_BYTES` (a tied LM head: 1 GB for a 128k vocabulary) reads it in blocks of output rows,
+    each cast and multiplied in turn (a dot product is the same whichever rows are computed beside it).
+    Returns how many casts were added.
     """
     n_cast = 0
     for n in list(gm.graph.nodes):
@@ -209,7 +212,9 @@ def read_as(gm: fx.GraphModule, names: set, dtype=torch.float32) -> int:
             continue
         v = n.meta.get("val")
         for u in list(n.users):
-            if u.target is aten.embedding.default and u.args[0] is n:      # gather rows, then cast them
+            if _blocked_linear(gm, n, u, v, dtype):
+                pass
+            elif u.target is aten.embedding.default and u.args[0] is n:      # gather rows, then cast them
                 with gm.graph.inserting_after(u):
                     c = gm.graph.call_function(aten._to_copy.default, (u,), {"dtype": dtype})
                 u.replace_all_uses_with(c, delete_user_cb=lambda x: x is not c)
@@ -225,6 +230,42 @@ def read_as(gm: fx.GraphModule, names: set, dtype=torch.float32) -> int:
             n_cast += 1
     gm.recompile()
     return n_cast
+
+
+READ_CHUNK_BYTES = 64 * 2**20
+
+
+def _blocked_linear(gm: fx.GraphModule, w: fx.Node, u: fx.Node, v, dtype) -> bool:
+    """``linear(x, w, b)`` as ``cat([linear(x, cast(w[i:j]), b[i:j]) ...], -1)`` where ``w`` converted is over
+    :data:`READ_CHUNK_BYTES`; False (nothing done) for any other reader."""
+    if u.target is not aten.linear.default or len(u.args) < 2 or u.args[1] is not w or w in u.args[:1]:
+        return False
+    if not isinstance(v, torch.Tensor) or v.dim() != 2:
+        return False
+    rows = max(1, READ_CHUNK_BYTES // (v.shape[1] * torch.empty((), dtype=dtype).element_size()))
+    if rows >= v.shape[0]:
+        return False
+    x, bias = u.args[0], (u.args[2] if len(u.args) > 2 else u.kwargs.get("bias"))
+    parts, g = [], gm.graph
+
+    def node(op, args, kwargs=None):         # with its value on meta, as capture left every node
+        out = g.call_function(op, args, kwargs or {})
+        vals = fx.node.map_arg((args, kwargs or {}), lambda a: a.meta.get("val"))
+        if all(isinstance(a.meta.get("val"), torch.Tensor) for a in out.all_input_nodes):
+            out.meta["val"] = op(*pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t,
+                                                  vals[0]), **vals[1])
+        return out
+    with g.inserting_before(u):
+        for i in range(0, v.shape[0], rows):
+            j = min(i + rows, v.shape[0])
+            c = node(aten._to_copy.default, (node(aten.slice.Tensor, (w, 0, i, j)),), {"dtype": dtype})
+            b = node(aten.slice.Tensor, (bias, 0, i, j)) if isinstance(bias, fx.Node) else None
+            parts.append(node(aten.linear.default, (x, c, b)))
+        out = g.call_function(aten.cat.default, (parts, -1))
+    out.meta = dict(u.meta)
+    u.replace_all_uses_with(out)
+    g.erase_node(u)
+    return True
 
 
 def on_meta(gm: torch.nn.Module) -> bool:

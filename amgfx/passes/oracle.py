@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils._pytree as pytree
 
-from ..graph.fx import constant, copy_module, get_attr, replace_attr
+from ..graph.fx import constant, copy_module, del_attr, get_attr, replace_attr
 from ..graph.masks import compact_shape
 from ..graph.meta import APPROXIMATE, EXACT, EXAMPLE, STATE
 
@@ -206,10 +206,11 @@ def noise_floor(gm) -> float:
 def _noise_floor(gm, example=None) -> float:
     up = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     example = gm.meta[EXAMPLE] if example is None else example
-    wide = copy_module(gm)
+    wide, upped = copy_module(gm), []
     for fqn, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if t.is_floating_point():                # (tied weights: every name, so no reader stays narrow)
             replace_attr(wide, fqn, up(t.detach()), t)
+            upped.append(fqn)
     narrow = (torch.float32, torch.float16, torch.bfloat16)
     widen = lambda a: torch.float64 if isinstance(a, torch.dtype) and a in narrow else a
     for n in wide.graph.nodes:                 # explicit casts (an RMSNorm's .to(float32)) go wide too
@@ -220,6 +221,9 @@ def _noise_floor(gm, example=None) -> float:
         got = pytree.tree_leaves(_run(gm, example))
     except (RuntimeError, TypeError, ValueError, AssertionError):   # cannot run wide (a dtype check): no estimate
         return 0.0
+    finally:        # a GraphModule is a reference cycle: its float64 weights (twice the model) would wait for gc
+        for fqn in upped:
+            del_attr(wide, fqn)
     rep = compare([g.double() if isinstance(g, torch.Tensor) else g for g in got], ref, VerifyReport())
     return 0.0 if rep.problems or not rep.outputs else float(rep.max_rel)
 

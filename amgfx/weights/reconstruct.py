@@ -361,11 +361,12 @@ class _Normal:
         lam = torch.full((self.G.shape[0],), damp * float(self.G.diagonal()[:k].mean()) + 1e-12, dtype=torch.float64)
         if free_last:
             lam[-1] = 1e-12                  # the bias is free: it takes the mean shift (FLAP's compensation)
-        A = self.G.clone()
-        A.diagonal().add_(lam)
         rhs = (self.B if rows is None else self.B[:, rows]) + lam[:, None] * w0.T
-        L, info = torch.linalg.cholesky_ex(A)
-        return (torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution).T
+        damped = lambda: torch.diagonal_scatter(self.G, self.G.diagonal() + lam)
+        # factored in place: a wide layer's G is hundreds of MB, and the cross-validation holds two folds of it
+        L = damped()
+        _, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32)))
+        return (torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(damped(), rhs).solution).T
 
 
 def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bool = True, last: bool = False) -> tuple:
