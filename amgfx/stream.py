@@ -102,6 +102,7 @@ class Streamed:
 
     def model(self):
         """The pruned model, whole (a :class:`amgfx.Decoder` for a causal LM): :func:`assemble`."""
+        _release()                  # what the passes freed goes back to the OS before the whole model is built
         tensors = self.weights
         if not tensors and self.out:
             from safetensors.torch import load_file

@@ -243,7 +243,8 @@ def tp_rows(b: Bench, a) -> list:
                 kept, total = blocks_kept(m)
             except TimeoutError:
                 why = (f"Torch-Pruning {_tp_version()} did not finish one prune in {a.tp_timeout} s "
-                       "(DependencyGraph.get_all_groups); not run at any target")
+                       "(DependencyGraph.get_all_groups: its group search around RoPE's slice and concat does not "
+                       "end, see docs/decoders.md and VainF/Torch-Pruning#527); not run at any target")
                 print(why, flush=True)
                 return [{"name": "Torch-Pruning (its LLM example)", "target": x, "failed": True, "why": why}
                         for x in a.targets]

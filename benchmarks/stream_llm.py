@@ -1,7 +1,8 @@
 """A model bigger than its float32 budget: a LLaMA-3.2-1B-shaped directory pruned block by block.
 
 Run: ``python -m benchmarks.stream_llm`` (``--layers N`` for a shallower model of the same width, ``--samples``
-for fewer calibration windows). Writes ``benchmarks/results/stream_llm.md``.
+for fewer calibration windows). Writes ``benchmarks/results/stream_llm.md``. ``--real`` runs, instead, SmolLM2-135M
+and ``amgfx-lm`` pruned whole and streamed side by side (``benchmarks/results/stream_real.md``).
 
 The directory is random weights in the shape of LLaMA-3.2-1B (16 layers, hidden 2048, 32 heads over 8 kv
 heads, head dim 64, MLP 8192, vocab 128256, tied embeddings; 1.24B parameters) stored as bf16 safetensors
@@ -124,10 +125,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default 64, the CLI's)")
-    p.add_argument("--real", action="store_true", help="also prune SmolLM2-135M and amgfx-lm whole and streamed")
+    p.add_argument("--real", action="store_true",
+                   help="instead: prune SmolLM2-135M and amgfx-lm whole and streamed (writes stream_real.md)")
     p.add_argument("--real-windows", type=int, default=32, help="calibration windows of the --real rows")
     p.add_argument("--out", default=os.path.join(RESULTS, "stream_llm.md"))
     a = p.parse_args(argv)
+    if a.real:                  # its own file: the 1B run and this one are each long enough alone
+        lines = [f"`python -m benchmarks.stream_llm {' '.join(argv or sys.argv[1:])}` on {os.cpu_count()} cores, "
+                 f"torch {torch.__version__}."] + real_rows(a.real_windows)
+        out = a.out if a.out != os.path.join(RESULTS, "stream_llm.md") else os.path.join(RESULTS, "stream_real.md")
+        write_md(out, ["# Streaming against the whole-model route on real models", "", *lines])
+        return
     from amgfx.models import cache_root
     d = make_dir(os.path.join(cache_root(), "bench", f"llama-1b-shape-{a.layers}l"), a.layers)
     with open(os.path.join(d, "config.json")) as f:
@@ -174,8 +182,6 @@ def main(argv=None):
         lines += [f"| {s['index']} | {', '.join(g.split(':')[0] for g in s['groups']) or '-'} | {s['params']:,} | "
                   f"{s['seconds'].get('score', 0):.1f} | {s['seconds'].get('prune', 0):.1f} | {s['rss_mb']:,.0f} |"
                   for s in segs]
-    if a.real:
-        lines += real_rows(a.real_windows)
     write_md(a.out, ["# Streaming a 1B-parameter LLM block by block", "", *lines])
     print("\n".join(lines[2:8]), flush=True)
 
