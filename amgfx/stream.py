@@ -266,8 +266,7 @@ class _Run:
         # segments after the last one with groups change nothing the plan reads (the final norm and head): not
         # run; those before the first (the embedding) run once: pass 2 starts from pass 1's stream after them
         self.first, self.end = (min(with_groups), max(with_groups)) if with_groups else (0, -1)
-        # what only the segments not run read (a decoder's KV cache, every layer's, for the output) is not kept:
-        # 64 windows of a 1B model's cache are 1.3 GB over its 16 layers, dense and pruned
+        # what only the unrun segments read (every layer's KV cache, for the output) is not kept: 1.3 GB at 1B
         self.last = _last_reader(self.segs[:self.end + 1])
         self.windows: list = []
 
