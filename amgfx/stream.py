@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -54,6 +53,7 @@ from .api import Scores, analyze, apply, plan_kinds, score, spend
 from .decode.capture import capture_decoder
 from .decode.step import decoder
 from .errors import AmgfxError
+from .memory import peak_mb, pin_mmap_threshold, release, rss_mb
 from .graph.fx import off_meta, read_as, replace_attr, state_inputs
 from .graph.meta import EXAMPLE, PLAN
 from .graph.segments import Segment, extract, graph_inputs, segments
@@ -102,7 +102,7 @@ class Streamed:
 
     def model(self):
         """The pruned model, whole (a :class:`amgfx.Decoder` for a causal LM): :func:`assemble`."""
-        _release()                  # what the passes freed goes back to the OS before the whole model is built
+        release()                  # what the passes freed goes back to the OS before the whole model is built
         tensors = self.weights
         if not tensors and self.out:
             from safetensors.torch import load_file
@@ -110,28 +110,6 @@ class Streamed:
             for s in self.segments:
                 tensors.update(load_file(os.path.join(self.out, f"segment-{s.index:04d}.safetensors")))
         return assemble(self.captured, self.plan, dict(tensors), self.buffers)
-
-
-def _release() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed blocks below its (growing) mmap threshold in
-    the heap, so a run that frees one block's weights and reads the next would otherwise grow by a block's
-    worth each time."""
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc: nothing to trim
-        pass
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _attrs(seg: Segment, weights: LazyWeights, buffers: dict) -> dict:
@@ -222,6 +200,7 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     calib = list(calib)
     if not calib:
         raise AmgfxError("streaming needs calibration data (calib=)")
+    pin_mmap_threshold()        # freed temporaries go back to the OS, not into a heap kept whole (amgfx.memory)
     t0 = time.perf_counter()
     cap, batches, weights, buffers = _source(path, calib, example, max_new_tokens)
     run = _Run(cap, weights, buffers, cfg, kinds, progress)
@@ -246,7 +225,7 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     t = time.perf_counter()
     kept = _prune_pass(run, plan, reconstruct, ck, state)
     seconds["prune"] = time.perf_counter() - t
-    result = Streamed(plan, run.reports, kept, seconds, _peak_mb(), out, cap, buffers)
+    result = Streamed(plan, run.reports, kept, seconds, peak_mb(), out, cap, buffers)
     if ck:
         ck.finish({"source": os.path.abspath(path), **result.to_dict()})
     return result
@@ -291,13 +270,13 @@ def _score_pass(run: _Run, ck, state) -> Scores:
         run.reports = state["reports"]
     bar = run.bar(run.segs[begin:run.end + 1], "scoring blocks")
     for s in bar:
-        bar.set_postfix(rss=f"{_rss_mb():,.0f} MB", refresh=False)
+        bar.set_postfix(rss=f"{rss_mb():,.0f} MB", refresh=False)
         ts = time.perf_counter()
         sg = run.extract(s, states)
         run.reports[s.index].params = sum(p.numel() for p in sg.parameters())
         scg = analyze(sg)                      # real weights here: the probe refuses what cannot be pruned
         run.cg.refuse(scg.refused)
-        _release()                             # the probe's pruned and zeroed copies, before the scoring's
+        release()                             # the probe's pruned and zeroed copies, before the scoring's
         if any(g.kind in run.kinds for g in scg.groups):
             sc = score(scg, run.cfg.method, _inputs(s, states), kinds=run.kinds, seed=run.cfg.seed, progress=False)
             merged.units.update(sc.units)
@@ -306,7 +285,7 @@ def _score_pass(run: _Run, ck, state) -> Scores:
             run.reports[s.index].groups = sorted(sc.units)
         _advance(sg, s, states, run.last)
         del sg, scg
-        _release()
+        release()
         if s.index + 1 == run.first:
             start = [dict(st) for st in states]
         run.reports[s.index].seconds["score"] = time.perf_counter() - ts
@@ -334,7 +313,7 @@ def _prune_pass(run: _Run, plan: Plan, reconstruct: bool, ck, state) -> dict:
     kept: dict = {}
     bar = run.bar(run.segs[begin:], "pruning blocks")
     for s in bar:
-        bar.set_postfix(rss=f"{_rss_mb():,.0f} MB", refresh=False)
+        bar.set_postfix(rss=f"{rss_mb():,.0f} MB", refresh=False)
         ts = time.perf_counter()
         mine = set(run.reports[s.index].groups)
         sub = Plan(keep={k: v for k, v in plan.keep.items() if k in mine},
@@ -348,7 +327,7 @@ def _prune_pass(run: _Run, plan: Plan, reconstruct: bool, ck, state) -> dict:
                 scg = analyze(sg, probe=False)
                 small = apply(scg, sub)          # held against the zeroing oracle on this segment's inputs; raises if wrong
                 run.reports[s.index].verified = True
-                _release()                       # the oracle's zeroed copy of the segment, before the refit's Grams
+                release()                       # the oracle's zeroed copy of the segment, before the refit's Grams
                 if reconstruct:
                     small.meta[PLAN] = sub
                     small = refit(small, scg, _inputs(s, dense), RefitConfig(), progress=False,
@@ -366,9 +345,9 @@ def _prune_pass(run: _Run, plan: Plan, reconstruct: bool, ck, state) -> dict:
         else:
             kept.update(written)
         del written
-        _release()
+        release()
         run.reports[s.index].seconds["prune"] = time.perf_counter() - ts
-        run.reports[s.index].rss_mb = _rss_mb()
+        run.reports[s.index].rss_mb = rss_mb()
         if ck:
             ck.save({"phase": "prune", "next": s.index + 1, "dense": dense, "pruned": pruned, "done": done,
                      "refused": dict(run.cg.refused), "reports": run.reports})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -19,6 +18,7 @@ from ..sequence import prune
 from ..decode import decoder, generate
 from ..errors import AmgfxError
 from ..files import save
+from ..memory import peak_mb
 from ..planning.plan import Plan
 from ..runtime import export_onnx
 from ._common import auto_line, err
@@ -28,10 +28,6 @@ EVAL_WINDOWS = 32
 # the refit runs forward only: twice the scoring's windows cost it about a minute on SmolLM2 and, at 50% of
 # block FLOPs, perplexity after refit is 55.9 (benchmarks/results/llm_real.md) against 61.8 on the scoring's 64
 REFIT_WINDOWS = 128
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0     # kilobytes on Linux
 
 
 def _windows(encode, split: str, seq: int, n: int, batch: int):
@@ -65,7 +61,7 @@ def _report(a, loaded, dense, small, ppl, texts, seconds) -> dict:
                      **({"blocks_dense": blocks["dense"], "blocks_pruned": blocks["planned"]} if blocks else {})},
            "kv_cache_bytes_per_token": {"dense": dense.cache_bytes_per_token(), "pruned": small.cache_bytes_per_token()},
            "perplexity": ppl, "perplexity_on": f"{EVAL_WINDOWS} held-out windows of {a.seq_len} tokens",
-           "generate": {"prompts": list(PROMPTS), **texts}, "seconds": seconds, "peak_memory_mb": round(_peak_mb())}
+           "generate": {"prompts": list(PROMPTS), **texts}, "seconds": seconds, "peak_memory_mb": round(peak_mb())}
     if small.plan.meta.get("reconstruction"):
         out["reconstruction"] = small.plan.meta["reconstruction"]
     if "auto" in small.plan.meta:

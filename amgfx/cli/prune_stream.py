@@ -20,8 +20,9 @@ import time
 from .. import models
 from ..errors import AmgfxError
 from ..files import save
+from ..memory import peak_mb
 from ._common import err
-from .prune_lm import EVAL_WINDOWS, PROMPTS, _generate, _peak_mb, _windows, calib_note, emit
+from .prune_lm import EVAL_WINDOWS, PROMPTS, _generate, _windows, calib_note, emit
 
 STREAM_ABOVE = 2 * 2**30    # float32 weights above this (about 500M parameters) stream ...
 STREAM_HEADROOM = 0.5       # ... as do those over this share of the memory available
@@ -135,7 +136,7 @@ def _report(a, r, method, scope, windows, ppl, texts, need, t_eval, t_total) -> 
             "segments": [s.__dict__ for s in r.segments], "verified": all(s.verified for s in r.segments if s.groups),
             "seconds": {**{k: round(v, 2) for k, v in r.seconds.items()}, "assemble+evaluate+save": round(t_eval, 2),
                         "total": round(t_total, 2)},
-            "peak_memory_mb": round(_peak_mb()), "weights_float32_mb": round(need / 2**20)}
+            "peak_memory_mb": round(peak_mb()), "weights_float32_mb": round(need / 2**20)}
 
 
 def _print(a, r, report: dict) -> None:
