@@ -186,11 +186,17 @@ def plan_for(model_or_gm, example_inputs=None, example_kwargs=None, *, config: P
 def _plan(cg: CouplingGraph, cfg: PlanConfig, calib, loss_fn, progress: bool) -> Plan:
     """Score what ``cfg`` prunes, then spend its budget (latency, FLOPs or per-kind ratios)."""
     ratios, kinds = plan_kinds(cfg)
-    if calib is not None and cfg.score_batches is not None:      # the first batches score; a refit reads all
-        calib = list(itertools.islice(calib, cfg.score_batches))
-    s = score(cg, cfg.method, calib, kinds=kinds + (("tokens",) if cfg.tokens else ()), loss_fn=loss_fn,
-              seed=cfg.seed, progress=progress)
-    return spend(cg, cfg, s, ratios, progress)
+
+    def scored(data):
+        if data is not None and cfg.score_batches is not None:      # the first batches score; a refit reads all
+            data = list(itertools.islice(data, cfg.score_batches))
+        return score(cg, cfg.method, data, kinds=kinds + (("tokens",) if cfg.tokens else ()), loss_fn=loss_fn,
+                     seed=cfg.seed, progress=progress)
+    if cfg.allocation == "error" and cfg.target_flops is not None:
+        from .error_budget import by_error     # rewrites and refits to measure: only when asked
+        return by_error(cg, calib, scored, lambda s, w: spend(cg, cfg, s, ratios, progress, weights=w),
+                        progress=progress)
+    return spend(cg, cfg, scored(calib), ratios, progress)
 
 
 def plan_kinds(cfg: PlanConfig) -> tuple:
@@ -202,8 +208,10 @@ def plan_kinds(cfg: PlanConfig) -> tuple:
     return ratios, tuple(k for k in KINDS if ratios.get(k, 0) and (kinds is None or k in kinds))
 
 
-def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: bool = False) -> Plan:
-    """The plan ``cfg``'s budget (latency, FLOPs or per-kind ratios) buys with the scores ``s``."""
+def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: bool = False, *,
+          weights: dict | None = None) -> Plan:
+    """The plan ``cfg``'s budget (latency, FLOPs or per-kind ratios) buys with the scores ``s`` (``weights``: per
+    group factors on the FLOPs budget's ranking, :func:`amgfx.planning.budget.allocate`)."""
     ratios = plan_kinds(cfg)[0] if ratios is None else ratios
     base = Plan(model={"fingerprint": fingerprint(cg.gm)})
     if cfg.tokens:
@@ -220,7 +228,7 @@ def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: 
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(cfg.target_flops), scope=cfg.scope,
-                        normalize="none" if s.loss_scale else "group", **opts)
+                        normalize="none" if s.loss_scale else "group", weights=weights, **opts)
     plan.meta.update({"criteria": s.criteria, "seed": cfg.seed, "calibration_samples": s.samples})
     return plan
 

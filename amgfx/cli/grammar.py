@@ -267,6 +267,10 @@ def prune_parser(sub) -> None:
                    help="what --target-flops is a fraction of: the whole model, or the attention and MLP blocks "
                         "only (embedding and output head left out, as LLM papers count); auto (default): blocks "
                         "for causal LMs, model otherwise")
+    r.add_argument("--allocation", choices=["ranking", "error"], default="ranking",
+                   help="how --target-flops is shared among layers: one score ranking (default), or each layer's "
+                        "ranking weighed by its measured error after refit, kept where it beats the ranking on "
+                        "held-out calibration batches (one extra refit per layer; see amgfx.error_budget)")
     r.add_argument("--plan", metavar="JSON", default=None,
                    help="instead of --target-flops: replay this plan.json (amgfx prune --out, verify --save-plan)")
     r.add_argument("--target-latency", type=fraction, default=None, metavar="F",

@@ -260,7 +260,8 @@ def _bisect(plan_at, n: int, goal: float, cost):
 
 def allocate(cg, scores: dict, target_flops: float | None = None, *, target_latency: float | None = None,
              times=None, round_to: int | str = "auto", min_keep: float = 0.1, protect=(), base: Plan | None = None,
-             same_head_dim: bool = True, blocks: bool = False, scope: str = "model", normalize: str = "group") -> Plan:
+             same_head_dim: bool = True, blocks: bool = False, scope: str = "model", normalize: str = "group",
+             weights: dict | None = None) -> Plan:
     """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense
     (or whose predicted latency is <= ``target_latency`` x dense).
 
@@ -290,6 +291,9 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
             are, for criteria whose scores estimate the loss a removal costs (``taylor``): layers and kinds
             then keep what they are worth (on SmolLM2 at 50% of block FLOPs, perplexity 55.6 against 130.7
             by group means, after refit; :func:`amgfx.plan_for` picks it from the criteria).
+        weights: group name -> factor on the importance of that group's steps (after ``normalize``): above 1
+            a group keeps more than its scores alone would give it. :mod:`amgfx.error_budget` derives them
+            from each layer's measured error after refit (``allocation="error"``).
         scope: what ``target_flops`` is a fraction of: ``"model"`` (every FLOP of the graph) or ``"blocks"``
             (the attention and MLP branches only, :func:`amgfx.planning.regions.block_flops`: the embedding
             and an LLM's output head, a fifth of SmolLM2's FLOPs, are outside, as the LLM papers count).
@@ -326,6 +330,8 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))
     ladders = _ladders(cg, scores, [g for g in cg.groups if g.name in scores and not protected(g)], min_keep,
                        round_to, normalize, blocks)
+    for lad in ladders:
+        lad.importance = lad.importance * float((weights or {}).get(lad.group.name, 1.0))
     if not ladders:                             # a valid answer: the model as it is, said out loud
         return _as_it_is(cg, base, what, target, dense, target_latency is not None)
     fast = RegionCost.build(cg, [lad.group for lad in ladders], base) if target_latency is None else None

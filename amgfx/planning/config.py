@@ -41,6 +41,9 @@ class PlanConfig:
         tokens: fraction of key positions AMG removes per site (``None``: none).
         kinds: what is pruned (``None``: qk, v, head, mlp; residual channels are opt-in).
         round_to, same_head_dim, min_keep, protect, blocks, scope: how the budget is spent.
+        allocation: how a FLOPs budget is shared among layers: ``"ranking"`` (one score ranking walked to the
+            target) or ``"error"`` (each layer's step importance weighed by its measured error after refit,
+            and the better of the two plans on held-out calibration data kept: :mod:`amgfx.error_budget`).
         runtime, measure_latency: where a latency budget is measured.
         seed: the seed of sampled criteria and calibration order.
         score_batches: score on the first this many calibration batches (None: all of them); a refit still
@@ -61,6 +64,7 @@ class PlanConfig:
     same_head_dim: bool = True
     blocks: bool = False
     scope: str = "model"
+    allocation: str = "ranking"
     runtime: str = "eager"
     measure_latency: bool = True
     seed: int = 0
@@ -80,6 +84,8 @@ class PlanConfig:
                       kinds=self.kinds, runtime=self.runtime)
         if self.scope not in ("model", "blocks"):
             raise AmgfxError(f"scope must be 'model' or 'blocks', got {self.scope!r}")
+        if self.allocation not in ("ranking", "error"):
+            raise AmgfxError(f"allocation must be 'ranking' or 'error', got {self.allocation!r}")
         if not (self.round_to == "auto" or (isinstance(self.round_to, int) and self.round_to >= 1)):
             raise AmgfxError(f"round_to must be 'auto' or a positive integer, got {self.round_to!r}")
         if self.score_batches is not None and not (isinstance(self.score_batches, int) and self.score_batches >= 1):
