@@ -278,6 +278,9 @@ def load(spec: str, *, img_size: int | None = None) -> Loaded:
 # --------------------------------------------------------------------------------------------
 # models bigger than memory: the shapes on the meta device, the weights read when a block needs them
 # --------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 class LazyWeights:
     """The tensors of a Hugging Face directory's ``*.safetensors`` (sharded or not, any dtype), read one at a
     time (memory-mapped) as float32. ``weights[fqn]`` takes the model's own parameter names; a tied weight
@@ -307,12 +310,37 @@ class LazyWeights:
         for f in files:
             with safe_open(f, "pt", device="cpu") as h:
                 self._where.update({k: f for k in h.keys()})
-        self._dtypes = {}
+        self._dtypes, self._shapes = {}, {}
         for f in files:
-            with open(f, "rb") as fh:          # the header says each tensor's dtype without reading it
+            with open(f, "rb") as fh:          # the header says each tensor's dtype and shape without reading it
                 n = int.from_bytes(fh.read(8), "little")
                 head = json.loads(fh.read(n))
             self._dtypes.update({k: v["dtype"] for k, v in head.items() if k != "__metadata__"})
+            self._shapes.update({k: tuple(v["shape"]) for k, v in head.items() if k != "__metadata__"})
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):               # a shard the index names but the directory lacks: say which
+            with open(index) as fh:
+                shards = sorted(set(json.load(fh).get("weight_map", {}).values()))
+            gone = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+            if gone:
+                raise ModelSpecError(f"{path}: model.safetensors.index.json names {len(gone)} shard(s) that are not "
+                                     f"there: {', '.join(gone)}")
+
+    def check(self, shapes: dict) -> None:
+        """Refuse, before anything is read or written, files that do not hold every parameter (``shapes``: FQN
+        -> the shape config.json gives it) in a float dtype and that shape, naming the first such weight."""
+        missing = [k for k in shapes if self._key(k) is None]
+        if missing:
+            raise ModelSpecError(f"{self.path}: {len(missing)} weight(s) of the model config.json describes are in none "
+                                 f"of its safetensors files (first: {missing[0]}); is a shard missing?")
+        for k, want in shapes.items():
+            key = self._key(k)
+            if self._dtypes[key] not in _FLOAT_DTYPES:
+                raise ModelSpecError(f"{self.path}: {key} is stored as {self._dtypes[key]}; streaming reads float "
+                                     f"weights ({', '.join(_FLOAT_DTYPES)}), not quantised ones")
+            if self._shapes[key] != tuple(want):
+                raise ModelSpecError(f"{self.path}: {key} is {list(self._shapes[key])} in the files but "
+                                     f"{list(want)} by config.json: the config does not match the weights")
 
     def _key(self, fqn: str) -> str | None:
         for k in (fqn, *self.aliases.get(fqn, ())):

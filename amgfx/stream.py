@@ -156,21 +156,23 @@ def _source(path: str, calib: list, example, max_new_tokens: int):
     model as its forward graph (``calib``: its input dicts)."""
     import transformers as tf
     model, buffers, aliases = meta_model(path)
-    if is_causal_lm(tf.AutoConfig.from_pretrained(path)):
+    causal = is_causal_lm(tf.AutoConfig.from_pretrained(path))
+    prefix = "lm." if causal else ""         # what the Decoder's graph adds to the model's names
+    weights = LazyWeights(path, {f"{prefix}{k}": [f"{prefix}{a}" for a in v] for k, v in aliases.items()}, prefix=prefix)
+    weights.check({f"{prefix}{k}": p.shape for k, p in model.named_parameters()})   # before anything is run or written
+    if causal:
         ids = [torch.as_tensor(c) for c in calib]
         if any(c.dim() != 2 or c.shape[1] != ids[0].shape[1] for c in ids):
             raise AmgfxError("a causal LM streams on token windows: calib is a list of [n, T] id tensors, one T")
         t = int(ids[0].shape[1])
         cap = capture_decoder(decoder(model, max_len=t + max_new_tokens, prompt_len=t, batch=1))
-        prefix = "lm."
         batches = cap.batches(ids)
     else:
         ex = example if example is not None else calib[0]
         ex_args, ex_kwargs = ((), dict(ex)) if isinstance(ex, dict) else (tuple(ex), {})
         cap = capture_module(model, ex_args, ex_kwargs)
-        prefix, batches = "", calib
-    strip = {f"{prefix}{k}": [f"{prefix}{a}" for a in v] for k, v in aliases.items()}
-    return cap, batches, LazyWeights(path, strip, prefix=prefix), {f"{prefix}{k}": b for k, b in buffers.items()}
+        batches = calib
+    return cap, batches, weights, {f"{prefix}{k}": b for k, b in buffers.items()}
 
 
 def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, example=None, reconstruct: bool = True,

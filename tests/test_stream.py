@@ -205,3 +205,40 @@ def test_a_stored_dtype_weight_read_by_a_wide_linear_is_cast_block_by_block_to_t
     assert len(linears) == 4 and all(n.meta["val"].shape[-1] <= 300 for n in linears)
     out = gm(ids)
     assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, want)
+
+
+def _broken(kind: str, d) -> str:
+    """A copy of a tiny sharded LLaMA directory broken one way."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=60, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d, max_shard_size="20KB")
+    shards = sorted(p for p in d.iterdir() if p.suffix == ".safetensors")
+    if kind == "missing shard":
+        shards[1].unlink()
+    elif kind == "quantised":
+        t = load_file(shards[0])
+        k = next(iter(t))
+        t[k] = torch.zeros(t[k].shape, dtype=torch.int8)
+        save_file(t, shards[0], metadata={"format": "pt"})
+    else:                                          # config.json says another width than the files hold
+        c = json.loads((d / "config.json").read_text())
+        c["intermediate_size"] = 96
+        (d / "config.json").write_text(json.dumps(c))
+    return str(d)
+
+
+@pytest.mark.parametrize("kind,says", [("missing shard", "shard"), ("quantised", "stored as I8"),
+                                       ("config", "does not match the weights")])
+def test_a_broken_directory_is_refused_in_one_sentence_before_anything_is_written(kind, says, tmp_path):
+    from amgfx.errors import ModelSpecError
+    from amgfx.stream import prune_streamed
+    d = _broken(kind, tmp_path / "model")
+    out = tmp_path / "out"
+    with pytest.raises(ModelSpecError, match=says) as e:
+        prune_streamed(d, calib=[torch.randint(0, 60, (1, 8))], out=str(out), method="magnitude", target_flops=0.7,
+                       progress=False)
+    assert len(str(e.value).splitlines()) == 1 and not out.exists()
