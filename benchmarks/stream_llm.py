@@ -32,10 +32,13 @@ from ._report import RESULTS, write_md
 
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
              vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192)
+# LLaMA-3-8B: 32 layers of these, untied output head (8.03B parameters); run a few layers and projected
+SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192)
 
 
-def make_dir(path: str, layers: int) -> str:
-    """The random bf16 directory (config, two safetensors shards, tokenizer); kept when it is there."""
+def make_dir(path: str, layers: int, shape: dict = SHAPE) -> str:
+    """The random bf16 directory (config, safetensors shards of 1.3 GB, tokenizer); kept when it is there."""
     import transformers as tf
     from safetensors.torch import save_file
 
@@ -45,14 +48,14 @@ def make_dir(path: str, layers: int) -> str:
     os.makedirs(path, exist_ok=True)
     data.byte_bpe(path, 8000)
     cfg = tf.LlamaConfig(num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
-                         **SHAPE)
+                         **shape)
     cfg.save_pretrained(path)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in tf.LlamaForCausalLM(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     shards, cur, size = [], {}, 0
     for k, s in shapes.items():
-        if k == "lm_head.weight":             # tied to the embedding, stored once
+        if k == "lm_head.weight" and shape["tie_word_embeddings"]:     # tied to the embedding, stored once
             continue
         t = (torch.ones(s) if k.endswith("norm.weight") else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
         cur[k] = t
@@ -121,9 +124,69 @@ def real_rows(windows: int) -> list[str]:
     return rows + equivalence("smollm2-135m", path, calib, data.token_windows(enc, "eval", 128, 32))
 
 
+def run_child(d: str, samples: int):
+    """``amgfx prune DIR --target-flops 0.5 --calib text`` in a child process: (command, process, wall seconds, the
+    child's peak resident MB, its JSON report or {})."""
+    out = tempfile.mkdtemp(prefix="stream_llm_")
+    cmd = [sys.executable, "-m", "amgfx", "prune", d, "--target-flops", "0.5", "--calib", "text",
+           "--calib-samples", str(samples), "--out", out, "--json"]
+    print("running: " + " ".join(cmd[2:]), flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    report = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+    if proc.returncode:
+        print(proc.stderr[-3000:], flush=True)
+    return cmd, proc, wall, peak, report
+
+
+def eight_b(a, argv) -> None:
+    """A LLaMA-3-8B-shaped directory of ``--layers`` layers (default 2) streamed; each layer's seconds and memory,
+    and the 32-layer run projected from them (``stream_8b.md``)."""
+    from amgfx.cli.prune_stream import footprint
+    from amgfx.models import cache_root
+    layers = a.layers or 2
+    d = make_dir(os.path.join(cache_root(), "bench", f"llama-8b-shape-{layers}l"), layers, SHAPE_8B)
+    cmd, proc, wall, peak, r = run_child(d, a.samples)
+    need, _ = footprint(d)
+    segs = r.get("segments", [])
+    body = [s for s in segs if s["groups"]]
+    per_layer = sum(s["seconds"].get("score", 0) + s["seconds"].get("prune", 0) for s in body) / layers
+    sec = r.get("seconds", {})
+    grows = sec.get("plan", 0) + sec.get("assemble+evaluate+save", 0)      # taken as linear in depth
+    rest = sec.get("total", wall) - per_layer * layers - grows
+    projected = rest + 32 * per_layer + grows * 32 / layers
+    argv = sys.argv[1:] if argv is None else argv
+    lines = [f"`python -m benchmarks.stream_llm {' '.join(argv)}` on {os.cpu_count()} cores, "
+             f"torch {torch.__version__}, device cpu: a random LLaMA-3-8B-shaped directory cut to {layers} of its 32 "
+             f"layers (hidden 4096, 32 heads over 8 kv heads, head dim 128, MLP 14336, vocab 128256, untied head; "
+             f"{need / 4 / 1e9:.2f}B parameters, bf16), pruned by `amgfx prune DIR {' '.join(cmd[5:])}` in a child "
+             f"process. Exit code {proc.returncode}; wall {wall:,.0f} s; peak resident {peak:,.0f} MB (the child's).", ""]
+    if r:
+        lines += ["| segment | groups | parameters (dense) | seconds scoring | seconds pruning | resident MB after |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s['index']} | {', '.join(g.split(':')[0] for g in s['groups']) or '-'} | {s['params']:,} | "
+                  f"{s['seconds'].get('score', 0):.1f} | {s['seconds'].get('prune', 0):.1f} | {s['rss_mb']:,.0f} |"
+                  for s in segs]
+        lines += ["", "Seconds: " + ", ".join(f"{k} {v:,.1f}" for k, v in sec.items()) + f". One layer (attention and "
+                  f"MLP segments, both passes): {per_layer:,.0f} s. Projected for the 32 layers of LLaMA-3-8B: "
+                  f"{projected / 3600:.1f} h ({rest:,.0f} s that do not grow with depth, 32 x {per_layer:,.0f} s of "
+                  f"layers, and planning and the final assembly, {grows:,.0f} s here, taken as growing linearly). "
+                  "Memory: the segments do not grow with depth (one layer's weights and the windows' activations are "
+                  "resident at a time); the final assembly holds every pruned weight in bf16, so it grows by the pruned "
+                  "layers' bytes (about 32 x half of 218M parameters x 2 bytes, 7 GB, at 50% of block FLOPs)."]
+    write_md(os.path.join(RESULTS, "stream_8b.md"), ["# Streaming an 8B-shaped LLM: per layer, and projected", "",
+                                                      *lines])
+    print("\n".join(lines), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--shape", choices=["1b", "8b"], default="1b",
+                   help="LLaMA-3.2-1B (the acceptance run), or LLaMA-3-8B cut to --layers layers and projected "
+                        "(writes stream_8b.md)")
+    p.add_argument("--layers", type=int, default=None, help="layers of the directory (default 16 for 1b, 2 for 8b)")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default 64, the CLI's)")
     p.add_argument("--real", action="store_true",
                    help="instead: prune SmolLM2-135M and amgfx-lm whole and streamed (writes stream_real.md)")
@@ -137,20 +200,12 @@ def main(argv=None):
         write_md(out, ["# Streaming against the whole-model route on real models", "", *lines])
         return
     from amgfx.models import cache_root
-    d = make_dir(os.path.join(cache_root(), "bench", f"llama-1b-shape-{a.layers}l"), a.layers)
+    if a.shape == "8b":
+        return eight_b(a, argv)
+    d = make_dir(os.path.join(cache_root(), "bench", f"llama-1b-shape-{a.layers or 16}l"), a.layers or 16)
     with open(os.path.join(d, "config.json")) as f:
         cfg = json.load(f)
-    out = tempfile.mkdtemp(prefix="stream_llm_")
-    cmd = [sys.executable, "-m", "amgfx", "prune", d, "--target-flops", "0.5", "--calib", "text",
-           "--calib-samples", str(a.samples), "--out", out, "--json"]
-    print("running: " + " ".join(cmd[2:]), flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    report = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
-    if proc.returncode:
-        print(proc.stderr[-3000:], flush=True)
+    cmd, proc, wall, peak, report = run_child(d, a.samples)
     from amgfx.cli.prune_stream import footprint
     need, _ = footprint(d)
     params = need // 4
