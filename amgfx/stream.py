@@ -78,6 +78,7 @@ class SegmentReport:
     groups: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     rss_mb: float = 0.0              # resident memory when the segment was done
+    peak_mb: dict = field(default_factory=dict)   # the process's peak so far after each pass over it ("score", "prune")
     verified: bool | None = None     # the rewrite against the zeroing oracle (None: nothing pruned here)
     refit_layers: int = 0
 
@@ -292,6 +293,7 @@ def _score_pass(run: _Run, ck, state) -> Scores:
         if s.index + 1 == run.first:
             start = [dict(st) for st in states]
         run.reports[s.index].seconds["score"] = time.perf_counter() - ts
+        run.reports[s.index].peak_mb["score"] = round(peak_mb())
         if ck:
             ck.save({"phase": "score", "next": s.index + 1, "states": states, "start": start, "scores": merged,
                      "refused": dict(run.cg.refused), "reports": run.reports})
@@ -351,6 +353,7 @@ def _prune_pass(run: _Run, plan: Plan, reconstruct: bool, ck, state) -> dict:
         release()
         run.reports[s.index].seconds["prune"] = time.perf_counter() - ts
         run.reports[s.index].rss_mb = rss_mb()
+        run.reports[s.index].peak_mb["prune"] = round(peak_mb())
         if ck:
             ck.save({"phase": "prune", "next": s.index + 1, "dense": dense, "pruned": pruned, "done": done,
                      "refused": dict(run.cg.refused), "reports": run.reports})

@@ -164,12 +164,15 @@ def eight_b(a, argv) -> None:
              f"{need / 4 / 1e9:.2f}B parameters, bf16), pruned by `amgfx prune DIR {' '.join(cmd[5:])}` in a child "
              f"process. Exit code {proc.returncode}; wall {wall:,.0f} s; peak resident {peak:,.0f} MB (the child's).", ""]
     if r:
-        lines += ["| segment | groups | parameters (dense) | seconds scoring | seconds pruning | resident MB after |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| segment | groups | parameters (dense) | seconds scoring | seconds pruning | resident MB after | "
+                  "peak MB so far, after scoring / pruning it |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {s['index']} | {', '.join(g.split(':')[0] for g in s['groups']) or '-'} | {s['params']:,} | "
-                  f"{s['seconds'].get('score', 0):.1f} | {s['seconds'].get('prune', 0):.1f} | {s['rss_mb']:,.0f} |"
-                  for s in segs]
-        lines += ["", "Seconds: " + ", ".join(f"{k} {v:,.1f}" for k, v in sec.items()) + f". One layer (attention and "
+                  f"{s['seconds'].get('score', 0):.1f} | {s['seconds'].get('prune', 0):.1f} | {s['rss_mb']:,.0f} | "
+                  f"{s['peak_mb'].get('score', 0):,} / {s['peak_mb'].get('prune', 0):,} |" for s in segs]
+        lines += ["", f"Peak by stage: scoring pass {max(s['peak_mb'].get('score', 0) for s in segs):,} MB, pruning "
+                  f"pass {max(s['peak_mb'].get('prune', 0) for s in segs):,} MB, the whole run {r['peak_memory_mb']:,} MB "
+                  "(above both where the final assembly, evaluation and saving raised it; the process's own count).", "",
+                  "Seconds: " + ", ".join(f"{k} {v:,.1f}" for k, v in sec.items()) + f". One layer (attention and "
                   f"MLP segments, both passes): {per_layer:,.0f} s. Projected for the 32 layers of LLaMA-3-8B: "
                   f"{projected / 3600:.1f} h ({rest:,.0f} s that do not grow with depth, 32 x {per_layer:,.0f} s of "
                   f"layers, and planning and the final assembly, {grows:,.0f} s here, taken as growing linearly). "
