@@ -18,6 +18,7 @@ Every row from this one run; time is planning (scoring, the error allocation's r
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -110,13 +111,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=lambda t: t.split(","), default=list(MODELS), help="digits,minilm,lm (default all)")
     ap.add_argument("--method", default="auto", help="the criterion both allocations use (default auto)")
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="the exponent of the layer weights (amgfx.error_budget.ALPHA, set for this run; default its own)")
     ap.add_argument("--out", default=f"{RESULTS}/allocation.md")
     a = ap.parse_args(argv)
+    from amgfx import error_budget
+    if a.alpha is not None:             # a sweep over the module's constant
+        error_budget.ALPHA = a.alpha
     cases = {"digits": digits_case, "minilm": minilm_case, "lm": lm_case}
     t0 = time.perf_counter()
     rows = [r for m in a.models for r in rows_of(cases[m](), a.method, TARGETS[m])]
     lines = ["# Allocation among layers: the score ranking against measured layer error", "",
-             f"`python -m benchmarks.allocation --models {','.join(a.models)} --method {a.method}` on 2 cores, torch "
+             f"`python -m benchmarks.allocation --models {','.join(a.models)} --method {a.method}"
+             + (f" --alpha {a.alpha} --out {os.path.relpath(a.out)}" if a.alpha is not None else "")
+             + f"` (layer weights' exponent {error_budget.ALPHA}) on 2 cores, torch "
              f"{torch.__version__}, {time.perf_counter() - t0:.0f} s. Both plans from the same criterion and "
              "calibration, refitted, measured on held-out data (see the module docstring). \"kept by the held-out "
              "check\": which plan `allocation=\"error\"` returned, from its own held-out calibration batches (the "
