@@ -48,3 +48,19 @@ def test_error_allocation_keeps_the_plan_with_the_lower_heldout_error_and_record
     assert one.meta["allocation"]["chosen"] == "ranking"
     with pytest.raises(AmgfxError, match="allocation must be"):
         amgfx.PlanConfig(allocation="owl")
+
+
+def test_the_cli_plans_by_layer_error_and_plan_json_says_what_it_measured(tmp_path, capsys):
+    from amgfx.cli import main
+    f = tmp_path / "m.py"
+    f.write_text("import torch, timm\ntorch.manual_seed(0)\n"
+                 "MODEL = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, depth=1)\n"
+                 "def build():\n    return MODEL, torch.randn(1, 3, 32, 32)\n")
+    out = tmp_path / "out"
+    code = main(["prune", f"{f}:build", "--method", "magnitude", "--allocation", "error", "--target-flops", "0.5",
+                 "--calib", "digits", "--calib-samples", "16", "--batch-size", "4", "--out", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    plan = amgfx.Plan.load(out / "plan.json")
+    a = plan.meta["allocation"]
+    assert plan.meta["config"]["plan"]["allocation"] == "error" and a["heldout_batches"] == 1 and a["fit_batches"] == 3
+    assert a["chosen"] in a["errors"] and a["layers"]
