@@ -13,10 +13,11 @@ away and others' do not. Here that is measured rather than modelled:
    (:func:`amgfx.auto.heldout_error`); over the FLOPs it gives up, that is its *error per FLOP*;
 3. every step of a layer's groups has its importance multiplied by (its error per FLOP over the geometric
    mean of all layers') ``** ALPHA``, clipped to ``[1/CLIP, CLIP]``, and the budget is walked again (``P1``);
-4. ``P0`` and ``P1`` are refitted and measured on the held-out batches; the lower error is kept.
+4. ``P0`` and ``P1`` are refitted and measured on the held-out batches; the lower error is kept (``P0`` kept:
+   the ranking walk's plan scored on every batch, exactly what ``allocation="ranking"`` returns).
 
 ``plan.meta["allocation"]`` records each layer's error and weight and both plans' errors. Cost: one
-rewrite and refit per layer, plus two.
+rewrite and refit per layer, plus two (and one more scoring where the ranking is kept).
 
 Example:
     >>> import torch, timm, amgfx
@@ -44,7 +45,7 @@ from .weights.refit import refit
 
 __all__ = ["ALPHA", "CLIP", "by_error", "layer_weights"]
 
-ALPHA = 0.5      # weight = (error per FLOP / geometric mean) ** ALPHA; 0.5 beat 1.0 on MiniLM (benchmarks.allocation)
+ALPHA = 0.5      # weight = (error per FLOP / geometric mean) ** ALPHA; 0.5 did better than 1.0 on MiniLM (benchmarks.allocation)
 CLIP = 4.0       # no layer's steps weigh more than 4x, or less than a quarter, of what its scores say
 
 
@@ -102,7 +103,8 @@ def by_error(cg, calib, scored, spend, *, progress: bool = False) -> Plan:
     by_err = spend(s, weights)
     errors = {"ranking": _error(cg, ranking, fit, held), "error": _error(cg, by_err, fit, held)}
     chosen = "error" if errors["error"] < errors["ranking"] else "ranking"
-    plan = by_err if chosen == "error" else ranking
+    # the ranking kept: its plan from every batch, as allocation="ranking" makes it (the held-out ones only judged)
+    plan = by_err if chosen == "error" else spend(scored(batches), None)
     plan.meta["allocation"] = {
         "chosen": chosen, "errors": {k: round(v, 6) for k, v in errors.items()},
         "layers": {w: {"error": round(v["error"], 6), "flops": round(v["flops"], 6), "weight": round(v["weight"], 4)}

@@ -42,6 +42,8 @@ def test_error_allocation_keeps_the_plan_with_the_lower_heldout_error_and_record
     assert len(w) >= 2 and all(0.25 <= x <= 4 for x in w) and np.std(w) > 0    # layers measured apart
     assert plan.meta["flops"]["planned"] <= 0.5 * plan.meta["flops"]["dense"]
     assert plan.meta["config"]["plan"]["allocation"] == "error"
+    rank = amgfx.plan_for(m, calib[0], method="magnitude", target_flops=0.5, calib=calib, progress=False)
+    assert (plan.keep == rank.keep) == (a["chosen"] == "ranking")     # the ranking kept: the ranking's own plan
     with pytest.warns(UserWarning, match="at least 2 calibration batches"):
         one = amgfx.plan_for(m, calib[0], method="magnitude", target_flops=0.5, calib=calib[:1], allocation="error",
                              progress=False)
