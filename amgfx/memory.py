@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import resource
@@ -32,6 +33,7 @@ MMAP_THRESHOLD = 1 << 20     # blocks from 1 MB up are mapped on their own: a 20
 _M_MMAP_THRESHOLD = -3       # mallopt's parameter number (malloc.h)
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -48,11 +50,13 @@ def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
 
 def release() -> bool:
     """Collect garbage, then hand the heap's free pages back to the OS (``malloc_trim``): a run that frees one
-    block's weights and reads the next would otherwise keep a block's worth each time. True where glibc
-    trimmed."""
+    block's weights and reads the next would otherwise keep a block's worth each time. True under glibc."""
     gc.collect()
     libc = _libc()
-    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0) in (0, 1))
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def rss_mb() -> float:

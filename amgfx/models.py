@@ -281,6 +281,16 @@ def load(spec: str, *, img_size: int | None = None) -> Loaded:
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
+def safetensors_header(file: str) -> dict:
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` of one safetensors file, from its JSON header alone
+    (nothing else is read)."""
+    import json
+    with open(file, "rb") as fh:
+        head = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    head.pop("__metadata__", None)
+    return head
+
+
 class LazyWeights:
     """The tensors of a Hugging Face directory's ``*.safetensors`` (sharded or not, any dtype), read one at a
     time (memory-mapped) as float32. ``weights[fqn]`` takes the model's own parameter names; a tied weight
@@ -301,22 +311,14 @@ class LazyWeights:
         import glob
         import json
 
-        from safetensors import safe_open
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
             raise ModelSpecError(f"{path} holds no *.safetensors files: streaming reads weights from them")
         self.path, self.aliases, self.prefix = path, aliases or {}, prefix    # prefix: what the graph adds to names
-        self._where = {}
-        for f in files:
-            with safe_open(f, "pt", device="cpu") as h:
-                self._where.update({k: f for k in h.keys()})
-        self._dtypes, self._shapes = {}, {}
-        for f in files:
-            with open(f, "rb") as fh:          # the header says each tensor's dtype and shape without reading it
-                n = int.from_bytes(fh.read(8), "little")
-                head = json.loads(fh.read(n))
-            self._dtypes.update({k: v["dtype"] for k, v in head.items() if k != "__metadata__"})
-            self._shapes.update({k: tuple(v["shape"]) for k, v in head.items() if k != "__metadata__"})
+        self._where, self._dtypes, self._shapes = {}, {}, {}
+        for f in files:                         # the headers say where each tensor is, its dtype and shape
+            for k, v in safetensors_header(f).items():
+                self._where[k], self._dtypes[k], self._shapes[k] = f, v["dtype"], tuple(v["shape"])
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):               # a shard the index names but the directory lacks: say which
             with open(index) as fh:

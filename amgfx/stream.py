@@ -103,7 +103,7 @@ class Streamed:
 
     def model(self):
         """The pruned model, whole (a :class:`amgfx.Decoder` for a causal LM): :func:`assemble`."""
-        release()                  # what the passes freed goes back to the OS before the whole model is built
+        release()                   # what the passes freed goes back to the OS before the whole model is built
         tensors = self.weights
         if not tensors and self.out:
             from safetensors.torch import load_file
@@ -280,7 +280,7 @@ def _score_pass(run: _Run, ck, state) -> Scores:
         run.reports[s.index].params = sum(p.numel() for p in sg.parameters())
         scg = analyze(sg)                      # real weights here: the probe refuses what cannot be pruned
         run.cg.refuse(scg.refused)
-        release()                             # the probe's pruned and zeroed copies, before the scoring's
+        release()                              # the probe's pruned and zeroed copies, before the scoring's
         if any(g.kind in run.kinds for g in scg.groups):
             sc = score(scg, run.cfg.method, _inputs(s, states), kinds=run.kinds, seed=run.cfg.seed, progress=False)
             merged.units.update(sc.units)
@@ -332,7 +332,7 @@ def _prune_pass(run: _Run, plan: Plan, reconstruct: bool, ck, state) -> dict:
                 scg = analyze(sg, probe=False)
                 small = apply(scg, sub)          # held against the zeroing oracle on this segment's inputs; raises if wrong
                 run.reports[s.index].verified = True
-                release()                       # the oracle's zeroed copy of the segment, before the refit's Grams
+                release()                        # the oracle's zeroed copy of the segment, before the refit's Grams
                 if reconstruct:
                     small.meta[PLAN] = sub
                     small = refit(small, scg, _inputs(s, dense), RefitConfig(), progress=False,

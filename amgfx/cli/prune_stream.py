@@ -10,7 +10,7 @@ perplexity is not measured here: that would load it whole.
 from __future__ import annotations
 
 import glob
-import json
+import math
 import os
 import shutil
 import sys
@@ -31,17 +31,8 @@ STREAM_HEADROOM = 0.5       # ... as do those over this share of the memory avai
 def footprint(path: str) -> tuple[int, int]:
     """``(bytes of the directory's weights in float32, bytes of memory available)``, from the safetensors
     headers and ``/proc/meminfo``: nothing is loaded."""
-    import struct
-    numel = 0
-    for f in glob.glob(os.path.join(path, "*.safetensors")):
-        with open(f, "rb") as fh:
-            head = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for k, v in head.items():
-            if k != "__metadata__":
-                n = 1
-                for d in v["shape"]:
-                    n *= d
-                numel += n
+    numel = sum(math.prod(v["shape"]) for f in glob.glob(os.path.join(path, "*.safetensors"))
+                for v in models.safetensors_header(f).values())
     avail = 0
     try:
         with open("/proc/meminfo") as fh:
