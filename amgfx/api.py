@@ -217,8 +217,12 @@ def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: 
     if cfg.tokens:
         base.tokens = select_tokens(cg, s.tokens, float(cfg.tokens), min_keep=cfg.min_keep, protect=cfg.protect)
         base.meta["tokens"] = float(cfg.tokens)
+    if cfg.rank == "per_ms":        # PlanConfig holds that a budget (FLOPs or latency) comes with it
+        from .planning.per_ms import time_weights     # times ops on this machine: only when asked
+        tw = time_weights(cg, s.units)
+        weights = {n: tw.get(n, 1.0) * (weights or {}).get(n, 1.0) for n in set(tw) | set(weights or {})}
     opts = dict(round_to=cfg.round_to, min_keep=cfg.min_keep, protect=cfg.protect, base=base,
-                same_head_dim=cfg.same_head_dim, blocks=cfg.blocks)
+                same_head_dim=cfg.same_head_dim, blocks=cfg.blocks, weights=weights)
     if cfg.target_latency is not None:
         from .timed_plan import timed_plan      # imports the op-time model: only when asked
         plan = timed_plan(cg, s.units, float(cfg.target_latency), cfg.runtime, lambda p: apply(cg, p, check=False),
@@ -228,8 +232,10 @@ def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: 
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(cfg.target_flops), scope=cfg.scope,
-                        normalize="none" if s.loss_scale else "group", weights=weights, **opts)
+                        normalize="none" if s.loss_scale else "group", **opts)
     plan.meta.update({"criteria": s.criteria, "seed": cfg.seed, "calibration_samples": s.samples})
+    if cfg.rank == "per_ms":
+        plan.meta["rank"] = {"per_ms": {n: round(w, 4) for n, w in sorted(tw.items())}}
     return plan
 
 

@@ -120,7 +120,7 @@ def cmd_prune_lm(a, loaded, t_load: float) -> int:
                       ratios=a.ratios, plan=_plan(a), calib=rows(fit), score_batches=len(rows(calib)),
                       reconstruct=not a.no_reconstruct, kinds=a.kinds, round_to=a.round_to, min_keep=a.min_keep,
                       protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed, scope=scope,
-                      allocation=a.allocation, progress=not (a.quiet or a.json))
+                      allocation=a.allocation, rank=a.rank, progress=not (a.quiet or a.json))
         t1 = time.perf_counter()
         say("measuring perplexity on held-out text and generating ...")
         ppl = {"dense": round(dense.perplexity(held), 3), "pruned": round(small.perplexity(held), 3)}

@@ -44,6 +44,8 @@ class PlanConfig:
         allocation: how a FLOPs budget is shared among layers: ``"ranking"`` (one score ranking walked to the
             target) or ``"error"`` (each layer's step importance weighed by its measured error after refit,
             and the better of the two plans on held-out calibration data kept: :mod:`amgfx.error_budget`).
+        rank: how a FLOPs or latency budget orders removal steps: ``"score"`` (importance alone) or ``"per_ms"``
+            (importance per millisecond a unit saves, from this machine's op times: :mod:`amgfx.planning.per_ms`).
         runtime, measure_latency: where a latency budget is measured.
         seed: the seed of sampled criteria and calibration order.
         score_batches: score on the first this many calibration batches (None: all of them); a refit still
@@ -65,6 +67,7 @@ class PlanConfig:
     blocks: bool = False
     scope: str = "model"
     allocation: str = "ranking"
+    rank: str = "score"
     runtime: str = "eager"
     measure_latency: bool = True
     seed: int = 0
@@ -86,6 +89,10 @@ class PlanConfig:
             raise AmgfxError(f"scope must be 'model' or 'blocks', got {self.scope!r}")
         if self.allocation not in ("ranking", "error"):
             raise AmgfxError(f"allocation must be 'ranking' or 'error', got {self.allocation!r}")
+        if self.rank not in ("score", "per_ms"):
+            raise AmgfxError(f"rank must be 'score' or 'per_ms', got {self.rank!r}")
+        if self.rank == "per_ms" and self.target_flops is None and self.target_latency is None:
+            raise AmgfxError("rank='per_ms' orders a budget's steps: give target_flops or target_latency")
         if not (self.round_to == "auto" or (isinstance(self.round_to, int) and self.round_to >= 1)):
             raise AmgfxError(f"round_to must be 'auto' or a positive integer, got {self.round_to!r}")
         if self.score_batches is not None and not (isinstance(self.score_batches, int) and self.score_batches >= 1):
