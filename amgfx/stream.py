@@ -22,7 +22,9 @@ window (dense and pruned: ``2 x windows x tokens x hidden x 4`` bytes), the refi
 one layer, and the calibration statistics. Criteria that read forward statistics (``magnitude``, ``snp``,
 ``flap``, ``wanda``) score exactly as on the whole model; gradient criteria (``taylor``) see a segment's
 own output (the default loss on it), so they are block-local here. The residual stream and token
-pruning span every block, and are refused.
+pruning span every block, and are refused. Under a ``torch.distributed`` group each rank streams its own
+windows and every sum is all-reduced (:mod:`amgfx.graph.ranks`), so every rank scores, plans and refits as
+one process would on the union; rank 0 writes ``out`` (a shared directory), and such a run cannot resume.
 
 Example (a tiny LLaMA directory, streamed as a decoder):
     >>> import tempfile, torch, transformers as tf, amgfx
@@ -56,6 +58,7 @@ from .errors import AmgfxError
 from .memory import peak_mb, pin_mmap_threshold, release, rss_mb
 from .graph.fx import off_meta, read_as, replace_attr, state_inputs
 from .graph.meta import EXAMPLE, PLAN
+from .graph.ranks import barrier, rank_world
 from .graph.segments import Segment, extract, graph_inputs, segments
 from .models import LazyWeights, is_causal_lm, meta_model
 from .sequence import capture_module, run
@@ -204,14 +207,18 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     calib = list(calib)
     if not calib:
         raise AmgfxError("streaming needs calibration data (calib=)")
+    rank, world = rank_world()
+    if world > 1 and resume:
+        raise AmgfxError("resume= goes on from one process's checkpoint; a run over several ranks starts afresh")
     pin_mmap_threshold()        # freed temporaries go back to the OS, not into a heap kept whole (amgfx.memory)
     t0 = time.perf_counter()
     cap, batches, weights, buffers = _source(path, calib, example, max_new_tokens)
-    run = _Run(cap, weights, buffers, cfg, kinds, progress)
+    run = _Run(cap, weights, buffers, cfg, kinds, progress and rank == 0)
+    run.keep = not (out and rank)         # rank 0 writes ``out``; the others' weights are the same ones
     run.windows = _shared([graph_inputs(run.gm, a, k) for _, pieces in batch_chunks(run.gm, batches)
                            for a, k, _ in pieces])
     del batches                 # each batch's own empty KV cache (0.6 GB for a 1B model): the windows share one
-    ck = _Checkpoint(out, _key(path, cfg, calib, reconstruct, max_new_tokens)) if out else None
+    ck = _Checkpoint(out, _key(path, cfg, calib, reconstruct, max_new_tokens), world == 1) if out and not rank else None
     state = ck.load(resume) if ck else None
     seconds = {"capture": time.perf_counter() - t0}
     t = time.perf_counter()
@@ -232,6 +239,7 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     result = Streamed(plan, run.reports, kept, seconds, peak_mb(), out, cap, buffers)
     if ck:
         ck.finish({"source": os.path.abspath(path), **result.to_dict()})
+    barrier()                   # every rank returns once rank 0 has written ``out``
     return result
 
 
@@ -347,7 +355,7 @@ def _prune_pass(run: _Run, plan: Plan, reconstruct: bool, ck, state) -> dict:
         done |= set(written)
         if ck:
             ck.write(f"segment-{s.index:04d}.safetensors", written)
-        else:
+        elif run.keep:
             kept.update(written)
         del written
         release()
@@ -375,8 +383,8 @@ class _Checkpoint:
     """``out/checkpoint.pt`` (the streams and what is done, after every segment, replaced atomically) and
     ``out/progress.json``; an interrupted run resumes from them, a finished one removes the checkpoint."""
 
-    def __init__(self, out: str, key: str):
-        self.out, self.key = out, key
+    def __init__(self, out: str, key: str, state: bool = True):
+        self.out, self.key, self.state = out, key, state     # state=False: progress only (one rank of several)
         os.makedirs(out, exist_ok=True)
 
     def _path(self, name):
@@ -399,9 +407,10 @@ class _Checkpoint:
         return torch.load(self._path("checkpoint.pt"), weights_only=False)
 
     def save(self, state: dict) -> None:
-        tmp = self._path("checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self._path("checkpoint.pt"))
+        if self.state:
+            tmp = self._path("checkpoint.pt.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self._path("checkpoint.pt"))
         self._progress({"key": self.key, "phase": state["phase"], "next": state["next"]})
 
     def write(self, name: str, tensors: dict) -> None:

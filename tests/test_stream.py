@@ -242,3 +242,26 @@ def test_a_broken_directory_is_refused_in_one_sentence_before_anything_is_writte
         prune_streamed(d, calib=[torch.randint(0, 60, (1, 8))], out=str(out), method="magnitude", target_flops=0.7,
                        progress=False)
     assert len(str(e.value).splitlines()) == 1 and not out.exists()
+
+
+def test_a_stream_over_two_ranks_gives_one_process_s_plan_and_weights(llama_dir, tmp_path):
+    """2 gloo ranks, each streaming half the windows: every sum (scores, the refit's normal equations) reduced,
+    so the plan and the written weights are those of one process on all of them; rank 0 alone writes."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+    import _dist_worker
+    from amgfx.stream import prune_streamed
+    mp.spawn(_dist_worker.stream_main, args=(2, str(tmp_path / "store"), str(tmp_path), llama_dir), nprocs=2, join=True)
+    single = prune_streamed(llama_dir, amgfx.PlanConfig(**_dist_worker.STREAM_CONFIG), calib=_dist_worker.stream_windows(),
+                            max_new_tokens=4, progress=False)
+    plans = [amgfx.Plan.load(tmp_path / f"rank{r}.json") for r in range(2)]
+    assert plans[0].keep == plans[1].keep == single.plan.keep and single.plan.keep
+    assert plans[0].meta["calibration_samples"] == single.plan.meta["calibration_samples"]
+    out = tmp_path / "stream"
+    written = {k: v for f in sorted(out.glob("segment-*.safetensors")) for k, v in load_file(f).items()}
+    assert set(written) == set(single.weights)
+    for k, w in single.weights.items():
+        assert torch.allclose(written[k].float(), w.float(), rtol=0, atol=1e-5), k
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["kept"] for r in ranks] == [0, 0] and all(r["out"] == str(out) for r in ranks)
+    assert (out / "stream.json").exists() and not (out / "checkpoint.pt").exists()

@@ -44,6 +44,7 @@ from ..errors import AmgfxError
 from ..graph.fx import nonfinite
 from ..graph.indexprop import fetch_attr
 from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
+from ..graph.ranks import active
 from ..graph.ops import SDPA, sdpa_args
 from .collectors import Seen, Stats, Watch, param_leaves, qk_scores, standard  # noqa: F401 (qk_scores: public here too)
 
@@ -269,8 +270,7 @@ def calibrate(cg, calib, *, collectors=None, needs: set = frozenset(), loss_fn=N
     bar.close()
     if st.batches == 0:
         raise CalibrationError("the calibration data is empty")
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if active():
         st.all_reduce()
     return st
 

@@ -34,6 +34,7 @@ import torch
 from ..analysis.coupling import GroupId
 from ..graph.indexprop import fetch_attr, layer_input
 from ..graph.ops import LINEAR_LAYERS
+from ..graph.ranks import all_sum
 
 __all__ = ["Stats", "Watch", "Seen", "Collector", "AttentionMaps", "QKScores", "MlpActivations", "TokenScores",
            "TaylorScores", "InputGram", "InputMoments", "mlp_input", "standard", "qk_scores"]
@@ -61,15 +62,13 @@ class Stats:
 
     def all_reduce(self) -> None:
         """Sum every statistic over the ranks of the default process group (in a fixed key order)."""
-        import torch.distributed as dist
         keys = sorted(k for k in self.sums if not k.startswith("n:"))
         for k in keys:
-            dist.all_reduce(self.sums[k])
             n = torch.tensor([float(self.sums["n:" + k])], dtype=torch.float64)
-            dist.all_reduce(n)
+            all_sum(self.sums[k], n)
             self.sums["n:" + k] = float(n.item())
         tot = torch.tensor([float(self.batches), float(self.samples)], dtype=torch.float64)
-        dist.all_reduce(tot)
+        all_sum(tot)
         self.batches, self.samples = int(tot[0]), int(tot[1])
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..graph.fx import get_attr, replace_attr
+from ..graph.ranks import all_sum
 from .reconstruct import chunks
 
 __all__ = ["qk_scales", "scale_rows"]
@@ -67,6 +68,9 @@ def qk_scales(dense: fx.GraphModule, zeroed: fx.GraphModule, sites: list, calib)
             lz = _centred(qz.double() @ kz.double().repeat_interleave(rep, 1).transpose(-1, -2), mask)
             num[s.name] = num[s.name] + (lz * ld).sum((0, 2, 3)).reshape(-1, rep).sum(1)
             den[s.name] = den[s.name] + (lz * lz).sum((0, 2, 3)).reshape(-1, rep).sum(1)
+    for s in sites:        # over the ranks of a process group: every rank saw a chunk, so each has the same tensors
+        if isinstance(den[s.name], torch.Tensor):
+            all_sum(num[s.name], den[s.name])
     out = {}
     for s in sites:
         if isinstance(den[s.name], torch.Tensor):

@@ -53,6 +53,7 @@ from ..graph.fx import copy_module, get_attr, replace_attr, set_attr, state_inpu
 from ..graph.indexprop import is_layer, layer_input, shape
 from ..graph.ops import IDENTITY, IGNORED_USERS, LAYERS, LINEAR_LAYERS, VIEWS
 from ..scoring.calibrate import batch_chunks
+from .normal import Normal, downhill
 
 __all__ = ["LayerFit", "refit_layers", "attach_bias", "chunks", "skip_add", "DAMPS"]
 
@@ -298,77 +299,6 @@ DAMPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)    # ridge strengths tried when d
 CV_ROWS = 128
 
 
-def downhill(grid, f, start: int | None = None):
-    """The grid point a walk from ``grid[start]`` (the middle by default) reaches by stepping to the
-    better neighbour while ``f`` falls: the grid's minimum when ``f`` is unimodal on it, as a held-out
-    ridge error is (too little damping overfits, too much underfits), in about half the evaluations.
-
-    >>> downhill((0.01, 0.1, 1.0, 10.0), lambda d: (d - 0.1) ** 2)
-    0.1
-    """
-    seen = {}
-
-    def at(i):
-        if i not in seen:
-            seen[i] = f(grid[i])
-        return seen[i]
-    i = len(grid) // 2 if start is None else start
-    while True:
-        best = min((j for j in (i - 1, i, i + 1) if 0 <= j < len(grid)), key=at)
-        if best == i:
-            return grid[i]
-        i = best
-
-
-class _Normal:
-    """The least-squares normal equations of one layer on some tokens: ``G = X^T X``, ``B = X^T Y``,
-    ``yy = ||Y||^2`` per output row (``X`` the pruned inputs, a ones column for the bias; ``Y`` the
-    target rows). Every output row is its own ridge problem on the one ``G``, so ``rows=`` restricts
-    a solve or an error to some of them."""
-
-    def __init__(self):
-        self.G = self.B = self.yy = None
-        self.n = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.G is None:
-            self.G, self.B, self.yy = x.T @ x, x.T @ y, (y * y).sum(0)
-        else:       # in place: a wide layer's G is hundreds of MB, and a sum would hold three of them
-            self.G.addmm_(x.T, x)
-            self.B.addmm_(x.T, y)
-            self.yy += (y * y).sum(0)
-        self.n += x.shape[0]
-
-    def merge(self, o) -> "_Normal":
-        """``self`` plus ``o``, in place (``o`` is spent)."""
-        self.G += o.G
-        self.B += o.B
-        self.yy += o.yy
-        self.n += o.n
-        o.G = o.B = o.yy = None
-        return self
-
-    def err(self, w: torch.Tensor, rows=None) -> float:
-        """``||X w^T - Y||^2 / ||Y||^2`` for ``w`` [r, k (+1)] (the output ``rows`` of ``Y`` only, if given)."""
-        B, yy = (self.B, self.yy) if rows is None else (self.B[:, rows], self.yy[rows])
-        sq = ((w @ self.G) * w).sum() - 2 * (w * B.T).sum() + yy.sum()
-        return float(sq / max(float(yy.sum()), 1e-30))
-
-    def solve(self, w0: torch.Tensor, damp: float, free_last: bool, rows=None) -> torch.Tensor:
-        """Ridge toward ``w0``: ``(G + lam I) w^T = B + lam w0^T``, ``lam = damp * mean(diag G)``
-        (``w0`` holds the output ``rows`` solved for, if given)."""
-        k = self.G.shape[0] - (1 if free_last else 0)
-        lam = torch.full((self.G.shape[0],), damp * float(self.G.diagonal()[:k].mean()) + 1e-12, dtype=torch.float64)
-        if free_last:
-            lam[-1] = 1e-12                  # the bias is free: it takes the mean shift (FLAP's compensation)
-        rhs = (self.B if rows is None else self.B[:, rows]) + lam[:, None] * w0.T
-        damped = lambda: torch.diagonal_scatter(self.G, self.G.diagonal() + lam)
-        # factored in place: a wide layer's G is hundreds of MB, and the cross-validation holds two folds of it
-        L = damped()
-        _, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32)))
-        return (torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(damped(), rhs).solution).T
-
-
 def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bool = True, last: bool = False) -> tuple:
     """Accumulate the normal equations of ``t`` (pruned inputs read from ``source``) over ``runs`` (a
     dense and a pruned :class:`_Cursor` and the token mask, per calibration chunk) and solve; returns
@@ -393,7 +323,7 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
     nodes_d = {x.name: x for x in dense.graph.nodes}
     nodes_p = {x.name: x for x in source.graph.nodes}
     layer_d, layer_p = nodes_d[t.node], nodes_p[at]
-    folds = [_Normal(), _Normal()]
+    folds = [Normal(), Normal()]
     # a linear whose only bias is the refitted one outputs the target itself: the dense forward, one node
     # further, has it, and the layer is not computed twice
     own = (not t.conv and layer_d.target in LINEAR_LAYERS and (shape(layer_d) or (0,))[-1] == get_attr(dense, t.weight).shape[t.out_dim]
@@ -421,22 +351,28 @@ def _fit(t: _Target, source, dense, runs: list, damp: float | None, residual: bo
         if last:           # no later layer resumes from here: hold one chunk's values at a time, not all of them
             run_d.restart()
             run_p.restart()
+    for f in folds:                         # the union of every rank's data (nothing without a process group)
+        f.reduce(w0.shape[1], w0.shape[0])
     if damp is None:
-        if folds[1].n:                      # fit on one fold, judge on the other, both ways
-            rows = torch.linspace(0, w0.shape[0] - 1, min(CV_ROWS, w0.shape[0])).round().long().unique()
-
-            def held_out(d):
-                return sum(b.err(a.solve(w0[rows], d, bool(t.bias), rows), rows) * float(b.yy[rows].sum())
-                           for a, b in (folds, folds[::-1]))
-            damp = downhill(DAMPS, held_out)
-        else:
-            damp = 1.0
+        damp = _cross_validated(folds, w0, bool(t.bias))
     whole = folds[0].merge(folds[1]) if folds[1].n else folds[0]
     w = whole.solve(w0, damp, bool(t.bias))
     before, after = whole.err(w0), whole.err(w)
     if not np.isfinite(after) or after > before:      # numerically worse than what the rewrite kept: keep that
         w, after = w0, before
     return w, whole.n, before, after, damp
+
+
+def _cross_validated(folds: list, w0: torch.Tensor, bias: bool) -> float:
+    """The ridge of :data:`DAMPS` with the least held-out error: fit on one fold, judge on the other, both ways
+    (1.0 when one fold is empty)."""
+    if not folds[1].n:
+        return 1.0
+    rows = torch.linspace(0, w0.shape[0] - 1, min(CV_ROWS, w0.shape[0])).round().long().unique()
+
+    def held_out(d):
+        return sum(b.err(a.solve(w0[rows], d, bias, rows), rows) * float(b.yy[rows].sum()) for a, b in (folds, folds[::-1]))
+    return downhill(DAMPS, held_out)
 
 
 def _pruned_node(pruned, t: _Target) -> str:
