@@ -37,6 +37,9 @@ class Planted(latency.OpTimes):
         self.asked.append((str(target), shapes))
         return self.formula(shapes)
 
+    def measure(self, target, args_spec, kwargs_spec, cold=False):     # the same clock when times are checked
+        return self.formula([s[1] for s in args_spec if s[0] == "T"])
+
 
 def _numels(shapes):        # sum of argument sizes: multilinear in every width (a linear's x, weight)
     return 1e-4 * sum(math.prod(s) for s in shapes) + 1e-3
@@ -109,6 +112,20 @@ def test_op_times_are_measured_once_and_read_back_from_the_cache_file(cg, tmp_pa
     again = latency.OpTimes(path=path)
     b = latency.predict_ms(cg, _mlp_plan(cg, 384), again)
     assert again.measured == 0 and a == b
+
+
+def test_op_times_cached_under_load_are_measured_again(tmp_path):
+    """A cache written while other work had the cores (every time 10x what the ops take now) is noticed the first
+    time a graph reads it, said, and measured again."""
+    cg = amgfx.analyze(_vit(depth=1), torch.randn(2, 3, 32, 32))
+    path = str(tmp_path / "ops.json")
+    quiet = latency.predict_ms(cg, _mlp_plan(cg, 384), latency.OpTimes(path=path))
+    loaded = latency.OpTimes(path=path)
+    loaded._ms = {k: None if v is None else 10 * v for k, v in loaded._ms.items()}
+    cg.dense_ms = None
+    with pytest.warns(UserWarning, match="taken under load"):
+        again = latency.predict_ms(cg, _mlp_plan(cg, 384), loaded)
+    assert loaded.measured > 0 and again["dense"] < 3 * quiet["dense"]
 
 
 def test_the_default_cache_lives_under_xdg_cache_home(tmp_path, monkeypatch):
