@@ -217,7 +217,7 @@ def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: 
     if cfg.tokens:
         base.tokens = select_tokens(cg, s.tokens, float(cfg.tokens), min_keep=cfg.min_keep, protect=cfg.protect)
         base.meta["tokens"] = float(cfg.tokens)
-    if cfg.rank == "per_ms":        # PlanConfig holds that a budget (FLOPs or latency) comes with it
+    if cfg.per_ms:                  # PlanConfig holds that a budget (FLOPs or latency) comes with it
         from .planning.per_ms import time_weights     # times ops on this machine: only when asked
         tw = time_weights(cg, s.units)
         weights = {n: tw.get(n, 1.0) * (weights or {}).get(n, 1.0) for n in set(tw) | set(weights or {})}
@@ -234,7 +234,7 @@ def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: 
         plan = allocate(cg, s.units, float(cfg.target_flops), scope=cfg.scope,
                         normalize="none" if s.loss_scale else "group", **opts)
     plan.meta.update({"criteria": s.criteria, "seed": cfg.seed, "calibration_samples": s.samples})
-    if cfg.rank == "per_ms":
+    if cfg.per_ms:
         plan.meta["rank"] = {"per_ms": {n: round(w, 4) for n, w in sorted(tw.items())}}
     return plan
 

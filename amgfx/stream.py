@@ -201,7 +201,7 @@ def prune_streamed(path: str, config: PlanConfig | None = None, *, calib, exampl
     if "residual" in kinds or cfg.tokens:
         raise AmgfxError("streaming prunes block by block: residual channels and tokens span every block; "
                          "leave them out (kinds=qk,v,head,mlp) or prune the whole model")
-    if cfg.target_latency is not None or cfg.allocation != "ranking" or cfg.rank != "score":
+    if cfg.target_latency is not None or cfg.allocation != "ranking" or cfg.rank == "per_ms":
         raise AmgfxError("streaming plans by FLOPs or ratios, walking the score ranking: target_latency, "
                          "allocation='error' and rank='per_ms' measure the whole model")
     calib = list(calib)

@@ -271,9 +271,9 @@ def prune_parser(sub) -> None:
                    help="how --target-flops is shared among layers: one score ranking (default), or each layer's "
                         "ranking weighed by its measured error after refit, kept where it beats the ranking on "
                         "held-out calibration batches (one extra refit per layer; see amgfx.error_budget)")
-    r.add_argument("--rank", choices=["score", "per_ms"], default="score",
-                   help="the order the budget removes units in: by score (default), or by score per millisecond "
-                        "a unit saves, from op times measured on this machine (amgfx.planning.per_ms)")
+    r.add_argument("--rank", choices=["auto", "score", "per_ms"], default="auto",
+                   help="removal order: by score, or score per ms a unit saves (amgfx.planning.per_ms); "
+                        "auto (default): per_ms with --target-latency, score otherwise")
     r.add_argument("--plan", metavar="JSON", default=None,
                    help="instead of --target-flops: replay this plan.json (amgfx prune --out, verify --save-plan)")
     r.add_argument("--target-latency", type=fraction, default=None, metavar="F",

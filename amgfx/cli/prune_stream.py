@@ -65,7 +65,7 @@ def _refusal(a, path: str) -> str | None:
     if a.resume and not a.out:
         return "--resume goes on from the run in --out DIR; give --out"
     if (a.recover_steps or a.iterative > 1 or a.tokens or a.target_latency is not None or a.plan or a.onnx
-            or a.refit_samples is not None or a.allocation != "ranking" or a.rank != "score"):
+            or a.refit_samples is not None or a.allocation != "ranking" or a.rank == "per_ms"):
         return ("--stream prunes by --target-flops or --ratios; recovery, --iterative, --tokens, "
                 "--target-latency, --plan, --onnx, --refit-samples, --allocation error and --rank per_ms are not "
                 "available while streaming yet")

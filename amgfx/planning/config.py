@@ -44,8 +44,10 @@ class PlanConfig:
         allocation: how a FLOPs budget is shared among layers: ``"ranking"`` (one score ranking walked to the
             target) or ``"error"`` (each layer's step importance weighed by its measured error after refit,
             and the better of the two plans on held-out calibration data kept: :mod:`amgfx.error_budget`).
-        rank: how a FLOPs or latency budget orders removal steps: ``"score"`` (importance alone) or ``"per_ms"``
-            (importance per millisecond a unit saves, from this machine's op times: :mod:`amgfx.planning.per_ms`).
+        rank: how a FLOPs or latency budget orders removal steps: ``"score"`` (importance alone), ``"per_ms"``
+            (importance per millisecond a unit saves, from this machine's op times: :mod:`amgfx.planning.per_ms`)
+            or ``"auto"`` (the default): ``per_ms`` for a latency budget, where it measured better, ``score``
+            otherwise.
         runtime, measure_latency: where a latency budget is measured.
         seed: the seed of sampled criteria and calibration order.
         score_batches: score on the first this many calibration batches (None: all of them); a refit still
@@ -67,7 +69,7 @@ class PlanConfig:
     blocks: bool = False
     scope: str = "model"
     allocation: str = "ranking"
-    rank: str = "score"
+    rank: str = "auto"
     runtime: str = "eager"
     measure_latency: bool = True
     seed: int = 0
@@ -89,14 +91,19 @@ class PlanConfig:
             raise AmgfxError(f"scope must be 'model' or 'blocks', got {self.scope!r}")
         if self.allocation not in ("ranking", "error"):
             raise AmgfxError(f"allocation must be 'ranking' or 'error', got {self.allocation!r}")
-        if self.rank not in ("score", "per_ms"):
-            raise AmgfxError(f"rank must be 'score' or 'per_ms', got {self.rank!r}")
+        if self.rank not in ("auto", "score", "per_ms"):
+            raise AmgfxError(f"rank must be 'auto', 'score' or 'per_ms', got {self.rank!r}")
         if self.rank == "per_ms" and self.target_flops is None and self.target_latency is None:
             raise AmgfxError("rank='per_ms' orders a budget's steps: give target_flops or target_latency")
         if not (self.round_to == "auto" or (isinstance(self.round_to, int) and self.round_to >= 1)):
             raise AmgfxError(f"round_to must be 'auto' or a positive integer, got {self.round_to!r}")
         if self.score_batches is not None and not (isinstance(self.score_batches, int) and self.score_batches >= 1):
             raise AmgfxError(f"score_batches must be None or a positive integer, got {self.score_batches!r}")
+
+    @property
+    def per_ms(self) -> bool:
+        """Whether the budget ranks steps per millisecond saved (``rank``, ``"auto"`` resolved)."""
+        return self.rank == "per_ms" or (self.rank == "auto" and self.target_latency is not None)
 
     def with_options(self, **options) -> "PlanConfig":
         """A copy with ``options`` changed (validated again); an unknown name is refused with the known ones."""
