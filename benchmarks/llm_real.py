@@ -32,6 +32,7 @@ import argparse
 import copy
 import resource
 import signal
+import sys
 import time
 
 import numpy as np
@@ -270,14 +271,17 @@ def tp_rows(b: Bench, a) -> list:
     return rows
 
 
-def distill(b: Bench, best: dict, steps: int) -> dict:
+def distill(b: Bench, best: dict, steps: int, accumulate: int = 1, lr: float = 1e-4) -> dict:
     t = time.perf_counter()
     # every window of the calibration split (147 of 128 tokens), not only the scoring's and refit's: on the best
     # 50% plan 41.6 against 43.2 from 128 windows; lr 1e-4 (5e-5: 43.5; 3e-4: the guard kept the start)
     every = data.token_windows(lambda t: b.tok(t, add_special_tokens=False)["input_ids"], "calib", SEQ)
     data_ = [b.dec.prefill_inputs(every[i:i + 1]) for i in range(len(every))]
-    tuned = amgfx.recover(best["model"], b.cg.gm, data_, steps=steps, loss="kd", lr=1e-4, progress=False)
-    r = {"name": f"{best['name']} + {steps} distillation steps", "target": best["target"], "blocks": best["blocks"],
+    # the prefill graph runs at batch 1: a step of ``accumulate`` windows sums their gradients
+    tuned = amgfx.recover(best["model"], b.cg.gm, data_, steps=steps, loss="kd", lr=lr, accumulate=accumulate,
+                          progress=False)
+    each = f" of {accumulate} windows" if accumulate > 1 else ""
+    r = {"name": f"{best['name']} + {steps} distillation steps{each} (lr {lr:g})", "target": best["target"], "blocks": best["blocks"],
          "whole": best["whole"], "params": best["params"], "kv": best["kv"], "ppl": best["ppl_refit"],
          "ppl_refit": b.ppl(tuned), "seconds": time.perf_counter() - t, "peak_mb": peak_mb()}
     print(r, flush=True)
@@ -357,6 +361,8 @@ def main(argv=None):
     ap.add_argument("--targets", type=lambda t: [float(x) for x in t.split(",")], default=TARGETS)
     ap.add_argument("--methods", type=lambda t: t.split(","), default=METHODS)
     ap.add_argument("--distill-steps", type=int, default=200)
+    ap.add_argument("--distill-accumulate", type=int, default=1, help="windows per distillation step (default 1)")
+    ap.add_argument("--distill-lr", type=float, default=1e-4, help="peak distillation learning rate (default 1e-4)")
     ap.add_argument("--tp-timeout", type=int, default=300, help="seconds one Torch-Pruning prune may take")
     ap.add_argument("--skip", type=lambda t: t.split(","), default=[], help="baselines to leave out: flap,tp")
     ap.add_argument("--out", default=f"{RESULTS}/llm_real.md")
@@ -377,10 +383,11 @@ def main(argv=None):
     ours = [r for r in rows if r["name"].startswith("amgfx")]
     best = {t: min((r for r in ours if r["target"] == t), key=lambda r: r["ppl_refit"]) for t in a.targets}
     if a.distill_steps and 0.5 in best:
-        rows.append(distill(b, best[0.5], a.distill_steps))
+        rows.append(distill(b, best[0.5], a.distill_steps, a.distill_accumulate, a.distill_lr))
     lines = [f"# {models.SMOLLM2}: amgfx against the field, one run",
              "",
-             f"`python -m benchmarks.llm_real` on 2 cores, torch {torch.__version__}; {a.calib} calibration windows "
+             f"`{' '.join(['python -m benchmarks.llm_real', *(sys.argv[1:] if argv is None else argv)])}` on 2 cores, "
+             f"torch {torch.__version__}; {a.calib} calibration windows "
              f"score, {a.refit} are refit on (the CLI's defaults), {len(b.eval_w)} held-out windows of {SEQ} tokens (disjoint modules' prose); the run took "
              f"{(time.perf_counter() - t0) / 60:.0f} min; analysis of the prefill graph {b.analyse_s:.0f} s.",
              "Targets are fractions of the decoder blocks' FLOPs; \"× dense\" is the best perplexity of the row "

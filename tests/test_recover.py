@@ -102,6 +102,25 @@ def test_recovery_is_seeded(vit10):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)       # another seed: another data order
 
 
+def test_accumulated_batches_make_the_step_of_their_union(vit10):
+    """Two batches of 16 summed into one step move the weights as one batch of their 32 does (the losses are
+    batch means); without the accumulation the step would follow the first batch alone."""
+    m, _, pruned = vit10
+    a, b = _batches(0, 2, bs=16)
+    opts = dict(steps=1, lr=1e-3, heldout=None, warmup=0.0, progress=False)
+    two = amgfx.recover(pruned, m, [a, b], accumulate=2, **opts)
+    one = amgfx.recover(pruned, m, [torch.cat([a, b])], **opts)
+    first = amgfx.recover(pruned, m, [a], **opts)
+    s2, s1, sf = _state(two), _state(one), _state(first)
+    # AdamW's first step is lr x sign(gradient): where a gradient is ~0, summation order flips it
+    apart = lambda s, t: (sum(int((~torch.isclose(s[k], t[k], rtol=0, atol=1e-6)).sum()) for k in s) /
+                          sum(v.numel() for v in s.values()))
+    assert apart(s2, s1) < 0.002 < 0.02 < apart(sf, s1), (apart(s2, s1), apart(sf, s1))
+    assert two.meta["amgfx_recovery"]["accumulate"] == 2
+    with pytest.raises(amgfx.AmgfxError, match="accumulate"):
+        amgfx.recover(pruned, m, [a], steps=1, accumulate=0)
+
+
 def test_task_loss_needs_labels(vit10):
     m, _, pruned = vit10
     with pytest.raises(amgfx.AmgfxError, match="carry no labels"):

@@ -48,7 +48,8 @@ class RefitConfig:
 class RecoverConfig:
     """Options of :func:`amgfx.recover` (see there): ``steps`` of distillation (0: none) at peak ``lr``,
     the ``loss`` (None: ``"kd"`` for logits, ``"cosine"`` for embeddings, chosen from the output), its
-    temperature and weight, the schedule, and the held-out guard (``heldout="split"`` or None)."""
+    temperature and weight, the schedule, the held-out guard (``heldout="split"`` or None), and the batches each
+    step's gradient sums (``accumulate``)."""
     steps: int = 0
     lr: float = 5e-4
     loss: str | None = None
@@ -60,8 +61,11 @@ class RecoverConfig:
     seed: int = 0
     heldout: str | None = "split"
     check_every: int | None = None
+    accumulate: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise AmgfxError(f"RecoverConfig(accumulate=) must be a positive integer, got {self.accumulate!r}")
         if not isinstance(self.steps, int) or self.steps < 0:
             raise AmgfxError(f"RecoverConfig(steps=) must be a non-negative integer, got {self.steps!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):

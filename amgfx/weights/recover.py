@@ -280,7 +280,8 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
 
 def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = "kd", temperature: float = 2.0,
             alpha: float = 1.0, task_loss=None, weight_decay: float = 0.01, warmup: float = 0.05, clip: float = 1.0,
-            seed: int = 0, inplace: bool = False, progress: bool = True, heldout="split", check_every: int | None = None):
+            seed: int = 0, inplace: bool = False, progress: bool = True, heldout="split", check_every: int | None = None,
+            accumulate: int = 1):
     """Train ``pruned`` for ``steps`` batches of ``data`` to answer like ``teacher``; returns the trained model.
 
     Args:
@@ -299,6 +300,8 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
             None trains unguarded. Every ``check_every`` steps (default a tenth of them) the
             distillation loss on the held-out batches is measured; the weights of the best check
             are returned, and the model as it came when no step beat it (with a warning).
+        accumulate: batches whose gradients each step sums (their losses averaged): more tokens a step where
+            the graph runs at one batch size only (a decoder's prefill, captured at batch 1).
 
     The result's ``meta["amgfx_recovery"]`` records the settings, the time taken, the loss of the
     first and last tenth of the steps, and the guard's checks (``heldout``).
@@ -309,6 +312,8 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
         raise AmgfxError(f"steps must be a positive integer, got {steps!r}")
     if not lr > 0:
         raise AmgfxError(f"lr must be > 0, got {lr}")
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise AmgfxError(f"accumulate must be a positive integer, got {accumulate!r}")
     data, held = _split_heldout(data, heldout)
     every = check_every or max(1, steps // 10)
     student = pruned if inplace else copy.deepcopy(pruned)
@@ -327,21 +332,17 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
         batches = _cycle(data, seed)
         judge = _Guard(student, teacher, held, n_args, lambda s, t, kw: _distil(loss, s, t, temperature, kw))
         bar = tqdm(range(steps), desc="recovering", unit="step", disable=not progress, leave=False)
-        for step in bar:
-            args, kwargs, labels = _parts(next(batches), n_args)
-            if not losses:
-                _check_batch(student, args, kwargs)
-            out, t = _forward(student, teacher, args, kwargs)
+        def objective(out, t, kwargs, labels):
             value = alpha * _distil(loss, first_output(out), t, temperature, kwargs) if alpha else 0.0
-            if alpha < 1.0:
-                value = value + (1.0 - alpha) * _task(task_loss, out, labels)
+            return value + (1.0 - alpha) * _task(task_loss, out, labels) if alpha < 1.0 else value
+        for step in bar:
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            value = _step(student, teacher, batches, n_args, accumulate, objective, first=not losses)
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             sched.step()
-            losses.append(float(value.detach()))
+            losses.append(value)
             if not math.isfinite(losses[-1]):
                 raise AmgfxError(f"recovery diverged at step {len(losses)} (loss {losses[-1]}); lower lr (now {lr})")
             bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
@@ -353,11 +354,25 @@ def recover(pruned, teacher, data, *, steps: int, lr: float = 5e-4, loss: str = 
     student.meta = dict(getattr(student, "meta", {}))
     student.meta["amgfx_recovery"] = {
         "steps": steps, "lr": lr, "loss": loss, "temperature": temperature, "alpha": alpha,
-        "weight_decay": weight_decay, "warmup": warmup, "clip": clip, "seed": seed,
+        "weight_decay": weight_decay, "warmup": warmup, "clip": clip, "seed": seed, "accumulate": accumulate,
         "seconds": round(time.perf_counter() - t0, 2),
         "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
         "heldout": guard}
     return student
+
+
+def _step(student, teacher, batches, n_args: int, accumulate: int, objective, first: bool) -> float:
+    """One step's gradients, summed over ``accumulate`` batches (each loss divided by it); returns their mean loss."""
+    value = 0.0
+    for i in range(accumulate):
+        args, kwargs, labels = _parts(next(batches), n_args)
+        if first and not i:
+            _check_batch(student, args, kwargs)
+        out, t = _forward(student, teacher, args, kwargs)
+        part = objective(out, t, kwargs, labels)
+        (part / accumulate).backward()
+        value += float(part.detach()) / accumulate
+    return value
 
 
 def _split_heldout(data, heldout):
