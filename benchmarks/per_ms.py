@@ -96,17 +96,22 @@ def accuracy_rows(alphas, say) -> list:
     return rows
 
 
+def _against(row: dict, variant: str, at: int) -> str:
+    """How ``variant``'s metric (item ``at`` of its result) compares with ``rank=score``'s in ``row``."""
+    value, base = row["results"][variant][at], row["results"]["rank=score"][at]
+    diff = (value - base) * (1 if row["higher"] else -1)
+    if variant == "rank=score":
+        return "-"
+    return "equal" if abs(diff) < 1e-9 else f"{'better' if diff > 0 else 'worse'} by {abs(value - base):.4f}"
+
+
 def accuracy_table(rows: list) -> list[str]:
     out = ["| model | target FLOPs | metric | dense | variant | FLOPs kept | refit | against rank=score |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = r["results"]["rank=score"][1]
         for v, (kept, value) in r["results"].items():
-            diff = (value - base) * (1 if r["higher"] else -1)
-            verdict = "-" if v == "rank=score" else ("equal" if abs(diff) < 1e-9 else
-                                                    f"{'better' if diff > 0 else 'worse'} by {abs(value - base):.4f}")
             out.append(f"| {r['model']} | {r['target']} | {r['metric']} | {r['dense']:.4f} | {v} | {kept:.3f} | "
-                       f"{value:.4f} | {verdict} |")
+                       f"{value:.4f} | {_against(r, v, 1)} |")
     return out
 
 
@@ -137,11 +142,8 @@ def latency_table(rows: list) -> list[str]:
     out = ["| model | target time | metric | variant | FLOPs kept | time measured (each round) | refit | against rank=score |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = r["results"]["rank=score"][2]
         for v, (kept, ms, value, rounds) in r["results"].items():
-            diff = (value - base) * (1 if r["higher"] else -1)
-            verdict = "-" if v == "rank=score" else ("equal" if abs(diff) < 1e-9 else
-                                                    f"{'better' if diff > 0 else 'worse'} by {abs(value - base):.4f}")
+            verdict = _against(r, v, 2)
             out.append(f"| {r['model']} | {r['target']} | {r['metric']} | {v} | {kept:.3f} | {ms:.3f} "
                        f"({', '.join(f'{x:.3f}' for x in rounds)}) | {value:.4f} | "
                        f"{verdict} |")
