@@ -135,25 +135,6 @@ class OpTimes:
         (True, True, 1)
     """
 
-    def measure(self, target, args_spec, kwargs_spec, cold: bool = False) -> float | None:
-        """Milliseconds of one call timed now, not cached (None where it cannot run); see :meth:`time`."""
-        try:
-            with torch.inference_mode():
-                copies = max(1, min(COLD_COPIES, COLD_BYTES // max(1, _bytes(args_spec)))) if cold else 1
-                sets = [([_real(s) for s in args_spec], {k: _real(s) for k, s in kwargs_spec}) for _ in range(copies)]
-                turn = itertools.cycle(sets)
-
-                def call():
-                    args, kwargs = next(turn)
-                    return target(*args, **kwargs)
-                return _clock(call)
-        except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
-            return None
-
-    def forget(self) -> None:
-        """Drop every time held (and, at the next save, the file's): they are measured again as asked for."""
-        self._ms, self._dirty = {}, True
-
     def __init__(self, path: str | None = "default"):
         self.path = default_path() if path == "default" else path
         self.measured = 0
@@ -179,6 +160,25 @@ class OpTimes:
             self.measured += 1
             self._dirty = True
         return self._ms[key]
+
+    def measure(self, target, args_spec, kwargs_spec, cold: bool = False) -> float | None:
+        """Milliseconds of one call timed now, not cached (None where it cannot run); see :meth:`time`."""
+        try:
+            with torch.inference_mode():
+                copies = max(1, min(COLD_COPIES, COLD_BYTES // max(1, _bytes(args_spec)))) if cold else 1
+                sets = [([_real(s) for s in args_spec], {k: _real(s) for k, s in kwargs_spec}) for _ in range(copies)]
+                turn = itertools.cycle(sets)
+
+                def call():
+                    args, kwargs = next(turn)
+                    return target(*args, **kwargs)
+                return _clock(call)
+        except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+            return None
+
+    def forget(self) -> None:
+        """Drop every time held (and, at the next save, the file's): they are measured again as asked for."""
+        self._ms, self._dirty = {}, True
 
     def floor(self) -> float:
         """The time of the cheapest op (an add of two scalars): what any kernel launch costs."""
@@ -265,12 +265,12 @@ def _dense_ms(times: OpTimes, n: fx.Node, cold: bool) -> float:
     return times.time(n.target, *node_specs(n, shape, {}), cold=cold) or 0.0
 
 
-def _stale(times: OpTimes, gm: fx.GraphModule, dense: dict) -> bool:
+def _stale(times: OpTimes, gm: fx.GraphModule, dense: dict, heavy: set) -> bool:
     """Whether ``times`` holds this graph's op times from a busier moment: its :data:`RECHECK` costliest ops,
     timed again now, run :data:`STALE` x faster (median) than cached. A run beside other work (two processes
     sharing two cores, an onnxruntime session's spinning threads) times ops up to 12x slow, and a cached time
     is never measured again: MiniLM's dense forward was predicted at 957 ms against the 79 it runs in."""
-    heavy, nodes = set(costly_nodes(gm)), {n.name: n for n in _timed(gm)}
+    nodes = {n.name: n for n in _timed(gm)}
     top = sorted((n for n in dense if dense[n] and n in nodes), key=dense.get, reverse=True)[:RECHECK]
     ratios = []
     for name in top:
@@ -303,8 +303,9 @@ def _predict_ms(cg, plan, times: OpTimes, per_node: bool) -> dict:
     if cached is None or cached[0] is not times:
         heavy = set(costly_nodes(cg.gm))
         dense = lambda: {n.name: _dense_ms(times, n, n in heavy) for n in _timed(cg.gm)}
+        cached_any = bool(times._ms)         # an empty cache is measured now: nothing to check it against
         first = dense()
-        if _stale(times, cg.gm, first):     # once per graph and cache: times taken under load are taken again
+        if cached_any and _stale(times, cg.gm, first, heavy):   # once per graph and cache: loaded times taken again
             times.forget()
             first = dense()
         cached = cg.dense_ms = (times, first)

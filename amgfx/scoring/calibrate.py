@@ -44,7 +44,6 @@ from ..errors import AmgfxError
 from ..graph.fx import nonfinite
 from ..graph.indexprop import fetch_attr
 from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
-from ..graph.ranks import active
 from ..graph.ops import SDPA, sdpa_args
 from .collectors import Seen, Stats, Watch, param_leaves, qk_scores, standard  # noqa: F401 (qk_scores: public here too)
 
@@ -270,8 +269,7 @@ def calibrate(cg, calib, *, collectors=None, needs: set = frozenset(), loss_fn=N
     bar.close()
     if st.batches == 0:
         raise CalibrationError("the calibration data is empty")
-    if active():
-        st.all_reduce()
+    st.all_reduce()                      # over the ranks of a process group, if there is one
     return st
 
 
