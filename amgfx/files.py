@@ -37,7 +37,7 @@ from .errors import AmgfxError, foreign_errors
 from .graph.fx import tie_tensors
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
 from .planning.plan import Plan
-from .runtime import export_program, ort_session
+from .runtime import OrtProgram, export_program
 
 __all__ = ["save", "load", "example_inputs", "LoadError"]
 
@@ -161,20 +161,6 @@ def _copy_tokenizer(spec, directory: str) -> tuple:
     return (".", copied) if copied else (spec, [])
 
 
-class _OrtProgram:
-    """An onnxruntime session called like the graph it was exported from: tensors in, tensors out."""
-
-    def __init__(self, path):
-        # prefill and decode alternate, every token: a worker spinning idle in one would steal the cores
-        # the other is about to run on
-        self.session = ort_session(path, spinning=False)
-        self.names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, *args):
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, args)}
-        return [torch.from_numpy(a) for a in self.session.run(None, feed)]
-
-
 def _load_decoder(directory: str, manifest: dict, runtime: str = "eager"):
     from torch.export.pt2_archive._package import load_pt2
 
@@ -187,7 +173,7 @@ def _load_decoder(directory: str, manifest: dict, runtime: str = "eager"):
         if not all(os.path.isfile(p) for p in paths):
             raise LoadError(f"{directory} has no prefill.onnx and decode.onnx; write them with "
                             "amgfx.export_onnx(decoder, directory) or amgfx prune ... --onnx")
-        prefill, step = (_OrtProgram(p) for p in paths)
+        prefill, step = (OrtProgram(p) for p in paths)
     elif runtime == "eager":
         with foreign_errors(LoadError, describe=lambda e: f"{pt2}: cannot load ({type(e).__name__})"):
             eps = load_pt2(pt2).exported_programs

@@ -26,9 +26,10 @@ from .graph.capture import _batch_spec, _quiet_torch_logs
 from .graph.fx import copy_module
 from .graph.meta import DYNAMIC_BATCH, EXAMPLE, PLAN
 from .passes.lower_attention import is_lowered, unlower
+from .passes.state_writes import as_scatter
 from .planning.options import RUNTIMES
 
-__all__ = ["export_program", "export_onnx", "ort_session", "onnx_parity", "runner", "register_runtime", "interleaved",
+__all__ = ["export_program", "export_onnx", "ort_session", "OrtProgram", "onnx_parity", "runner", "register_runtime", "interleaved",
            "paired", "RUNTIMES"]
 
 
@@ -45,11 +46,13 @@ def export_program(gm: fx.GraphModule):
 def _for_onnx(gm: fx.GraphModule) -> fx.GraphModule:
     """The graph to hand the ONNX exporter: without the q/k (or v) zero-padding ``lower_attention``
     adds for PyTorch's CPU flash kernel (``lowering="auto"``). onnxruntime's Attention takes unequal
-    head dims, and ran 4-5% faster without the padding on MiniLM and DeiT-S at 50% FLOPs, batch 8."""
+    head dims, and ran 4-5% faster without the padding on MiniLM and DeiT-S at 50% FLOPs, batch 8.
+    A decoder's cache writes become ``scatter`` (:func:`amgfx.passes.state_writes.as_scatter`): one
+    ``ScatterElements`` each, which :class:`OrtProgram` runs in place."""
     plan = gm.meta.get(PLAN)
-    if not is_lowered(gm) or plan is None or plan.options.get("lowering", "auto") != "auto":
-        return gm
-    return unlower(copy_module(gm))
+    if is_lowered(gm) and plan is not None and plan.options.get("lowering", "auto") == "auto":
+        gm = unlower(copy_module(gm))
+    return as_scatter(gm)
 
 
 def export_onnx(program_or_gm, path, *, opset: int = 23) -> str:
@@ -113,6 +116,76 @@ def ort_session(path, *, threads: int | None = None, profile: bool = False, spin
     so.log_severity_level = 3
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     return ort.InferenceSession(os.fspath(path), so, providers=providers)
+
+
+_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+          "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
+
+
+def _written_in_place(path) -> dict:
+    """``{output index: input index}`` for outputs a ``ScatterElements`` writes from a graph input that
+    nothing else reads: bound to that input's buffer, onnxruntime writes only the new slots."""
+    import onnx
+    g = onnx.load(os.fspath(path)).graph
+    readers = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
+    inputs = {x.name: i for i, x in enumerate(g.input)}
+    out = {}
+    for j, o in enumerate(g.output):
+        n = producer.get(o.name)
+        if n is not None and n.op_type == "ScatterElements" and n.input[0] in inputs and \
+                len(readers[n.input[0]]) == 1 and o.name not in {x.name for x in g.output[:j]}:
+            out[j] = inputs[n.input[0]]
+    return out
+
+
+class OrtProgram:
+    """An onnxruntime session called like the graph it was exported from: tensors in, tensors out.
+
+    Tensors are bound by pointer (IO binding): no copy in, outputs written where they are returned, and a
+    tensor bound at the last call is not bound again, so a decode step's per-token work does not grow with
+    the cache. ``donate=True`` lets outputs that a ``ScatterElements`` writes from an input (a decoder's
+    cache, :func:`amgfx.passes.state_writes.as_scatter`) land in that input's buffer: the given tensor is
+    updated and returned, and the cache is not copied per token. :func:`amgfx.generate` donates the
+    cache it made; a plain call never writes its inputs.
+    """
+
+    def __init__(self, path):
+        # prefill and decode alternate, every token: a worker spinning idle in one would steal the cores
+        # the other is about to run on
+        self.session = ort_session(path, spinning=False)
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.outputs = [(o.name, o.shape, _TORCH.get(o.type)) for o in self.session.get_outputs()]
+        self.static = all(d is not None and all(isinstance(s, int) for s in shape) for _, shape, d in self.outputs)
+        self.in_place = _written_in_place(path) if self.static else {}
+        self.io = self.session.io_binding()
+        self.bound = {}                   # name -> the tensor bound there (kept alive while bound)
+
+    def _bind(self, name, t, output=False):
+        if self.bound.get(name) is t:
+            return
+        bind = self.io.bind_output if output else self.io.bind_input
+        bind(name, "cpu", 0, t.numpy().dtype, list(t.shape), t.data_ptr())
+        self.bound[name] = t
+
+    def __call__(self, *args, donate: bool = False):
+        if not self.static:               # shapes only known after the run: let onnxruntime allocate
+            feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, args)}
+            return [torch.from_numpy(a) for a in self.session.run(None, feed)]
+        args = [t if t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad else
+                t.detach().cpu().contiguous() for t in args]
+        for n, t in zip(self.names, args):
+            self._bind(n, t)
+        outs = []
+        for j, (name, shape, dtype) in enumerate(self.outputs):
+            i = self.in_place.get(j) if donate else None
+            outs.append(args[i] if i is not None else torch.empty(shape, dtype=dtype))
+            self._bind(name, outs[-1], output=True)
+        self.session.run_with_iobinding(self.io)
+        return outs
 
 
 def onnx_parity(onnx_path, gm, args=(), kwargs=None) -> float:

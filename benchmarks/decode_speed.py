@@ -31,6 +31,7 @@ import torch
 import amgfx
 from amgfx.decode import lm as lmod
 from amgfx.decode.capture import capture_decoder
+from amgfx.decode.generate import runners
 
 from ._report import RESULTS, write_md
 
@@ -58,15 +59,17 @@ def step_bytes(dec) -> int:
 
 
 def run_tokens(dec, ids):
-    """(prefill seconds, decode seconds) of one prompt batch and NEW greedy tokens."""
+    """(prefill seconds, decode seconds) of one prompt batch and NEW greedy tokens, the graphs run as
+    ``amgfx.generate`` runs them (cache written in place)."""
+    prefill, decode = runners(dec)
     with torch.no_grad():
         inputs = dec.prefill_inputs(ids)
         t = time.perf_counter()
-        logits, *cache = dec.prefill(*inputs)
+        logits, *cache = prefill(*inputs)
         t1 = time.perf_counter()
         tok, pos = logits[:, -1].argmax(-1), torch.full((ids.shape[0],), PROMPT)
         for i in range(NEW):
-            logits, *cache = dec.decode(*dec.decode_inputs(tok, pos + i, PROMPT + i, inputs[3], cache))
+            logits, *cache = decode(*dec.decode_inputs(tok, pos + i, PROMPT + i, inputs[3], cache))
             tok = logits[:, -1].argmax(-1)
         return t1 - t, time.perf_counter() - t1
 

@@ -201,3 +201,58 @@ def test_index_work_of_a_pruned_decode_graph_runs_once_not_once_per_layer():
     assert calls(small.decode) <= calls(captured)
     got = amgfx.generate(small, PROMPTS, max_new_tokens=8, eos_token_id=None)
     assert got == amgfx.generate(_zeroed(dense, small), PROMPTS, max_new_tokens=8, eos_token_id=None)
+
+
+class _CountingBinding:
+    """An onnxruntime IO binding that counts the tensors bound through it."""
+
+    def __init__(self, io):
+        self.io, self.bound = io, 0
+
+    def bind_input(self, *a):
+        self.bound += 1
+        return self.io.bind_input(*a)
+
+    def bind_output(self, *a):
+        self.bound += 1
+        return self.io.bind_output(*a)
+
+    def __getattr__(self, name):
+        return getattr(self.io, name)
+
+
+def test_generate_writes_its_cache_in_place_and_a_plain_call_never_writes_its_inputs(tmp_path):
+    """Each decode step writes its new slot into the cache it is given (eager: ``index_copy_``; onnxruntime:
+    one ScatterElements per write, its output bound to its input's buffer), and per token only the
+    token's own inputs and the logits are bound again, however many layers: nothing grows with the model."""
+    import onnx
+    from amgfx.decode.generate import runners
+    dense = amgfx.decoder(_lm("llama_gqa"), max_len=32, prompt_len=8, batch=2)
+    small = amgfx.prune(dense, method="magnitude", ratios=PLAN, progress=False)
+    amgfx.save(small, tmp_path)
+    amgfx.export_onnx(small, tmp_path)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "decode.onnx")).graph.node]
+    layers = len(small.cache_shapes) // 2
+    assert ops.count("ScatterElements") == 2 * layers and "ScatterND" not in ops
+    ort = amgfx.load(tmp_path, runtime="ort")
+    cache = [torch.randn(s) for s in small.cache_shapes]
+    args = small.decode_inputs(torch.tensor([3, 4]), torch.tensor([8, 8]), 8, torch.ones(2, 32, dtype=torch.long), cache)
+    before = [t.clone() for t in args]
+    want = small.decode(*args)
+    for plain in (small.decode, ort.decode):
+        got = plain(*args)
+        assert all(torch.equal(a, b) for a, b in zip(args, before))
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5
+    for run in (runners(small)[1], runners(ort)[1]):
+        args = small.decode_inputs(torch.tensor([3, 4]), torch.tensor([8, 8]), 8, torch.ones(2, 32, dtype=torch.long),
+                                   [t.clone() for t in cache])
+        got = run(*args)
+        assert all(g is a for g, a in zip(got[1:], args[4:]))                 # the given buffers, written
+        assert max(float((a - b).abs().max()) for a, b in zip(got, want)) < 1e-5
+    ort.decode.io = counting = _CountingBinding(ort.decode.io)
+    ort.decode.bound.clear()
+    want = amgfx.generate(small, PROMPTS, max_new_tokens=6, eos_token_id=None)
+    assert amgfx.generate(ort, PROMPTS, max_new_tokens=6, eos_token_id=None) == want
+    first = 4 + 2 * 2 * layers + 1           # the step's 4 inputs, each layer's k and v in and out, the logits
+    per_token = 3 + 1                        # token, position and slot (the key mask is one tensor), the logits
+    assert counting.bound == first + (6 - 2) * per_token      # 6 new tokens: the prefill's, then 5 decode steps

@@ -4,15 +4,26 @@ decode step per new token, each writing the next cache slot.
 Rows of a batch share slots; a row's positions count its own tokens only, and its padding is masked, so a
 left-padded row decodes as it would alone. Rows that reach EOS emit nothing more; the loop stops when
 every row has.
+
+The cache is made here and never seen by the caller, so each step writes its new slot into the buffers it
+was given (:func:`amgfx.passes.state_writes.in_place` for a graph, ``donate=True`` for onnxruntime)
+instead of returning a copy of the whole cache per token.
 """
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
+import torch.fx as fx
 
 from ..errors import AmgfxError
+from ..passes.state_writes import in_place
 from .step import Decoder
 
-__all__ = ["generate"]
+_IN_PLACE = weakref.WeakKeyDictionary()     # graph -> its in-place copy (weights shared), built once
+
+__all__ = ["generate", "runners"]
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, gen) -> torch.Tensor:
@@ -90,15 +101,33 @@ def generate(dec: Decoder, prompts, *, max_new_tokens: int = 32, do_sample: bool
     return out
 
 
+def runners(dec: Decoder) -> tuple:
+    """``(prefill, decode)`` as :func:`generate` runs them: each writes the new slots into the cache it is
+    given, so give them only a cache of your own (``dec.prefill_inputs`` makes one; the prefill's output
+    cache then feeds the decode steps)."""
+    return _owning(dec.prefill), _owning(dec.decode)
+
+
+def _owning(fn):
+    if isinstance(fn, fx.GraphModule):
+        if fn not in _IN_PLACE:
+            _IN_PLACE[fn] = in_place(fn)
+        return _IN_PLACE[fn]
+    if getattr(fn, "in_place", None):         # an amgfx.runtime.OrtProgram
+        return functools.partial(fn, donate=True)
+    return fn                                 # a module not captured yet (the dense Step): as it is
+
+
 @torch.no_grad()
 def _batch(dec: Decoder, rows, new: int, eos, pick) -> list[list[int]]:
+    prefill, decode = runners(dec)
     p = dec.prompt_len
     ids = torch.full((dec.batch, p), dec.pad_token_id, dtype=torch.long)
     mask = torch.zeros(dec.batch, p, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, p - len(r):], mask[i, p - len(r):] = torch.tensor(r), 1
     inputs = dec.prefill_inputs(ids, mask)
-    logits, *cache = dec.prefill(*inputs)
+    logits, *cache = prefill(*inputs)
     key_mask, pos = inputs[3], mask.sum(1)
     tok = pick(logits[:, -1])
     got, done = [[] for _ in rows], torch.zeros(dec.batch, dtype=torch.bool)
@@ -109,7 +138,7 @@ def _batch(dec: Decoder, rows, new: int, eos, pick) -> list[list[int]]:
         done |= (tok == eos) if eos is not None else done
         if i == new - 1 or bool(done.all()):
             break
-        logits, *cache = dec.decode(*dec.decode_inputs(tok, pos, p + i, key_mask, cache))
+        logits, *cache = decode(*dec.decode_inputs(tok, pos, p + i, key_mask, cache))
         pos = pos + 1
         tok = pick(logits[:, -1])
     return got
