@@ -165,8 +165,6 @@ class OrtProgram:
         self.bound = {}                   # name -> the tensor bound there (kept alive while bound)
 
     def _bind(self, name, t, output=False):
-        if self.bound.get(name) is t:
-            return
         bind = self.io.bind_output if output else self.io.bind_input
         bind(name, "cpu", 0, t.numpy().dtype, list(t.shape), t.data_ptr())
         self.bound[name] = t
@@ -175,15 +173,19 @@ class OrtProgram:
         if not self.static:               # shapes only known after the run: let onnxruntime allocate
             feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, args)}
             return [torch.from_numpy(a) for a in self.session.run(None, feed)]
-        args = [t if t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad else
-                t.detach().cpu().contiguous() for t in args]
+        bound = self.bound
+        # one identity test per tensor: a cache passed back unchanged costs no binding call
         for n, t in zip(self.names, args):
-            self._bind(n, t)
+            if bound.get(n) is not t:
+                self._bind(n, t if t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad else
+                           t.detach().cpu().contiguous())
         outs = []
         for j, (name, shape, dtype) in enumerate(self.outputs):
             i = self.in_place.get(j) if donate else None
-            outs.append(args[i] if i is not None else torch.empty(shape, dtype=dtype))
-            self._bind(name, outs[-1], output=True)
+            t = bound[self.names[i]] if i is not None else torch.empty(shape, dtype=dtype)
+            if bound.get(name) is not t:
+                self._bind(name, t, output=True)
+            outs.append(t)
         self.session.run_with_iobinding(self.io)
         return outs
 
