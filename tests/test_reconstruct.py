@@ -248,3 +248,27 @@ def test_downhill_finds_the_minimum_of_a_unimodal_error_in_fewer_evaluations():
         assert len(set(calls)) <= len(DAMPS)
         if abs(best - len(DAMPS) // 2) <= 1:
             assert len(set(calls)) < len(DAMPS)
+
+
+def test_residual_channels_refit_where_dead_tokens_split_the_last_qkv():
+    """A ViT read at its class token computes only that query in its last block, so the rewrite splits that
+    block's qkv; the refit runs on every token with qkv whole and adds biases (residual channels gone, the
+    stream's mean shifts). The fitted rows reach the split layers: the result computes what the same fit
+    computes with dead-token elimination off."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    cg = amgfx.analyze(m, x)
+    calib = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    plan = amgfx.plan_for(cg, calib=calib, method="magnitude", kinds=("qk", "v", "mlp", "residual"),
+                          ratios={"qk": .25, "v": .25, "mlp": .5, "residual": .25}, progress=False)
+    live = amgfx.reconstruct(amgfx.apply(cg, plan, check=False), cg, calib, progress=False)
+    assert live.meta["amgfx_dead_tokens"]["applied"]
+    assert any(n.endswith("qkv.q_weight") for n, _ in live.named_parameters())
+    every = amgfx.Plan.from_dict({**plan.to_dict(), "options": {**plan.options, "dead_tokens": "off"}})
+    whole = amgfx.reconstruct(amgfx.apply(cg, every, check=False), cg, calib, progress=False)
+    assert any(layer["bias"] for layer in whole.meta["amgfx_reconstruction"]["layers"])
+    with torch.no_grad():
+        assert torch.allclose(live(x), whole(x), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(live(x), amgfx.apply(cg, plan, check=False)(x), atol=1e-3)

@@ -261,11 +261,21 @@ def _free_name(gm, fqn: str) -> str:
         name = f"{fqn}_{i}"
 
 
+def _reader(gm: fx.GraphModule, weight: str) -> fx.Node:
+    """The one layer node of ``gm`` that reads ``weight``."""
+    return next(n for n in gm.graph.nodes if is_layer(n) and make_layer(gm, n).weight == weight)
+
+
+def out_dim(gm: fx.GraphModule, weight: str) -> int:
+    """The dim of ``weight`` that indexes its layer's outputs."""
+    return LAYERS[_reader(gm, weight).target][3]
+
+
 def attach_bias(gm: fx.GraphModule, weight: str, bias: str) -> None:
     """Give the one layer of ``gm`` that reads ``weight`` a zero parameter ``bias`` as its bias (its output
     is unchanged until a fit writes it). The only graph edit reconstruction makes: FLAP's compensation
     of the removed channels' mean needs a bias, and LLaMA's projections have none."""
-    node = next(n for n in gm.graph.nodes if is_layer(n) and make_layer(gm, n).weight == weight)
+    node = _reader(gm, weight)
     spec = LAYERS[node.target]
     w = get_attr(gm, weight)
     rows = w.shape[spec[3]]

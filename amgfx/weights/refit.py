@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.fx as fx
 
 from ..analysis.coupling import GroupId
@@ -30,7 +31,7 @@ from ..passes.rewrite import rewrite
 from ..planning.plan import Plan
 from .config import RefitConfig
 from .qk import qk_scales, scale_rows
-from .reconstruct import attach_bias, refit_layers
+from .reconstruct import attach_bias, out_dim, refit_layers
 
 __all__ = ["refit"]
 
@@ -48,6 +49,26 @@ def _qk_source(cg, plan: Plan, calib, on: bool):
     for site, f in scales.items():
         scale_rows(src.gm, by_name[GroupId("qk", site)], f)
     return src, scales
+
+
+def _with_fitted(cg, fitted: fx.GraphModule, fits, params: dict):
+    """``cg`` whose dense weights carry ``fits``' fitted values at the kept indices (``params``: FQN -> {dim:
+    kept}): rewritten by the plan, it gives those layers in whatever form the rewrite splits them into."""
+    src = copy.copy(cg)
+    src.gm = copy_module(cg.gm)
+    for f in fits:
+        if f.bias and not has_attr(src.gm, f.bias):      # the fit added a bias: the dense layer reads a zero one
+            attach_bias(src.gm, f.weight, f.bias)
+        rows = params.get(f.weight, {}).get(out_dim(src.gm, f.weight))
+        for fqn, keep in ((f.weight, params.get(f.weight, {})),
+                          *([(f.bias, params.get(f.bias) or ({0: rows} if rows is not None else {}))] if f.bias else [])):
+            old = get_attr(src.gm, fqn)
+            line = lambda d, ix: torch.as_tensor(ix).reshape([-1 if e == d else 1 for e in range(old.dim())])
+            at = tuple(line(d, keep[d] if d in keep else range(old.shape[d])) for d in range(old.dim()))
+            full = old.detach().clone()
+            full[at] = get_attr(fitted, fqn).detach().to(full.dtype)
+            replace_attr(src.gm, fqn, full, old)
+    return src
 
 
 def refit(pruned: fx.GraphModule, cg, calib, config: RefitConfig, *, progress: bool = True,
@@ -70,7 +91,12 @@ def refit(pruned: fx.GraphModule, cg, calib, config: RefitConfig, *, progress: b
                             residual=config.residual, add_bias=config.add_bias, progress=progress,
                             pruned_calib=pruned_calib)
         if fit_model is not out:
+            apart = [f for f in fits if not has_attr(out, f.weight)]
+            if apart:      # dead tokens split a layer the fit kept whole: rewrite again from the fitted rows
+                out = rewrite(_with_fitted(src, fit_model, apart, resolved.params), plan)
             for f in fits:
+                if f in apart:
+                    continue
                 if f.bias and not has_attr(out, f.bias):     # a bias the fit added: the same edit here
                     attach_bias(out, f.weight, f.bias)
                 for fqn in (f.weight, *([f.bias] if f.bias else [])):
