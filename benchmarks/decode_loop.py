@@ -197,7 +197,8 @@ def lines_of(cmp, prof, a) -> list[str]:
             "| model | runtime | ms/token unprofiled | profiled | runtime | graph Python | binding | binding, "
             "unprofiled | loop |", "|---|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['model']} | {r['runtime']} | {r['plain']:.2f} | {r['total']:.2f} | {r['runtime_ms']:.2f} | "
-            f"{r['graph_py']:.2f} | {r['binding']:.3f} | {_ms(r['binding_plain'])} | {r['loop']:.3f} |" for r in prof]
+            (f"{r['graph_py']:.2f} | - | - | " if r["runtime"] == "eager" else
+             f"- | {r['binding']:.3f} | {_ms(r['binding_plain'])} | ") + f"{r['loop']:.3f} |" for r in prof]
     return out
 
 
