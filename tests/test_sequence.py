@@ -91,10 +91,13 @@ class Smallest(amgfx.Magnitude):
         return -super().score(cg, group, stats, seed)
 
 
-def test_held_out_error_reads_real_tokens_only():
+def test_held_out_error_reads_real_tokens_only_and_pools_token_states_as_an_embedding_is_read():
     from amgfx.auto import _real
     out, mask = torch.arange(12.).reshape(2, 3, 2), torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert _real(out, {"attention_mask": mask}).shape == (3, 2) and _real(out, {}).shape == (2, 3, 2)
+    assert torch.equal(_real(out, {"attention_mask": mask}), torch.tensor([[1., 2.], [6., 7.]]))   # padding unread
+    assert _real(out, {}).shape == (2, 3, 2)
+    tags, mask4 = torch.arange(24.).reshape(2, 3, 2, 2), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert _real(tags, {"attention_mask": mask4}).shape == (3, 2, 2)
 
 
 def _loud_mlp():
