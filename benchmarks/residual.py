@@ -20,7 +20,6 @@ head, mlp, residual; the allocation decides how many channels go).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -29,6 +28,7 @@ import amgfx
 from amgfx.planning.options import DEFAULT_KINDS, KINDS
 
 from ._report import RESULTS, write_md
+from .per_ms import speed_table
 from .speed import CASES, measure
 
 TARGET = 0.5
@@ -50,19 +50,6 @@ def speed_rows(repeats: int, runs: int, say) -> list:
             rows += measure(case, TARGET, models, flops, cg, inputs, runtimes, [1, 8] if case == "DeiT-S" else [1],
                             runs, say)
     return rows
-
-
-def speed_table(rows: list) -> list[str]:
-    effs: dict = {}
-    for r in rows:
-        if r["variant"] != "dense":
-            effs.setdefault((r["case"], r["runtime"], r["batch"], r["variant"]), []).append(r)
-    out = ["| model | runtime | batch | variant | FLOPs kept | efficiency, each repeat | median |", "|---|---|---|---|---|---|---|"]
-    for (case, rt, b, v), rs in effs.items():
-        e = [r["efficiency"] for r in rs]
-        out.append(f"| {case} | {rt} | {b} | {v} | {rs[0]['flops_kept']:.3f} | {', '.join(f'{x:.3f}' for x in e)} | "
-                   f"{statistics.median(e):.3f} |")
-    return out
 
 
 def accuracy_rows(say) -> list:
