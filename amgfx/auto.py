@@ -5,16 +5,18 @@ method (:data:`CANDIDATES`, or ``PlanConfig.candidates``) scores and plans on th
 and its kept weights refitted on the rest (:func:`amgfx.weights.refit.refit`), and its output is compared
 with the dense model's on the held-out batches (relative error of the first output at real tokens, averaged;
 token states read with an attention mask are first mean-pooled over it, as sentence embedders read them and as
-:func:`amgfx.bench.embedding_cosine`, the report's accuracy, pools them). The plan
-with the lowest error is kept as it was measured, and ``plan.meta["auto"]`` records every candidate's error,
-the choice and how it was made, so ``plan.json`` says why. Deterministic for a seed: ties go to the
+:func:`amgfx.bench.embedding_cosine`, the report's accuracy, pools them). The candidate with the lowest
+error then plans again on every batch (chosen on three quarters, planned on all, as a model chosen on held-out
+data is trained again on all of it), and ``plan.meta["auto"]`` records every candidate's error, the choice and
+how it was made, so ``plan.json`` says why. Deterministic for a seed: ties go to the
 earlier candidate. With fewer than two calibration batches nothing can be held out: the first candidate
 is used (with a warning when one batch was given; without calib it is simply the default's data-free
 path) and ``plan.meta["auto"]["why"]`` says so. ``auto`` is the default method of :func:`amgfx.prune`,
 :func:`amgfx.plan_for`, the CLI and the compile backend.
 
-Cost: one calibration, plan, rewrite and refit per candidate on three quarters of the data (about the
-candidates' count times a one-shot prune); ``candidates=`` bounds it.
+Cost: one calibration, plan, rewrite and refit per candidate on three quarters of the data, and one more
+calibration and plan on all of it (about the candidates' count plus one times a one-shot prune);
+``candidates=`` bounds it.
 
 Example:
     >>> import torch, timm, amgfx
@@ -95,24 +97,26 @@ def choose(cg, config: PlanConfig, calib, plan_with, *, progress: bool = True):
         return plan
     n_held = max(1, len(batches) // 4)
     fit, held = batches[:-n_held], batches[-n_held:]
-    errors, plans, failed = {}, {}, {}
+    errors, methods, failed = {}, {}, {}
     for method in candidates:
         name = method if isinstance(method, str) else repr(method)
+        methods[name] = method
         try:
             plan = plan_with(config.with_options(method=method, candidates=None), fit)
         except AmgfxError as e:                      # this criterion cannot meet the budget: the others may
             failed[name] = str(e).splitlines()[0]
             continue
         small = refit(rewrite(cg, plan), cg, fit, RefitConfig(), progress=False)
-        errors[name], plans[name] = round(heldout_error(cg.gm, small, held), 6), plan
+        errors[name] = round(heldout_error(cg.gm, small, held), 6)
         if progress:
             print(f"auto: {name}: held-out error after refit {errors[name]:.4f}", file=sys.stderr, flush=True)
     if not errors:
         raise AmgfxError(f"method='auto': no candidate could plan this: {next(iter(failed.values()))}")
     chosen = min(errors, key=errors.get)           # the first of equals: the candidates' order decides ties
-    plan = plans[chosen]
+    # chosen on three quarters, planned on all: the held-out quarter's statistics count too
+    plan = plan_with(config.with_options(method=methods[chosen], candidates=None), batches)
     plan.meta["auto"] = {"chosen": chosen, "errors": errors, **({"failed": failed} if failed else {}),
-                         "heldout_batches": len(held), "fit_batches": len(fit),
+                         "heldout_batches": len(held), "fit_batches": len(fit), "planned_on": len(batches),
                          "measure": "relative error of the first output against the dense model (token states "
                                     "mean-pooled over an attention mask), after refit, on calibration batches held "
                                     "out from scoring and refit"}

@@ -84,15 +84,18 @@ def views(paragraphs: list, kind: str = "halves") -> list:
     raised MiniLM's held-out cosine after refit at 50% FLOPs from 0.787 to 0.855 (taylor,
     ``benchmarks/results/criteria_minilm*.md``), so ``--calib text`` uses ``halves`` for encoders.
 
+    A paragraph's views stay together, so the batches ``auto`` and the recovery guard hold out (the last
+    ones) are paragraphs nothing before them read, not halves of paragraphs the fit read whole.
+
     Example:
-        >>> views(["one two three four"])
-        ['one two three four', 'one two', 'three four']
+        >>> views(["one two three four", "five six"])
+        ['one two three four', 'one two', 'three four', 'five six', 'five', 'six']
     """
     if kind not in ("whole", "halves"):
         raise ValueError(f"views are 'whole' or 'halves', got {kind!r}")
     if kind == "whole":
         return list(paragraphs)
-    return list(paragraphs) + [h for p in paragraphs for h in halves(p)]
+    return [v for p in paragraphs for v in (p, *halves(p))]
 
 
 def token_windows(encode, split: str, seq: int, n: int | None = None) -> torch.Tensor:

@@ -146,3 +146,13 @@ def test_auto_is_the_default_and_without_calib_takes_its_first_candidate_quietly
         plan = amgfx.plan_for(m, x, ratios={"mlp": 0.5}, candidates=("magnitude", "snp"), progress=False)
     assert amgfx.PlanConfig().method == plan.meta["config"]["plan"]["method"] == "auto"
     assert plan.meta["auto"]["chosen"] == "magnitude" and "nothing to hold out" in plan.meta["auto"]["why"]
+
+
+def test_auto_plans_its_choice_again_on_every_batch():
+    """Chosen on three quarters of the batches, the plan is made on all of them: the held-out statistics count."""
+    m, (x,), _ = models.vit()
+    calib = [torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    plan = lambda **kw: amgfx.plan_for(m, x, ratios={"mlp": 0.5}, progress=False, **kw)
+    auto = plan(method="auto", candidates=("snp",), calib=calib)
+    assert auto.meta["auto"]["planned_on"] == 4 and auto.meta["auto"]["fit_batches"] == 3
+    assert auto.keep == plan(method="snp", calib=calib).keep != plan(method="snp", calib=calib[:3]).keep
