@@ -139,9 +139,11 @@ def test_prune_writes_plan_pt2_and_report(tmp_path, capsys):
     import amgfx
     plan = amgfx.Plan.load(out / "plan.json")
     assert plan.meta["target_flops"] == 0.6 and plan.meta["tokens"] == 0.25
-    # the default method, auto: each candidate scored on the first of the two batches, judged on the second
+    # the default method, auto: each candidate scored on the first of the two batches, judged on the second;
+    # the choice then planned on both
     assert plan.meta["method"] == "auto" and plan.meta["auto"]["chosen"] in plan.meta["auto"]["errors"]
-    assert plan.meta["calibration_samples"] == 4 and plan.meta["auto"]["heldout_batches"] == 1
+    assert plan.meta["auto"]["fit_batches"] == plan.meta["auto"]["heldout_batches"] == 1
+    assert plan.meta["calibration_samples"] == 8 and plan.meta["auto"]["planned_on"] == 2
     back = amgfx.load(out)
     assert back(torch.randn(3, 3, 32, 32)).shape == (3, 1000)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt2", "plan.json",
