@@ -59,16 +59,22 @@ def _with_fitted(cg, fitted: fx.GraphModule, fits, params: dict):
     for f in fits:
         if f.bias and not has_attr(src.gm, f.bias):      # the fit added a bias: the dense layer reads a zero one
             attach_bias(src.gm, f.weight, f.bias)
-        rows = params.get(f.weight, {}).get(out_dim(src.gm, f.weight))
-        for fqn, keep in ((f.weight, params.get(f.weight, {})),
-                          *([(f.bias, params.get(f.bias) or ({0: rows} if rows is not None else {}))] if f.bias else [])):
-            old = get_attr(src.gm, fqn)
-            line = lambda d, ix: torch.as_tensor(ix).reshape([-1 if e == d else 1 for e in range(old.dim())])
-            at = tuple(line(d, keep[d] if d in keep else range(old.shape[d])) for d in range(old.dim()))
-            full = old.detach().clone()
-            full[at] = get_attr(fitted, fqn).detach().to(full.dtype)
-            replace_attr(src.gm, fqn, full, old)
+        keep = params.get(f.weight, {})
+        _put(src.gm, f.weight, keep, fitted)
+        if f.bias:                                       # a bias keeps its layer's output rows
+            rows = keep.get(out_dim(src.gm, f.weight))
+            _put(src.gm, f.bias, params.get(f.bias) or ({0: rows} if rows is not None else {}), fitted)
     return src
+
+
+def _put(gm: fx.GraphModule, fqn: str, keep: dict, fitted: fx.GraphModule) -> None:
+    """Write ``fitted``'s ``fqn`` into ``gm``'s at the kept indices (``keep``: {dim: kept}; other dims whole)."""
+    old = get_attr(gm, fqn)
+    along = lambda d: [-1 if e == d else 1 for e in range(old.dim())]
+    at = tuple(torch.as_tensor(keep.get(d, range(n))).reshape(along(d)) for d, n in enumerate(old.shape))
+    full = old.detach().clone()
+    full[at] = get_attr(fitted, fqn).detach().to(full.dtype)
+    replace_attr(gm, fqn, full, old)
 
 
 def refit(pruned: fx.GraphModule, cg, calib, config: RefitConfig, *, progress: bool = True,
