@@ -36,6 +36,7 @@ import warnings
 
 import torch
 
+from .bench import mean_pool
 from .errors import AmgfxError
 from .graph.fx import state_inputs
 from .passes.rewrite import rewrite
@@ -63,10 +64,7 @@ def _real(out: torch.Tensor, kwargs: dict) -> torch.Tensor:
     mask = kwargs.get("attention_mask")
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and out.dim() >= 2 and out.shape[:2] == mask.shape):
         return out
-    if out.dim() == 3:
-        w = mask.to(out.dtype).unsqueeze(-1)
-        return (out * w).sum(1) / w.sum(1).clamp_min(1)
-    return out[mask.bool()]
+    return mean_pool(out, mask) if out.dim() == 3 else out[mask.bool()]
 
 
 def heldout_error(dense, pruned, batches) -> float:

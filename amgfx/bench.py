@@ -14,7 +14,7 @@ import time
 import torch
 from .weights.recover import first_output
 
-__all__ = ["latency", "embedding_cosine", "first_output"]
+__all__ = ["latency", "embedding_cosine", "first_output", "mean_pool"]
 
 
 def latency(fns: dict, *, runs: int = 20, warmup: int = 3) -> dict:
@@ -32,6 +32,13 @@ def latency(fns: dict, *, runs: int = 20, warmup: int = 3) -> dict:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+def mean_pool(out: torch.Tensor, mask=None) -> torch.Tensor:
+    """Token states ``[batch, tokens, hidden]`` as one vector per sample: the mean over the tokens ``mask``
+    (``[batch, tokens]``, 1 = real; None: all) marks, as sentence-transformers pools MiniLM."""
+    w = (mask if mask is not None else torch.ones(out.shape[:2])).unsqueeze(-1).to(out.dtype)
+    return out.mul(w).sum(1) / w.sum(1).clamp_min(1)
+
+
 def embedding_cosine(dense, pruned, batches) -> float:
     """Mean cosine similarity of per-sample embeddings, pruned vs dense, over ``batches``.
 
@@ -44,9 +51,7 @@ def embedding_cosine(dense, pruned, batches) -> float:
         for args, kwargs in batches:
             a, b = first_output(dense(*args, **kwargs)), first_output(pruned(*args, **kwargs))
             if a.dim() == 3:
-                m = kwargs.get("attention_mask")
-                w = (m if m is not None else torch.ones(a.shape[:2])).unsqueeze(-1).to(a.dtype)
-                a, b = (t.mul(w).sum(1) / w.sum(1).clamp_min(1) for t in (a, b))
+                a, b = (mean_pool(t, kwargs.get("attention_mask")) for t in (a, b))
             sims.append(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)))
     return float(torch.cat(sims).mean())
 
