@@ -4,6 +4,12 @@
 Molchanov et al. (2019). The square matters: under the default loss the gradient has zero
 mean at the dense model, and the expected square is the Fisher-weighted importance
 (see :mod:`amgfx.scoring.calibrate`). The score is its square root.
+
+How the budget ranks these scores is a knob. By default (``per_layer=False``) they rank across layers and
+kinds as they are, since each estimates the loss a removal costs: on SmolLM2 at half the blocks' FLOPs that
+gave perplexity 55.6 after refit against 130.7 ranked per layer. ``per_layer=True`` ranks each unit against its
+group's mean instead (the layer-wise normalisation of Molchanov et al., 2017), so every layer is pruned alike:
+on MiniLM at half its FLOPs, held-out cosine 0.853 after refit against 0.836 raw. ``method="auto"`` tries both.
 """
 from __future__ import annotations
 
@@ -28,10 +34,16 @@ class Taylor(Criterion):
         >>> st = calibrate(cg, [torch.randn(2, 3, 32, 32)], needs={"taylor"}, taylor_groups=[g], progress=False)
         >>> bool((Taylor().score(cg, g, st) > 0).any())
         True
+        >>> Taylor().loss_scale, Taylor(per_layer=True).loss_scale
+        (True, False)
     """
     name = "taylor"
     kinds = ("qk", "v", "head", "mlp", "residual")
-    loss_scale = True
+    per_layer: bool = False     # rank against the group's mean (the budget's normalize="group"), not raw
+
+    @property
+    def loss_scale(self) -> bool:
+        return not self.per_layer
 
     def collectors(self, cg, group):
         return [TaylorScores(group)]
