@@ -262,3 +262,18 @@ def test_same_head_dim_keeps_qk_and_v_at_one_width(analysed_model, name):
     with torch.no_grad():
         out = torch.utils._pytree.tree_leaves(g(*args, **kwargs))
         assert out and all(torch.isfinite(t).all() for t in out if isinstance(t, torch.Tensor))
+
+
+def test_taylor_per_layer_ranks_against_the_group_mean(analysed_model):
+    """Taylor() ranks its raw scores across layers; Taylor(per_layer=True) ranks each unit over its group's mean:
+    each plan is the budget's walk with that normalisation on the same scores, and the two differ."""
+    _, _, _, cg = analysed_model("vit")
+    calib = _dist_worker.calib_batches()
+    s = amgfx.score(cg, "taylor", calib, progress=False)
+    plans = {}
+    for crit, normalize in ((Taylor(), "none"), (Taylor(per_layer=True), "group")):
+        got = amgfx.plan_for(cg, method=crit, target_flops=0.6, calib=calib, progress=False)
+        want = allocate(cg, s.units, 0.6, normalize=normalize)
+        assert got.keep == want.keep, normalize
+        plans[normalize] = got.keep
+    assert plans["none"] != plans["group"]
