@@ -277,3 +277,15 @@ def test_taylor_per_layer_ranks_against_the_group_mean(analysed_model):
         assert got.keep == want.keep, normalize
         plans[normalize] = got.keep
     assert plans["none"] != plans["group"]
+
+
+def test_a_config_repr_is_a_method_string():
+    """What plan.json names (auto's choice is a config's repr) can be given back as a method; only literals."""
+    from amgfx.errors import AmgfxError
+    from amgfx.scoring.criteria import resolve_method
+    for c in (Taylor(per_layer=True), SNP(gamma=8.0), Magnitude()):
+        assert resolve_method(repr(c))[c.kinds[0]] == c
+    assert resolve_method("obs+taylor(per_layer=True)")["mlp"].name == "obs"
+    for bad in ("taylor(per_layer=open('x'))", "taylor(nope=1)", "taylor(True)", "nothing(x=1)"):
+        with pytest.raises(AmgfxError):
+            resolve_method(bad)

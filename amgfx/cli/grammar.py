@@ -189,7 +189,8 @@ methods: snp, amg, taylor, obs, flap, wanda, magnitude, random, or several joine
 that scores a kind wins: snp+amg = SNP for qk/v/mlp, AMG entropy for heads); auto tries taylor
 (ranked raw and per layer), obs+taylor and snp on three quarters of --calib and keeps the plan with
 the lowest output error after refit on the held-out quarter (its choice and every error go into
-plan.json and the report)
+plan.json and the report); a criterion's knobs go in brackets, as the report names them:
+--method 'taylor(per_layer=True)'
 
 widths: by default kept widths are rounded for the kernels (--round-to auto: multiples of 16 where
 a group is wide enough) and q/k and v keep one width per head (--same-head-dim), the fastest plan at
