@@ -2,8 +2,8 @@
 
 * ``digits``: scikit-learn's ``load_digits`` (1797 8x8 grey images, 10 classes), with one
   fixed, stratified 75/25 train/test split (seed 0) that every benchmark shares.
-* ``text``: English prose from the docstrings of standard-library modules. Calibration and
-  evaluation draw from *different* modules, so evaluation text is never seen in calibration.
+* ``text``: English prose from the docstrings of standard-library modules. Calibration, evaluation and
+  training (recovery's extra text) draw from *different* modules, so evaluation text is never seen before.
 * ``image_folder``: every image under a directory, resized to the model's input.
 
 Example:
@@ -24,12 +24,27 @@ import warnings
 import torch
 
 __all__ = ["digits", "text", "halves", "views", "token_windows", "byte_bpe", "image_folder", "CALIB_MODULES",
-           "EVAL_MODULES"]
+           "EVAL_MODULES", "TRAIN_MODULES"]
 
 CALIB_MODULES = ("collections", "functools", "itertools", "pathlib", "argparse", "json", "subprocess",
                  "threading", "logging", "unittest", "typing", "dataclasses", "string", "textwrap", "shutil")
 EVAL_MODULES = ("os", "re", "datetime", "decimal", "fractions", "statistics", "random", "heapq", "bisect",
                 "contextlib", "inspect", "tempfile", "zipfile", "csv", "calendar")
+# more prose for training (distillation), from neither list: about 3.5x the calibration split's tokens
+TRAIN_MODULES = ("doctest", "pdb", "difflib", "ast", "urllib.parse", "codecs", "optparse", "urllib.request",
+                 "configparser", "http.cookiejar", "ssl", "pkgutil", "fileinput", "base64", "wave", "site",
+                 "socketserver", "socket", "traceback", "logging.handlers", "http.server", "xmlrpc.client",
+                 "ipaddress", "uuid", "shelve", "wsgiref.simple_server", "locale", "email.message", "email.utils",
+                 "http.client", "pickle", "enum", "abc", "io", "gettext", "pprint", "warnings", "weakref", "copy",
+                 "types", "operator", "queue", "sched", "selectors", "smtplib", "ftplib", "tarfile", "gzip",
+                 "hashlib", "hmac", "secrets", "mailbox", "mimetypes", "struct", "cmd", "shlex", "glob", "fnmatch",
+                 "filecmp", "netrc", "plistlib", "trace", "timeit", "tokenize", "dis", "sysconfig", "getopt",
+                 "graphlib", "numbers", "pstats", "colorsys", "html.parser", "asyncio.tasks", "asyncio.events",
+                 "asyncio.streams", "asyncio.locks", "asyncio.queues", "concurrent.futures", "email.parser",
+                 "collections.abc", "imaplib", "poplib", "urllib.robotparser", "xml.dom.minidom",
+                 "xml.etree.ElementTree", "runpy", "zipimport", "quopri", "unittest.mock", "multiprocessing.pool",
+                 "sqlite3", "getpass", "contextvars", "tomllib", "zoneinfo")
+SPLITS = {"calib": CALIB_MODULES, "eval": EVAL_MODULES, "train": TRAIN_MODULES}
 
 
 def digits(split: str = "train"):
@@ -66,9 +81,13 @@ def _paragraphs(module_name: str) -> list[str]:
 
 
 def text(split: str = "calib", n: int | None = None) -> list[str]:
-    """Deterministic English paragraphs: ``calib`` and ``eval`` come from disjoint modules."""
-    mods = CALIB_MODULES if split == "calib" else EVAL_MODULES
-    out = [p for m in mods for p in _paragraphs(m)]
+    """Deterministic English paragraphs: ``calib``, ``eval`` and ``train`` come from disjoint modules."""
+    if split not in SPLITS:
+        raise ValueError(f"text splits are {', '.join(SPLITS)}, got {split!r}")
+    out = [p for m in SPLITS[split] for p in _paragraphs(m)]
+    if split == "train":        # a docstring inherited from a class of another split is that split's text
+        other = {p for k in ("calib", "eval") for m in SPLITS[k] for p in _paragraphs(m)}
+        out = [p for p in out if p not in other]
     return out[:n] if n else out
 
 

@@ -125,3 +125,17 @@ def test_smollm2_loads_as_the_real_llama_and_reads_prose_at_its_known_perplexity
     dec = amgfx.decoder(loaded.model, max_len=65, prompt_len=64, batch=1)
     ppl = dec.perplexity(windows)
     assert 5 < ppl < 80, ppl
+
+
+def test_text_splits_share_no_module_and_no_paragraph():
+    """calib, eval and train (distillation's extra text) are disjoint, to the paragraph: a docstring a train-split
+    class inherits from a calibration or evaluation class is left out."""
+    mods = {k: set(v) for k, v in data.SPLITS.items()}
+    assert not (mods["calib"] & mods["eval"] or mods["calib"] & mods["train"] or mods["eval"] & mods["train"])
+    paras = {k: set(data.text(k)) for k in data.SPLITS}
+    assert len(paras["train"]) > 2 * len(paras["calib"])
+    assert not paras["train"] & (paras["calib"] | paras["eval"])
+    # calib and eval share one inherited docstring (MutableMapping's); changing either split moves every result
+    assert len(paras["calib"] & paras["eval"]) <= 1
+    with pytest.raises(ValueError, match="splits are"):
+        data.text("test")
