@@ -21,7 +21,8 @@ Rows, at each target:
   target; no refit (it has none);
 * the best 50% plan after ``--distill-steps`` of distillation from the dense model (:func:`amgfx.recover`), each
   step summing the gradients of ``--distill-accumulate`` windows (4; the prefill graph runs at batch 1) drawn from
-  every window of the calibration split (147), peak lr ``--distill-lr`` (3e-4), KL at ``--distill-temperature`` (1).
+  every window of the calibration split (147; with ``--distill-train`` also the training split's 487, from modules
+  neither calibration nor evaluation reads), peak lr ``--distill-lr`` (3e-4), KL at ``--distill-temperature`` (1).
 
 Columns: block and whole-graph FLOPs kept, parameters kept, KV-cache bytes per token, perplexity, seconds to
 prune (score, plan, rewrite, refit), the process's peak resident memory so far. Greedy text for two prompts,
