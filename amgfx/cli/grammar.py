@@ -201,7 +201,8 @@ reconstruction: with --calib data the kept weights of every layer that lost inpu
 the dense model's outputs on it (layer-wise least squares, no training); --no-reconstruct skips it.
 
 recovery: --recover-steps N distils the dense model into the pruned one (AdamW, cosine decay)
-on --recover-data (default: all of --calib's source), and reports the cosine to dense on
+on --recover-data (default: all of --calib's source; text: the calibration modules' paragraphs and
+those of amgfx.data.TRAIN_MODULES, never the evaluation's), and reports the cosine to dense on
 held-out data before and after. --iterative K prunes in K steps, recovering after each."""
 
 
