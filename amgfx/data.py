@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
@@ -61,7 +62,8 @@ def digits(split: str = "train"):
     return (x[pick] - mean) / std, y[pick]
 
 
-def _paragraphs(module_name: str) -> list[str]:
+@functools.cache     # text('train') reads the other splits' modules too, and one run asks for a split many times
+def _paragraphs(module_name: str) -> tuple[str, ...]:
     mod = importlib.import_module(module_name)
     docs = [inspect.getdoc(mod) or ""]
     with warnings.catch_warnings():          # deprecated aliases (typing.io, typing.re) warn when touched
@@ -77,7 +79,7 @@ def _paragraphs(module_name: str) -> list[str]:
             if len(p) >= 60 and not p.startswith((">>>", "..", "-", "*", "+", "|")) and \
                     sum(c.isalpha() or c == " " for c in p) / len(p) > 0.85:
                 out.append(p)
-    return out
+    return tuple(out)
 
 
 def text(split: str = "calib", n: int | None = None) -> list[str]:
