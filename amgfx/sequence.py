@@ -126,18 +126,22 @@ def run(cap: Captured, config: PlanConfig | None = None, *, calib=None, loss_fn=
         seconds["refit"] = round(time.perf_counter() - t, 3)
     if recover is not None and recover.steps:
         t = time.perf_counter()
-        out.recovered = _recover_step(out.model, teacher or cg.gm, recover_data if recover_data is not None
-                                      else batches, recover, progress)
+        data = cap.batches(recover_data) if recover_data is not None else batches
+        out.recovered = _recover_step(cap, out.model, teacher or cg.gm, data, recover, progress)
         seconds["recover"] = round(time.perf_counter() - t, 3)
     return out
 
 
-def _recover_step(model, teacher, data, config: RecoverConfig, progress: bool):
+def _recover_step(cap: Captured, model, teacher, data, config: RecoverConfig, progress: bool):
     if data is None:
         raise AmgfxError("recovery needs data: give calib= (or the CLI's --recover-data)")
-    args, kwargs = teacher.meta[EXAMPLE] if EXAMPLE in getattr(teacher, "meta", {}) else model.meta[EXAMPLE]
-    loss = "kd" if first_output(teacher(*args, **kwargs)).dim() == 2 else "cosine"     # logits, else embeddings
-    return _recover(model, teacher, data, **config.options(loss), progress=progress)
+    loss = cap.recover_loss
+    if loss is None:
+        args, kwargs = teacher.meta[EXAMPLE] if EXAMPLE in getattr(teacher, "meta", {}) else model.meta[EXAMPLE]
+        loss = "kd" if first_output(teacher(*args, **kwargs)).dim() == 2 else "cosine"  # logits, else embeddings
+    rows, per = cap.train_batches(data)
+    options = {**config.options(loss), "accumulate": config.accumulate * per}     # a step: whole given batches
+    return _recover(model, teacher, rows, **options, progress=progress)
 
 
 def prune(model, example_inputs=None, example_kwargs=None, *, config: PlanConfig | None = None, method=None,

@@ -76,6 +76,34 @@ def test_the_first_score_batches_score_and_the_refit_reads_them_all(tiny_lm_dir)
         amgfx.PlanConfig(score_batches=0)
 
 
+def test_a_decoder_recovers_and_its_decode_step_reads_the_trained_weights(tiny_lm_dir):
+    dec = amgfx.decoder(models.load(tiny_lm_dir).model, max_len=20, prompt_len=16, batch=1)
+    ids = lambda n, seed: torch.randint(3, 300, (n, 16), generator=torch.Generator().manual_seed(seed))
+    calib = [ids(2, s) for s in range(4)]
+    small = amgfx.prune(dec, method="taylor", target_flops=0.7, calib=calib, progress=False,
+                        recover=amgfx.RecoverConfig(steps=3, lr=1e-2, heldout=None))
+    rec = small.prefill.meta["amgfx_recovery"]
+    assert rec["loss"] == "kd" and rec["accumulate"] == 2       # logits distilled; a step sums a batch's 2 rows
+    refit = amgfx.prune(dec, plan=small.plan, calib=calib, progress=False)      # the same plan, not recovered
+    trained, step, before = (dict(m.named_parameters()) for m in (small.prefill, small.decode, refit.prefill))
+    shared = [k for k in trained if k in step]
+    assert shared and all(trained[k].data_ptr() == step[k].data_ptr() for k in shared)   # one set of weights
+    assert any(not torch.equal(trained[k], before[k]) for k in shared)                   # and they were trained
+
+
+def test_amgfx_prune_recovers_a_causal_lm_and_reports_perplexity_before_and_after(tiny_lm_dir, capsys):
+    code = main(["prune", tiny_lm_dir, "--target-flops", "0.6", "--calib", "text", "--calib-samples", "4",
+                 "--refit-samples", "4", "--seq-len", "16", "--batch-size", "2", "--recover-steps", "2",
+                 "--recover-samples", "16", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    rec = report["recovery"]
+    assert code == 0 and rec["steps"] == 2 and rec["loss"] == "kd" and rec["temperature"] == 1.0
+    assert rec["accumulate"] == 4 and rec["data"].startswith("16 windows of 16 tokens")   # 4 windows a step
+    assert rec["heldout"]["guarded"] and report["perplexity"]["before_recovery"] > 1
+    assert main(["prune", tiny_lm_dir, "--recover-steps", "2", "--recover-data", "digits", "--calib", "text"]) == 2
+    assert "a causal LM recovers on text" in capsys.readouterr().err
+
+
 def test_without_the_wheel_smollm2_says_which_package_to_install(monkeypatch, capsys):
     import importlib.util
     real = importlib.util.find_spec

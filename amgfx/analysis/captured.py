@@ -28,6 +28,10 @@ def _as_given(calib):
     return calib
 
 
+def _one_each(batches):
+    return list(batches), 1
+
+
 @dataclass
 class Captured:
     """The analysed graphs of one model and what the prune sequence needs to know about its kind.
@@ -38,10 +42,16 @@ class Captured:
         finish: ``(pruned GraphModules, plan) -> what amgfx.prune returns`` (default: the first graph).
         batches: the user's ``calib`` -> calibration batches of the first graph (default: as given).
         loss_fn: the loss gradient criteria calibrate on when the user gives none (None: the criterion's).
+        train_batches: batches of the first graph -> ``(the batches it trains on, how many of those make one
+            given batch)``: a graph captured at one batch size trains a row at a time and a recovery step sums
+            a given batch's rows (default: as given, 1).
+        recover_loss: the recovery loss this kind's outputs call for (None: chosen from the output's shape).
         refuses: option name -> why this kind cannot take it (``tokens``, ``schedule``, ``recover``).
     """
     graphs: tuple
     finish: Callable = _first
     batches: Callable = _as_given
     loss_fn: Callable | None = None
+    train_batches: Callable = _one_each
+    recover_loss: str | None = None
     refuses: dict = field(default_factory=dict)

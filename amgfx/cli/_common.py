@@ -162,3 +162,16 @@ def auto_line(a: dict) -> str:
     tried = ", ".join(f"{k} {v:.4f}" for k, v in a["errors"].items())
     return (f"method auto: chose {a['chosen']} (output error after refit on {a['heldout_batches']} held-out "
             f"calibration batch(es): {tried})")
+
+
+def recovery_lines(r: dict) -> list[str]:
+    """What recovery did, in words (a report's ``recovery``): its steps and data, then what its guard kept."""
+    steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
+                                     if r.get("schedule_steps", 1) > 1 else "")
+    out = [f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}"]
+    g = r.get("heldout", {})
+    if g.get("guarded"):
+        kept = "the model as it came (no step beat it)" if g["kept_step"] == 0 else f"step {g['kept_step']}"
+        out.append(f"recovery guard: held-out loss {g['start']:.4g} -> {g['kept']:.4g} on {g['batches']} "
+                   f"batches held back, kept {kept}")
+    return out

@@ -251,10 +251,12 @@ def _recover_args(r) -> None:
     rec.add_argument("--recover-data", default=None, metavar="SRC",
                      help="text | digits | DIR: training data for recovery (default: --calib's source, all of it)")
     rec.add_argument("--recover-samples", type=int, default=None, metavar="N", help="use N samples (default all)")
-    rec.add_argument("--recover-batch", type=int, default=16, metavar="B", help="batch size (default 16)")
-    rec.add_argument("--recover-lr", type=float, default=5e-4, help="peak AdamW learning rate (default 5e-4)")
+    rec.add_argument("--recover-batch", type=int, default=None, metavar="B",
+                     help="batch size (default 16; a causal LM: 4 windows a step)")
+    rec.add_argument("--recover-lr", type=float, default=None,
+                     help="peak AdamW learning rate (default 5e-4; a causal LM: 3e-4)")
     rec.add_argument("--recover-loss", choices=["kd", "cosine", "mse"], default=None,
-                     help="default: kd for classifiers (2-D output), cosine per token otherwise")
+                     help="default: kd for classifiers (2-D output) and causal LMs, cosine per token otherwise")
     rec.add_argument("--iterative", type=int, default=1, metavar="K",
                      help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
 

@@ -27,12 +27,14 @@ from ..weights.config import RecoverConfig
 from ..weights.recover import Iterative
 from .. import models
 from ..models import is_causal_lm
-from ._common import analysed, auto_line, calibration, err, heldout, loaded_model, ort_runner
+from ._common import analysed, auto_line, calibration, err, heldout, loaded_model, ort_runner, recovery_lines
 
 
 # what --method means when it is not given: measured per model (amgfx.auto), except for causal LMs, where
 # each candidate would cost minutes (taylor led there, benchmarks/results/llm_real.md)
 METHOD, LM_METHOD = "auto", "taylor"
+# recovery's batch and peak learning rate when the flags leave them (a causal LM has its own: prune_lm.RECOVER)
+RECOVER = {"batch": 16, "lr": 5e-4}
 
 
 def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
@@ -94,6 +96,7 @@ def _recovery(a, loaded):
     """The recovery settings from the flags: (RecoverConfig, data, note) or an exit code."""
     if a.recover_data is None and a.calib == "example":
         return err("--recover-steps needs data: give --recover-data text|digits|DIR (or --calib with one)")
+    a.recover_batch, a.recover_lr = a.recover_batch or RECOVER["batch"], a.recover_lr or RECOVER["lr"]
     got = calibration(a, loaded, a.recover_data, a.recover_samples, a.recover_batch, flag="--recover-data")
     if isinstance(got, int):
         return got
@@ -314,15 +317,7 @@ def _notes(report: dict) -> list[str]:
         out.append(f"reconstruction: {r['layers']} layers refitted on {r['tokens']} tokens, mean relative output "
                    f"error {r['error_before']:.4f} -> {r['error_after']:.4f}, {r['seconds']:.1f}s")
     if "recovery" in report:
-        r = report["recovery"]
-        steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"
-                                         if r["schedule_steps"] > 1 else "")
-        out.append(f"recovery: {steps} of {r['loss']} distillation from the dense model on {r['data']}")
-        g = r.get("heldout", {})
-        if g.get("guarded"):
-            kept = "the model as it came (no step beat it)" if g["kept_step"] == 0 else f"step {g['kept_step']}"
-            out.append(f"recovery guard: held-out loss {g['start']:.4g} -> {g['kept']:.4g} on {g['batches']} "
-                       f"batches held back, kept {kept}")
+        out += recovery_lines(report["recovery"])
     if "tokens" in report:
         t = report["tokens"]
         out.append(f"tokens: keys and values keep {t['kept']} of {t['keys']} key positions over {t['sites']} sites")

@@ -42,6 +42,14 @@ def _calib_inputs(dec, calib) -> list[tuple]:
     return out
 
 
+def _rows(dec, batches: list) -> tuple[list, int]:
+    """Prefill batches of ``n`` rows as ``n / batch`` batches of the captured size (the graph trains at that size
+    only), and how many make one given batch. The slots (input 2) are one per position, not per row."""
+    rows = [tuple(t if i == 2 else t[r:r + dec.batch] for i, t in enumerate(x))
+            for x in batches for r in range(0, x[0].shape[0], dec.batch)]
+    return rows, (batches[0][0].shape[0] // dec.batch if batches else 1)
+
+
 def lm_loss(outputs, batch) -> torch.Tensor:
     """Next-token cross-entropy of the prefill's logits on the calibration text itself, padding left out:
     the loss a causal LM was trained on, and what gradient criteria (``taylor``) calibrate a decoder on
@@ -82,7 +90,9 @@ def capture_decoder(dec: Decoder, example_inputs=None, example_kwargs=None, *, s
     """The capture kind of a :class:`Decoder` (the example inputs are its own: a random prompt of its shape).
 
     ``calib`` for it is a list of ``[batch, prompt_len]`` token-id tensors (or ``(ids, key_mask)`` pairs,
-    left-padded); gradient criteria calibrate on :func:`lm_loss` unless the user gives a loss.
+    left-padded); gradient criteria calibrate on :func:`lm_loss` unless the user gives a loss. Recovery
+    (``recover=``) distils the prefill's logits (KL) a captured row at a time, each step summing a given batch's
+    rows; the decode step then reads the trained weights.
     """
     if dec.plan is not None or isinstance(dec.prefill, torch.fx.GraphModule):
         raise AmgfxError("this Decoder is already pruned; prune the dense one (amgfx.decoder(lm, ...)) again")
@@ -90,15 +100,15 @@ def capture_decoder(dec: Decoder, example_inputs=None, example_kwargs=None, *, s
         raise AmgfxError("a Decoder makes its own example inputs (a prompt of its shape); give none")
     cg_p, cg_d = _graphs(dec, seed)
     return Captured(graphs=(cg_p, cg_d), finish=functools.partial(_finish, dec, cg_p, cg_d),
-                    batches=functools.partial(_calib_inputs, dec), loss_fn=lm_loss, refuses={
+                    batches=functools.partial(_calib_inputs, dec), loss_fn=lm_loss,
+                    train_batches=functools.partial(_rows, dec), recover_loss="kd", refuses={
                         "tokens": "a decoder's key positions are its cache slots; token pruning is not for decoders",
-                        "schedule": "schedule= is not supported for decoders yet; prune in one shot",
-                        "recover": "recovery of a decoder is not supported yet (benchmarks/llm_real.py distils "
-                                   "the prefill graph)"})
+                        "schedule": "schedule= is not supported for decoders yet; prune in one shot"})
 
 
 def _finish(dec: Decoder, cg_p, cg_d, pruned: list, plan) -> Decoder:
-    """The pruned Decoder: one set of weights (refitted ones included) for both graphs, the cache shrunk."""
+    """The pruned Decoder: one set of weights (refitted and recovered ones included) for both graphs, the cache
+    shrunk."""
     prefill, step = pruned
     tie_tensors(prefill, step)
     states = [(prefill.meta.get(STATE) or {}).get("inputs", {}), (step.meta.get(STATE) or {}).get("inputs", {})]
