@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import RewriteError, noted
+from .bools import all_, any_, equal
 from .indexprop import _concrete, _const, index_operands, is_layer, shape, tensor_args, val
 from .meta import TOKEN_ROWS
 from .ops import (ADD_MATMUL, CONCAT, FUSED_ATTENTION, GETITEM, IDENTITY, IGNORED_USERS, LAYERS, LIKE, MATMUL, MOVE, NORMS,
@@ -51,15 +52,15 @@ def compact_shape(m: torch.Tensor) -> tuple[int, ...] | None:
     total = int(torch.count_nonzero(m))     # (a bool .sum() is many times slower)
     # the common case, a product of kept indices per dim (a pruned weight): m lies inside the product of its
     # per-dim projections, so it is that product when the counts agree
-    per_dim = [int(torch.count_nonzero(m.any(dim=[d for d in range(m.ndim) if d != k]) if m.ndim > 1 else m))
+    per_dim = [int(torch.count_nonzero(any_(m, [d for d in range(m.ndim) if d != k]) if m.ndim > 1 else m))
                for k in range(m.ndim)]
     if total == math.prod(per_dim):
         return tuple(per_dim)
     sizes = []
     for k in range(m.ndim):
-        a = m.flatten(k + 1).any(-1) if k + 1 < m.ndim else m        # [S0..Sk]: prefix keeps anything
+        a = any_(m.flatten(k + 1), -1) if k + 1 < m.ndim else m        # [S0..Sk]: prefix keeps anything
         rows = a.reshape(-1, m.shape[k])
-        counts = torch.count_nonzero(rows, -1)[rows.any(-1)]
+        counts = torch.count_nonzero(rows, -1)[any_(rows, -1)]
         if counts.numel() == 0:
             return tuple(0 for _ in m.shape)
         if not bool((counts == counts[0]).all()):
@@ -73,10 +74,10 @@ def dim_ranks(m: torch.Tensor, dim: int) -> torch.Tensor | None:
     dim = dim % m.ndim
     a = m.movedim(dim, -1)
     rows = a.reshape(-1, a.shape[-1])
-    rows = rows[rows.any(-1)]
+    rows = rows[any_(rows, -1)]
     if rows.shape[0] == 0:
         return torch.full((m.shape[dim],), -1)
-    if not bool((rows == rows[:1]).all()):
+    if not all_(rows == rows[:1]):
         return None
     keep = rows[0]
     r = torch.cumsum(keep.long(), 0) - 1
@@ -138,7 +139,7 @@ def _norm(m):
     if isinstance(m, (list, tuple)):
         m = [_norm(x) for x in m]
         return None if all(x is None for x in m) else m
-    return None if m is None or bool(m.all()) else m
+    return None if m is None or all_(m) else m
 
 
 def _fail(n, why):
@@ -155,7 +156,7 @@ def _move(n, ms, gm, cache):
     x = ms.get(n.args[0])
     if x is None:
         _fail(n, "only its index/shape operand is pruned")
-    if n.target in POSITIONAL and x.numel() and not bool(x.any()):
+    if n.target in POSITIONAL and x.numel() and not bool(any_(x)):
         # narrowed token rows that an earlier slice emptied: which channels survive cannot be read here
         _fail(n, "it reads positions of a tensor of which nothing survives")
     if n.target is aten.index.Tensor:
@@ -186,17 +187,17 @@ def _pointwise(n, ms, gm, cache):
     ref = ms.get(masked[0]).broadcast_to(out)
     for a in masked[1:]:
         ref = ref & ms.get(a).broadcast_to(out)
-    rows = ref.any(-1, keepdim=True)
+    rows = any_(ref, -1, keepdim=True)
     for a in masked:
         # An operand may keep more rows (token positions) than the other, never other channels:
         # a residual whose partner was narrowed to the live tokens is gathered to them.
-        if not torch.equal(ms.get(a).broadcast_to(out) & rows, ref):
+        if not equal(ms.get(a).broadcast_to(out) & rows, ref):
             _fail(n, f"its operands {masked[0].name} and {a.name} keep different elements")
     for pos, a in enumerate(n.args):
         if not isinstance(a, fx.Node) or shape(a) is None or math.prod(shape(a)) <= 1:
             continue
         m = ms.get(a)
-        if m is None or not torch.equal(m.broadcast_to(out), ref):
+        if m is None or not equal(m.broadcast_to(out), ref):
             ms.gathers.append((n, pos, None))
     return ref
 
@@ -207,7 +208,7 @@ def _norm_rule(n, ms, gm, cache):
     if m is None:
         _fail(n, "its weight is pruned but its input is not")
     nd = len(n.args[1])
-    if not bool(m.all()) and any(s < o for s, o in zip(ms.new_shape(x)[-nd:], shape(x)[-nd:])):
+    if not all_(m) and any(s < o for s, o in zip(ms.new_shape(x)[-nd:], shape(x)[-nd:])):
         ms.approximate.append(n)                     # the norm now averages over fewer channels
     return m
 
@@ -227,23 +228,23 @@ def _layer(n, ms, gm, cache):
     wm, xm = _m(ms, w), ms.get(x)
     out = shape(n)
     if t is aten.embedding.default:
-        return wm.any(0).broadcast_to(out)
-    wo = wm.movedim(spec[3], 0).flatten(1).any(1)
-    wi = wm.movedim(spec[4], 0).flatten(1).any(1)
-    if not torch.equal(wm, _outer(wo, wi, spec[3], spec[4], wm.shape)):
+        return any_(wm, 0).broadcast_to(out)
+    wo = any_(wm, [d for d in range(wm.ndim) if d != spec[3]])
+    wi = any_(wm, [d for d in range(wm.ndim) if d != spec[4]])
+    if not equal(wm, _outer(wo, wi, spec[3], spec[4], wm.shape)):
         _fail(n, "its weight mask is not a product of kept rows and kept columns")
     conv = t in (aten.conv2d.default, aten.conv1d.default)
     chan = 1 if conv else -1
     if xm is not None:
         rows = xm.movedim(chan, -1).reshape(-1, xm.shape[chan])
-        rows = rows[rows.any(-1)]
-        if rows.shape[0] and not bool((rows == wi).all()):
+        rows = rows[any_(rows, -1)]
+        if rows.shape[0] and not all_(rows == wi):
             _fail(n, f"its input keeps channels its weight {w.name} does not (or the reverse)")
     view = [1] * len(out)
     view[chan] = -1
     kept = wo.reshape(view).expand(out)
     if xm is not None and not conv:                  # rows (tokens) the input dropped stay dropped
-        kept = kept & xm.any(-1, keepdim=True)
+        kept = kept & any_(xm, -1, keepdim=True)
     return kept
 
 
@@ -251,12 +252,12 @@ def _depthwise(n, ms, gm, cache):
     """A depthwise conv keeps the channels its input and its weight rows both keep (they must agree)."""
     x, w = n.args[0], n.args[1]
     xm, wm = ms.get(x), _m(ms, w)
-    wo = wm.flatten(1).any(1)
-    if not torch.equal(wm, wo.reshape([-1] + [1] * (wm.dim() - 1)).expand(wm.shape)):
+    wo = any_(wm.flatten(1), 1)
+    if not equal(wm, wo.reshape([-1] + [1] * (wm.dim() - 1)).expand(wm.shape)):
         _fail(n, "its weight mask is not a set of kept channels")
     kept = xm.movedim(1, -1).reshape(-1, xm.shape[1]) if xm is not None else wo[None]
-    kept = kept[kept.any(-1)]
-    if kept.shape[0] and not bool((kept == wo).all()):
+    kept = kept[any_(kept, -1)]
+    if kept.shape[0] and not all_(kept == wo):
         _fail(n, f"its input keeps channels its weight {w.name} does not (or the reverse)")
     return wo.reshape([1, -1] + [1] * (len(shape(n)) - 2)).expand(shape(n))
 
@@ -274,29 +275,29 @@ def _sdpa(n, ms, gm, cache):
     q, k, v = (_m(ms, x) for x in (a.q, a.k, a.v))
     H, Hk = q.shape[-3], k.shape[-3]
     rep = H // Hk if a.enable_gqa and Hk != H else 1
-    qf, kf, vf = q.any(-2), k.any(-2).repeat_interleave(rep, -2), v.any(-2).repeat_interleave(rep, -2)
-    heads = qf.any(-1, keepdim=True)
+    qf, kf, vf = any_(q, -2), any_(k, -2).repeat_interleave(rep, -2), any_(v, -2).repeat_interleave(rep, -2)
+    heads = any_(qf, -1, keepdim=True)
     qf, kf = torch.broadcast_tensors(qf, kf)
-    if not torch.equal(qf & heads, kf & heads):
+    if not equal(qf & heads, kf & heads):
         _fail(n, "queries and keys keep different head dims")
-    if not torch.equal(*torch.broadcast_tensors(k.any(-1), v.any(-1))):
+    if not equal(*torch.broadcast_tensors(any_(k, -1), any_(v, -1))):
         _fail(n, "keys and values keep different token positions")
     if isinstance(a.mask, fx.Node):
-        _sdpa_mask(n, ms, a.mask, q, k.any(-1).repeat_interleave(rep, -2))
-    return (q.any(-1)[..., None] & vf[..., None, :]).broadcast_to(shape(n))
+        _sdpa_mask(n, ms, a.mask, q, any_(k, -1).repeat_interleave(rep, -2))
+    return (any_(q, -1)[..., None] & vf[..., None, :]).broadcast_to(shape(n))
 
 
 def _sdpa_mask(n, ms, mask, q, krows):
     """The mask (or bias) of the logits must keep every logit attention keeps: the kept heads and query
     rows of q, the kept keys. Where it keeps more (a per-query or per-head bias meeting narrowed queries
     or pruned heads), fix_shapes gathers it to the kept logits."""
-    logits = q.any(-1)[..., :, None] & krows[..., None, :]            # [B, H, Nq, Nk]
+    logits = any_(q, -1)[..., :, None] & krows[..., None, :]            # [B, H, Nq, Nk]
     mm = _m(ms, mask)
     mm = mm.reshape((1,) * (logits.dim() - mm.dim()) + tuple(mm.shape))
     logits, full = torch.broadcast_tensors(logits, mm)
-    if not torch.equal(full & logits, logits):
+    if not equal(full & logits, logits):
         _fail(n, "the attention mask drops logits the attention keeps (it is pruned other than along the keys)")
-    if not torch.equal(full, logits):
+    if not equal(full, logits):
         ms.gathers.append((n, "mask", logits))
 
 
@@ -309,21 +310,21 @@ def _add_matmul(n, ms, gm, cache):
     term, a, b, _, _ = add_matmul_args(n)
     out = _product(n, ms, a, b)
     tm = ms.get(term)
-    if tm is not None and not torch.equal(tm.broadcast_to(out.shape) | out, tm.broadcast_to(out.shape)):
+    if tm is not None and not equal(tm.broadcast_to(out.shape) | out, tm.broadcast_to(out.shape)):
         _fail(n, f"its added input {term.name} drops elements the product keeps")
-    if isinstance(term, fx.Node) and not torch.equal(_m(ms, term).broadcast_to(out.shape), out):
+    if isinstance(term, fx.Node) and not equal(_m(ms, term).broadcast_to(out.shape), out):
         ms.gathers.append((n, ADD_MATMUL[n.target][0], None))
     return out
 
 
 def _product(n, ms, a_node, b_node):
     a, b = (_m(ms, x) for x in (a_node, b_node))
-    ka, kb = torch.broadcast_tensors(a.any(-2), b.any(-1))
-    lead = torch.broadcast_tensors(a.any(-1).any(-1, keepdim=True), b.any(-2).any(-1, keepdim=True))
+    ka, kb = torch.broadcast_tensors(any_(a, -2), any_(b, -1))
+    lead = torch.broadcast_tensors(any_(a, [-2, -1]).unsqueeze(-1), any_(b, [-2, -1]).unsqueeze(-1))
     live = lead[0] & lead[1]
-    if not torch.equal(ka & live, kb & live):
+    if not equal(ka & live, kb & live):
         _fail(n, "its operands keep different elements along the contracted dim")
-    return (a.any(-1)[..., :, None] & b.any(-2)[..., None, :]).broadcast_to(shape(n))
+    return (any_(a, -1)[..., :, None] & any_(b, -2)[..., None, :]).broadcast_to(shape(n))
 
 
 def _reduce(n, ms, gm, cache):
@@ -332,7 +333,7 @@ def _reduce(n, ms, gm, cache):
     new = ms.new_shape(n.args[0])
     if REDUCTIONS.get(n.target, True) and any(new[d] < m.shape[d] for d in dims):   # norms average too
         ms.approximate.append(n)
-    return m.any(dim=dims, keepdim=keep) if dims else m
+    return any_(m, list(dims), keepdim=keep) if dims else m
 
 
 def _state_write(n, ms, gm, cache):
@@ -342,15 +343,15 @@ def _state_write(n, ms, gm, cache):
     sm = ms.get(src)
     if sm is None:
         _fail(n, "it writes an unpruned source into a pruned state")
-    along = sm.any(dim, keepdim=True)
-    if not torch.equal(along.expand_as(sm), sm):
+    along = any_(sm, dim, keepdim=True)
+    if not equal(along.expand_as(sm), sm):
         _fail(n, "the positions it writes keep different elements")
     out = along.expand(shape(n))
     if isinstance(st, fx.Node) and st.op == "placeholder":
         if any(u is not n and u.op == "call_function" and u.target not in IGNORED_USERS for u in st.users):
             _fail(n, f"its state input {st.name} is read by other ops too")
         ms.env[st] = out.clone()
-    elif not torch.equal(_m(ms, st), out):
+    elif not equal(_m(ms, st), out):
         _fail(n, "the state it writes into keeps other elements than the source")
     return out
 

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import RewriteError, noted
+from ..graph.bools import all_, any_
 from ..graph.fx import call, constant, dims_of, drop_export_guards, keep_symbolic, size_args
 from ..graph.indexprop import _const, shape
 from ..graph.masks import Masks, compact_shape, dim_ranks, kept_coords, propagate_masks
@@ -39,9 +40,9 @@ def _prefix_count(ms: Masks, node: fx.Node, dim: int, pos: int) -> int:
     m = ms.get(node)
     a = m.movedim(dim % m.ndim, -1)
     rows = a.reshape(-1, a.shape[-1])
-    rows = rows[rows.any(-1)]
+    rows = rows[any_(rows, -1)]
     counts = rows[:, :max(0, min(pos, a.shape[-1]))].sum(-1)
-    if counts.numel() and not bool((counts == counts[0]).all()):
+    if counts.numel() and not all_(counts == counts[0]):
         raise RewriteError(f"{node.name}: position {pos} along dim {dim} maps to different positions in different "
                            "heads after pruning")
     return int(counts[0]) if counts.numel() else 0
@@ -94,13 +95,18 @@ def _slice(gm, ms, n):
     # where the selected, kept elements land after packing: one arithmetic progression in every fiber
     m = ms.get(x).movedim(d % ms.get(x).ndim, -1)
     rows = m.reshape(-1, size)
-    rows = rows[rows.any(-1)]
+    rows = rows[any_(rows, -1)]
+    if rows.shape[0] == 0:   # every fiber is empty (narrowed token rows): the kept channels cannot be read
+        raise RewriteError(f"{n.name}: slices a tensor of which nothing survives")
     ranks = torch.cumsum(rows.long(), -1) - 1
     sel = torch.arange(start, end, step)
-    picked = [ranks[i, sel][rows[i, sel]] for i in range(rows.shape[0])]
-    if not picked:           # every fiber is empty (narrowed token rows): the kept channels cannot be read
-        raise RewriteError(f"{n.name}: slices a tensor of which nothing survives")
-    if any(not torch.equal(p, picked[0]) for p in picked):
+    taken = rows[:, sel]
+    counts = taken.sum(1)
+    # every fiber (head, token row) must pick the same packed positions (one slice serves them all)
+    if not all_(counts == counts[0]):
+        raise RewriteError(f"{n.name}: slice over a pruned dim selects different positions in different heads")
+    picked = ranks[:, sel][taken].reshape(rows.shape[0], -1)
+    if not all_(picked == picked[:1]):
         raise RewriteError(f"{n.name}: slice over a pruned dim selects different positions in different heads")
     p = picked[0]
     new_step = int(p[1] - p[0]) if p.numel() > 1 else 1
@@ -124,7 +130,7 @@ def _select(gm, ms, n):
     x, d, i = n.args[0], n.args[1], n.args[2]
     if _dim_pruned(ms, x, d):
         i = i % shape(x)[d]
-        if not bool(ms.get(x).movedim(d, 0)[i].any()):
+        if not bool(any_(ms.get(x).movedim(d, 0)[i])):
             raise RewriteError(f"{n.name}: selects index {i} of dim {d}, which the plan removes")
         _set_arg(n, 2, _prefix_count(ms, x, d, i))
 

@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import RewriteError
+from ..graph.bools import equal
 from ..graph.masks import propagate_masks
 from .cost import attention_override, costly_nodes, node_flops, row_graph
 from .plan import Plan
@@ -73,7 +74,7 @@ def _same(a, b) -> bool:
     if a is None or b is None:
         return a is b
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and bool(torch.equal(a, b))
+        return equal(a, b) if a.dtype == b.dtype == torch.bool else a.shape == b.shape and torch.equal(a, b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return False
