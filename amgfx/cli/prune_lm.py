@@ -8,12 +8,11 @@ budget is a fraction of the decoder blocks' FLOPs by default, and ``--out`` hold
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
-
-import dataclasses
 
 import torch
 
