@@ -36,12 +36,12 @@ import warnings
 
 import torch
 
-from .bench import mean_pool
 from .errors import AmgfxError
 from .graph.fx import state_inputs
 from .passes.rewrite import rewrite
 from .planning.config import PlanConfig
 from .scoring.calibrate import batch_chunks
+from .scoring.readout import as_read
 from .scoring.criteria import Taylor
 from .weights.config import RefitConfig
 from .weights.recover import first_output
@@ -55,28 +55,14 @@ __all__ = ["CANDIDATES", "choose"]
 CANDIDATES = ("taylor", Taylor(per_layer=True), "obs+taylor", "snp")
 
 
-def _real(out: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """``out`` as it is read, where the batch carries an ``attention_mask`` [batch, tokens] that matches it:
-    token states ``[batch, tokens, hidden]`` mean-pooled over the real tokens, other outputs at the real tokens
-    only (what a padded position computes is read by nobody).
-
-    Why pooled: on MiniLM at half its FLOPs the error per token ranked obs+taylor first (0.618 against taylor's
-    0.633 on held-out text) while the pooled embeddings' cosine to dense ranked taylor first (0.836 against
-    0.825); the pooled error ranks them as the cosine does (0.563 against 0.583)."""
-    mask = kwargs.get("attention_mask")
-    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and out.dim() >= 2 and out.shape[:2] == mask.shape):
-        return out
-    return mean_pool(out, mask) if out.dim() == 3 else out[mask.bool()]
-
-
 def heldout_error(dense, pruned, batches) -> float:
     """Mean over ``batches`` of ``|pruned - dense| / |dense|`` (Frobenius) of the first output, at real tokens."""
     errs = []
     with torch.no_grad():
         for _, pieces in batch_chunks(dense, batches):
             for args, kwargs, _ in pieces:
-                d = _real(first_output(dense(*args, **kwargs)).double(), kwargs)
-                p = _real(first_output(pruned(*state_inputs(pruned, list(args)), **kwargs)).double(), kwargs)
+                d = as_read(first_output(dense(*args, **kwargs)).double(), kwargs)
+                p = as_read(first_output(pruned(*state_inputs(pruned, list(args)), **kwargs)).double(), kwargs)
                 errs.append(float((p - d).norm() / d.norm().clamp_min(1e-30)))
     return sum(errs) / len(errs)
 

@@ -12,6 +12,8 @@ import statistics
 import time
 
 import torch
+
+from .scoring.readout import mean_pool
 from .weights.recover import first_output
 
 __all__ = ["latency", "embedding_cosine", "first_output", "mean_pool"]
@@ -30,13 +32,6 @@ def latency(fns: dict, *, runs: int = 20, warmup: int = 3) -> dict:
                 f()
                 times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
-def mean_pool(out: torch.Tensor, mask=None) -> torch.Tensor:
-    """Token states ``[batch, tokens, hidden]`` as one vector per sample: the mean over the tokens ``mask``
-    (``[batch, tokens]``, 1 = real; None: all) marks, as sentence-transformers pools MiniLM."""
-    w = (mask if mask is not None else torch.ones(out.shape[:2])).unsqueeze(-1).to(out.dtype)
-    return out.mul(w).sum(1) / w.sum(1).clamp_min(1)
 
 
 def embedding_cosine(dense, pruned, batches) -> float:

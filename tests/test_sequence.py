@@ -92,7 +92,7 @@ class Smallest(amgfx.Magnitude):
 
 
 def test_held_out_error_reads_real_tokens_only_and_pools_token_states_as_an_embedding_is_read():
-    from amgfx.auto import _real
+    from amgfx.scoring.readout import as_read as _real
     out, mask = torch.arange(12.).reshape(2, 3, 2), torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert torch.equal(_real(out, {"attention_mask": mask}), torch.tensor([[1., 2.], [6., 7.]]))   # padding unread
     assert _real(out, {}).shape == (2, 3, 2)

@@ -20,7 +20,8 @@ calls fused SDPA, so fused and explicit attention are calibrated alike.
 **The default loss.** The KL divergence (or MSE) to the dense model's own output is zero at
 the dense model, and so is its gradient. We therefore draw the target from the dense model's
 predictive distribution: a class sampled from ``softmax(logits)`` for a classifier (one 2-D
-output), and ``output + N(0, 1)`` otherwise. The gradient is then non-zero, and its expected
+output), and ``output + N(0, 1)`` otherwise (token states whose batch has an attention mask: their mean
+over the real tokens, as :mod:`amgfx.scoring.readout` reads them). The gradient is then non-zero, and its expected
 square is the Fisher information, the curvature of that KL/MSE at the dense model; this is
 why ``taylor`` squares its first-order term. Draws are seeded by the batch's content, so
 sharding the data over ranks does not change them.
@@ -46,6 +47,7 @@ from ..graph.indexprop import fetch_attr
 from ..graph.meta import DYNAMIC_BATCH, EXAMPLE
 from ..graph.ops import SDPA, sdpa_args
 from .collectors import Seen, Stats, Watch, param_leaves, qk_scores, standard  # noqa: F401 (qk_scores: public here too)
+from .readout import as_read
 
 __all__ = ["Stats", "calibrate", "as_batches", "CalibrationError"]
 
@@ -159,8 +161,14 @@ def _content_seed(seed: int, args, kwargs) -> int:
     return zlib.crc32(data, seed & 0xFFFFFFFF)
 
 
-def default_loss(outputs, seed: int) -> torch.Tensor:
-    """Loss against a target drawn from the dense model's own predictive distribution (see module doc)."""
+def default_loss(outputs, seed: int, kwargs: dict | None = None) -> torch.Tensor:
+    """Loss against a target drawn from the dense model's own predictive distribution (see module doc).
+
+    Where the batch's ``kwargs`` carry an attention mask that matches the first output, the target is drawn
+    for that output as it is read (:func:`amgfx.scoring.readout.as_read`: token states mean-pooled over the
+    real tokens), the rest unread: on MiniLM, taylor ranked per layer kept 0.864 cosine to dense after refit
+    at half its FLOPs against 0.853 with a target for every position's state, padding included, and 0.928
+    against 0.920 at 70% (criteria_minilm)."""
     leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not leaves:
         raise CalibrationError("the model returns no floating-point tensor to build a loss on; pass loss_fn=")
@@ -169,6 +177,9 @@ def default_loss(outputs, seed: int) -> torch.Tensor:
         logits = leaves[0]
         y = torch.multinomial(torch.softmax(logits.detach().double(), -1), 1, generator=g).squeeze(1)
         return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    read = as_read(leaves[0], kwargs or {})
+    if read is not leaves[0]:
+        leaves = [read]
     loss = 0.0
     for t in leaves:
         r = torch.randn(t.shape, generator=g, dtype=t.dtype)
@@ -309,7 +320,7 @@ def _run_chunk(run: _Run, args, kwargs, raw, acc: dict) -> None:
         if not grad:
             return
         loss = (run.loss_fn(out, raw) if run.loss_fn is not None
-                else default_loss(out, _content_seed(run.seed, args, kwargs)))
+                else default_loss(out, _content_seed(run.seed, args, kwargs), kwargs))
         if not torch.is_tensor(loss) or loss.dim() != 0:
             raise CalibrationError("loss_fn must return a scalar tensor")
         probs = [n for n in sorted(run.watch.grad_of_probs) if "A" in rec.seen.sites.get(n, {})]
