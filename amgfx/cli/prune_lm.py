@@ -141,7 +141,8 @@ def _print(r: dict) -> None:
     for i, prompt in enumerate(r["generate"]["prompts"]):
         print(f"prompt {prompt!r}\n   dense: {r['generate']['dense'][i]!r}\n  pruned: {r['generate']['pruned'][i]!r}")
     s = r["seconds"]
-    print(f"time: load {s['load']:.1f}s, prune (analyse, score, plan, rewrite, verify, refit) {s['prune']:.1f}s, "
+    steps = "analyse, score, plan, rewrite, verify, refit" + (", recover" if "recovery" in r else "")
+    print(f"time: load {s['load']:.1f}s, prune ({steps}) {s['prune']:.1f}s, "
           f"evaluate {s['evaluate']:.1f}s; peak memory {r['peak_memory_mb']:,} MB")
 
 
