@@ -134,6 +134,14 @@ def token_windows(encode, split: str, seq: int, n: int | None = None) -> torch.T
     return ids[:count * seq].reshape(count, seq)[:n]
 
 
+def distill_windows(encode, seq: int, *, seed: int = 0) -> torch.Tensor:
+    """The windows a causal LM is distilled on: the calibration and training splits' (:func:`token_windows`,
+    never the evaluation's), shuffled (seeded) so a step mixes both (634 of 128 tokens with SmolLM2's tokenizer).
+    """
+    w = torch.cat([token_windows(encode, split, seq) for split in ("calib", "train")])
+    return w[torch.randperm(len(w), generator=torch.Generator().manual_seed(seed))]
+
+
 def byte_bpe(directory: str, vocab_size: int):
     """A byte-level BPE tokenizer trained on the calibration text and saved into ``directory`` as a Hugging Face
     one (``<unk>``, ``<s>``, ``</s>`` are ids 0-2): what a model directory made here (tests, benchmarks) ships

@@ -290,10 +290,8 @@ def distill(b: Bench, best: dict, steps: int, accumulate: int = 4, lr: float = 3
     # kept the start); four windows a step: 41.5 at 1e-4, 39.0 at 3e-4 (the defaults); at 3e-4, temperature 1
     # 37.9 against 39.0 at 2 (recover's default); 1e-3 (temperature 2) the guard kept the start
     encode = lambda t: b.tok(t, add_special_tokens=False)["input_ids"]
-    every = data.token_windows(encode, "calib", SEQ)
-    if train:       # more text from neither the calibration's nor the evaluation's modules, mixed in (seeded)
-        every = torch.cat([every, data.token_windows(encode, "train", SEQ)])
-        every = every[torch.randperm(len(every), generator=torch.Generator().manual_seed(0))]
+    # with train: more text from neither the calibration's nor the evaluation's modules, mixed in (seeded)
+    every = data.distill_windows(encode, SEQ) if train else data.token_windows(encode, "calib", SEQ)
     data_ = [b.dec.prefill_inputs(every[i:i + 1]) for i in range(len(every))]
     # the prefill graph runs at batch 1: a step of ``accumulate`` windows sums their gradients
     tuned = amgfx.recover(best["model"], b.cg.gm, data_, steps=steps, loss="kd", lr=lr, accumulate=accumulate,

@@ -14,8 +14,6 @@ import os
 import sys
 import time
 
-import torch
-
 from .. import data, models
 from ..sequence import captured, run
 from ..decode import decoder, generate
@@ -57,8 +55,7 @@ def _recover_windows(a, encode) -> list:
     """Recovery's batches of windows: the calibration split's and the training split's (never the evaluation's),
     shuffled (seeded). On SmolLM2 at 50% of block FLOPs, 200 steps on these 634 windows reached perplexity 33.42
     against 37.88 on the calibration split's 147 (benchmarks/results/llm_real_distill.md)."""
-    w = torch.cat([data.token_windows(encode, split, a.seq_len) for split in ("calib", "train")])
-    w = w[torch.randperm(len(w), generator=torch.Generator().manual_seed(a.seed))][:a.recover_samples]
+    w = data.distill_windows(encode, a.seq_len, seed=a.seed)[:a.recover_samples]
     b = a.recover_batch or RECOVER["batch"]
     if len(w) < b:
         raise AmgfxError(f"--recover-samples {len(w)} is fewer than one --recover-batch of {b} windows")
