@@ -27,6 +27,7 @@ from .planning.options import DEFAULT_KINDS, DEFAULT_RATIOS, KINDS
 from .planning.plan import Plan, fingerprint
 from .scoring.calibrate import calibrate
 from .scoring.criteria import resolve_method, token_scores
+from .scoring.massive import MASSIVE, collectors as massive_collectors, massive_units
 from .weights.config import RefitConfig
 from .weights.refit import refit
 
@@ -79,14 +80,17 @@ class Scores:
     samples: int = 0
     extra: dict = field(default_factory=dict)       # group name -> what its criterion explains (AMG: entropy)
     loss_scale: bool = False                        # every criterion used scores in units of loss (taylor)
+    massive: dict = field(default_factory=dict)     # group name -> unit ids never removed (amgfx.scoring.massive)
 
 
 def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, loss_fn=None, seed: int = 0,
-          progress: bool = True) -> Scores:
+          progress: bool = True, massive: float | None = MASSIVE) -> Scores:
     """Score every group of ``kinds`` with ``method`` (calibrating on ``calib`` when it needs data).
 
     ``kinds`` may include ``"tokens"`` for AMG's key-position scores. Without ``calib``, a
-    data-driven method calibrates on the example inputs alone, with a warning.
+    data-driven method calibrates on the example inputs alone, with a warning. Where calibration runs,
+    MLP neurons whose output exceeds ``massive`` x their layer's median are listed in ``Scores.massive``
+    and the budget keeps them (:mod:`amgfx.scoring.massive`; 0 or None: no such guard).
 
     Example:
         >>> import torch, timm, amgfx
@@ -106,6 +110,8 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
     collectors = [c for g in groups for c in by_kind[g.kind].collectors(cg, g)]
     if "tokens" in kinds:
         collectors += by_kind["tokens"].token_collectors(cg)
+    if collectors and massive:      # forward-only statistics, read while calibrating anyway
+        collectors += massive_collectors(cg, groups)
     stats = None
     if collectors:
         if calib is None:
@@ -128,6 +134,8 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
             out.extra[g.name] = {k: np.asarray(v) for k, v in extra.items()}
     if "tokens" in kinds and stats is not None:
         out.tokens = token_scores(cg, stats)
+    if stats is not None and massive:
+        out.massive = massive_units(cg, groups, stats, massive)
     return out
 
 
@@ -191,7 +199,7 @@ def _plan(cg: CouplingGraph, cfg: PlanConfig, calib, loss_fn, progress: bool) ->
         if data is not None and cfg.score_batches is not None:      # the first batches score; a refit reads all
             data = list(itertools.islice(data, cfg.score_batches))
         return score(cg, cfg.method, data, kinds=kinds + (("tokens",) if cfg.tokens else ()), loss_fn=loss_fn,
-                     seed=cfg.seed, progress=progress)
+                     seed=cfg.seed, progress=progress, massive=cfg.massive)
     if cfg.allocation == "error" and cfg.target_flops is not None:
         from .error_budget import by_error     # rewrites and refits to measure: only when asked
         return by_error(cg, calib, scored, lambda s, w: spend(cg, cfg, s, ratios, progress, weights=w),
@@ -222,13 +230,13 @@ def spend(cg: CouplingGraph, cfg: PlanConfig, s: Scores, ratios=None, progress: 
         tw = time_weights(cg, s.units)
         weights = {n: tw.get(n, 1.0) * (weights or {}).get(n, 1.0) for n in set(tw) | set(weights or {})}
     opts = dict(round_to=cfg.round_to, min_keep=cfg.min_keep, protect=cfg.protect, base=base,
-                same_head_dim=cfg.same_head_dim, blocks=cfg.blocks, weights=weights)
+                same_head_dim=cfg.same_head_dim, blocks=cfg.blocks, weights=weights, pinned=s.massive)
     if cfg.target_latency is not None:
         from .timed_plan import timed_plan      # imports the op-time model: only when asked
         plan = timed_plan(cg, s.units, float(cfg.target_latency), cfg.runtime, lambda p: apply(cg, p, check=False),
                           cfg.measure_latency, progress, opts)
     elif cfg.target_flops is None:
-        plan = select_ratios(cg, s.units, ratios)
+        plan = select_ratios(cg, s.units, ratios, s.massive)
         plan.tokens, plan.meta = base.tokens, {**base.meta, **plan.meta}
     else:
         plan = allocate(cg, s.units, float(cfg.target_flops), scope=cfg.scope,

@@ -150,7 +150,7 @@ def amgfx_rows(b: Bench, a) -> list:
         for target in a.targets:
             t = time.perf_counter()
             plan = allocate(b.cg, s.units, target, scope="blocks", normalize="none" if s.loss_scale else "group",
-                            base=Plan(model={"fingerprint": fingerprint(b.cg.gm)}))
+                            base=Plan(model={"fingerprint": fingerprint(b.cg.gm)}), pinned=s.massive)
             small = apply(b.cg, plan, check=False)
             t_plan = time.perf_counter() - t
             t = time.perf_counter()
@@ -174,7 +174,7 @@ def baseline_rows(b: Bench, a) -> list:
     rows = []
     for name, crit in BASELINES.items():
         t = time.perf_counter()
-        s = score(b.cg, crit, b.calib, kinds=("head", "mlp"), progress=False)
+        s = score(b.cg, crit, b.calib, kinds=("head", "mlp"), progress=False, massive=0)    # as the papers run them
         t_score = time.perf_counter() - t
         for target in a.targets:
             t = time.perf_counter()

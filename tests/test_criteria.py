@@ -289,3 +289,37 @@ def test_a_config_repr_is_a_method_string():
     for bad in ("taylor(per_layer=open('x'))", "taylor(nope=1)", "taylor(True)", "nothing(x=1)"):
         with pytest.raises(AmgfxError):
             resolve_method(bad)
+
+
+def test_a_massive_neuron_is_kept_whatever_it_scores():
+    """A planted neuron whose output is far above its layer's (massive activations) survives a criterion that
+    ranks it last, under a FLOPs budget and under per-kind ratios; with ``massive=0`` it goes."""
+    import dataclasses
+
+    import timm
+    from amgfx.scoring.criteria import SNP
+
+    @dataclasses.dataclass(frozen=True)
+    class LastIsFive(SNP):          # SNP's statistics (so calibration runs), a score that ranks neuron 5 last
+        def score(self, cg, group, stats, seed=0):
+            s = np.arange(group.units, dtype=float) + 1.0
+            s[5] = 0.0
+            return s
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+    with torch.no_grad():          # (in block 0: the last block computes only the class token that is read)
+        m.blocks[0].mlp.fc1.weight[5] *= 30
+        m.blocks[0].mlp.fc1.bias[5] = 30.0
+        m.blocks[0].mlp.fc2.weight[:, 5] *= 30
+    cg = amgfx.analyze(m, torch.randn(1, 3, 32, 32))
+    calib = [torch.randn(4, 3, 32, 32)]
+    name = "mlp:blocks.0.mlp"
+    for budget in ({"target_flops": 0.6}, {"ratios": {"mlp": 0.5}}):
+        kept = amgfx.plan_for(cg, method={"mlp": LastIsFive()}, calib=calib, progress=False, **budget)
+        gone = amgfx.plan_for(cg, method={"mlp": LastIsFive()}, calib=calib, progress=False, massive=0, **budget)
+        assert 5 in kept.keep[name] and 5 not in gone.keep[name], budget
+        assert len(kept.keep[name]) <= len(gone.keep[name]) + 16       # the same budget, one neuron apart
+    assert kept.meta["config"]["plan"]["massive"] == 20.0
+    assert amgfx.score(cg, LastIsFive(), calib, kinds=("mlp",), progress=False).massive == {name: [5]}
+    assert amgfx.score(cg, LastIsFive(), calib, kinds=("mlp",), progress=False, massive=0).massive == {}

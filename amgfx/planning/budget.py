@@ -102,14 +102,19 @@ class Ladder:
         return sorted(int(u) for u in kept)
 
 
-def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int, whole: float | None = None) -> Ladder | None:
+def _ladder(g, s: np.ndarray, norm: float, min_keep: float, round_to: int, whole: float | None = None,
+            pinned=()) -> Ladder | None:
     s = np.asarray(s, dtype=np.float64)
     if not np.isfinite(s).all():
         raise AmgfxError(f"{g.name}: scores are not finite")
     heads = [np.nonzero(g.heads == h)[0] for h in np.unique(g.heads)] if g.kind in ("qk", "v") else [np.arange(g.units)]
-    order = [list(u[np.argsort(s[u], kind="stable")]) for u in heads]
+    pin = np.zeros(g.units, dtype=bool)
+    pin[np.asarray(list(pinned), dtype=np.int64)] = True
+    # pinned units rank last and the floor keeps them: no step of this ladder reaches them
+    order = [list(u[np.lexsort((s[u], pin[u]))]) for u in heads]
     per = len(order[0])
-    floor = max(1, math.ceil(min_keep * per), min(round_to, per))
+    floor = max(1, math.ceil(min_keep * per), min(round_to, per), max(int(pin[u].sum()) for u in heads))
+    whole = None if pin.any() else whole
     steps = max(per - floor, 0)
     sn = s / norm if norm > 0 else np.ones_like(s)
     imp = [np.mean([sn[o[k]] for o in order]) for k in range(steps)]
@@ -133,11 +138,11 @@ def _plan(ladders, steps: dict, base: Plan) -> Plan:
     return plan
 
 
-def select_ratios(cg, scores: dict, ratios: dict) -> Plan:
+def select_ratios(cg, scores: dict, ratios: dict, pinned: dict | None = None) -> Plan:
     """Keep the best-scored units of every group, removing ``ratios[kind]`` of each.
 
     Counts are rounded per head for ``qk``/``v`` so every head keeps the same number, and at
-    least one unit (one per head) always stays.
+    least one unit (one per head) always stays; an ``mlp`` group keeps its ``pinned`` units too.
     """
     unknown = set(ratios) - set(KINDS)
     if unknown:
@@ -158,7 +163,8 @@ def select_ratios(cg, scores: dict, ratios: dict) -> Plan:
                 keep += units[np.argsort(-s[units], kind="stable")[:n]].tolist()
         else:
             n = g.units - min(int(round(r * g.units)), g.units - 1)
-            keep = np.argsort(-s, kind="stable")[:n].tolist()
+            pin = np.isin(np.arange(g.units), (pinned or {}).get(g.name, ()))
+            keep = np.lexsort((-s, ~pin))[:max(n, int(pin.sum()))].tolist()     # pinned first, then by score
         if len(keep) < g.units:
             plan.keep[g.name] = sorted(int(i) for i in keep)
             plan.units[g.name] = g.units
@@ -261,7 +267,7 @@ def _bisect(plan_at, n: int, goal: float, cost):
 def allocate(cg, scores: dict, target_flops: float | None = None, *, target_latency: float | None = None,
              times=None, round_to: int | str = "auto", min_keep: float = 0.1, protect=(), base: Plan | None = None,
              same_head_dim: bool = True, blocks: bool = False, scope: str = "model", normalize: str = "group",
-             weights: dict | None = None) -> Plan:
+             weights: dict | None = None, pinned: dict | None = None) -> Plan:
     """The plan with the fewest removals (in global score order) whose FLOPs are <= ``target_flops`` x dense
     (or whose predicted latency is <= ``target_latency`` x dense).
 
@@ -294,6 +300,8 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
         weights: group name -> factor on the importance of that group's steps (after ``normalize``): above 1
             a group keeps more than its scores alone would give it. :mod:`amgfx.error_budget` derives them
             from each layer's measured error after refit (``allocation="error"``).
+        pinned: group name -> unit ids no step removes (and the group's branch is not removed whole):
+            :mod:`amgfx.scoring.massive` pins the few neurons whose output dwarfs their layer's.
         scope: what ``target_flops`` is a fraction of: ``"model"`` (every FLOP of the graph) or ``"blocks"``
             (the attention and MLP branches only, :func:`amgfx.planning.regions.block_flops`: the embedding
             and an LLM's output head, a fifth of SmolLM2's FLOPs, are outside, as the LLM papers count).
@@ -329,7 +337,7 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     goal = dense - (1.0 - float(target)) * inside      # the FLOPs outside the scope stay as they are
     protected = lambda g: any(fnmatch.fnmatchcase(x, p) for p in protect for x in (g.name, g.where))
     ladders = _ladders(cg, scores, [g for g in cg.groups if g.name in scores and not protected(g)], min_keep,
-                       round_to, normalize, blocks)
+                       round_to, normalize, blocks, pinned)
     for lad in ladders:
         lad.importance = lad.importance * float((weights or {}).get(lad.group.name, 1.0))
     if not ladders:                             # a valid answer: the model as it is, said out loud
@@ -356,6 +364,7 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
                       "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
                       "removed": sorted(plan.removed_branches(cg)), "scope": scope,
+                      "pinned": {k: sorted(int(u) for u in v) for k, v in sorted((pinned or {}).items()) if len(v)},
                       "flops": {"dense": flops["dense"], "planned": flops["pruned"]}})
     if scope == "blocks":
         plan.meta["flops"]["blocks"] = {"dense": inside, "planned": inside - (flops["dense"] - flops["pruned"])}
@@ -364,9 +373,11 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     return plan
 
 
-def _ladders(cg, scores: dict, groups: list, min_keep: float, round_to, normalize: str, blocks: bool) -> list:
+def _ladders(cg, scores: dict, groups: list, min_keep: float, round_to, normalize: str, blocks: bool,
+             pinned: dict | None = None) -> list:
     """One removal ladder per group that can give anything (see :func:`_ladder`), ranked as ``normalize`` says;
-    with ``blocks``, removable branches may go whole, weighed against their kind's mean everywhere."""
+    with ``blocks``, removable branches may go whole, weighed against their kind's mean everywhere; ``pinned``
+    (group name -> unit ids) are never removed."""
     head_scores = [np.asarray(scores[g.name], dtype=float) for g in groups if g.kind == "head"]
     head_norm = float(np.mean(np.concatenate(head_scores))) if head_scores else 1.0
     removable, kind_mean = set(), {}
@@ -380,7 +391,7 @@ def _ladders(cg, scores: dict, groups: list, min_keep: float, round_to, normaliz
         s = np.asarray(scores[g.name], dtype=float)
         norm = 1.0 if normalize == "none" else head_norm if g.kind == "head" else float(s.mean())
         lad = _ladder(g, s, norm, min_keep, _multiple(g, round_to),
-                      whole=kind_mean[g.kind] if g.name in removable else None)
+                      whole=kind_mean[g.kind] if g.name in removable else None, pinned=(pinned or {}).get(g.name, ()))
         if lad is not None:
             ladders.append(lad)
     return ladders

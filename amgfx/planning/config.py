@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import AmgfxError
+from ..scoring.massive import MASSIVE
 from .options import check_options
 
 __all__ = ["PlanConfig", "config_from_options"]
@@ -50,6 +51,8 @@ class PlanConfig:
             otherwise.
         runtime, measure_latency: where a latency budget is measured.
         seed: the seed of sampled criteria and calibration order.
+        massive: MLP neurons whose output exceeds this many times their layer's median are kept whatever
+            they score (:mod:`amgfx.scoring.massive`; 0 or None: no such guard).
         score_batches: score on the first this many calibration batches (None: all of them); a refit still
             reads every batch: it runs forward only, so it affords more data than a gradient criterion's
             scoring (SmolLM2 at 50% of block FLOPs: scored on 64 windows, refit on 128, perplexity 55.9
@@ -74,6 +77,7 @@ class PlanConfig:
     measure_latency: bool = True
     seed: int = 0
     score_batches: int | None = None
+    massive: float | None = MASSIVE
 
     def __post_init__(self):
         # normalise the sequences so that equal configs compare equal and hash
@@ -97,6 +101,8 @@ class PlanConfig:
             raise AmgfxError("rank='per_ms' orders a budget's steps: give target_flops or target_latency")
         if not (self.round_to == "auto" or (isinstance(self.round_to, int) and self.round_to >= 1)):
             raise AmgfxError(f"round_to must be 'auto' or a positive integer, got {self.round_to!r}")
+        if self.massive and not (isinstance(self.massive, (int, float)) and self.massive > 1):
+            raise AmgfxError(f"massive must be a ratio above 1, or 0 for no guard; got {self.massive!r}")
         if self.score_batches is not None and not (isinstance(self.score_batches, int) and self.score_batches >= 1):
             raise AmgfxError(f"score_batches must be None or a positive integer, got {self.score_batches!r}")
 

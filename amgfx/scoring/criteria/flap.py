@@ -27,10 +27,10 @@ from ..collectors import InputMoments
 from ._base import Criterion
 from .obs import reader
 
-__all__ = ["FLAP", "Wanda"]
+__all__ = ["FLAP", "Wanda", "reader_columns"]
 
 
-def _columns(cg, group, stats):
+def reader_columns(cg, group, stats):
     """(W as [out, in] float64, per-column mean and mean square of the input, the unit -> columns index)."""
     node, member, layer = reader(cg, group)
     key = InputMoments.key_for(node)
@@ -50,7 +50,7 @@ class _OnReader(Criterion):
         return [InputMoments(cg, reader(cg, group)[0])]
 
     def score(self, cg, group, stats, seed=0):
-        w, mean, sq, cols = _columns(cg, group, stats)
+        w, mean, sq, cols = reader_columns(cg, group, stats)
         per = self.column_scores(w, mean, sq)
         return per[cols].sum(1)
 
