@@ -290,8 +290,10 @@ def _score_pass(run: _Run, ck, state) -> Scores:
         run.cg.refuse(scg.refused)
         release()                              # the probe's pruned and zeroed copies, before the scoring's
         if any(g.kind in run.kinds for g in scg.groups):
-            sc = score(scg, run.cfg.method, _inputs(s, states), kinds=run.kinds, seed=run.cfg.seed, progress=False)
+            sc = score(scg, run.cfg.method, _inputs(s, states), kinds=run.kinds, seed=run.cfg.seed, progress=False,
+                       massive=run.cfg.massive)
             merged.units.update(sc.units)
+            merged.massive.update(sc.massive)
             merged.extra.update(sc.extra)
             merged.criteria, merged.samples, merged.loss_scale = sc.criteria, sc.samples, sc.loss_scale
             run.reports[s.index].groups = sorted(sc.units)

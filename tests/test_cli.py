@@ -317,3 +317,17 @@ def test_prune_on_the_defaults_with_one_batch_says_what_auto_took(tmp_path, caps
     assert code == 0, capsys.readouterr().err
     assert "method auto: 1 calibration batch(es): nothing to hold out, so the first candidate (taylor)" in \
         capsys.readouterr().out
+
+
+def test_prune_massive_default_is_the_library_default():
+    """The grammar imports nothing of the pipeline, so it spells the default out; this keeps the two equal."""
+    import argparse
+
+    from amgfx.cli.grammar import prune_parser
+    from amgfx.planning.config import PlanConfig
+    from amgfx.scoring.massive import MASSIVE
+    sub = argparse.ArgumentParser().add_subparsers()
+    prune_parser(sub)
+    a = sub.choices["prune"].parse_args(["some_model"])
+    assert a.massive == MASSIVE == PlanConfig().massive
+    assert sub.choices["prune"].parse_args(["some_model", "--massive", "0"]).massive == 0

@@ -263,6 +263,26 @@ def _recover_args(r) -> None:
                      help="reach the FLOPs target in K prune steps, recovering after each (AMG's schedule)")
 
 
+def _shape_args(r) -> None:
+    """What may shrink, and how far: kinds, widths, floors, pins and protected places."""
+    r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
+                   help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
+    r.add_argument("--round-to", type=_round_to, default="auto",
+                   help="round kept widths up to a multiple of this; 'auto' (default): 16 where a group is wide "
+                        "enough, less in narrow ones; 1 rounds nothing (SNP's paper-faithful widths)")
+    r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
+    r.add_argument("--massive", type=float, default=20.0, metavar="R",      # amgfx.scoring.massive.MASSIVE (tested)
+                   help="keep every MLP neuron whose output exceeds R x its layer's median, whatever it scores "
+                        "(default 20; 0: off; docs/methods.md)")
+    r.add_argument("--same-head-dim", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU); "
+                        "on by default, --no-same-head-dim chooses them apart as SNP does")
+    r.add_argument("--remove-blocks", action="store_true",
+                   help="let whole attention/MLP branches go when their units rank lowest (block removal)")
+    r.add_argument("--protect", action="append", default=[], metavar="GLOB",
+                   help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
+
+
 def prune_parser(sub) -> None:
     r = sub.add_parser("prune", help="score on calibration data, plan to a FLOPs target, rewrite, save",
                        description=PRUNE_HELP, epilog=PRUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,19 +320,7 @@ def prune_parser(sub) -> None:
     r.add_argument("--refit-samples", type=int, default=None, metavar="N",
                    help="samples the refit reads (it runs forward only, so more than scoring is cheap); default: "
                         "128 windows for causal LMs, the calibration samples otherwise")
-    r.add_argument("--kinds", type=lambda t: tuple(filter(None, t.split(","))), default=None,
-                   help="kinds that may shrink (default qk,v,head,mlp; add residual to shrink the embedding)")
-    r.add_argument("--round-to", type=_round_to, default="auto",
-                   help="round kept widths up to a multiple of this; 'auto' (default): 16 where a group is wide "
-                        "enough, less in narrow ones; 1 rounds nothing (SNP's paper-faithful widths)")
-    r.add_argument("--min-keep", type=float, default=0.1, help="least fraction of every group kept (default 0.1)")
-    r.add_argument("--same-head-dim", action=argparse.BooleanOptionalAction, default=True,
-                   help="q/k and v keep one width per head (no qkv split or padding at run time; faster on CPU); "
-                        "on by default, --no-same-head-dim chooses them apart as SNP does")
-    r.add_argument("--remove-blocks", action="store_true",
-                   help="let whole attention/MLP branches go when their units rank lowest (block removal)")
-    r.add_argument("--protect", action="append", default=[], metavar="GLOB",
-                   help="never prune places matching this pattern (repeatable), e.g. 'blocks.0.*'")
+    _shape_args(r)
     r.add_argument("--seed", type=int, default=0, help="seed of random draws (same seed, same plan)")
     _recover_args(r)
     _stream_args(r)

@@ -219,7 +219,7 @@ def _config(a) -> PlanConfig:
                       ratios=a.ratios, tokens=a.tokens, target_latency=a.target_latency, runtime=a.runtime,
                       scope="model" if a.budget_scope == "auto" else a.budget_scope, kinds=a.kinds,
                       round_to=a.round_to, min_keep=a.min_keep, protect=a.protect, same_head_dim=a.same_head_dim,
-                      blocks=a.remove_blocks, seed=a.seed, allocation=a.allocation, rank=a.rank,
+                      massive=a.massive, blocks=a.remove_blocks, seed=a.seed, allocation=a.allocation, rank=a.rank,
                       score_batches=-(-a.calib_samples // a.batch_size) if a.refit_samples else None)
 
 

@@ -69,7 +69,7 @@ def _prune(a, dense, calib: list, fit: list, encode):
     cfg = config_from_options(None, method=a.method, target_flops=None if (a.ratios or a.plan) else a.target_flops,
                               ratios=a.ratios, score_batches=len(calib), kinds=a.kinds, round_to=a.round_to,
                               min_keep=a.min_keep, protect=a.protect, same_head_dim=a.same_head_dim, seed=a.seed,
-                              scope=scope, allocation=a.allocation, rank=a.rank)
+                              scope=scope, allocation=a.allocation, rank=a.rank, massive=a.massive)
     recover = None
     if a.recover_steps:
         recover = RecoverConfig(steps=a.recover_steps, lr=a.recover_lr or RECOVER["lr"], loss=a.recover_loss or "kd",

@@ -94,7 +94,7 @@ def cmd_prune_stream(a, path: str) -> int:
         r = prune_streamed(path, calib=calib, out=work, resume=a.resume, reconstruct=not a.no_reconstruct, method=method,
                            target_flops=None if a.ratios else a.target_flops, ratios=a.ratios, kinds=a.kinds,
                            round_to=a.round_to, min_keep=a.min_keep, protect=a.protect,
-                           same_head_dim=a.same_head_dim, seed=a.seed, scope=scope, progress=not (a.quiet or a.json))
+                           same_head_dim=a.same_head_dim, massive=a.massive, seed=a.seed, scope=scope, progress=not (a.quiet or a.json))
         t1 = time.perf_counter()
         say("assembling the pruned decoder and measuring its perplexity on held-out text ...")
         small = r.model()
