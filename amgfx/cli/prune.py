@@ -27,14 +27,15 @@ from ..weights.config import RecoverConfig
 from ..weights.recover import Iterative
 from .. import models
 from ..models import is_causal_lm
+from . import grammar
 from ._common import analysed, auto_line, calibration, err, heldout, loaded_model, ort_runner, recovery_lines
 
 
 # what --method means when it is not given: measured per model (amgfx.auto), except for causal LMs, where
 # each candidate would cost minutes (taylor led there, benchmarks/results/llm_real.md)
 METHOD, LM_METHOD = "auto", "taylor"
-# recovery's batch and peak learning rate when the flags leave them (a causal LM has its own: prune_lm.RECOVER)
-RECOVER = {"batch": 16, "lr": 5e-4}
+# recovery's batch and peak learning rate when the flags leave them (one table per route, printed by --help)
+RECOVER = grammar.RECOVER["encoder"]
 
 
 def _measure(a, cg, pruned, loaded, onnx_paths: dict, say) -> dict:
