@@ -299,7 +299,7 @@ def test_readme_first_command_prints_the_table(tmp_path):
     r = run(*[str(out) if c == "minilm50" else c for c in cmd])
     assert r.returncode == 0, r.stderr[-2000:]
     for row in ("params", "FLOPs (measured)", "latency eager PyTorch (ms)", "latency onnxruntime (ms)", "cosine to dense",
-                "method auto: chose"):
+                "method auto: chose", "massive neurons: "):
         assert row in r.stdout
     rep = json.loads((out / "report.json").read_text())
     assert abs(rep["flops"]["measured"] / rep["flops"]["dense"] - 0.5) < 0.01 and rep["onnx_parity"] < 1e-4
@@ -331,3 +331,7 @@ def test_prune_massive_default_is_the_library_default():
     a = sub.choices["prune"].parse_args(["some_model"])
     assert a.massive == MASSIVE == PlanConfig().massive
     assert sub.choices["prune"].parse_args(["some_model", "--massive", "0"]).massive == 0
+    from amgfx.cli._common import pinned_line
+    meta = {"pinned": {"mlp:a": [1, 2], "mlp:b": [7]}, "config": {"plan": {"massive": 20.0}}}
+    assert "3 MLP neuron(s) in 2 layer(s) whose output exceeds 20x" in pinned_line(meta)
+    assert pinned_line({"pinned": {}}) is None and pinned_line({}) is None

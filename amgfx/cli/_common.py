@@ -164,6 +164,18 @@ def auto_line(a: dict) -> str:
             f"calibration batch(es): {tried})")
 
 
+def pinned_line(plan_meta: dict) -> str | None:
+    """The massive MLP neurons a plan pinned (``plan.meta["pinned"]``), in words; None where it pinned none."""
+    pinned = plan_meta.get("pinned") or {}
+    ratio = (plan_meta.get("config", {}).get("plan") or {}).get("massive")
+    if not pinned:
+        return None
+    n = sum(len(v) for v in pinned.values())
+    over = f"{ratio:g}x" if isinstance(ratio, (int, float)) else "the --massive ratio times"
+    return (f"massive neurons: {n} MLP neuron(s) in {len(pinned)} layer(s) whose output exceeds "
+            f"{over} their layer's median, kept whatever they scored (--massive)")
+
+
 def recovery_lines(r: dict) -> list[str]:
     """What recovery did, in words (a report's ``recovery``): its steps and data, then what its guard kept."""
     steps = f"{r['steps']} steps" + (f" after each of {r['schedule_steps']} prune steps"

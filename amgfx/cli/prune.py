@@ -28,7 +28,8 @@ from ..weights.recover import Iterative
 from .. import models
 from ..models import is_causal_lm
 from . import grammar
-from ._common import analysed, auto_line, calibration, err, heldout, loaded_model, ort_runner, recovery_lines
+from ._common import (analysed, auto_line, calibration, err, heldout, loaded_model, ort_runner, pinned_line,
+                      recovery_lines)
 
 
 # what --method means when it is not given: measured per model (amgfx.auto), except for causal LMs, where
@@ -277,6 +278,8 @@ def _report(a, cg, plan, pruned, check, refit, note: str) -> dict:
         report["target_flops"] = a.target_flops
     if "auto" in plan.meta:
         report["auto"] = plan.meta["auto"]
+    if pinned_line(plan.meta):
+        report["pinned"] = pinned_line(plan.meta)
     gone = sorted(plan.removed_branches(cg))
     if gone:
         report["removed"] = gone
@@ -309,6 +312,8 @@ def _notes(report: dict) -> list[str]:
     out = []
     if "auto" in report:
         out.append(auto_line(report["auto"]))
+    if "pinned" in report:
+        out.append(report["pinned"])
     if "target_latency" in report:
         t = report["target_latency"]
         out.append(f"latency budget: {t['target']} of dense in {t['runtime']}: predicted {t['predicted']:.3f}, "

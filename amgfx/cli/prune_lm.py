@@ -25,7 +25,7 @@ from ..planning.plan import Plan
 from ..runtime import export_onnx
 from ..weights.config import RecoverConfig
 from . import grammar
-from ._common import auto_line, err, recovery_lines
+from ._common import auto_line, err, pinned_line, recovery_lines
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):")
 EVAL_WINDOWS = 32
@@ -105,6 +105,8 @@ def _report(a, loaded, dense, small, ppl, texts, seconds) -> dict:
         out["reconstruction"] = small.plan.meta["reconstruction"]
     if "auto" in small.plan.meta:
         out["auto"] = small.plan.meta["auto"]
+    if pinned_line(small.plan.meta):
+        out["pinned"] = pinned_line(small.plan.meta)
     rec = small.prefill.meta.get("amgfx_recovery")
     if rec:
         out["recovery"] = {"data": f"{a.recover_windows} windows of {a.seq_len} tokens of the calibration and "
@@ -132,6 +134,8 @@ def _print(r: dict) -> None:
     print(f"perplexity on {r['perplexity_on']}")
     if "auto" in r:
         print(auto_line(r["auto"]))
+    if "pinned" in r:
+        print(r["pinned"])
     for line in recovery_lines(r["recovery"]) if "recovery" in r else []:
         print(line)
     for i, prompt in enumerate(r["generate"]["prompts"]):
