@@ -43,7 +43,8 @@ __all__ = ["amgfx_backend", "BackendError"]
 
 # the fields of amgfx.PlanConfig (a test holds the two equal; spelt out so listing backends imports nothing)
 PLANNING = ("method", "candidates", "target_flops", "target_latency", "ratios", "tokens", "kinds", "round_to", "min_keep", "protect",
-            "same_head_dim", "blocks", "scope", "allocation", "rank", "runtime", "measure_latency", "seed", "score_batches")
+            "same_head_dim", "blocks", "scope", "allocation", "rank", "runtime", "measure_latency", "seed", "score_batches",
+            "massive")
 KNOWN = {"plan", "inner", "reconstruct", "calib", "loss_fn", "progress"} | set(PLANNING)
 INNER = ("inductor", "eager")     # the names of planning.options.RUNTIMES that run a torch graph (a test holds it)
 _ATTR = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")

@@ -319,6 +319,7 @@ def test_a_massive_neuron_is_kept_whatever_it_scores():
         kept = amgfx.plan_for(cg, method={"mlp": LastIsFive()}, calib=calib, progress=False, **budget)
         gone = amgfx.plan_for(cg, method={"mlp": LastIsFive()}, calib=calib, progress=False, massive=0, **budget)
         assert 5 in kept.keep[name] and 5 not in gone.keep[name], budget
+        assert kept.meta["pinned"] == {name: [5]} and not gone.meta["pinned"], budget
         assert len(kept.keep[name]) <= len(gone.keep[name]) + 16       # the same budget, one neuron apart
     assert kept.meta["config"]["plan"]["massive"] == 20.0
     assert amgfx.score(cg, LastIsFive(), calib, kinds=("mlp",), progress=False).massive == {name: [5]}

@@ -147,7 +147,9 @@ def select_ratios(cg, scores: dict, ratios: dict, pinned: dict | None = None) ->
     unknown = set(ratios) - set(KINDS)
     if unknown:
         raise AmgfxError(f"unknown kind(s) {sorted(unknown)} in ratios; use qk, v, head, mlp, residual")
-    plan = Plan(meta={"ratios": dict(ratios)}, model={"fingerprint": fingerprint(cg.gm)})
+    plan = Plan(meta={"ratios": dict(ratios), "pinned": {k: sorted(int(u) for u in v)
+                                                         for k, v in sorted((pinned or {}).items()) if len(v)}},
+                model={"fingerprint": fingerprint(cg.gm)})
     for g in cg.groups:
         r = float(ratios.get(g.kind, 0.0))
         if not 0.0 <= r < 1.0:
