@@ -60,6 +60,8 @@ def massive_units(cg, groups, stats, ratio: float = MASSIVE) -> dict:
     out = {}
     for g, _ in _checked(cg, groups):
         w, _, sq, cols = reader_columns(cg, g, stats)
+        if w.ndim != 2 or w.shape[1] != sq.shape[0] or cols.max() >= len(sq):    # not one [out, in] matrix (MoE)
+            continue
         per = np.sqrt(sq) * np.sqrt((w ** 2).sum(0))
         found = outliers(per[cols].sum(1), ratio)
         if len(found):
