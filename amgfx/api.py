@@ -88,9 +88,10 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
     """Score every group of ``kinds`` with ``method`` (calibrating on ``calib`` when it needs data).
 
     ``kinds`` may include ``"tokens"`` for AMG's key-position scores. Without ``calib``, a
-    data-driven method calibrates on the example inputs alone, with a warning. Where calibration runs,
-    MLP neurons whose output exceeds ``massive`` x their layer's median are listed in ``Scores.massive``
-    and the budget keeps them (:mod:`amgfx.scoring.massive`; 0 or None: no such guard).
+    data-driven method calibrates on the example inputs alone, with a warning. Where calibration runs or
+    ``calib`` is given (a weight-only method then makes one forward pass over it), MLP neurons whose output
+    exceeds ``massive`` x their layer's median are listed in ``Scores.massive`` and the budget keeps them
+    (:mod:`amgfx.scoring.massive`; 0 or None: no such guard).
 
     Example:
         >>> import torch, timm, amgfx
@@ -110,7 +111,7 @@ def score(cg: CouplingGraph, method="snp", calib=None, *, kinds=DEFAULT_KINDS, l
     collectors = [c for g in groups for c in by_kind[g.kind].collectors(cg, g)]
     if "tokens" in kinds:
         collectors += by_kind["tokens"].token_collectors(cg)
-    if collectors and massive:      # forward-only statistics, read while calibrating anyway
+    if massive and (collectors or calib is not None):   # forward-only: a pass over calib even for weight-only criteria
         collectors += massive_collectors(cg, groups)
     stats = None
     if collectors:

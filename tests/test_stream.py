@@ -108,7 +108,11 @@ def test_amgfx_prune_stream_writes_a_decoder_that_generate_runs_and_says_how_eac
     cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(fast), bos_token_id=1, eos_token_id=2,
                          architectures=["LlamaForCausalLM"], tie_word_embeddings=True)
-    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    m = tf.LlamaForCausalLM(cfg)
+    with torch.no_grad():                 # one massive MLP neuron (about 900x its layer's others): pinned
+        m.model.layers[0].mlp.up_proj.weight[5] *= 30
+        m.model.layers[0].mlp.down_proj.weight[:, 5] *= 30
+    m.to(torch.bfloat16).save_pretrained(d)
     out = tmp_path / "lm50"
     code = main(["prune", str(d), "--stream", "--target-flops", "0.5", "--calib", "text", "--calib-samples", "8",
                  "--seq-len", "16", "--batch-size", "2", "--out", str(out), "--json"])
@@ -117,6 +121,8 @@ def test_amgfx_prune_stream_writes_a_decoder_that_generate_runs_and_says_how_eac
     b = report["flops"]["blocks"]
     assert b["planned"] <= 0.5 * b["dense"] and report["perplexity"]["pruned"] > 1
     assert sum(1 for s in report["segments"] if s["groups"]) == 4     # attention and MLP of each layer
+    assert report["pinned"].startswith("massive neurons: 1 MLP neuron(s) in 1 layer(s)")
+    assert json.loads((out / "plan.json").read_text())["meta"]["pinned"] == {"mlp:lm.model.layers.0.mlp": [5]}
     assert {"decoder.pt2", "plan.json", "manifest.json", "report.json", "tokenizer.json"} <= set(os.listdir(out))
     assert not [f for f in os.listdir(out / "stream") if f.endswith(".safetensors")]   # decoder.pt2 holds them
     assert main(["generate", str(out), "--prompt", "Return the", "--max-new-tokens", "4", "--json"]) == 0

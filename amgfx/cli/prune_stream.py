@@ -21,7 +21,7 @@ from .. import models
 from ..errors import AmgfxError
 from ..files import save
 from ..memory import peak_mb
-from ._common import err
+from ._common import err, pinned_line
 from .prune_lm import EVAL_WINDOWS, PROMPTS, _generate, _windows, calib_note, emit
 
 STREAM_ABOVE = 2 * 2**30    # float32 weights above this (about 500M parameters) stream ...
@@ -128,7 +128,8 @@ def _report(a, r, method, scope, windows, ppl, texts, need, t_eval, t_total) -> 
             "segments": [s.__dict__ for s in r.segments], "verified": all(s.verified for s in r.segments if s.groups),
             "seconds": {**{k: round(v, 2) for k, v in r.seconds.items()}, "assemble+evaluate+save": round(t_eval, 2),
                         "total": round(t_total, 2)},
-            "peak_memory_mb": round(peak_mb()), "weights_float32_mb": round(need / 2**20)}
+            "peak_memory_mb": round(peak_mb()), "weights_float32_mb": round(need / 2**20),
+            **({"pinned": pinned_line(r.plan.meta)} if pinned_line(r.plan.meta) else {})}
 
 
 def _print(a, r, report: dict) -> None:
@@ -140,6 +141,8 @@ def _print(a, r, report: dict) -> None:
           "measured (not loaded whole)")
     print(f"{sum(1 for s in r.segments if s.verified)} of {sum(1 for s in r.segments if s.groups)} pruned "
           f"segments verified against the zeroing oracle")
+    if "pinned" in report:
+        print(report["pinned"])
     s = report["seconds"]
     print(f"time: capture {s['capture']:.1f}s, score {s.get('score', 0):.1f}s, plan {s.get('plan', 0):.1f}s, "
           f"prune+refit {s['prune']:.1f}s, assemble+evaluate+save {s['assemble+evaluate+save']:.1f}s; peak memory "

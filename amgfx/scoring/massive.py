@@ -44,7 +44,7 @@ def _checked(cg, groups) -> list:
     for g in groups:
         if g.kind == "mlp":
             try:
-                out.append((g, reader(cg, g)[0]))
+                out.append((g, reader(cg, g)))
             except ValueError:          # no linear layer reads its neurons: nothing to measure them by
                 pass
     return out
@@ -52,14 +52,14 @@ def _checked(cg, groups) -> list:
 
 def collectors(cg, groups) -> list:
     """The input statistics :func:`massive_units` reads for ``groups`` (their ``mlp`` ones)."""
-    return [InputMoments(cg, node) for _, node in _checked(cg, groups)]
+    return [InputMoments(cg, found[0]) for _, found in _checked(cg, groups)]
 
 
 def massive_units(cg, groups, stats, ratio: float = MASSIVE) -> dict:
     """Group name -> unit ids whose output exceeds ``ratio`` x their group's median (groups with none left out)."""
     out = {}
-    for g, _ in _checked(cg, groups):
-        w, _, sq, cols = reader_columns(cg, g, stats)
+    for g, found in _checked(cg, groups):
+        w, _, sq, cols = reader_columns(cg, g, stats, found)
         if w.ndim != 2 or w.shape[1] != sq.shape[0] or cols.max() >= len(sq):    # not one [out, in] matrix (MoE)
             continue
         per = np.sqrt(sq) * np.sqrt((w ** 2).sum(0))

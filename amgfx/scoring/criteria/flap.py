@@ -30,9 +30,10 @@ from .obs import reader
 __all__ = ["FLAP", "Wanda", "reader_columns"]
 
 
-def reader_columns(cg, group, stats):
-    """(W as [out, in] float64, per-column mean and mean square of the input, the unit -> columns index)."""
-    node, member, layer = reader(cg, group)
+def reader_columns(cg, group, stats, found=None):
+    """(W as [out, in] float64, per-column mean and mean square of the input, the unit -> columns index);
+    ``found``: the group's :func:`reader` where the caller has it already (each lookup walks the graph)."""
+    node, member, layer = found or reader(cg, group)
     key = InputMoments.key_for(node)
     mean, sq = (stats.mean(f"{key}:{p}") if stats is not None else None for p in ("sum", "sq"))
     if mean is None or sq is None:
