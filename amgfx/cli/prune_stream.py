@@ -120,6 +120,7 @@ def cmd_prune_stream(a, path: str) -> int:
 
 
 def _report(a, r, method, scope, windows, ppl, texts, need, t_eval, t_total) -> dict:
+    pinned = pinned_line(r.plan.meta)
     return {"model": a.model, "method": method, "streamed": True, "scope": scope,
             "calibration": calib_note(len(windows), a.seq_len),
             "flops": r.plan.meta.get("flops", {}),
@@ -129,7 +130,7 @@ def _report(a, r, method, scope, windows, ppl, texts, need, t_eval, t_total) -> 
             "seconds": {**{k: round(v, 2) for k, v in r.seconds.items()}, "assemble+evaluate+save": round(t_eval, 2),
                         "total": round(t_total, 2)},
             "peak_memory_mb": round(peak_mb()), "weights_float32_mb": round(need / 2**20),
-            **({"pinned": pinned_line(r.plan.meta)} if pinned_line(r.plan.meta) else {})}
+            **({"pinned": pinned} if pinned else {})}
 
 
 def _print(a, r, report: dict) -> None:

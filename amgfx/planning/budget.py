@@ -138,6 +138,11 @@ def _plan(ladders, steps: dict, base: Plan) -> Plan:
     return plan
 
 
+def _pinned_meta(pinned: dict | None) -> dict:
+    """``plan.meta["pinned"]``: group name -> sorted unit ids the budget kept whatever they scored (JSON-ready)."""
+    return {k: sorted(int(u) for u in v) for k, v in sorted((pinned or {}).items()) if len(v)}
+
+
 def select_ratios(cg, scores: dict, ratios: dict, pinned: dict | None = None) -> Plan:
     """Keep the best-scored units of every group, removing ``ratios[kind]`` of each.
 
@@ -147,9 +152,7 @@ def select_ratios(cg, scores: dict, ratios: dict, pinned: dict | None = None) ->
     unknown = set(ratios) - set(KINDS)
     if unknown:
         raise AmgfxError(f"unknown kind(s) {sorted(unknown)} in ratios; use qk, v, head, mlp, residual")
-    plan = Plan(meta={"ratios": dict(ratios), "pinned": {k: sorted(int(u) for u in v)
-                                                         for k, v in sorted((pinned or {}).items()) if len(v)}},
-                model={"fingerprint": fingerprint(cg.gm)})
+    plan = Plan(meta={"ratios": dict(ratios), "pinned": _pinned_meta(pinned)}, model={"fingerprint": fingerprint(cg.gm)})
     for g in cg.groups:
         r = float(ratios.get(g.kind, 0.0))
         if not 0.0 <= r < 1.0:
@@ -366,7 +369,7 @@ def allocate(cg, scores: dict, target_flops: float | None = None, *, target_late
     plan.meta.update({what: float(target), "round_to": round_to, "min_keep": min_keep,
                       "protect": list(protect), "same_head_dim": bool(same_head_dim), "blocks": bool(blocks),
                       "removed": sorted(plan.removed_branches(cg)), "scope": scope,
-                      "pinned": {k: sorted(int(u) for u in v) for k, v in sorted((pinned or {}).items()) if len(v)},
+                      "pinned": _pinned_meta(pinned),
                       "flops": {"dense": flops["dense"], "planned": flops["pruned"]}})
     if scope == "blocks":
         plan.meta["flops"]["blocks"] = {"dense": inside, "planned": inside - (flops["dense"] - flops["pruned"])}

@@ -63,7 +63,7 @@ def massive_units(cg, groups, stats, ratio: float = MASSIVE) -> dict:
         if w.ndim != 2 or w.shape[1] != sq.shape[0] or cols.max() >= len(sq):    # not one [out, in] matrix (MoE)
             continue
         per = np.sqrt(sq) * np.sqrt((w ** 2).sum(0))
-        found = outliers(per[cols].sum(1), ratio)
-        if len(found):
-            out[g.name] = [int(u) for u in found]
+        big = outliers(per[cols].sum(1), ratio)
+        if len(big):
+            out[g.name] = [int(u) for u in big]
     return out
